@@ -1,0 +1,27 @@
+"""Experts backends: the registry and one module per implementation."""
+from .batched_mm import (
+    batched_mm_budget,
+    batched_mm_experts_forward,
+    get_batched_mm_budget,
+    predict_gather_bytes,
+    set_batched_mm_budget,
+)
+from .common import apply_gate, check_inputs, expert_weights
+from .eager import eager_experts_forward
+from .grouped_mm import GroupedMMPath, grouped_mm_experts_forward, grouped_mm_path
+from .registry import available_backends, get_backend, register, unregister
+
+
+def experts_forward(implementation, experts, hidden_states, top_k_index, top_k_weights):
+    """Validate the inputs, then run the named backend: the checked entry point."""
+    backend = get_backend(implementation)
+    check_inputs(experts, hidden_states, top_k_index, top_k_weights)
+    return backend(experts, hidden_states, top_k_index, top_k_weights)
+
+
+__all__ = [
+    "GroupedMMPath", "apply_gate", "available_backends", "batched_mm_budget", "batched_mm_experts_forward",
+    "check_inputs", "eager_experts_forward", "expert_weights", "experts_forward", "get_backend",
+    "get_batched_mm_budget", "grouped_mm_experts_forward", "grouped_mm_path", "predict_gather_bytes",
+    "register", "set_batched_mm_budget", "unregister",
+]

@@ -1,0 +1,119 @@
+"""What every experts backend shares: input checks, the weight layout, the gated activation.
+
+Weight layout is transformers' default, so a transformers experts module can be handed to a
+moe_lab backend unchanged:
+    gate_up_proj [E, 2I, H]  (gate rows first, then up rows)
+    down_proj    [E, H, I]
+transformers modules flagged `is_transposed` store [E, H, 2I] and [E, I, H]; those flagged
+`has_bias` add `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H]. Both are read here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BackendInputError
+
+
+@dataclass
+class ExpertWeights:
+    gate_up: torch.Tensor  # [E, 2I, H]
+    down: torch.Tensor  # [E, H, I]
+    gate_up_bias: torch.Tensor | None  # [E, 2I]
+    down_bias: torch.Tensor | None  # [E, H]
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.gate_up.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down.shape[2]
+
+
+def expert_weights(experts) -> ExpertWeights:
+    if getattr(experts, "has_gate", True) is False:
+        raise BackendInputError(
+            f"{type(experts).__name__} has no gate (has_gate=False); moe_lab backends implement gated experts "
+            "(gate_up_proj [E, 2I, H] + down_proj [E, H, I])"
+        )
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if getattr(experts, "is_transposed", False):
+        gate_up, down = gate_up.transpose(-2, -1), down.transpose(-2, -1)
+    has_bias = getattr(experts, "has_bias", False)
+    return ExpertWeights(
+        gate_up=gate_up,
+        down=down,
+        gate_up_bias=getattr(experts, "gate_up_proj_bias", None) if has_bias else None,
+        down_bias=getattr(experts, "down_proj_bias", None) if has_bias else None,
+    )
+
+
+def apply_gate(experts, gate_up: torch.Tensor) -> torch.Tensor:
+    """[S, 2I] -> [S, I]: act(gate) * up, or the module's own gate (transformers' `_apply_gate`)."""
+    custom_gate = getattr(experts, "_apply_gate", None)
+    if custom_gate is not None:
+        return custom_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sum the top_k contributions in at least float32: bf16 sums of 8 terms lose ~2 bits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
+    """Raise `BackendInputError` (a ValueError) saying what is wrong and what is expected.
+
+    Only metadata is read (no host-device sync), except the expert-id range check, which runs on
+    CPU tensors only: on a GPU it would cost a sync per call, and an out-of-range id there
+    surfaces as a device-side assert instead.
+    """
+    weights = expert_weights(experts)
+    num_experts, hidden = weights.num_experts, weights.hidden_size
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
+        raise BackendInputError(
+            f"hidden_states must be a 2-D tensor [tokens, hidden_size={hidden}], got {shape}; "
+            "flatten (batch, seq, hidden) inputs first (SparseMoeBlock does this for you)"
+        )
+    if hidden_states.shape[1] != hidden:
+        raise BackendInputError(
+            f"hidden_states has hidden size {hidden_states.shape[1]} but the experts expect {hidden}"
+        )
+    num_tokens = hidden_states.shape[0]
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != num_tokens:
+        raise BackendInputError(
+            f"top_k_index must be [tokens={num_tokens}, top_k], got {tuple(top_k_index.shape)}"
+        )
+    if top_k_weights.shape != top_k_index.shape:
+        raise BackendInputError(
+            f"top_k_weights shape {tuple(top_k_weights.shape)} must equal top_k_index shape "
+            f"{tuple(top_k_index.shape)}"
+        )
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise BackendInputError(f"top_k_index must hold integer expert ids (int64 or int32), got {top_k_index.dtype}")
+    if not top_k_weights.dtype.is_floating_point:
+        raise BackendInputError(f"top_k_weights must be floating point, got {top_k_weights.dtype}")
+    if top_k_index.shape[1] > num_experts:
+        raise BackendInputError(f"top_k={top_k_index.shape[1]} exceeds the number of experts ({num_experts})")
+    if hidden_states.dtype != weights.gate_up.dtype:
+        raise BackendInputError(
+            f"hidden_states dtype {hidden_states.dtype} differs from the expert weights' dtype "
+            f"{weights.gate_up.dtype}; cast one of them (e.g. hidden_states.to({weights.gate_up.dtype}))"
+        )
+    devices = {t.device for t in (hidden_states, top_k_index, top_k_weights, weights.gate_up, weights.down)}
+    if len(devices) > 1:
+        raise BackendInputError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if top_k_index.device.type == "cpu" and top_k_index.numel() and not torch.compiler.is_compiling():
+        low, high = int(top_k_index.min()), int(top_k_index.max())
+        if low < 0 or high >= num_experts:
+            raise BackendInputError(
+                f"top_k_index holds expert ids in [{low}, {high}] but valid ids are 0..{num_experts - 1}"
+            )

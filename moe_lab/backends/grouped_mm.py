@@ -1,0 +1,116 @@
+"""`grouped_mm`: sort the (token, expert) pairs by expert and run ONE grouped GEMM per projection.
+
+    top_k_index [T, k] --flatten--> expert_of_pair [S]   (S = T*k)
+    sort by expert      ----------> pair_order [S]: pairs of expert 0, then expert 1, ...
+    counts per expert, cumsum ----> offsets [E] int32: group e is rows offsets[e-1]:offsets[e]
+    x_sorted = hidden[pair_order // k]              [S, H]
+    gate_up  = grouped_mm(x_sorted, gate_up_proj^T) [S, 2I]   one kernel for all experts
+    h        = act(gate) * up                       [S, I]
+    y        = grouped_mm(h, down_proj^T)           [S, H]    one kernel
+    un-permute, multiply by routing weights, sum the k rows of each token -> [T, H]
+
+No step needs a number on the host, so on a GPU with the native kernel the whole forward is
+sync-free (capturable in a CUDA graph). Experts with zero tokens are empty groups and cost
+nothing. `grouped_mm_path()` tells which grouped matmul runs and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..routing import tokens_per_expert
+from .common import accumulation_dtype, apply_gate, expert_weights
+from .grouped_loop import grouped_matmul_loop
+
+_TORCH_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class GroupedMMPath:
+    """Which grouped matmul the grouped_mm backend runs for some device, dtype and shape."""
+
+    kernel: str  # "torch.nn.functional.grouped_mm", "torch._grouped_mm" or "moe_lab loop"
+    native: bool  # True: one fused grouped-GEMM kernel; False: a loop of per-expert matmuls
+    reason: str
+
+    @property
+    def uses_torch_op(self) -> bool:
+        return self.kernel != "moe_lab loop"
+
+
+def _torch_op_name() -> str:
+    return "torch.nn.functional.grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "torch._grouped_mm"
+
+
+def grouped_mm_path(device, dtype: torch.dtype, hidden_size: int, intermediate_size: int,
+                    *, compiling: bool | None = None) -> GroupedMMPath:
+    """Decide (and explain) the grouped matmul for this device, dtype and layer shape.
+
+    Rules, from torch's own checks: the op exists in torch >= 2.8 (CPU kernels from 2.9); it takes
+    bf16/fp16/fp32 with every row a multiple of 16 bytes; torch.compile traces it for bf16 only;
+    on CUDA its fused CUTLASS kernel runs for bf16 on SM90/SM100, and anything else runs torch's
+    per-group loop (which copies the offsets to the host).
+    """
+    device = torch.device(device)
+    compiling = torch.compiler.is_compiling() if compiling is None else compiling
+    loop = "moe_lab loop"
+    if _TORCH_GROUPED_MM is None:
+        return GroupedMMPath(loop, False, f"torch {torch.__version__} has no grouped_mm op")
+    if device.type == "cpu" and torch.__version__ < (2, 9):
+        return GroupedMMPath(loop, False, f"torch {torch.__version__} has no CPU kernel for grouped_mm (2.9+)")
+    if dtype not in _KERNEL_DTYPES:
+        return GroupedMMPath(loop, False, f"grouped_mm accepts bfloat16/float16/float32, not {dtype}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, size in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+        if (size * itemsize) % 16:
+            return GroupedMMPath(
+                loop, False,
+                f"{name}={size} x {itemsize} bytes is not a multiple of 16 bytes (grouped_mm's row alignment rule)",
+            )
+    if compiling and dtype != torch.bfloat16:
+        return GroupedMMPath(loop, False, f"torch.compile traces grouped_mm for bfloat16 only, not {dtype}")
+    op = _torch_op_name()
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if dtype == torch.bfloat16 and major in (9, 10):
+            return GroupedMMPath(op, True, f"bfloat16 on SM{major}{minor}: torch's fused CUTLASS grouped GEMM")
+        why = f"{dtype} on SM{major}{minor}" if dtype != torch.bfloat16 else f"SM{major}{minor} (not SM90/SM100)"
+        return GroupedMMPath(op, False, f"{why}: torch runs its per-group matmul loop (offsets copied to the host)")
+    return GroupedMMPath(op, False, f"on {device.type}, torch's grouped_mm is a per-group matmul loop")
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, path: GroupedMMPath) -> torch.Tensor:
+    """[S, K] x [E, K, N] with groups delimited by `offsets` -> [S, N]."""
+    if path.uses_torch_op:
+        return _TORCH_GROUPED_MM(x, w, offs=offsets)
+    return grouped_matmul_loop(x.contiguous(), w, offsets)
+
+
+def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+    num_tokens, hidden = hidden_states.shape  # [T, H]
+    top_k = top_k_index.shape[1]
+    weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
+    path = grouped_mm_path(hidden_states.device, hidden_states.dtype, hidden, weights.intermediate_size)
+
+    expert_of_pair = top_k_index.reshape(-1)  # [S = T*k]
+    expert_sorted, pair_order = torch.sort(expert_of_pair, stable=True)  # [S], [S]
+    x_sorted = hidden_states[pair_order // top_k]  # [S, H], rows grouped by expert
+    # Offsets from a scatter-add count, not bincount: bincount sizes its output from the data
+    # (a host sync on CUDA); the count has a fixed size E.
+    offsets = torch.cumsum(tokens_per_expert(top_k_index, weights.num_experts), dim=0, dtype=torch.int32)  # [E]
+
+    gate_up = grouped_matmul(x_sorted, weights.gate_up.transpose(-2, -1), offsets, path)  # [S, 2I]
+    if weights.gate_up_bias is not None:
+        gate_up = gate_up + weights.gate_up_bias[expert_sorted]
+    h = apply_gate(experts, gate_up)  # [S, I]
+    y = grouped_matmul(h, weights.down.transpose(-2, -1), offsets, path)  # [S, H]
+    if weights.down_bias is not None:
+        y = y + weights.down_bias[expert_sorted]
+
+    acc = accumulation_dtype(hidden_states.dtype)
+    y = y.to(acc) * top_k_weights.reshape(-1)[pair_order, None].to(acc)  # [S, H]
+    # Un-permute (sorted row i belongs to pair pair_order[i]) then sum each token's k rows.
+    y_by_pair = torch.empty_like(y).index_copy_(0, pair_order, y)  # [S, H] in (token, slot) order
+    return y_by_pair.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)  # [T, H]

@@ -1,0 +1,38 @@
+"""moe_lab's exception types. All derive from `ValueError`, so `except ValueError` catches bad input."""
+
+
+class ConfigError(ValueError):
+    """An `MoEConfig` or preset was asked for with values that cannot describe an MoE layer."""
+
+
+class UnknownBackendError(ValueError):
+    """An experts implementation name that is not in the registry."""
+
+
+class BackendInputError(ValueError):
+    """Tensors handed to an experts backend with the wrong shape, dtype or device."""
+
+
+class GatherBudgetError(ValueError):
+    """`batched_mm` would gather more weight bytes than its budget allows.
+
+    Raised *before* any allocation, so the process (and a notebook kernel) stays alive.
+    """
+
+    def __init__(self, predicted_bytes: int, budget_bytes: int, detail: str = ""):
+        self.predicted_bytes = int(predicted_bytes)
+        self.budget_bytes = int(budget_bytes)
+        super().__init__(
+            f"batched_mm would gather {_human(predicted_bytes)} of expert weights "
+            f"(budget {_human(budget_bytes)}){': ' + detail if detail else ''}. "
+            "Use fewer tokens, the grouped_mm backend, or raise the budget with "
+            "moe_lab.set_batched_mm_budget(bytes) / the MOE_LAB_BATCHED_MM_BUDGET environment variable."
+        )
+
+
+def _human(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
