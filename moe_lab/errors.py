@@ -23,8 +23,9 @@ class GatherBudgetError(ValueError):
         self.predicted_bytes = int(predicted_bytes)
         self.budget_bytes = int(budget_bytes)
         super().__init__(
-            f"batched_mm would gather {_human(predicted_bytes)} of expert weights "
-            f"(budget {_human(budget_bytes)}){': ' + detail if detail else ''}. "
+            f"batched_mm would gather {_human(predicted_bytes)} ({int(predicted_bytes):,} bytes) of expert weights, "
+            f"over its budget of {_human(budget_bytes)} ({int(budget_bytes):,} bytes)"
+            f"{': ' + detail if detail else ''}. "
             "Use fewer tokens, the grouped_mm backend, or raise the budget with "
             "moe_lab.set_batched_mm_budget(bytes) / the MOE_LAB_BATCHED_MM_BUDGET environment variable."
         )
