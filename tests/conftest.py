@@ -14,3 +14,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # Tiny tensors: one thread is faster than two contending ones, and timings are steadier.
+    torch.set_num_threads(1)
