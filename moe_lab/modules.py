@@ -111,6 +111,11 @@ class SparseMoeBlock(nn.Module):
             raise BackendInputError(
                 f"SparseMoeBlock expects [tokens, {H}] or [batch, seq, {H}], got {tuple(hidden_states.shape)}"
             )
+        if hidden_states.dtype != self.config.dtype:
+            raise BackendInputError(
+                f"SparseMoeBlock holds {self.config.dtype} weights but got {hidden_states.dtype} hidden states; "
+                f"cast them (hidden_states.to({self.config.dtype}))"
+            )
         flat = hidden_states.reshape(-1, H)  # [T, H]
         routing: RouterOutput = self.router(flat)
         output = self.experts(flat, routing.top_k_index, routing.top_k_weights)  # [T, H]

@@ -77,6 +77,9 @@ def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
     """
     weights = expert_weights(experts)
     num_experts, hidden = weights.num_experts, weights.hidden_size
+    for name, value in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if not isinstance(value, torch.Tensor):
+            raise BackendInputError(f"{name} must be a torch.Tensor [tokens, top_k], got {type(value).__name__}")
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
         shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
         raise BackendInputError(
@@ -97,7 +100,8 @@ def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
             f"top_k_weights shape {tuple(top_k_weights.shape)} must equal top_k_index shape "
             f"{tuple(top_k_index.shape)}"
         )
-    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+    if top_k_index.dtype not in (torch.int64, torch.int32):
+        # uint8 would index as a boolean mask and int8/int16 are rejected by advanced indexing.
         raise BackendInputError(f"top_k_index must hold integer expert ids (int64 or int32), got {top_k_index.dtype}")
     if not top_k_weights.dtype.is_floating_point:
         raise BackendInputError(f"top_k_weights must be floating point, got {top_k_weights.dtype}")
