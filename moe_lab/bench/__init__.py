@@ -1,0 +1,29 @@
+"""Measuring experts backends on this machine: time, memory, FLOPs, roofline, sweeps, compile modes.
+
+    timing        time_fn -> Timing (CUDA events / perf_counter, warm-up, median, p10/p90)
+    memory        measure_peak_memory -> MemoryMeasurement; predict_memory (memory_model)
+    roofline      expert_flops, min_bytes, measure_ceilings -> Ceilings, roofline_ms
+    measure       measure: one backend, one shape -> one tidy row (never raises)
+    sweep         sweep: a grid of shapes x tokens x backends x dtypes -> pandas DataFrame
+    results       save_results / load_results: CSV + JSON provenance sidecar
+    compile_matrix  compile_matrix: torch.compile modes x backends -> DataFrame
+
+pandas and tqdm are imported only inside the functions that return tables or show progress.
+"""
+from .columns import ROW_COLUMNS, STATUSES
+from .compile_matrix import COMPILE_COLUMNS, COMPILE_MODES, COMPILE_STATUSES, compile_matrix
+from .measure import measure, measure_with_layer
+from .memory import MemoryMeasurement, available_bytes, measure_peak_memory
+from .memory_model import predict_memory
+from .provenance import provenance
+from .results import load_results, save_results
+from .roofline import Ceilings, cached_ceilings, expert_flops, measure_ceilings, min_bytes, roofline_ms
+from .sweep import sweep
+from .timing import Timing, time_fn
+
+__all__ = [
+    "COMPILE_COLUMNS", "COMPILE_MODES", "COMPILE_STATUSES", "Ceilings", "MemoryMeasurement", "ROW_COLUMNS",
+    "STATUSES", "Timing", "available_bytes", "cached_ceilings", "compile_matrix", "expert_flops", "load_results",
+    "measure", "measure_ceilings", "measure_peak_memory", "measure_with_layer", "min_bytes", "predict_memory",
+    "provenance", "roofline_ms", "save_results", "sweep", "time_fn",
+]

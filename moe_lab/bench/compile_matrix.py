@@ -1,0 +1,161 @@
+"""Which torch.compile modes work with which backend on this machine — found by trying each one.
+
+For every (mode, backend, token count) cell, on one layer with random weights:
+  1. run the backend uncompiled on two routings of the same shapes (the expected outputs),
+  2. `torch.compile(experts, mode=...)`, time the first call (`compile_s`: tracing + codegen),
+     call it twice more (CUDA-graph modes record and replay there), compare with (1),
+  3. write the second routing INTO the same input tensors and call again: a compiled function
+     that baked the routing in (or replays a stale CUDA graph) fails `equal_after_routing_change`,
+  4. time compiled and uncompiled calls with `time_fn`.
+`torch._dynamo.reset()` runs before and after every cell. A failure is recorded ("failed" and
+the error's first line), never raised; batched_mm over its gather budget is "refused".
+On CPU, the CUDA-graph parts of reduce-overhead / max-autotune are skipped by inductor; whatever
+happens is what the row says.
+
+Cost: the max-autotune modes benchmark candidate kernels for every distinct matmul shape. eager
+launches one matmul per expert with that expert's token count, so it has as many shapes as
+distinct group sizes: on an H100, max-autotune-no-cudagraphs x eager on a 128-expert layer ran
+for many minutes. Leave eager out of those modes unless you mean to wait.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .. import __version__
+from ..backends import available_backends, grouped_mm_path
+from ..config import resolve_dtype
+from ..errors import GatherBudgetError
+from ..presets import get_preset
+from ..reference import relative_error
+from .columns import to_frame
+from .inputs import build_experts, random_hidden_states, random_routing
+from .measure import _first_line
+from .provenance import ROW_PROVENANCE, device_name, git_commit, utc_now
+from .roofline import dtype_name
+from .timing import resolve_device, synchronize, time_fn
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_STATUSES = ("compiled", "failed", "refused")
+COMPILE_COLUMNS = (
+    "mode", "backend", "num_tokens", "status", "error", "compile_s", "compiled_ms", "uncompiled_ms", "speedup",
+    "max_rel_err", "equal_to_uncompiled", "equal_after_routing_change", "rel_err", "rel_err_after_routing_change",
+    "hidden_size", "intermediate_size", "num_experts", "top_k", "dtype", "device", "grouped_mm_kernel",
+    *ROW_PROVENANCE,
+)
+_FLOATS = ("compile_s", "compiled_ms", "uncompiled_ms", "speedup", "max_rel_err", "rel_err",
+           "rel_err_after_routing_change")
+_INTS = ("num_tokens", "hidden_size", "intermediate_size", "num_experts", "top_k")
+
+#: Norm-relative difference allowed between compiled and uncompiled outputs, per dtype: a few
+#: roundings of the dtype's epsilon, since fusion may keep intermediates in higher precision.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def compile_matrix(config, tokens, backends=None, modes=COMPILE_MODES, *, device=None, dtype=None,
+                   progress: bool = True, seed: int = 0, max_seconds: float = 0.2, max_reps: int = 30):
+    """One row per (mode, backend, token count): does it compile, is it right, is it faster?
+
+    `config`: a MoEConfig or preset name; `tokens`: an int or list; `backends`: default all
+    registered; `modes`: torch.compile modes ("default" means mode=None). Returns a DataFrame
+    with the columns of `COMPILE_COLUMNS`. `max_rel_err` is the larger of the two comparisons
+    (first routing, changed routing); `equal_*` are False when the cell did not compile.
+    """
+    if isinstance(config, str):
+        config = get_preset(config).config
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
+    config = config.replace(dtype=dtype)
+    tokens = [int(t) for t in (tokens if isinstance(tokens, (list, tuple, range)) else [tokens])]
+    backends = list(available_backends()) if backends is None else list(backends)
+    cells = [(mode, backend, T) for mode in modes for backend in backends for T in tokens]
+
+    experts = build_experts(config, device, seed)
+    bar = _progress_bar(len(cells), progress)
+    rows = []
+    try:
+        for mode, backend, T in cells:
+            rows.append(_cell(experts, mode, backend, T, device, dtype, seed, max_seconds, max_reps))
+            if bar is not None:
+                bar.set_postfix_str(f"{mode} {backend} T={T} {rows[-1]['status']}", refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return to_frame(rows, COMPILE_COLUMNS, _INTS, _FLOATS)
+
+
+def _cell(experts, mode, backend, T, device, dtype, seed, max_seconds, max_reps) -> dict:
+    config = experts.config
+    row = dict(
+        mode=mode, backend=backend, num_tokens=T, status="failed", error="", equal_to_uncompiled=False,
+        equal_after_routing_change=False, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_experts=config.num_experts, top_k=config.top_k,
+        dtype=dtype_name(dtype), device=str(device), device_name=device_name(str(device)),
+        torch_version=torch.__version__, moe_lab_version=__version__, date=utc_now(), git_commit=git_commit(),
+        grouped_mm_kernel=grouped_mm_path(device, dtype, config.hidden_size, config.intermediate_size,
+                                          compiling=True).kernel if backend == "grouped_mm" else "",
+        **{name: math.nan for name in _FLOATS},
+    )
+    torch._dynamo.reset()
+    try:
+        _run_cell(row, experts, mode, backend, T, device, dtype, seed, max_seconds, max_reps)
+        row["status"] = "compiled"
+    except GatherBudgetError as error:
+        row.update(status="refused", error=_first_line(error))
+    except Exception as error:  # a compile failure is a result, not a crash
+        row.update(status="failed", error=_first_line(error))
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _run_cell(row, experts, mode, backend, T, device, dtype, seed, max_seconds, max_reps) -> None:
+    experts.set_experts_implementation(backend)
+    hidden_states = random_hidden_states(T, experts.config, device, seed)
+    index, weights, _ = random_routing(T, experts.config, device, seed=seed)
+    index2, weights2, _ = random_routing(T, experts.config, device, seed=seed + 1)
+    tolerance = TOLERANCE[dtype]
+
+    with torch.no_grad():
+        expected = experts(hidden_states, index, weights).clone()  # budget refusals surface here
+        expected2 = experts(hidden_states, index2, weights2).clone()
+        compiled = torch.compile(experts, mode=None if mode == "default" else mode)
+        started = time.perf_counter()
+        compiled(hidden_states, index, weights)
+        synchronize(device)
+        row["compile_s"] = time.perf_counter() - started
+        for _ in range(2):  # CUDA-graph modes warm up, record, then replay
+            output = compiled(hidden_states, index, weights)
+        row["rel_err"] = relative_error(output, expected)
+        index.copy_(index2)  # same tensors, new routing values
+        weights.copy_(weights2)
+        row["rel_err_after_routing_change"] = relative_error(compiled(hidden_states, index, weights), expected2)
+        del output
+
+        def run_compiled():
+            return compiled(hidden_states, index, weights)
+
+        def run_uncompiled():
+            return experts(hidden_states, index, weights)
+
+        options = dict(device=device, max_seconds=max_seconds, max_reps=max_reps)
+        row["compiled_ms"] = time_fn(run_compiled, **options).median_ms
+        row["uncompiled_ms"] = time_fn(run_uncompiled, **options).median_ms
+    row["speedup"] = row["uncompiled_ms"] / row["compiled_ms"] if row["compiled_ms"] > 0 else math.nan
+    row["max_rel_err"] = max(row["rel_err"], row["rel_err_after_routing_change"])
+    row["equal_to_uncompiled"] = bool(row["rel_err"] <= tolerance)
+    row["equal_after_routing_change"] = bool(row["rel_err_after_routing_change"] <= tolerance)
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="moe_lab compile matrix", unit="cell")

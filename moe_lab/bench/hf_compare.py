@@ -1,0 +1,82 @@
+"""Time transformers' own experts backends beside moe_lab's, on the same weights, in one process.
+
+`register_transformers_backends()` adds "transformers:eager", "transformers:batched_mm" and
+"transformers:grouped_mm" to moe_lab's registry. Each runs a real transformers `Qwen2MoeExperts`
+module whose parameters ARE the moe_lab layer's parameters (no copy), dispatched by transformers'
+own `config._experts_implementation` — so `sweep`/`measure` time both libraries with the same
+inputs, timer and rules. The one rule added: transformers' batched_mm has no memory guard, so the
+same gather budget as moe_lab's is applied (over it, the row is "refused", not an OOM).
+`add_transformers_ratios(df)` then puts `speedup_vs_transformers` on each moe_lab row.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..backends import get_batched_mm_budget, predict_gather_bytes, register
+from ..errors import GatherBudgetError
+
+PREFIX = "transformers:"
+IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _transformers_twin(experts):
+    """A transformers Qwen2MoeExperts sharing `experts`' parameters (built on the meta device)."""
+    twin = _twins.get(experts)
+    if twin is None:
+        try:
+            from transformers import Qwen2MoeConfig
+            from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+        except ImportError as error:
+            raise ImportError("comparing with transformers needs it installed: pip install 'moe-lab[hf]'") from error
+        cfg = experts.config
+        hf_config = Qwen2MoeConfig(
+            hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.intermediate_size, num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k, hidden_act=_HF_ACTIVATION[cfg.activation],
+        )
+        with torch.device("meta"):
+            twin = Qwen2MoeExperts(hf_config)
+        twin.gate_up_proj = experts.gate_up_proj  # the same Parameter objects: no copy, same data
+        twin.down_proj = experts.down_proj
+        _twins[experts] = twin
+    return twin
+
+
+def _make_backend(implementation: str):
+    def transformers_backend(experts, hidden_states, top_k_index, top_k_weights):
+        if implementation == "batched_mm":
+            T, k = top_k_index.shape
+            predicted = predict_gather_bytes(T, k, experts.hidden_size, experts.intermediate_size, hidden_states.dtype)
+            if predicted > get_batched_mm_budget():
+                raise GatherBudgetError(predicted, get_batched_mm_budget(),
+                                        "the same budget is applied to transformers' batched_mm")
+        twin = _transformers_twin(experts)
+        twin.config._experts_implementation = implementation
+        return twin(hidden_states, top_k_index, top_k_weights)
+
+    transformers_backend.__doc__ = f"transformers' own `{implementation}` experts forward (for comparison)."
+    return transformers_backend
+
+
+def register_transformers_backends() -> list[str]:
+    """Register transformers' three backends in moe_lab's registry; return their names."""
+    names = []
+    for implementation in IMPLEMENTATIONS:
+        register(PREFIX + implementation, _make_backend(implementation))
+        names.append(PREFIX + implementation)
+    return names
+
+
+def add_transformers_ratios(df):
+    """Add `speedup_vs_transformers` = transformers' median / moe_lab's median of the same-named
+    backend at the same shape, tokens, dtype and device (NaN where either was not measured)."""
+    keys = ["preset", "hidden_size", "intermediate_size", "num_experts", "top_k", "num_tokens", "dtype", "device"]
+    theirs = df[df["backend"].str.startswith(PREFIX) & (df["status"] == "ok")].copy()
+    theirs["backend"] = theirs["backend"].str.removeprefix(PREFIX)
+    theirs = theirs[keys + ["backend", "median_ms"]].rename(columns={"median_ms": "transformers_ms"})
+    merged = df.merge(theirs, on=keys + ["backend"], how="left")
+    merged["speedup_vs_transformers"] = merged["transformers_ms"] / merged["median_ms"]
+    return merged

@@ -1,0 +1,44 @@
+"""Random, reproducible inputs for measurements: never zeros (zeros make some kernels faster).
+
+Weights come from `Experts.reset_parameters` (normal, std = fan_in^-1/2), hidden states from
+`torch.randn`, routing from `moe_lab.synthetic_routing`; all seeded without disturbing the
+caller's global random state.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..modules import Experts
+from ..routing import synthetic_routing, tokens_per_expert
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """torch.manual_seed(seed) inside; the global CPU (and CUDA) RNG state restored afterwards."""
+    cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_experts(config, device: torch.device, seed: int = 0, implementation: str = "grouped_mm") -> Experts:
+    """An `Experts` layer allocated directly on `device`, with seeded random weights."""
+    with seeded(device, seed), torch.device(device):
+        return Experts(config, experts_implementation=implementation)
+
+
+def random_hidden_states(num_tokens: int, config, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """[T, H] standard-normal hidden states in the config's dtype."""
+    with seeded(device, seed + 1):
+        return torch.randn(num_tokens, config.hidden_size, device=device, dtype=config.dtype)
+
+
+def random_routing(num_tokens: int, config, device: torch.device, *, distribution: str = "uniform",
+                   skew: float = 1.0, seed: int = 0):
+    """(top_k_index [T, k], top_k_weights [T, k] float32, tokens per expert as a list of E ints)."""
+    index, weights = synthetic_routing(num_tokens, config.num_experts, config.top_k, distribution=distribution,
+                                       skew=skew, seed=seed)
+    groups = tokens_per_expert(index, config.num_experts).tolist()  # on CPU: no device sync
+    return index.to(device), weights.to(device), groups

@@ -1,0 +1,103 @@
+"""Wall time of one call, measured the way the device sees it.
+
+CUDA work is asynchronous: `fn()` returns as soon as its kernels are queued. So on CUDA each
+repetition is bracketed by a pair of `torch.cuda.Event`s recorded on the current stream and
+followed by a synchronize; the time is `start.elapsed_time(end)`, i.e. from the moment the
+(idle) stream reached the start event to the moment it finished the last kernel of `fn`.
+Because the stream is idle at the start, host-side launch overhead that the GPU has to wait
+for (Python loops, host syncs such as eager's `.tolist()`) is included — that is the latency of
+one layer call. On CPU, `time.perf_counter()` around the call.
+
+Warm-up calls run first (untimed) so that one-off costs — lazy CUDA/cuBLAS init, allocator
+growth, autotuning — do not land in the numbers. Caches stay warm between repetitions (weights
+of a small layer may sit in L2): a hot-loop measurement, as every benchmark of this kind is.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times of `reps` timed repetitions, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    reps: int
+    times_ms: list = field(repr=False)
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: 0.05 means the middle 80% of repetitions lie within +-2.5%."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else float("nan")
+
+
+def percentile(values, q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method), q in [0, 100]."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def resolve_device(device) -> torch.device:
+    """None -> CUDA when available, else CPU; strings and torch.device pass through."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_call_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def time_fn(fn, *, device=None, warmup: int = 2, min_reps: int = 5, max_reps: int = 200,
+            max_seconds: float = 0.5) -> Timing:
+    """Time `fn()` (no arguments; its result is discarded).
+
+    `warmup` untimed calls, then timed repetitions until `max_reps` are done, or until
+    `max_seconds` of wall time have passed since the first timed call and at least `min_reps`
+    are done (so a slow `fn` runs `min_reps` times however long that takes; `min_reps` is capped
+    at `max_reps`). Returns the median, the 10th/90th percentiles and the minimum.
+    """
+    if max_reps < 1:
+        raise ValueError(f"max_reps must be >= 1, got {max_reps}")
+    device = resolve_device(device)
+    min_reps = max(1, min(min_reps, max_reps))
+    for _ in range(max(0, warmup)):
+        fn()
+    synchronize(device)
+
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < max_reps:
+        if len(times) >= min_reps and time.perf_counter() - began >= max_seconds:
+            break
+        times.append(_one_call_ms(fn, device))
+    return Timing(
+        median_ms=percentile(times, 50), p10_ms=percentile(times, 10), p90_ms=percentile(times, 90),
+        min_ms=min(times), reps=len(times), times_ms=times,
+    )
