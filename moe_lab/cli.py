@@ -1,9 +1,19 @@
-"""The `moe-lab` command line. `moe-lab info` prints what this machine supports."""
+"""The `moe-lab` command line.
+
+    moe-lab info                                   what this machine supports
+    moe-lab bench --preset qwen3-30b-a3b --tokens 1,16,128 [--compare-hf] [--output data/x]
+    moe-lab run notebooks/01_routing.ipynb -p top_k 4 --output-dir runs
+    moe-lab sweep notebooks/03_bmm.ipynb --grid top_k=1,2 --grid num_tokens=16,64
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+
+def _csv(text: str, convert=str) -> list:
+    return [convert(item.strip()) for item in text.split(",") if item.strip()]
 
 
 def _info(args) -> int:
@@ -14,20 +24,174 @@ def _info(args) -> int:
     return 0
 
 
+def _bench_configs(args) -> dict:
+    from .config import MoEConfig
+    from .presets import get_preset, scale_down
+
+    if args.preset and args.hidden:
+        raise ValueError("give either --preset or an explicit shape (--hidden/--intermediate/--experts/--top-k), not both")
+    if args.hidden:
+        missing = [flag for flag, value in (("--intermediate", args.intermediate), ("--experts", args.experts),
+                                            ("--top-k", args.top_k)) if value is None]
+        if missing:
+            raise ValueError(f"an explicit shape also needs {', '.join(missing)}")
+        return {"custom": MoEConfig(args.hidden, args.intermediate, num_experts=args.experts, top_k=args.top_k)}
+    names = args.preset or ["qwen3-30b-a3b"]
+    configs = {name: get_preset(name).config for name in names}
+    if args.scale_down:
+        configs = {name: scale_down(config, hidden_size=args.scale_down) for name, config in configs.items()}
+    return configs
+
+
+def _bench(args) -> int:
+    from . import bench
+    from .backends import available_backends, get_backend
+    from .config import resolve_dtype
+
+    configs = _bench_configs(args)
+    dtype = resolve_dtype(args.dtype) if args.dtype else None
+    device = args.device
+    # transformers' backends join only through --compare-hf, even if registered earlier in this process.
+    backends = list(args.backends or [n for n in available_backends() if not n.startswith("transformers:")])
+    for name in backends:
+        get_backend(name)  # a typo is a usage error, not a table of "unsupported" rows
+    ceilings = bench.measure_ceilings(device=device, dtype=dtype) if args.ceilings else None
+    if args.compare_hf:
+        from .bench.hf_compare import register_transformers_backends
+
+        backends += [name for name in register_transformers_backends()
+                     if name.removeprefix("transformers:") in backends]
+    frame = bench.sweep(configs, args.tokens, backends, [dtype] if dtype else None, device=device,
+                        progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution],
+                        measure_kwargs={"max_seconds": args.max_seconds})
+    if args.compare_hf:
+        from .bench.hf_compare import add_transformers_ratios
+
+        frame = add_transformers_ratios(frame)
+    compile_frame = None
+    if args.compile_matrix:
+        name, config = next(iter(configs.items()))
+        ours = [name for name in backends if not name.startswith("transformers:")]
+        compile_frame = bench.compile_matrix(config, args.compile_tokens or args.tokens[:2], ours,
+                                             args.compile_modes or bench.COMPILE_MODES, device=device, dtype=dtype,
+                                             progress=not args.quiet)
+        compile_frame.insert(0, "preset", name)
+    print(_summary(frame))
+    if args.output:
+        print("wrote", *bench.save_results(frame, args.output, ceilings=ceilings))
+        if compile_frame is not None:
+            print("wrote", *bench.save_results(compile_frame, f"{args.output}_compile", ceilings=ceilings))
+    return 0
+
+
+def _summary(frame) -> str:
+    """One line per measurement: what a person reads in a terminal; the CSV has everything."""
+    columns = [c for c in ["preset", "num_tokens", "backend", "status", "median_ms", "fraction_of_roofline",
+                           "tflops", "speedup_vs_transformers", "reason"] if c in frame.columns]
+    table = frame[columns].copy()
+    if "reason" in table:
+        table["reason"] = table["reason"].fillna("").astype(str).str.slice(0, 60)
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _parameters(pairs) -> dict:
+    from .notebook_runner import parse_value
+
+    return {name: parse_value(value) for name, value in pairs or []}
+
+
+def _run(args) -> int:
+    from .notebook_runner import run_notebook
+
+    for notebook in args.notebooks:
+        output = run_notebook(notebook, args.output_dir, _parameters(args.parameters), kernel_name=args.kernel,
+                              progress=not args.quiet)
+        print("executed", notebook, "->", output)
+    return 0
+
+
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from .notebook_runner import parse_value, sweep_notebook
+
+    grid = {}
+    for item in args.grid:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--grid takes name=v1,v2,..., got {item!r}")
+        grid[name] = [parse_value(value) for value in _csv(values)]
+    frame = sweep_notebook(args.notebook, grid, args.output_dir, _parameters(args.parameters), kernel_name=args.kernel)
+    csv_path = Path(args.output_dir) / f"{Path(args.notebook).stem}_sweep.csv"
+    frame.to_csv(csv_path, index=False)
+    print(frame.to_string(index=False))
+    print("wrote", csv_path)
+    return 0 if (frame["status"] == "ok").all() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-lab", description=__doc__)
+    from .backends import available_backends
+
+    parser = argparse.ArgumentParser(prog="moe-lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+
     info = commands.add_parser("info", help="device, torch, grouped GEMM path per dtype, triton, torch.compile")
     info.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--no-compile-probe", action="store_true", help="skip the torch.compile check (saves seconds)")
     info.set_defaults(handler=_info)
+
+    bench = commands.add_parser("bench", help="time backends on preset or explicit shapes")
+    bench.add_argument("--preset", action="append", help="a preset name (repeatable); default qwen3-30b-a3b")
+    bench.add_argument("--hidden", type=int, help="explicit shape: hidden size H")
+    bench.add_argument("--intermediate", type=int, help="explicit shape: per-expert intermediate size I")
+    bench.add_argument("--experts", type=int, help="explicit shape: number of experts E")
+    bench.add_argument("--top-k", type=int, help="explicit shape: experts per token")
+    bench.add_argument("--scale-down", type=int, metavar="H", help="shrink presets to hidden size H (CPU runs)")
+    bench.add_argument("--tokens", type=lambda s: _csv(s, int), default=[1, 16, 128], help="comma list, e.g. 1,16,128")
+    bench.add_argument("--backends", type=_csv, default=None,
+                       help=f"comma list from {available_backends()} (default: all)")
+    bench.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--distribution", default="uniform", help="routing: uniform, zipf or single")
+    bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement")
+    bench.add_argument("--no-ceilings", dest="ceilings", action="store_false", help="skip measure_ceilings()")
+    bench.add_argument("--compare-hf", action="store_true", help="also time transformers' own backends, same process")
+    bench.add_argument("--compile-matrix", action="store_true", help="also run the torch.compile mode matrix (first config)")
+    bench.add_argument("--compile-tokens", type=lambda s: _csv(s, int), default=None,
+                       help="token counts for the compile matrix (default: the first two of --tokens)")
+    bench.add_argument("--compile-modes", type=_csv, default=None,
+                       help="comma list of torch.compile modes (default: all four)")
+    bench.add_argument("--output", help="write OUTPUT.csv + OUTPUT.json (provenance)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(handler=_bench)
+
+    run = commands.add_parser("run", help="execute notebooks headless with papermill")
+    run.add_argument("notebooks", nargs="+")
+    run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    run.add_argument("--output-dir", default="runs")
+    run.add_argument("--kernel", default=None, help="kernel name (default: the notebook's)")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(handler=_run)
+
+    sweep = commands.add_parser("sweep", help="one notebook x a parameter grid -> executed notebooks + one CSV")
+    sweep.add_argument("notebook")
+    sweep.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2")
+    sweep.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    sweep.add_argument("--output-dir", default="runs/sweep")
+    sweep.add_argument("--kernel", default=None)
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:  # bad input: say what is wrong, no traceback
+        print(f"moe-lab {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

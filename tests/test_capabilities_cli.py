@@ -34,3 +34,49 @@ def test_console_script_runs():
     assert "grouped_mm" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "moe_lab.cli", "frobnicate"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice: 'frobnicate'" in bad.stderr
+
+
+def test_cli_bench_scaled_preset_writes_csv_and_provenance(tmp_path, capsys):
+    pytest = __import__("pytest")
+    pytest.importorskip("pandas")
+    from moe_lab.bench import load_results
+
+    out = tmp_path / "cpu_bench"
+    rc = main(["bench", "--preset", "qwen3-30b-a3b", "--scale-down", "64", "--tokens", "1,16", "--quiet",
+               "--max-seconds", "0.05", "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "qwen3-30b-a3b" in printed and "grouped_mm" in printed
+    frame, provenance = load_results(out)
+    assert sorted(frame.backend.unique()) == ["batched_mm", "eager", "grouped_mm"]
+    assert sorted(frame.num_tokens.unique()) == [1, 16] and (frame.status == "ok").all()
+    assert (frame.num_experts == 128).all() and (frame.hidden_size == 64).all()
+    assert (frame.median_ms > 0).all() and frame.fraction_of_roofline.between(0, 1.5).all()
+    assert provenance["device"] == "cpu" and provenance["ceilings"]["copy_GBps"] > 0
+
+
+def test_cli_bench_compare_hf_adds_ratios(tmp_path, capsys):
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2",
+               "--tokens", "8", "--backends", "grouped_mm,eager", "--compare-hf", "--no-ceilings", "--quiet",
+               "--max-seconds", "0.02", "--output", str(out)])
+    assert rc == 0
+    from moe_lab.bench import load_results
+
+    frame, _ = load_results(out)
+    assert set(frame.backend) == {"eager", "grouped_mm", "transformers:eager", "transformers:grouped_mm"}
+    ours = frame[~frame.backend.str.startswith("transformers:")]
+    assert (ours.speedup_vs_transformers > 0).all()
+    assert (frame.status == "ok").all()
+
+
+def test_cli_bench_bad_arguments_exit_2(capsys):
+    assert main(["bench", "--preset", "llama-7b", "--quiet", "--no-ceilings"]) == 2
+    assert "unknown preset 'llama-7b'" in capsys.readouterr().err
+    assert main(["bench", "--hidden", "32", "--quiet"]) == 2
+    assert "also needs --intermediate, --experts, --top-k" in capsys.readouterr().err
+    assert main(["bench", "--preset", "olmoe-1b-7b", "--scale-down", "64", "--backends", "flash", "--quiet",
+                 "--no-ceilings"]) == 2
+    assert "unknown experts implementation 'flash'" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""`moe-lab run` / `sweep` on a tiny notebook made here: parameters checked, records collected."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("papermill")
+
+from moe_lab.cli import main  # noqa: E402
+from moe_lab.notebook_runner import NotebookParameterError, check_parameters, parse_value  # noqa: E402
+from moe_lab.record import MIME_TYPE, read_records  # noqa: E402
+
+
+@pytest.fixture
+def notebook(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("top_k = 2\nnum_tokens = 16\nlabel = 'x'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell(
+            "from moe_lab.record import record\n"
+            "record('pairs', top_k * num_tokens)\n"
+            "record('label_seen', label)\n"
+            "assert top_k != 99, 'top_k 99 is refused by this notebook'"
+        ),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_parse_value():
+    assert parse_value("16") == 16 and parse_value("0.5") == 0.5 and parse_value("True") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("grouped_mm") == "grouped_mm"
+
+
+def test_unknown_and_mistyped_parameters_are_refused(notebook):
+    with pytest.raises(NotebookParameterError, match=r"has no parameter\(s\) \['topk'\]; its parameters are: top_k \(default 2\), num_tokens \(default 16\), label"):
+        check_parameters(notebook, {"topk": 4})
+    with pytest.raises(NotebookParameterError, match=r"parameter top_k of tiny.ipynb expects int \(default 2\), got 'four'"):
+        check_parameters(notebook, {"top_k": "four"})
+    assert check_parameters(notebook, {"top_k": 4, "label": "y"}) == {"top_k": 4, "label": "y"}
+
+
+def test_cli_run_with_parameters_and_records(notebook, tmp_path, capsys):
+    out_dir = tmp_path / "runs"
+    assert main(["run", str(notebook), "-p", "top_k", "4", "-p", "label", "hello", "--output-dir", str(out_dir),
+                 "--kernel", "python3", "--quiet"]) == 0
+    executed = out_dir / "tiny.ipynb"
+    assert read_records(executed) == {"pairs": 64, "label_seen": "hello"}
+    outputs = [o for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])]
+    assert any(MIME_TYPE in o.get("data", {}) for o in outputs)
+
+
+def test_cli_run_misspelled_parameter_exits_2_with_the_valid_names(notebook, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "moe_lab.cli", "run", str(notebook), "-p", "topk", "4",
+                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "has no parameter(s) ['topk']" in result.stderr and "top_k (default 2)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists(), "nothing runs when a parameter is refused"
+
+
+def test_cli_sweep_collects_records_and_keeps_going(notebook, tmp_path, capsys):
+    out_dir = tmp_path / "sweep"
+    rc = main(["sweep", str(notebook), "--grid", "top_k=1,99", "--grid", "num_tokens=8,32", "--output-dir", str(out_dir),
+               "--kernel", "python3"])
+    assert rc == 1, "a failed run makes the exit code non-zero"
+    import pandas as pd
+
+    frame = pd.read_csv(out_dir / "tiny_sweep.csv")
+    assert len(frame) == 4
+    ok = frame[frame.status == "ok"].sort_values(["top_k", "num_tokens"])
+    assert ok[["top_k", "num_tokens", "pairs"]].values.tolist() == [[1, 8, 8], [1, 32, 32]]
+    failed = frame[frame.status == "error"]
+    assert len(failed) == 2 and failed.top_k.tolist() == [99, 99]
+    assert len(list(out_dir.glob("tiny__*.ipynb"))) == 4
