@@ -33,6 +33,7 @@ from ..reference import relative_error
 from .columns import to_frame
 from .inputs import build_experts, random_hidden_states, random_routing
 from .measure import _first_line
+from .progress import progress_bar
 from .provenance import ROW_PROVENANCE, device_name, git_commit, utc_now
 from .roofline import dtype_name
 from .timing import resolve_device, synchronize, time_fn
@@ -73,7 +74,7 @@ def compile_matrix(config, tokens, backends=None, modes=COMPILE_MODES, *, device
     cells = [(mode, backend, T) for mode in modes for backend in backends for T in tokens]
 
     experts = build_experts(config, device, seed)
-    bar = _progress_bar(len(cells), progress)
+    bar = progress_bar(len(cells), progress, "moe_lab compile matrix", "cell")
     rows = []
     try:
         for mode, backend, T in cells:
@@ -149,13 +150,3 @@ def _run_cell(row, experts, mode, backend, T, device, dtype, seed, max_seconds, 
     row["max_rel_err"] = max(row["rel_err"], row["rel_err_after_routing_change"])
     row["equal_to_uncompiled"] = bool(row["rel_err"] <= tolerance)
     row["equal_after_routing_change"] = bool(row["rel_err_after_routing_change"] <= tolerance)
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="moe_lab compile matrix", unit="cell")

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..presets import get_preset
 from .columns import ROW_COLUMNS, to_frame
 from .measure import SHAPE_FIELDS, TIMING_DEFAULTS, _first_line, measure_with_layer, new_row
+from .progress import progress_bar
 from .provenance import provenance  # noqa: F401  (re-exported: bench.sweep.provenance)
 from .timing import resolve_device
 
@@ -100,7 +101,7 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     options["timing_options"] = timing
 
     total = len(configs) * len(grid) * len(dtypes) * len(tokens) * len(backends)
-    bar = _progress_bar(total, progress)
+    bar = progress_bar(total, progress, "moe_lab sweep", "run")
     rows = []
     try:
         for label, base, fields, config, error in _layers(configs, grid):
@@ -135,16 +136,6 @@ def _layers(configs: dict, grid: list[dict]):
             except (ConfigError, ValueError) as invalid:  # e.g. top_k > num_experts
                 error = invalid
             yield label, base, fields, config, error
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="moe_lab sweep", unit="run")
 
 
 def _advance(bar, row) -> None:
