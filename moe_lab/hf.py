@@ -143,7 +143,11 @@ def register_with_transformers(names: Iterable[str] | None = None, prefix: str =
         raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
     if isinstance(names, str):
         names = [names]
-    names = _backends.available_backends() if names is None else list(names)
+    if names is None:
+        # transformers' own backends, registered in moe_lab for timing (bench.hf_compare), go home only once.
+        names = [n for n in _backends.available_backends() if not n.startswith("transformers:")]
+    else:
+        names = list(names)
     planned = []
     for name in names:
         _backends.get_backend(name)  # unknown -> moe_lab.UnknownBackendError naming the valid ones

@@ -59,10 +59,16 @@ def test_cli_bench_compare_hf_adds_ratios(tmp_path, capsys):
     pytest = __import__("pytest")
     pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2",
-               "--tokens", "8", "--backends", "grouped_mm,eager", "--compare-hf", "--no-ceilings", "--quiet",
-               "--max-seconds", "0.02", "--output", str(out)])
+    from moe_lab.bench.hf_compare import unregister_transformers_backends
+
+    try:
+        rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2",
+                   "--tokens", "8", "--backends", "grouped_mm,eager", "--compare-hf", "--no-ceilings", "--quiet",
+                   "--max-seconds", "0.02", "--output", str(out)])
+    finally:
+        unregister_transformers_backends()
     assert rc == 0
+    assert not any(name.startswith("transformers:") for name in moe_lab.available_backends())
     from moe_lab.bench import load_results
 
     frame, _ = load_results(out)

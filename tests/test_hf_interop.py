@@ -529,3 +529,14 @@ def test_models_on_cuda_with_moe_lab_backends(input_ids, family):
         logits = logits_under(model, name, ids)
         assert logits.dtype == torch.bfloat16 and logits.is_cuda
         assert moe_lab.relative_error(logits, expected) < 10 * u, name
+
+
+def test_transformers_backends_timed_in_moe_lab_are_not_registered_back():
+    from moe_lab.bench.hf_compare import register_transformers_backends, unregister_transformers_backends
+
+    try:
+        register_transformers_backends()
+        registered = hf.register_with_transformers()
+        assert registered and not any("transformers:" in name for name in registered)
+    finally:
+        unregister_transformers_backends()

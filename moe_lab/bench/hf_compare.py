@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..backends import get_batched_mm_budget, predict_gather_bytes, register
+from ..backends import available_backends, expert_weights, get_batched_mm_budget, predict_gather_bytes, register, unregister
 from ..errors import GatherBudgetError
 
 PREFIX = "transformers:"
@@ -49,7 +49,8 @@ def _make_backend(implementation: str):
     def transformers_backend(experts, hidden_states, top_k_index, top_k_weights):
         if implementation == "batched_mm":
             T, k = top_k_index.shape
-            predicted = predict_gather_bytes(T, k, experts.hidden_size, experts.intermediate_size, hidden_states.dtype)
+            weights = expert_weights(experts)
+            predicted = predict_gather_bytes(T, k, weights.hidden_size, weights.intermediate_size, hidden_states.dtype)
             if predicted > get_batched_mm_budget():
                 raise GatherBudgetError(predicted, get_batched_mm_budget(),
                                         "the same budget is applied to transformers' batched_mm")
@@ -68,6 +69,13 @@ def register_transformers_backends() -> list[str]:
         register(PREFIX + implementation, _make_backend(implementation))
         names.append(PREFIX + implementation)
     return names
+
+
+def unregister_transformers_backends() -> None:
+    """Remove what `register_transformers_backends` added."""
+    for implementation in IMPLEMENTATIONS:
+        if PREFIX + implementation in available_backends():
+            unregister(PREFIX + implementation)
 
 
 def add_transformers_ratios(df):
