@@ -1,0 +1,31 @@
+"""Self-check functions for the notebooks' exercises: one module per notebook.
+
+Each `check_*` function takes the student's answer, never raises (a wrong answer must not stop
+the notebook), prints what is right or what is wrong, and returns a `Feedback` that is truthy
+only when the answer is correct.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Feedback:
+    correct: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.correct
+
+    def __str__(self) -> str:
+        return ("Correct: " if self.correct else "Not yet: ") + self.message
+
+    def _repr_html_(self) -> str:
+        colour = "#1a7f37" if self.correct else "#b35900"
+        return f'<div style="color:{colour}"><b>{"Correct" if self.correct else "Not yet"}</b>: {self.message}</div>'
+
+
+def feedback(correct: bool, message: str) -> Feedback:
+    result = Feedback(bool(correct), message)
+    print(result)
+    return result
