@@ -52,14 +52,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests $(if $(strip $(NBVAL_NOTEBOOKS)),--nbval-lax --nbval-current-env notebooks) $(PYTEST_ARGS)
 
 run: $(STAMP)
-	@mkdir -p runs
-	@set -e; nbs='$(NOTEBOOKS)'; \
-	if [ -z "$$nbs" ]; then echo "make run: no notebooks/*.ipynb yet, nothing to run"; exit 0; fi; \
-	for nb in $$nbs; do \
-	  out="runs/$$(basename "$$nb")"; \
-	  echo "papermill $$nb -> $$out"; \
-	  $(BIN)/papermill --cwd notebooks "$$nb" "$$out"; \
-	done
+	@if [ -z "$(strip $(NOTEBOOKS))" ]; then echo "make run: no notebooks/*.ipynb yet, nothing to run"; exit 0; fi
+	$(BIN)/moe-lab run $(NOTEBOOKS) --output-dir runs
 
 clean:
 	rm -rf $(VENV) runs
