@@ -15,6 +15,7 @@ from .backends import (
     set_batched_mm_budget,
     unregister,
 )
+from . import record  # moe_lab.record.record(name, value): notebooks record values for `moe-lab sweep`
 from .capabilities import capabilities, default_device, format_capabilities
 from .config import ACTIVATIONS, MoEConfig, resolve_dtype
 from .errors import BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError

@@ -183,13 +183,13 @@ def test_routing_histogram_from_index_or_stats():
 def test_routing_heatmap_places_weights():
     idx, w = moe_lab.synthetic_routing(40, 6, 3, seed=2)
     fig = plots.routing_heatmap(idx, w, 6, max_tokens=16)
-    z = fig.data[0].z
-    assert z.shape == (16, 6)
+    z = fig.data[0].z  # gaps are None (JSON-safe for FigureWidgets), not NaN
+    assert len(z) == 16 and all(len(row) == 6 for row in z)
     for t in range(16):
-        used = [e for e in range(6) if not math.isnan(z[t, e])]
+        used = [e for e in range(6) if z[t][e] is not None]
         assert sorted(used) == sorted(idx[t].tolist())
         for slot in range(3):
-            assert z[t, idx[t, slot]] == pytest.approx(float(w[t, slot]))
+            assert z[t][int(idx[t, slot])] == pytest.approx(float(w[t, slot]))
     assert "first 16 of 40 tokens" in fig.layout.title.text
     assert fig.layout.xaxis.title.text == "expert index"
 
@@ -398,7 +398,8 @@ def test_routing_explorer_updates_histogram_and_stats():
     w.controls["top_k"].value = 8
     assert len(hist.data[0].y) == 32 and sum(hist.data[0].y) == 256 * 8
     assert hist.data[1].y[0] == pytest.approx(256 * 8 / 32)
-    assert w.figures["heatmap"].data[0].z.shape == (8, 32)
+    z = w.figures["heatmap"].data[0].z
+    assert len(z) == 8 and len(z[0]) == 32
     w.controls["num_experts"].value = 4
     assert w.controls["top_k"].max == 4 and w.controls["top_k"].value == 4
 

@@ -98,6 +98,8 @@ def routing_heatmap(top_k_index, top_k_weights, num_experts=None, *, max_tokens:
     rows = np.repeat(np.arange(shown), k)
     z[rows, idx_s.reshape(-1)] = w_s.reshape(-1)
     rank[rows, idx_s.reshape(-1)] = np.tile(np.arange(1, k + 1), shown)
+    # None, not NaN, marks the gaps: a FigureWidget sends z as JSON, and NaN is not valid JSON.
+    z = [[None if np.isnan(v) else float(v) for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=list(range(num_experts)), y=list(range(shown)), customdata=rank, colorscale="Viridis",
         zmin=0, zmax=1, name="routing weight", colorbar=dict(title=dict(text="weight")),
