@@ -78,7 +78,12 @@ def _bench(args) -> int:
         compile_frame.insert(0, "preset", name)
     print(_summary(frame))
     if args.output:
-        print("wrote", *bench.save_results(frame, args.output, ceilings=ceilings))
+        extra = {}
+        if args.compare_hf:
+            import transformers
+
+            extra["transformers_version"] = transformers.__version__
+        print("wrote", *bench.save_results(frame, args.output, extra, ceilings=ceilings))
         if compile_frame is not None:
             print("wrote", *bench.save_results(compile_frame, f"{args.output}_compile", ceilings=ceilings))
     return 0
@@ -101,11 +106,24 @@ def _parameters(pairs) -> dict:
 
 
 def _run(args) -> int:
-    from .notebook_runner import run_notebook
+    from pathlib import Path
 
+    from papermill.exceptions import PapermillExecutionError
+
+    from .notebook_runner import check_parameters, error_summary, run_notebook
+
+    parameters = _parameters(args.parameters)
+    for notebook in args.notebooks:  # refuse a bad name or type for any notebook before running one
+        check_parameters(notebook, parameters)
     for notebook in args.notebooks:
-        output = run_notebook(notebook, args.output_dir, _parameters(args.parameters), kernel_name=args.kernel,
-                              progress=not args.quiet)
+        try:
+            output = run_notebook(notebook, args.output_dir, parameters, kernel_name=args.kernel,
+                                  progress=not args.quiet)
+        except PapermillExecutionError as error:  # the notebook's own error, in one line
+            print(f"moe-lab run: {notebook} failed in cell [{error.exec_count}]: {error_summary(error)}\n"
+                  f"  the executed notebook, with the full traceback: {Path(args.output_dir) / Path(notebook).name}",
+                  file=sys.stderr)
+            return 1
         print("executed", notebook, "->", output)
     return 0
 
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as error:  # bad input: say what is wrong, no traceback
+    except (ValueError, FileNotFoundError) as error:  # bad input: say what is wrong, no traceback
         print(f"moe-lab {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -71,7 +71,8 @@ def test_cli_bench_compare_hf_adds_ratios(tmp_path, capsys):
     assert not any(name.startswith("transformers:") for name in moe_lab.available_backends())
     from moe_lab.bench import load_results
 
-    frame, _ = load_results(out)
+    frame, provenance = load_results(out)
+    assert provenance["transformers_version"] == __import__("transformers").__version__
     assert set(frame.backend) == {"eager", "grouped_mm", "transformers:eager", "transformers:grouped_mm"}
     ours = frame[~frame.backend.str.startswith("transformers:")]
     assert (ours.speedup_vs_transformers > 0).all()

@@ -20,6 +20,9 @@ peak the way it would on CUDA. Allocations made by other threads while `fn` runs
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -65,10 +68,28 @@ def _cuda_peak(fn, device: torch.device) -> MemoryMeasurement:
     return MemoryMeasurement(int(peak), CUDA_METHOD)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto prints "USDT: ... profiler_start/stop" from C++ on every profile; keep it out of
+    notebook cells and terminals by pointing file descriptor 2 at /dev/null meanwhile."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (some embedded interpreters): print rather than fail
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak(fn) -> MemoryMeasurement:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result  # freed after profiling stopped: it counts as alive at the end of the call
     events = _cpu_allocation_events(prof.profiler.kineto_results.experimental_event_tree())

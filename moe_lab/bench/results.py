@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 from .provenance import command_line, provenance, utc_now
@@ -91,9 +92,11 @@ def load_results(path) -> tuple:
     sidecar = json.loads(json_path.read_text())
     dtypes = sidecar.get("columns", {})
     text = [name for name, dtype in dtypes.items() if dtype in ("object", "str", "string")]
-    frame = pd.read_csv(csv_path, dtype={name: str for name in text}, keep_default_na=False,
-                        float_precision="round_trip",  # the default parser may differ in the last digit
-                        na_values={name: ["", "nan", "NaN"] for name in dtypes if name not in text})
+    with warnings.catch_warnings():  # pandas 4 deprecates float_precision; pandas 3 needs it
+        warnings.simplefilter("ignore")
+        frame = pd.read_csv(csv_path, dtype={name: str for name in text}, keep_default_na=False,
+                            float_precision="round_trip",  # the default parser may differ in the last digit
+                            na_values={name: ["", "nan", "NaN"] for name in dtypes if name not in text})
     for name, dtype in dtypes.items():
         if name not in frame.columns:
             continue
