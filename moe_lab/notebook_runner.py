@@ -76,6 +76,18 @@ def run_notebook(path: str | Path, output_dir: str | Path = "runs", parameters: 
     return output
 
 
+def error_summary(error: BaseException) -> str:
+    """One line saying why a run failed: "UnknownBackendError: unknown experts ..." for an error raised
+    in a notebook cell (papermill's error carries the cell's exception name and value), else the
+    error's first line."""
+    ename = getattr(error, "ename", None)
+    if ename:
+        lines = str(getattr(error, "evalue", "") or "").strip().splitlines()
+        return f"{ename}: {lines[0]}" if lines else str(ename)
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def parameter_grid(grid: dict[str, list]) -> list[dict]:
     """{"top_k": [1, 2], "num_tokens": [16]} -> [{"top_k": 1, "num_tokens": 16}, {"top_k": 2, ...}]."""
     names = list(grid)
@@ -105,6 +117,6 @@ def sweep_notebook(path: str | Path, grid: dict[str, list], output_dir: str | Pa
                                   kernel_name=kernel_name)
             row.update(read_records(output))
         except Exception as error:  # noqa: BLE001 - one failed run must not end the sweep
-            row.update(status="error", error=(str(error).strip().splitlines() or [type(error).__name__])[0])
+            row.update(status="error", error=error_summary(error))
         rows.append(row)
     return pd.DataFrame(rows)
