@@ -1,0 +1,34 @@
+"""Notebook 05's exercise check: the fastest mode per backend that stayed correct."""
+from moe_lab.exercises.nb05_compile import check_fastest_modes, exercise_frame, fastest_correct_modes
+
+RIGHT = {"eager": "reduce-overhead", "batched_mm": "max-autotune", "grouped_mm": "max-autotune"}
+
+
+def test_correct_answer_passes():
+    assert fastest_correct_modes(exercise_frame()) == RIGHT
+    assert check_fastest_modes(RIGHT)
+    assert check_fastest_modes({**RIGHT, "my_backend": None})
+    frame = exercise_frame()
+    good = frame[(frame.status == "compiled") & frame.equal_after_routing_change]
+    assert check_fastest_modes(good.loc[good.groupby("backend").compiled_ms.idxmin()].set_index("backend")["mode"])
+
+
+def test_ignoring_correctness():
+    result = check_fastest_modes({**RIGHT, "grouped_mm": "reduce-overhead"})
+    assert not result and "ignored correctness" in result.message and "grouped_mm" in result.message
+
+
+def test_including_failed_rows():
+    result = check_fastest_modes({**RIGHT, "my_backend": "default"})
+    assert not result and "my_backend never compiled" in result.message and "failed rows" in result.message
+    result = check_fastest_modes({**RIGHT, "eager": "max-autotune-no-cudagraphs"})
+    assert not result and "failed" in result.message
+
+
+def test_compile_time_and_missing_backends():
+    result = check_fastest_modes({**RIGHT, "batched_mm": "reduce-overhead"})
+    assert not result and "quickest to COMPILE" in result.message
+    result = check_fastest_modes({"grouped_mm": "max-autotune"})
+    assert not result and "eager is missing" in result.message and "batched_mm is missing" in result.message
+    assert "replace" in check_fastest_modes(None).message
+    assert "no row with mode" in check_fastest_modes({**RIGHT, "eager": "fast"}).message
