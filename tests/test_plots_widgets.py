@@ -432,3 +432,12 @@ def test_compile_explorer_filters(compile_df):
     assert list(matrix.data[0].y) == ["default"] and "inductor exploded" not in w.status.value
     w.controls["modes"].value = ()
     assert "no cells match" in w.status.value
+
+
+def test_figure_widgets_carry_no_nan_in_heatmaps():
+    # NaN is not JSON: a FigureWidget holding it makes jupyter_client warn on every update.
+    from moe_lab.widgets._common import new_figure_widget
+
+    fig = go.Figure(go.Heatmap(z=[[1.0, float("nan")], [float("nan"), 2.0]]))
+    fw = new_figure_widget(fig)
+    assert [list(row) for row in fw.data[0].z] == [[1.0, None], [None, 2.0]]

@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import html
+import math
 
 import plotly.graph_objects as go
 
 POWERS_OF_TWO_TOKENS = tuple(2**i for i in range(0, 17))  # 1 .. 65536
 
 
+def json_safe(fig: go.Figure) -> go.Figure:
+    """Replace NaN in heatmap `z` by None: a FigureWidget sends its data as JSON, where NaN is not
+    allowed (jupyter_client warns on every update). Static figures may keep NaN gaps."""
+    for trace in fig.data:
+        z = getattr(trace, "z", None)
+        if z is not None:
+            trace.z = [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in z]
+    return fig
+
+
 def new_figure_widget(fig: go.Figure, height: int = 420, width: int | None = None) -> go.FigureWidget:
     """A FigureWidget with a fixed size (FigureWidgets inside an HBox do not autosize reliably)."""
-    fw = go.FigureWidget(fig)
+    fw = go.FigureWidget(json_safe(fig))
     fw.layout.height = fw.layout.height or height
     if width:
         fw.layout.width = width
@@ -23,6 +34,7 @@ def sync_figure(fw: go.FigureWidget, fig: go.Figure) -> None:
     In-place updates keep the user's zoom and let plotly animate; a rebuild happens when traces
     appear or disappear (e.g. a measurement with a new top_k starts a new line).
     """
+    fig = json_safe(fig)
     same = len(fw.data) == len(fig.data) and all(a.type == b.type for a, b in zip(fw.data, fig.data))
     if not same:
         fw.data = []
