@@ -3,6 +3,7 @@
 #   make lab    JupyterLab on notebooks/
 #   make test   tests/ plus every notebook under notebooks/ (nbval-lax)
 #   make run    execute notebooks/*.ipynb headless into runs/
+#   make html   executed notebooks as static HTML pages (figures included) in html/
 #   make clean  remove the venv and runs/
 
 PYTHON ?= python3
@@ -15,6 +16,8 @@ TORCH ?= torch>=2.9
 EXTRAS ?= lab,test,hf
 LAB_ARGS ?=
 PYTEST_ARGS ?=
+RUNS_DIR ?= runs
+HTML_DIR ?= html
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -25,12 +28,13 @@ NOTEBOOKS = $(sort $(wildcard notebooks/*.ipynb))
 NBVAL_NOTEBOOKS = $(shell find notebooks -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lab test run clean
+.PHONY: help install lab test run html clean
 
 help:
 	@echo "make lab    - JupyterLab on notebooks/ (LAB_ARGS=...)"
 	@echo "make test   - pytest tests/ and the notebooks via nbval-lax (PYTEST_ARGS=...)"
 	@echo "make run    - execute notebooks/*.ipynb with papermill into runs/"
+	@echo "make html   - static HTML of the executed notebooks (plots included, offline) in html/"
 	@echo "make clean  - remove $(VENV) and runs/"
 	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH='$(TORCH)' EXTRAS=$(EXTRAS)"
 
@@ -52,8 +56,29 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests $(if $(strip $(NBVAL_NOTEBOOKS)),--nbval-lax --nbval-current-env notebooks) $(PYTEST_ARGS)
 
 run: $(STAMP)
-	@if [ -z "$(strip $(NOTEBOOKS))" ]; then echo "make run: no notebooks/*.ipynb yet, nothing to run"; exit 0; fi
-	$(BIN)/moe-lab run $(NOTEBOOKS) --output-dir runs
+ifeq ($(strip $(NOTEBOOKS)),)
+	@echo "make run: no notebooks/*.ipynb yet, nothing to run"
+else
+	$(BIN)/moe-lab run $(NOTEBOOKS) --output-dir $(RUNS_DIR)
+endif
+
+# Static pages for readers: each notebook is executed into $(RUNS_DIR)/ (skipped when its executed copy
+# there is newer than the notebook), then converted. moe_lab.display.PlotlyHTMLPreprocessor draws
+# plotly figures (plotly.js embedded once per page, so pages work offline) and replaces saved
+# widgets by a static snapshot; the notebooks need no extra line.
+html: $(STAMP)
+ifeq ($(strip $(NOTEBOOKS)),)
+	@echo "make html: no notebooks/*.ipynb yet, nothing to render"
+else
+	@set -e; for nb in $(NOTEBOOKS); do \
+	  out="$(RUNS_DIR)/$$(basename "$$nb")"; \
+	  if [ "$$out" -nt "$$nb" ]; then echo "make html: reusing $$out (newer than $$nb)"; \
+	  else $(BIN)/moe-lab run "$$nb" --output-dir "$(RUNS_DIR)" --quiet; fi; \
+	done
+	$(BIN)/jupyter nbconvert --to html --output-dir "$(HTML_DIR)" \
+	  --HTMLExporter.preprocessors=moe_lab.display.PlotlyHTMLPreprocessor \
+	  $(addprefix $(RUNS_DIR)/,$(notdir $(NOTEBOOKS)))
+endif
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(RUNS_DIR) $(HTML_DIR)

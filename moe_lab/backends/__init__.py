@@ -1,4 +1,9 @@
-"""Experts backends: the registry and one module per implementation."""
+"""Experts backends: the registry and one module per implementation.
+
+Every backend keeps tokens apart: NaN or +-inf in one token's hidden state (or routing weights)
+makes exactly that token's output non-finite and leaves the other tokens' outputs bit-identical
+(tests/test_hostile_inputs.py; docs/errors.md). Nothing checks for NaN: that would cost a sync.
+"""
 from .batched_mm import (
     batched_mm_budget,
     batched_mm_experts_forward,

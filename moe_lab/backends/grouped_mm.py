@@ -73,6 +73,9 @@ def grouped_mm_path(device, dtype: torch.dtype, hidden_size: int, intermediate_s
         return GroupedMMPath(loop, False, f"torch.compile traces grouped_mm for bfloat16 only, not {dtype}")
     op = _torch_op_name()
     if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA: torch would raise AssertionError
+            raise ValueError(f"no CUDA device {device} here (torch.cuda.device_count() = {torch.cuda.device_count()}); "
+                             "on a GPU the path depends on its compute capability")
         major, minor = torch.cuda.get_device_capability(device)
         if dtype == torch.bfloat16 and major in (9, 10):
             return GroupedMMPath(op, True, f"bfloat16 on SM{major}{minor}: torch's fused CUTLASS grouped GEMM")

@@ -1,6 +1,7 @@
 """Helpers shared by the widget factories: updating a FigureWidget from a fresh Figure, status text."""
 from __future__ import annotations
 
+import copy
 import html
 import math
 
@@ -56,6 +57,11 @@ def sync_figure(fw: go.FigureWidget, fig: go.Figure) -> None:
         for key, value in size.items():  # keep the size the widget was given
             if value and not layout.get(key):
                 fw.layout[key] = value
+    # The front end redraws from the update messages above, but the state saved with an executed
+    # notebook (what `make html` and a reopened notebook show) is `_widget_data` / `_widget_layout`,
+    # which plotly sets only when the widget is created or displayed itself: keep them current.
+    fw._widget_data = copy.deepcopy(fw._data)
+    fw._widget_layout = copy.deepcopy(fw._layout_obj._props)
 
 
 def status_html(kind: str, message: str) -> str:

@@ -62,6 +62,8 @@ class BackendExplorer(widgets.VBox):
         self._suspend = False
         cfg = self.base_config
         backends = list(backends) if backends is not None else available_backends()
+        if not backends:
+            raise ValueError(f"backends= is empty; give at least one name, e.g. from {available_backends()}")
         tokens = tuple(tokens) if tokens is not None else POWERS_OF_TWO_TOKENS[: 14 if self._is_cpu() else 17]
         dtypes = list(dict.fromkeys([_dtype_name(cfg.dtype), *dtypes]))
         start_tokens = min(tokens, key=lambda t: abs(math.log2(t) - math.log2(128)))
