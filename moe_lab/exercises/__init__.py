@@ -6,6 +6,7 @@ only when the answer is correct.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
@@ -29,3 +30,20 @@ def feedback(correct: bool, message: str) -> Feedback:
     result = Feedback(bool(correct), message)
     print(result)
     return result
+
+
+def as_whole_number(value, name: str, hint: str = "a number"):
+    """(int, None) for a whole-number answer (a 0-d tensor counts), else (None, what is wrong)."""
+    if value is None:
+        return None, f"`{name}` is still None: replace it with {hint}"
+    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+        return None, f"`{name}` must be a whole number, got {value!r}"
+    return int(value), None
+
+
+def first_line(error: BaseException) -> str:
+    """"TypeError: first line of the message" — enough to say what went wrong in one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

@@ -1,18 +1,9 @@
 """Self-check for notebook 00: count the expert parameters of a real MoE layer."""
 from __future__ import annotations
 
-import numbers
 
 from ..presets import get_preset
-from . import feedback
-
-
-def _as_int(value, name: str):
-    if value is None:
-        return None, f"`{name}` is still None: replace it with a formula of H, I, E and k"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
-        return None, f"`{name}` must be a whole number of parameters, got {value!r}"
-    return int(value), None
+from . import as_whole_number, feedback
 
 
 def _diagnose(answer: int, per_expert: int, count: int, what: str, H: int, I: int, E: int, k: int,
@@ -52,7 +43,7 @@ def check_expert_parameters(preset: str, total_expert_params, active_expert_para
     problems = []
     for name, value, count in (("total_expert_params", total_expert_params, E),
                                ("active_expert_params", active_expert_params, k)):
-        answer, error = _as_int(value, name)
+        answer, error = as_whole_number(value, name, "a formula of H, I, E and k")
         problems.append(error or _diagnose(answer, per_expert, count, name, H, I, E, k, shared))
     problems = [p for p in problems if p]
     if problems:

@@ -1,23 +1,11 @@
 """Self-check for notebook 02: predict what the per-expert loops do for a given routing."""
 from __future__ import annotations
 
-import numbers
 
 import torch
 
 from ..routing import routing_stats
-from . import feedback
-
-
-def _as_count(value, name: str):
-    """(int, None) or (None, what is wrong)."""
-    if value is None:
-        return None, f"`{name}` is still None: replace it with a number"
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
-        return None, f"`{name}` must be a whole number, got {value!r}"
-    return int(value), None
+from . import as_whole_number, feedback
 
 
 def _iterations_problem(answer: int, hit: int, num_tokens: int, top_k: int, num_experts: int) -> str | None:
@@ -59,9 +47,9 @@ def check_loop_prediction(top_k_index, num_experts: int, eager_iterations, textb
     stats = routing_stats(torch.as_tensor(top_k_index), num_experts)
     hit, num_tokens, top_k = stats.experts_hit, stats.num_tokens, stats.top_k
     problems = []
-    iterations, error = _as_count(eager_iterations, "eager_iterations")
+    iterations, error = as_whole_number(eager_iterations, "eager_iterations")
     problems.append(error or _iterations_problem(iterations, hit, num_tokens, top_k, num_experts))
-    syncs, error = _as_count(textbook_syncs, "textbook_syncs")
+    syncs, error = as_whole_number(textbook_syncs, "textbook_syncs")
     problems.append(error or _syncs_problem(syncs, hit, num_experts))
     problems = [p for p in problems if p]
     if problems:

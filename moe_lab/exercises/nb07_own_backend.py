@@ -16,7 +16,7 @@ from ..config import MoEConfig
 from ..modules import Experts, SparseMoeBlock
 from ..reference import reference_experts_forward, relative_error
 from ..routing import synthetic_routing, tokens_per_expert
-from . import feedback
+from . import feedback, first_line
 
 HIDDEN, INTERMEDIATE = 32, 48
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -60,11 +60,6 @@ def case_inputs(case: Case):
     return experts, hidden, index, weights
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def _diagnose(experts, hidden, index, weights, out) -> str:
     """A hint for the usual mistakes, when the output matches one of them."""
     if out.numel() and not out.any():
@@ -94,7 +89,7 @@ def run_case(fn, case: Case) -> str | None:
         if "scalar type" in str(error) or "dtype" in str(error):
             hint = (" (top_k_weights are float32 while the hidden states are not: cast the weighted rows to the "
                     "output's dtype, or accumulate in float32 and cast at the end)")
-        return f"{where}: raised {_first_line(error)}{hint}"
+        return f"{where}: raised {first_line(error)}{hint}"
     if not isinstance(out, torch.Tensor):
         return f"{where}: returned {type(out).__name__}, expected a tensor [T={case.num_tokens}, H={HIDDEN}]"
     if tuple(out.shape) != (case.num_tokens, HIDDEN):
@@ -129,7 +124,7 @@ def run_in_block(fn) -> str | None:
                 return f"SparseMoeBlock did not switch to {CHECK_NAME!r}"
             out = block(x)
     except Exception as error:  # noqa: BLE001
-        return f"registered and run in a SparseMoeBlock on a [2, 5, {HIDDEN}] input: raised {_first_line(error)}"
+        return f"registered and run in a SparseMoeBlock on a [2, 5, {HIDDEN}] input: raised {first_line(error)}"
     finally:
         if previous is None:
             if CHECK_NAME in _backends.available_backends():

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 from ..model import MultiBackboneMoEModel
-from . import feedback
+from . import feedback, first_line
 
 START = {"text_config": "grouped_mm", "vision_config": "eager"}
 GOAL = {"text_config": "grouped_mm", "vision_config": "batched_mm"}
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def check_vision_only(switch):
@@ -23,7 +18,7 @@ def check_vision_only(switch):
     try:
         model.set_experts_implementation(switch)
     except (ValueError, TypeError) as error:
-        return feedback(False, f"set_experts_implementation({switch!r}) raised {_first_line(error)}")
+        return feedback(False, f"set_experts_implementation({switch!r}) raised {first_line(error)}")
     after = model.get_experts_implementation()
     problems = []
     if after["vision_config"] != GOAL["vision_config"]:

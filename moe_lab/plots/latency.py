@@ -166,7 +166,6 @@ def memory_traces(df, *, label_fields=None, showlegend=True) -> list[go.Scatter]
     for col in ("peak_bytes", "predicted_bytes"):
         if col not in df.columns:
             df[col] = float("nan")
-    status = status_of(df)
     known = df.loc[:, ["peak_bytes", "predicted_bytes"]].stack()
     floor = float(known[known > 0].min()) / 2 / MIB if (known > 0).any() else 1.0
     order = sorted(df["backend"].astype(str).unique())
