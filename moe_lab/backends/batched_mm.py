@@ -55,7 +55,7 @@ def batched_mm_budget(num_bytes: int | None):
 def predict_gather_bytes(num_tokens: int, top_k: int, hidden_size: int, intermediate_size: int,
                          dtype: torch.dtype) -> int:
     """Bytes of expert weights batched_mm materialises: T*k * (2I*H + H*I) * itemsize."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize  # bytes per element, no tensor allocated
     return num_tokens * top_k * 3 * hidden_size * intermediate_size * itemsize
 
 

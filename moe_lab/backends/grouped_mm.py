@@ -62,7 +62,7 @@ def grouped_mm_path(device, dtype: torch.dtype, hidden_size: int, intermediate_s
         return GroupedMMPath(loop, False, f"torch {torch.__version__} has no CPU kernel for grouped_mm (2.9+)")
     if dtype not in _KERNEL_DTYPES:
         return GroupedMMPath(loop, False, f"grouped_mm accepts bfloat16/float16/float32, not {dtype}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize  # bytes per element, no tensor allocated
     for name, size in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
         if (size * itemsize) % 16:
             return GroupedMMPath(

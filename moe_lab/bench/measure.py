@@ -189,7 +189,7 @@ def _check_fits(predicted, parameter_bytes, T, H, dtype, device) -> None:
     free = available_bytes(device)
     if free is None:
         return
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize  # bytes per element, no tensor allocated
     need = parameter_bytes + T * H * itemsize + predicted["total"]
     if need > MEMORY_SAFETY_FRACTION * free:
         raise _Refused(

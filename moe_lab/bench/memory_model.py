@@ -60,7 +60,7 @@ class _Timeline:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _batched_mm(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:

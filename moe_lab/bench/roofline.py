@@ -31,7 +31,7 @@ def expert_flops(num_tokens: int, top_k: int, hidden: int, intermediate: int) ->
 def min_bytes(config, num_tokens: int, experts_hit: int, dtype=None) -> int:
     """experts_hit*3*H*I*itemsize + 2*T*H*itemsize: the weights of the experts that received
     tokens, each read once, plus the hidden states read and the output written once."""
-    itemsize = torch.empty((), dtype=_dtype(config.dtype if dtype is None else dtype)).element_size()
+    itemsize = _dtype(config.dtype if dtype is None else dtype).itemsize
     H, I = config.hidden_size, config.intermediate_size
     return experts_hit * 3 * H * I * itemsize + 2 * num_tokens * H * itemsize
 
