@@ -31,6 +31,14 @@ class GatherBudgetError(ValueError):
         )
 
 
+def first_line(error: BaseException) -> str:
+    """"TypeError: first line of the message" (just the type when there is no message): enough to
+    say in a table row, a status line or an exercise's feedback what went wrong."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
 def _human(num_bytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(num_bytes) < 1024 or unit == "TiB":

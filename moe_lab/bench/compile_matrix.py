@@ -27,12 +27,11 @@ import torch
 from .. import __version__
 from ..backends import available_backends, grouped_mm_path
 from ..config import resolve_dtype
-from ..errors import GatherBudgetError
+from ..errors import GatherBudgetError, first_line
 from ..presets import get_preset
 from ..reference import relative_error
 from .columns import to_frame
 from .inputs import build_experts, random_hidden_states, random_routing
-from .measure import _first_line
 from .progress import progress_bar
 from .provenance import ROW_PROVENANCE, device_name, git_commit, utc_now
 from .roofline import dtype_name
@@ -105,9 +104,9 @@ def _cell(experts, mode, backend, T, device, dtype, seed, max_seconds, max_reps)
         _run_cell(row, experts, mode, backend, T, device, dtype, seed, max_seconds, max_reps)
         row["status"] = "compiled"
     except GatherBudgetError as error:
-        row.update(status="refused", error=_first_line(error))
+        row.update(status="refused", error=first_line(error))
     except Exception as error:  # a compile failure is a result, not a crash
-        row.update(status="failed", error=_first_line(error))
+        row.update(status="failed", error=first_line(error))
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from ..backends import get_backend, get_batched_mm_budget, grouped_mm_path
 from ..config import resolve_dtype
-from ..errors import BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError
+from ..errors import BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError, first_line
 from ..modules import Experts
 from ..presets import get_preset
 from ..reference import reference_experts_forward, relative_error
@@ -94,17 +94,17 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
                      measure_memory, {**TIMING_DEFAULTS, **(timing_options or {})}, experts)
         row["status"] = "ok"
     except (GatherBudgetError, _Refused) as error:
-        row.update(status="refused", reason=_first_line(error))
+        row.update(status="refused", reason=first_line(error))
     except torch.cuda.OutOfMemoryError as error:
-        row.update(status="oom", reason=_first_line(error))
+        row.update(status="oom", reason=first_line(error))
         oom = True
     except (ConfigError, BackendInputError, UnknownBackendError, NotImplementedError) as error:
-        row.update(status="unsupported", reason=_first_line(error))
+        row.update(status="unsupported", reason=first_line(error))
     except RuntimeError as error:
         oom = _is_cpu_oom(error)
-        row.update(status="oom" if oom else "error", reason=_first_line(error))
+        row.update(status="oom" if oom else "error", reason=first_line(error))
     except Exception as error:  # a measurement reports, it does not raise
-        row.update(status="error", reason=_first_line(error))
+        row.update(status="error", reason=first_line(error))
     # The exception (and the frames holding its tensors) is gone here, so memory can be returned.
     if oom:
         gc.collect()
@@ -177,7 +177,7 @@ def _measure_memory(row, call, device) -> None:
     except Exception as error:  # the CPU method uses the profiler's semi-private event tree
         if _is_cpu_oom(error):
             raise
-        row["memory_method"] = f"not measured: {_first_line(error)}"  # e.g. another profiler is running
+        row["memory_method"] = f"not measured: {first_line(error)}"  # e.g. another profiler is running
         return
     row.update(peak_bytes=measurement.peak_bytes, memory_method=measurement.method)
 
@@ -210,12 +210,6 @@ def _as_int(value) -> int:
         return int(value)
     except (TypeError, ValueError):
         return -1  # an invalid grid value; the row's reason says what was wrong
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
 def _dtype_label(dtype) -> str:

@@ -12,10 +12,10 @@ import itertools
 
 from ..backends import available_backends
 from ..config import MoEConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..presets import get_preset
 from .columns import ROW_COLUMNS, to_frame
-from .measure import SHAPE_FIELDS, TIMING_DEFAULTS, _first_line, measure_with_layer, new_row
+from .measure import SHAPE_FIELDS, TIMING_DEFAULTS, measure_with_layer, new_row
 from .progress import progress_bar
 from .provenance import provenance  # noqa: F401  (re-exported: bench.sweep.provenance)
 from .timing import resolve_device
@@ -68,7 +68,7 @@ def _unsupported_row(label, config, fields, dtype, num_tokens, backend, device, 
     row = new_row(backend=backend, preset=label, shape=shape, num_tokens=num_tokens,
                   dtype=dtype if dtype is not None else fields.get("dtype", config.dtype), device=device,
                   distribution=fields.get("distribution", "uniform"), skew=fields.get("skew", 1.0))
-    row.update(status="unsupported", reason=_first_line(error))
+    row.update(status="unsupported", reason=first_line(error))
     return row
 
 

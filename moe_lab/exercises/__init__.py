@@ -9,6 +9,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+from ..errors import first_line  # noqa: F401  (re-exported for the exercise modules)
+
 
 @dataclass
 class Feedback:
@@ -42,8 +44,3 @@ def as_whole_number(value, name: str, hint: str = "a number"):
         return None, f"`{name}` must be a whole number, got {value!r}"
     return int(value), None
 
-
-def first_line(error: BaseException) -> str:
-    """"TypeError: first line of the message" — enough to say what went wrong in one line."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"

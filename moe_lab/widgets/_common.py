@@ -7,6 +7,8 @@ import math
 
 import plotly.graph_objects as go
 
+from ..errors import first_line  # noqa: F401  (re-exported for the widget modules)
+
 POWERS_OF_TWO_TOKENS = tuple(2**i for i in range(0, 17))  # 1 .. 65536
 
 
@@ -73,6 +75,3 @@ def status_html(kind: str, message: str) -> str:
             f'<b style="color:{color}">{html.escape(kind)}</b>: {html.escape(message)}</div>')
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
