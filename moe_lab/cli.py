@@ -1,7 +1,7 @@
 """The `moe-lab` command line.
 
     moe-lab info                                   what this machine supports
-    moe-lab bench --preset qwen3-30b-a3b --tokens 1,16,128 [--compare-hf] [--output data/x]
+    moe-lab bench --preset qwen3-30b-a3b --tokens 1,16,128 [--compare-hf] [--cuda-graph] [--output data/x]
     moe-lab run notebooks/01_routing.ipynb -p top_k 4 --output-dir runs
     moe-lab sweep notebooks/03_bmm.ipynb --grid top_k=1,2 --grid num_tokens=16,64
 """
@@ -45,14 +45,15 @@ def _bench_configs(args) -> dict:
 
 def _bench(args) -> int:
     from . import bench
-    from .backends import available_backends, get_backend
+    from .backends import get_backend, runnable_backends
+    from .capabilities import default_device
     from .config import resolve_dtype
 
     configs = _bench_configs(args)
     dtype = resolve_dtype(args.dtype) if args.dtype else None
     device = args.device
     # transformers' backends join only through --compare-hf, even if registered earlier in this process.
-    backends = list(args.backends or [n for n in available_backends() if not n.startswith("transformers:")])
+    backends = list(args.backends or runnable_backends(device or default_device(), interpreted=False))
     for name in backends:
         get_backend(name)  # a typo is a usage error, not a table of "unsupported" rows
     ceilings = bench.measure_ceilings(device=device, dtype=dtype) if args.ceilings else None
@@ -63,7 +64,8 @@ def _bench(args) -> int:
                      if name.removeprefix("transformers:") in backends]
     frame = bench.sweep(configs, args.tokens, backends, [dtype] if dtype else None, device=device,
                         progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution],
-                        measure_kwargs={"max_seconds": args.max_seconds})
+                        measure_kwargs={"max_seconds": args.max_seconds},
+                        executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"])
     if args.compare_hf:
         from .bench.hf_compare import add_transformers_ratios
 
@@ -71,12 +73,20 @@ def _bench(args) -> int:
     compile_frame = None
     if args.compile_matrix:
         name, config = next(iter(configs.items()))
-        ours = [name for name in backends if not name.startswith("transformers:")]
-        compile_frame = bench.compile_matrix(config, args.compile_tokens or args.tokens[:2], ours,
+        # With --compare-hf transformers' backends are compiled too, cell for cell.
+        compile_frame = bench.compile_matrix(config, args.compile_tokens or args.tokens[:2], backends,
                                              args.compile_modes or bench.COMPILE_MODES, device=device, dtype=dtype,
                                              progress=not args.quiet)
         compile_frame.insert(0, "preset", name)
+        if args.compare_hf:
+            from .bench.hf_compare import add_transformers_compile_ratios
+
+            compile_frame = add_transformers_compile_ratios(compile_frame)
     print(_summary(frame))
+    if compile_frame is not None:
+        columns = [c for c in ["mode", "backend", "num_tokens", "status", "compiled_ms", "speedup",
+                               "speedup_vs_transformers", "equal_after_routing_change"] if c in compile_frame.columns]
+        print(compile_frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.output:
         extra = {}
         if args.compare_hf:
@@ -91,12 +101,28 @@ def _bench(args) -> int:
 
 def _summary(frame) -> str:
     """One line per measurement: what a person reads in a terminal; the CSV has everything."""
-    columns = [c for c in ["preset", "num_tokens", "backend", "status", "median_ms", "fraction_of_roofline",
+    columns = [c for c in ["preset", "num_tokens", "backend", "execution", "status", "median_ms", "fraction_of_roofline",
                            "tflops", "speedup_vs_transformers", "reason"] if c in frame.columns]
     table = frame[columns].copy()
     if "reason" in table:
         table["reason"] = table["reason"].fillna("").astype(str).str.slice(0, 60)
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _calibrate(args) -> int:
+    from .backends import calibration_path
+    from .calibrate import DEFAULT_TOKENS, calibrate, format_calibration
+
+    configs = _bench_configs(args)
+    if len(configs) != 1:
+        raise ValueError(f"calibrate measures one layer shape; got presets {list(configs)} (give one --preset)")
+    (name, config), = configs.items()
+    entry = calibrate(config, preset="" if name == "custom" else name, tokens=args.tokens or DEFAULT_TOKENS,
+                      backends=args.backends, device=args.device, dtype=args.dtype, path=args.output,
+                      max_seconds=args.max_seconds, any_shape=args.any_shape)
+    print(format_calibration(entry))
+    print("wrote", calibration_path(args.output))
+    return 0
 
 
 def _parameters(pairs) -> dict:
@@ -175,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement")
     bench.add_argument("--no-ceilings", dest="ceilings", action="store_false", help="skip measure_ceilings()")
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers' own backends, same process")
+    bench.add_argument("--cuda-graph", action="store_true",
+                       help="also time every backend replayed from a CUDA graph (the decode path; CUDA only)")
     bench.add_argument("--compile-matrix", action="store_true", help="also run the torch.compile mode matrix (first config)")
     bench.add_argument("--compile-tokens", type=lambda s: _csv(s, int), default=None,
                        help="token counts for the compile matrix (default: the first two of --tokens)")
@@ -183,6 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", help="write OUTPUT.csv + OUTPUT.json (provenance)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(handler=_bench)
+
+    calibrate = commands.add_parser("calibrate", help="measure where backends cross over; the table auto uses")
+    calibrate.add_argument("--preset", action="append", help="a preset name; default qwen3-30b-a3b")
+    calibrate.add_argument("--hidden", type=int, help="explicit shape: hidden size H")
+    calibrate.add_argument("--intermediate", type=int, help="explicit shape: per-expert intermediate size I")
+    calibrate.add_argument("--experts", type=int, help="explicit shape: number of experts E")
+    calibrate.add_argument("--top-k", type=int, help="explicit shape: experts per token")
+    calibrate.add_argument("--scale-down", type=int, metavar="H", help="shrink the preset to hidden size H (CPU runs)")
+    calibrate.add_argument("--tokens", type=lambda s: _csv(s, int), default=None,
+                           help="comma list of token counts (default 1,2,4,...,8192)")
+    calibrate.add_argument("--backends", type=_csv, default=None,
+                           help="comma list (default: every registered backend that runs here, except auto)")
+    calibrate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    calibrate.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: the preset's)")
+    calibrate.add_argument("--output", default=None,
+                           help="calibration file (default: $MOE_LAB_CALIBRATION or ~/.cache/moe_lab/calibration.json)")
+    calibrate.add_argument("--max-seconds", type=float, default=0.2, help="time budget per measurement")
+    calibrate.add_argument("--any-shape", action="store_true",
+                           help="store the rules for every layer shape on this device and dtype")
+    calibrate.set_defaults(handler=_calibrate)
 
     run = commands.add_parser("run", help="execute notebooks headless with papermill")
     run.add_argument("notebooks", nargs="+")

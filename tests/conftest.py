@@ -1,3 +1,4 @@
+import moe_lab  # noqa: F401  first: on a CPU-only machine it switches triton to its interpreter
 import pytest
 import torch
 

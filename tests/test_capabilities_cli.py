@@ -48,7 +48,7 @@ def test_cli_bench_scaled_preset_writes_csv_and_provenance(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "qwen3-30b-a3b" in printed and "grouped_mm" in printed
     frame, provenance = load_results(out)
-    assert sorted(frame.backend.unique()) == ["batched_mm", "eager", "grouped_mm"]
+    assert sorted(frame.backend.unique()) == ["auto", "batched_mm", "eager", "grouped_mm"]
     assert sorted(frame.num_tokens.unique()) == [1, 16] and (frame.status == "ok").all()
     assert (frame.num_experts == 128).all() and (frame.hidden_size == 64).all()
     assert (frame.median_ms > 0).all() and frame.fraction_of_roofline.between(0, 1.5).all()

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import UnknownBackendError
+from .auto import auto_experts_forward
 from .batched_mm import batched_mm_experts_forward
 from .eager import eager_experts_forward
 from .grouped_mm import grouped_mm_experts_forward
+from .triton_fused import triton_experts_forward
 
 ExpertsForward = Callable  # (experts, hidden_states, top_k_index, top_k_weights) -> Tensor
 
@@ -21,6 +23,8 @@ BUILTIN_BACKENDS: dict[str, ExpertsForward] = {
     "eager": eager_experts_forward,
     "batched_mm": batched_mm_experts_forward,
     "grouped_mm": grouped_mm_experts_forward,
+    "triton": triton_experts_forward,
+    "auto": auto_experts_forward,
 }
 _registry: dict[str, ExpertsForward] = dict(BUILTIN_BACKENDS)
 

@@ -13,7 +13,7 @@ FLOAT_COLUMNS = (
     "predicted_gather_bytes", "flops", "min_bytes", "tflops", "gbps", "roofline_ms", "fraction_of_roofline",
     "rel_err", "ceiling_copy_GBps", "ceiling_matmul_TFLOPs",
 )
-STR_COLUMNS = ("backend", "preset", "dtype", "device", "distribution", "status", "reason", "memory_method",
+STR_COLUMNS = ("backend", "execution", "preset", "dtype", "device", "distribution", "status", "reason", "memory_method",
                "grouped_mm_kernel")
 
 ROW_COLUMNS = (
@@ -23,6 +23,8 @@ ROW_COLUMNS = (
     "gbps", "roofline_ms", "fraction_of_roofline", "grouped_mm_kernel", "rel_err", *ROW_PROVENANCE,
     # added beyond the agreed interface: the ceilings this row's roofline used
     "ceiling_copy_GBps", "ceiling_matmul_TFLOPs",
+    # "eager" (launched from Python) or "cuda_graph" (replayed by moe_lab.cuda_graph.GraphedExperts)
+    "execution",
 )
 
 STATUSES = ("ok", "refused", "oom", "unsupported", "error")

@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..backends import get_backend, get_batched_mm_budget, grouped_mm_path
 from ..config import resolve_dtype
+from ..cuda_graph import GraphCaptureError, GraphedExperts
 from ..errors import BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError, first_line
 from ..modules import Experts
 from ..presets import get_preset
@@ -34,6 +35,8 @@ from .timing import resolve_device, synchronize, time_fn
 
 #: rel_err is computed when T*E*H*I is below this: the float64 reference is dense over all experts.
 REL_ERR_MAX_WORK = 5e7
+#: How the forward is issued: kernel by kernel from Python, or replayed from a CUDA graph.
+EXECUTIONS = ("eager", "cuda_graph")
 #: Refuse to run when the predicted footprint exceeds this fraction of the free memory.
 MEMORY_SAFETY_FRACTION = 0.9
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_experts", "top_k")
@@ -48,28 +51,31 @@ class _Refused(Exception):
 def measure(config, num_tokens: int, backend: str, *, device=None, dtype=None, distribution: str = "uniform",
             skew: float = 1.0, seed: int = 0, ceilings=None, measure_memory: bool = True,
             max_seconds: float = 0.3, max_reps: int = 50, warmup: int = 2, min_reps: int = 5,
-            preset: str = "", experts: Experts | None = None) -> dict:
+            preset: str = "", experts: Experts | None = None, execution: str = "eager") -> dict:
     """Measure `backend` on a `config` layer (a MoEConfig or a preset name) at `num_tokens` tokens.
 
     `dtype` overrides the config's dtype; `ceilings` (a `Ceilings`) defaults to ones measured once
     per device and dtype in this process; `experts` lets a caller reuse one built layer (same
     config, device and dtype) across calls — its implementation is switched to `backend`.
+    `execution="cuda_graph"` times replays of a CUDA graph of the forward
+    (`moe_lab.cuda_graph.GraphedExperts`) instead of kernel launches from Python.
     Returns a dict with the columns of `columns.ROW_COLUMNS`. Only a bad argument (an unknown
     preset name) raises; every outcome of running the layer is a row.
     """
     row, _ = measure_with_layer(
         config, num_tokens, backend, device=device, dtype=dtype, distribution=distribution, skew=skew, seed=seed,
-        ceilings=ceilings, measure_memory=measure_memory, preset=preset, experts=experts,
+        ceilings=ceilings, measure_memory=measure_memory, preset=preset, experts=experts, execution=execution,
         timing_options=dict(warmup=warmup, min_reps=min_reps, max_reps=max_reps, max_seconds=max_seconds),
     )
     return row
 
 
-def new_row(*, backend, preset, shape: dict, num_tokens, dtype, device, distribution="uniform", skew=1.0) -> dict:
+def new_row(*, backend, preset, shape: dict, num_tokens, dtype, device, distribution="uniform", skew=1.0,
+            execution="eager") -> dict:
     """A row with the request and provenance filled in and status "error" until something better is known."""
     row = empty_row()
     row.update(
-        backend=str(backend), preset=preset or "", num_tokens=int(num_tokens), dtype=_dtype_label(dtype),
+        backend=str(backend), execution=str(execution), preset=preset or "", num_tokens=int(num_tokens), dtype=_dtype_label(dtype),
         device=str(device), distribution=str(distribution), skew=float(skew), status="error",
         device_name=_safe_device_name(device), torch_version=torch.__version__, moe_lab_version=__version__,
         date=utc_now(), git_commit=git_commit(), **{name: _as_int(shape[name]) for name in SHAPE_FIELDS},
@@ -79,7 +85,7 @@ def new_row(*, backend, preset, shape: dict, num_tokens, dtype, device, distribu
 
 def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, distribution="uniform",
                        skew=1.0, seed=0, ceilings=None, measure_memory=True, preset="", experts=None,
-                       timing_options=None) -> tuple[dict, Experts | None]:
+                       timing_options=None, execution="eager") -> tuple[dict, Experts | None]:
     """`measure`, also returning the `Experts` layer it ran (None unless the row is "ok"), for reuse."""
     if isinstance(config, str):
         preset = preset or config
@@ -87,18 +93,18 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
     device = resolve_device(device)
     row = new_row(backend=backend, preset=preset, shape={n: getattr(config, n) for n in SHAPE_FIELDS},
                   num_tokens=num_tokens, dtype=dtype if dtype is not None else config.dtype, device=device,
-                  distribution=distribution, skew=skew)
+                  distribution=distribution, skew=skew, execution=execution)
     layer, oom = None, False
     try:
         layer = _run(row, config, int(num_tokens), backend, device, dtype, distribution, skew, seed, ceilings,
-                     measure_memory, {**TIMING_DEFAULTS, **(timing_options or {})}, experts)
+                     measure_memory, {**TIMING_DEFAULTS, **(timing_options or {})}, experts, execution)
         row["status"] = "ok"
     except (GatherBudgetError, _Refused) as error:
         row.update(status="refused", reason=first_line(error))
     except torch.cuda.OutOfMemoryError as error:
         row.update(status="oom", reason=first_line(error))
         oom = True
-    except (ConfigError, BackendInputError, UnknownBackendError, NotImplementedError) as error:
+    except (ConfigError, BackendInputError, UnknownBackendError, NotImplementedError, GraphCaptureError) as error:
         row.update(status="unsupported", reason=first_line(error))
     except RuntimeError as error:
         oom = _is_cpu_oom(error)
@@ -114,13 +120,15 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
 
 
 def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceilings, measure_memory,
-         timing_options, experts) -> Experts:
+         timing_options, experts, execution) -> Experts:
     """Fill `row` step by step and return the layer; raise on anything that stops the measurement."""
     dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
     if dtype != config.dtype:
         config = config.replace(dtype=dtype)
     row["dtype"] = dtype_name(dtype)
     get_backend(backend)  # unknown name -> UnknownBackendError, before anything is allocated
+    if execution not in EXECUTIONS:
+        raise ConfigError(f"unknown execution {execution!r}; allowed: {list(EXECUTIONS)}")
     E, k, H, I = config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
 
     top_k_index, top_k_weights, groups = random_routing(T, config, device, distribution=distribution, skew=skew,
@@ -147,8 +155,13 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
         experts.set_experts_implementation(backend)
     hidden_states = random_hidden_states(T, config, device, seed)
 
+    forward = experts
+    if execution == "cuda_graph":
+        forward = GraphedExperts(experts, backend)
+        measure_memory = False  # replays allocate nothing: the graph's pool was sized at capture
+
     def call():
-        return experts(hidden_states, top_k_index, top_k_weights)
+        return forward(hidden_states, top_k_index, top_k_weights)
 
     with torch.no_grad():
         output = call()

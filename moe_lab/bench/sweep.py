@@ -15,7 +15,7 @@ from ..config import MoEConfig
 from ..errors import ConfigError, first_line
 from ..presets import get_preset
 from .columns import ROW_COLUMNS, to_frame
-from .measure import SHAPE_FIELDS, TIMING_DEFAULTS, measure_with_layer, new_row
+from .measure import EXECUTIONS, SHAPE_FIELDS, TIMING_DEFAULTS, measure_with_layer, new_row
 from .progress import progress_bar
 from .provenance import provenance  # noqa: F401  (re-exported: bench.sweep.provenance)
 from .timing import resolve_device
@@ -73,14 +73,15 @@ def _unsupported_row(label, config, fields, dtype, num_tokens, backend, device, 
 
 
 def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress: bool = True, ceilings=None,
-          measure_kwargs: dict | None = None, **field_grid):
+          measure_kwargs: dict | None = None, executions=("eager",), **field_grid):
     """Measure every grid point; return a pandas DataFrame with one row per measurement.
 
     configs: see `normalize_configs`. tokens: an int or a list. backends: names (default: all
     registered). dtypes: names or torch dtypes (default: each config's own). field_grid: any
     MoEConfig field -> list of values (e.g. num_experts=[8, 64], top_k=[1, 2]), plus routing
     fields distribution / skew / seed. measure_kwargs: passed to `measure` (max_seconds,
-    max_reps, min_reps, warmup, measure_memory, seed, ...). `ceilings`: one `Ceilings` for all
+    max_reps, min_reps, warmup, measure_memory, seed, ...). executions: "eager" and/or "cuda_graph"
+    (see `measure`), varied fastest after backends. `ceilings`: one `Ceilings` for all
     rows, or None to measure them once per device and dtype. Progress: a tqdm.auto bar when
     tqdm is installed. Bad arguments raise here, before anything runs; after that nothing does.
     """
@@ -89,6 +90,10 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     tokens = [int(t) for t in _as_list(tokens)]
     backends = list(available_backends()) if backends is None else _as_list(backends)
     dtypes = [None] if dtypes is None else _as_list(dtypes)
+    executions = _as_list(executions)
+    unknown_executions = [e for e in executions if e not in EXECUTIONS]
+    if unknown_executions:
+        raise ValueError(f"unknown executions {unknown_executions}; allowed: {list(EXECUTIONS)}")
     grid = _grid(field_grid)
     options = dict(measure_kwargs or {})
     unknown = set(options) - set(MEASURE_OPTIONS)
@@ -100,21 +105,22 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     timing = {name: options.pop(name) for name in TIMING_DEFAULTS if name in options}
     options["timing_options"] = timing
 
-    total = len(configs) * len(grid) * len(dtypes) * len(tokens) * len(backends)
+    total = len(configs) * len(grid) * len(dtypes) * len(tokens) * len(backends) * len(executions)
     bar = progress_bar(total, progress, "moe_lab sweep", "run")
     rows = []
     try:
         for label, base, fields, config, error in _layers(configs, grid):
             for dtype in dtypes:
                 layer = None  # built by the first run that fits, reused across tokens and backends
-                for num_tokens, backend in itertools.product(tokens, backends):
+                for num_tokens, backend, execution in itertools.product(tokens, backends, executions):
                     if error is not None:
                         row = _unsupported_row(label, base, fields, dtype, num_tokens, backend, device, error)
+                        row["execution"] = execution
                     else:
                         routing = {k: v for k, v in fields.items() if k in ROUTING_FIELDS}
                         row, built = measure_with_layer(config, num_tokens, backend, device=device, dtype=dtype,
                                                         ceilings=ceilings, preset=label, experts=layer,
-                                                        **routing, **options)
+                                                        execution=execution, **routing, **options)
                         layer = built or layer
                     rows.append(row)
                     _advance(bar, row)
@@ -141,5 +147,5 @@ def _layers(configs: dict, grid: list[dict]):
 def _advance(bar, row) -> None:
     if bar is None:
         return
-    bar.set_postfix_str(f"{row['backend']} T={row['num_tokens']} {row['status']}", refresh=False)
+    bar.set_postfix_str(f"{row['backend']} {row['execution']} T={row['num_tokens']} {row['status']}", refresh=False)
     bar.update(1)

@@ -1,0 +1,260 @@
+"""`triton`: the whole experts forward in two fused Triton kernels, after one sort.
+
+    top_k_index [T, k] --flatten--> expert_of_pair [S]          (S = T*k)
+    sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
+    counts per expert   ----------> counts [E]                     (scatter-add, no host sync)
+    gate_up_kernel: h [S, I] = act(x[token] @ gate^T) * (x[token] @ up^T)  one kernel, gather fused
+    down_kernel:    y [S, H] = weight * (h @ down^T), stored at the pair's own row: un-permuted
+    out [T, H] = y.view(T, k, H).sum(1)                            the k rows of each token
+
+Compared with `grouped_mm` this drops the gathered copy of x, the [S, 2I] projection, the separate
+activation kernels, the weight multiply and the un-permute copy: ~6 launches instead of ~15, and no
+intermediate larger than [S, max(I, H)]. Nothing reads a GPU number on the host, so the forward is
+capturable in a CUDA graph and traceable by torch.compile.
+
+On a machine without a CUDA GPU the kernels run in triton's interpreter (numpy, slow): `import
+moe_lab` sets TRITON_INTERPRET=1 there before triton is first imported (moe_lab/_triton_setup.py),
+so the tests and notebooks run the same kernels on CPU. `triton_status(device)` says whether and how the backend runs.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BackendInputError
+from ..routing import tokens_per_expert
+from .common import apply_gate, expert_weights
+
+
+class TritonUnavailableError(NotImplementedError):
+    """The triton backend cannot run here (no triton, or CPU tensors without the interpreter)."""
+
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_status(device) -> tuple[bool, str]:
+    """(runs, why) for the triton backend on `device`, without running anything."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (it comes with torch's CUDA builds on Linux: pip install triton)"
+    if device.type == "cuda":
+        if _interpreting():
+            return True, "CUDA tensors through triton's interpreter (TRITON_INTERPRET=1): correct but slow"
+        return True, "compiled Triton kernels on the GPU"
+    if device.type == "cpu":
+        if _interpreting():
+            return True, "triton's interpreter on CPU (TRITON_INTERPRET=1): numpy, slow; for tests and reading"
+        return False, ("triton kernels run on CUDA GPUs; on CPU they need triton's interpreter, which must be "
+                       "switched on (TRITON_INTERPRET=1) before triton is first imported")
+    return False, f"triton kernels do not run on {device.type}"
+
+
+def triton_available(device) -> bool:
+    return triton_status(device)[0]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def kernel_configs(rows_per_expert: float, interpreted: bool, wide_output: bool = False
+                   ) -> tuple[KernelConfig, KernelConfig]:
+    """Tile sizes for (gate_up_kernel, down_kernel) by the mean rows per expert hit.
+
+    Small groups are memory bound: the smallest row block tl.dot allows (16), so enough programs
+    stream the experts' weights; big groups want big tiles for reuse. `wide_output` (H >= 4096)
+    gives the down kernel 256-column tiles. Chosen from H100 measurements of every candidate
+    (tools/tune_triton.py; the numbers are in docs/performance_notes.md).
+    """
+    if interpreted:  # the interpreter runs programs one by one in numpy: fewer, bigger programs
+        return KernelConfig(16, 64, 64, 1, 1), KernelConfig(16, 64, 64, 1, 1)
+    if rows_per_expert <= 16:
+        return KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 64, 128, 4, 4)
+    if rows_per_expert <= 256:
+        return KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 128, 64, 4, 4)
+    return KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 256 if wide_output else 128, 64, 8, 3)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def decode_configs(interpreted: bool) -> tuple[DecodeConfig, DecodeConfig]:
+    """Tile sizes for (decode_gate_up_kernel, decode_down_kernel).
+
+    A decode kernel is a GEMV that only streams weight rows, so what matters is many programs with
+    many bytes in flight each: 8 rows per program, 8 warps. Measured on an H100 over
+    BLOCK_N 8-64 x BLOCK_K 128-512 x 4/8 warps x 1/3 stages on the mixtral, qwen1.5, qwen3 and
+    olmoe shapes at T=1 (tools/tune_triton.py, docs/performance_notes.md): 8 rows and 8 warps won
+    every time; BLOCK_K 256 (gate_up) and 512 (down) won or were within 3 %.
+    """
+    if interpreted:
+        return DecodeConfig(32, 64, 1, 1), DecodeConfig(32, 64, 1, 1)
+    return DecodeConfig(8, 256, 8, 1), DecodeConfig(8, 512, 8, 1)
+
+
+def uses_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """The token-major decode kernels read one expert's weights once per (token, expert) pair; the
+    sorted kernels once per expert hit, after a sort. One token never repeats an expert, so T=1 is
+    always decode; beyond that, only while pairs are few enough that two rarely share an expert."""
+    return num_tokens == 1 or num_tokens * top_k * 8 <= num_experts
+
+
+def triton_path(num_tokens: int, top_k: int, num_experts: int) -> str:
+    """Which kernels the triton backend runs for this many tokens, in words."""
+    if uses_decode_path(num_tokens, top_k, num_experts):
+        return "decode: 2 token-major GEMV kernels, no sort, k summed in registers"
+    return "sorted: sort + 2 grouped-tile kernels (gather and activation fused), k rows summed by torch"
+
+
+_ACTIVATION_BY_CONFIG = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}
+_ACTIVATION_BY_TYPE = {
+    "SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "ReLU": "relu",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+}
+
+
+def fused_activation(experts) -> str:
+    """The activation the gate_up kernel applies itself, or "none" (the module's own gate runs in torch)."""
+    if getattr(experts, "_apply_gate", None) is not None:
+        return "none"  # e.g. gpt-oss's clamped gate: keep its exact formula
+    config = getattr(experts, "config", None)
+    act_fn = getattr(experts, "act_fn", None)
+    name = getattr(config, "activation", None)
+    if name in _ACTIVATION_BY_CONFIG and act_fn is getattr(config, "act_fn", None):
+        return _ACTIVATION_BY_CONFIG[name]
+    if act_fn is torch.nn.functional.silu:
+        return "silu"
+    if isinstance(act_fn, torch.nn.GELU):
+        return "gelu_tanh" if act_fn.approximate == "tanh" else "gelu"
+    return _ACTIVATION_BY_TYPE.get(type(act_fn).__name__, "none")
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+    num_tokens, hidden = hidden_states.shape  # [T, H]
+    top_k = top_k_index.shape[1]
+    weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
+    num_experts, inter = weights.num_experts, weights.intermediate_size
+    runs, why = triton_status(hidden_states.device)
+    if not runs:
+        raise TritonUnavailableError(f"the triton backend cannot run here: {why}")
+    if hidden_states.dtype not in _KERNEL_DTYPES:
+        raise BackendInputError(f"the triton backend runs bfloat16/float16/float32, got {hidden_states.dtype}")
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return hidden_states.new_zeros(num_tokens, hidden)
+    kernels = _kernels()
+    activation = fused_activation(experts)
+    gate_up_width = inter if activation != "none" else 2 * inter
+    if uses_decode_path(num_tokens, top_k, num_experts):
+        return _decode_forward(kernels, experts, weights, activation, gate_up_width, hidden_states, top_k_index,
+                               top_k_weights)
+
+    expert_of_pair = top_k_index.reshape(-1)  # [S]
+    _, sorted_pair = torch.sort(expert_of_pair, stable=True)  # [S] pair ids, grouped by expert
+    counts = tokens_per_expert(top_k_index, num_experts)  # [E]
+    rows_per_expert = num_pairs / min(num_experts, num_pairs)
+    up_config, down_config = kernel_configs(rows_per_expert, _interpreting(), wide_output=hidden >= 4096)
+    precision = "ieee" if hidden_states.dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32)
+    dot_in_fp32 = _interpreting() and hidden_states.dtype == torch.bfloat16
+    experts_pow2 = _next_power_of_two(num_experts)
+
+    h = hidden_states.new_empty(num_pairs, gate_up_width)  # [S, I] (or [S, 2I] for a custom gate)
+    _launch(kernels.gate_up_kernel, up_config, num_pairs, num_experts, gate_up_width,
+            hidden_states, weights.gate_up, weights.gate_up_bias, h, sorted_pair, counts,
+            num_experts, _max_row_blocks(num_pairs, num_experts, up_config), top_k, gate_up_width, hidden,
+            hidden_states.stride(0), hidden_states.stride(1), *weights.gate_up.stride(),
+            *_bias_strides(weights.gate_up_bias), h.stride(0), h.stride(1),
+            ACTIVATION=activation, HAS_BIAS=weights.gate_up_bias is not None, INPUT_PRECISION=precision,
+            DOT_IN_FP32=dot_in_fp32, NUM_EXPERTS_POW2=experts_pow2)
+    if activation == "none":
+        h = apply_gate(experts, h)  # [S, 2I] -> [S, I] with the module's own formula
+
+    routing_weights = top_k_weights.reshape(-1)  # [S] in pair order
+    y = hidden_states.new_empty(num_pairs, hidden)  # [S, H] in (token, slot) order
+    _launch(kernels.down_kernel, down_config, num_pairs, num_experts, hidden,
+            h, weights.down, weights.down_bias, routing_weights, y, sorted_pair, counts,
+            num_experts, _max_row_blocks(num_pairs, num_experts, down_config), hidden, inter,
+            h.stride(0), h.stride(1), *weights.down.stride(), *_bias_strides(weights.down_bias),
+            y.stride(0), y.stride(1),
+            HAS_BIAS=weights.down_bias is not None, INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
+            NUM_EXPERTS_POW2=experts_pow2)
+    # torch's sum of a half-precision tensor accumulates in float32 and rounds once at the end.
+    return y.view(num_tokens, top_k, hidden).sum(dim=1)  # [T, H]
+
+
+def _decode_forward(kernels, experts, weights, activation, gate_up_width, hidden_states, top_k_index,
+                    top_k_weights):
+    num_tokens, hidden = hidden_states.shape  # [T, H]
+    top_k = top_k_index.shape[1]
+    num_pairs = num_tokens * top_k
+    up_config, down_config = decode_configs(_interpreting())
+    expert_of_pair = top_k_index.reshape(-1)  # [S] in pair order: no sort
+    h = hidden_states.new_empty(num_pairs, gate_up_width)  # [S, I]
+    grid = (num_pairs * -(-gate_up_width // up_config.block_n),)
+    kernels.decode_gate_up_kernel[grid](
+        hidden_states, weights.gate_up, weights.gate_up_bias, h, expert_of_pair,
+        top_k, gate_up_width, hidden,
+        hidden_states.stride(0), hidden_states.stride(1), *weights.gate_up.stride(),
+        *_bias_strides(weights.gate_up_bias), h.stride(0), h.stride(1),
+        ACTIVATION=activation, HAS_BIAS=weights.gate_up_bias is not None,
+        BLOCK_N=up_config.block_n, BLOCK_K=up_config.block_k, num_warps=up_config.num_warps,
+        num_stages=up_config.num_stages)
+    if activation == "none":
+        h = apply_gate(experts, h)  # [S, 2I] -> [S, I]
+    out = hidden_states.new_empty(num_tokens, hidden)  # [T, H]
+    grid = (num_tokens * -(-hidden // down_config.block_n),)
+    kernels.decode_down_kernel[grid](
+        h, weights.down, weights.down_bias, expert_of_pair, top_k_weights.reshape(-1), out,
+        hidden, weights.intermediate_size,
+        h.stride(0), h.stride(1), *weights.down.stride(), *_bias_strides(weights.down_bias),
+        out.stride(0), out.stride(1),
+        TOP_K=top_k, HAS_BIAS=weights.down_bias is not None, BLOCK_N=down_config.block_n, BLOCK_K=down_config.block_k,
+        num_warps=down_config.num_warps, num_stages=down_config.num_stages)
+    return out
+
+
+def _bias_strides(bias):
+    return (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+
+
+def _max_row_blocks(num_pairs, num_experts, config: KernelConfig) -> int:
+    """Row blocks never straddle experts, so there are at most S/BLOCK_M + (experts hit) of them, and
+    never more than S (each holds at least one row): a bound known without reading the counts."""
+    return min(num_pairs, -(-num_pairs // config.block_m) + min(num_experts, num_pairs))
+
+
+def _launch(kernel, config: KernelConfig, num_pairs, num_experts, width, *args, **constexprs):
+    grid = (_max_row_blocks(num_pairs, num_experts, config) * -(-width // config.block_n),)
+    kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                 GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)

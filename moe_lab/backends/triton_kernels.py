@@ -1,0 +1,264 @@
+"""The two Triton kernels of the `triton` backend. Imported only when triton is installed.
+
+Both kernels walk the (token, expert) pairs sorted by expert, in row blocks of BLOCK_M rows that
+never straddle two experts (an expert with 5 rows gets one block with 11 masked rows at
+BLOCK_M=16). Which block belongs to which expert is worked out inside the kernel from the
+per-expert counts, so the host never needs a number from the GPU:
+
+    counts      [E]  pairs per expert           e.g. [5, 0, 20]  (BLOCK_M = 16)
+    blocks      [E]  ceil(counts / BLOCK_M)           [1, 0, 2]
+    block_ends  [E]  inclusive cumsum of blocks       [1, 1, 3]   -> block 0: expert 0,
+                                                                     blocks 1, 2: expert 2
+DOT_IN_FP32 is set only under triton's interpreter, whose tl.dot reads bfloat16 (stored as uint16)
+as integers. The launch grid is an upper bound on the number of blocks; programs past the last block exit.
+
+  gate_up_kernel:  h[r]  = act(x[token(r)] @ W_gate[e]^T) * (x[token(r)] @ W_up[e]^T)   [S, I]
+                   (gather of the token rows fused into the A load, activation in the epilogue;
+                   ACTIVATION="none" writes the raw [S, 2I] projection for custom gates)
+  down_kernel:     y[pair(r)] = weight(pair(r)) * (h[r] @ W_down[e]^T)                  [S, H]
+                   (routing weight and un-permute fused into the epilogue: rows land in
+                   (token, slot) order, so the caller sums each token's k rows with a view)
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _locate_block(pid_m, counts_ptr, num_experts, NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """-> (expert of row block pid_m, its first sorted row, rows of that expert left from there)."""
+    expert_ids = tl.arange(0, NUM_EXPERTS_POW2)
+    counts = tl.load(counts_ptr + expert_ids, mask=expert_ids < num_experts, other=0).to(tl.int32)  # [E]
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M  # [E]
+    block_ends = tl.cumsum(blocks, axis=0)  # [E]
+    row_ends = tl.cumsum(counts, axis=0)  # [E]
+    # The first expert whose blocks end after pid_m; == num_experts when pid_m is past the last block.
+    expert = tl.sum((block_ends <= pid_m).to(tl.int32), axis=0)
+    is_expert = expert_ids == expert
+    expert_rows = tl.sum(tl.where(is_expert, counts, 0), axis=0)
+    expert_first_row = tl.sum(tl.where(is_expert, row_ends - counts, 0), axis=0)
+    expert_first_block = tl.sum(tl.where(is_expert, block_ends - blocks, 0), axis=0)
+    rows_before = (pid_m - expert_first_block) * BLOCK_M
+    return expert, expert_first_row + rows_before, expert_rows - rows_before
+
+
+@triton.jit
+def _grouped_program_order(pid, num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) visiting GROUP_M row blocks per column of n-blocks, so the programs running at
+    once share one expert's weight tiles through L2 (pid_m-major order streams all of an expert's
+    weights again for every row block: 16x the HBM traffic on Mixtral's 235 MB experts at T=8192)."""
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * num_n_blocks
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_size
+    pid_n = (pid % programs_per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "silu":
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == "gelu":
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # tanh(z) = 2 * sigmoid(2z) - 1, with z = sqrt(2/pi) * (x + 0.044715 x^3)
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x * tl.sigmoid(2.0 * z)
+    elif ACTIVATION == "relu":
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
+def gate_up_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, sorted_pair_ptr, counts_ptr,
+    num_experts, num_m_blocks, top_k, N, K,
+    stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """x [T, K=H], w [E, 2I, H] -> out [S, N]; N = I when ACTIVATION fuses act(gate) * up, else 2I."""
+    pid_m, pid_n = _grouped_program_order(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
+    expert, first_row, rows_left = _locate_block(pid_m, counts_ptr, num_experts, NUM_EXPERTS_POW2, BLOCK_M)
+    if expert >= num_experts:
+        return
+
+    offs_m = tl.arange(0, BLOCK_M)
+    row_mask = offs_m < rows_left  # [BM]
+    sorted_rows = (first_row + offs_m).to(tl.int64)  # [BM]
+    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0)  # [BM] token * top_k + slot
+    token = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+
+    a_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xk  # [BM, BK] gathered rows
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we
+    gate_ptrs = w_expert + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+    up_ptrs = gate_ptrs + N * stride_wn  # fused: the up rows start I = N rows below the gate rows
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        gate_w = tl.load(gate_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a, gate_w = a.to(tl.float32), gate_w.to(tl.float32)
+        acc_gate = tl.dot(a, gate_w, acc_gate, input_precision=INPUT_PRECISION)
+        if ACTIVATION != "none":
+            up_w = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_IN_FP32:
+                up_w = up_w.to(tl.float32)
+            acc_up = tl.dot(a, up_w, acc_up, input_precision=INPUT_PRECISION)
+            up_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_xk
+        gate_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias_expert = bias_ptr + expert.to(tl.int64) * stride_be
+        acc_gate += tl.load(bias_expert + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION != "none":
+            acc_up += tl.load(bias_expert + (offs_n + N) * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION != "none":
+        result = _activation(acc_gate, ACTIVATION) * acc_up
+    else:
+        result = acc_gate
+    out_ptrs = out_ptr + sorted_rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def down_kernel(
+    h_ptr, w_ptr, bias_ptr, routing_weight_ptr, out_ptr, sorted_pair_ptr, counts_ptr,
+    num_experts, num_m_blocks, N, K,
+    stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_op, stride_on,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """h [S, K=I] (sorted rows), w [E, H, I] -> out [S, N=H] in (token, slot) order, times the routing weight."""
+    pid_m, pid_n = _grouped_program_order(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
+    expert, first_row, rows_left = _locate_block(pid_m, counts_ptr, num_experts, NUM_EXPERTS_POW2, BLOCK_M)
+    if expert >= num_experts:
+        return
+
+    offs_m = tl.arange(0, BLOCK_M)
+    row_mask = offs_m < rows_left
+    sorted_rows = (first_row + offs_m).to(tl.int64)  # [BM]
+    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0).to(tl.int64)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = h_ptr + sorted_rows[:, None] * stride_hm + offs_k[None, :] * stride_hk  # [BM, BK]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_hk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    routing_weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
+    acc = acc * routing_weight[:, None]
+    out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: a handful of (token, expert) pairs, almost never two on one expert. Nothing to group,
+# so no sort and no counts: one program per (pair, n-block) reads its expert's rows directly
+# (a GEMV: tl.dot needs 16 rows, a decode step has one per expert), and the down kernel sums a
+# token's k experts in registers, so the output needs no reduction kernel either. Two launches.
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def decode_gate_up_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, index_ptr,
+    top_k, N, K,
+    stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """x [T, K=H], w [E, 2I, H], index [S] -> out [S, N] in pair order; N = I fused, 2I for "none"."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pair, pid_n = pid // num_n_blocks, pid % num_n_blocks
+    expert = tl.load(index_ptr + pair).to(tl.int64)
+    token = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+
+    x_ptrs = x_ptr + token * stride_xt + offs_k * stride_xk  # [BK]
+    gate_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BN, BK]
+    up_ptrs = gate_ptrs + N * stride_wn
+    acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        acc_gate += tl.sum(tl.load(gate_ptrs, mask=w_mask, other=0.0).to(tl.float32) * x, axis=1)
+        if ACTIVATION != "none":
+            acc_up += tl.sum(tl.load(up_ptrs, mask=w_mask, other=0.0).to(tl.float32) * x, axis=1)
+            up_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+        gate_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias_expert = bias_ptr + expert * stride_be
+        acc_gate += tl.load(bias_expert + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+        if ACTIVATION != "none":
+            acc_up += tl.load(bias_expert + (offs_n + N) * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+    if ACTIVATION != "none":
+        result = _activation(acc_gate, ACTIVATION) * acc_up
+    else:
+        result = acc_gate
+    tl.store(out_ptr + pair * stride_om + offs_n * stride_on, result.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def decode_down_kernel(
+    h_ptr, w_ptr, bias_ptr, index_ptr, routing_weight_ptr, out_ptr,
+    N, K,
+    stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """h [S, K=I] in pair order, w [E, H, I] -> out [T, N=H] = sum over the token's k slots of weight * (down @ h)."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    token, pid_n = pid // num_n_blocks, pid % num_n_blocks
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Unrolled over the k slots so the loads of all k experts' rows are in flight together: one
+    # expert's [BLOCK_N, I] slice is too little memory traffic to hide the latency on its own.
+    for slot in tl.static_range(TOP_K):
+        pair = (token * TOP_K + slot).to(tl.int64)
+        expert = tl.load(index_ptr + pair).to(tl.int64)
+        h_ptrs = h_ptr + pair * stride_hm + offs_k * stride_hk  # [BK]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BN, BK]
+        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            h = tl.load(h_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            part += tl.sum(w * h, axis=1)
+            h_ptrs += BLOCK_K * stride_hk
+            w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            part += tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.load(routing_weight_ptr + pair).to(tl.float32) * part
+    tl.store(out_ptr + token * stride_ot + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_mask)

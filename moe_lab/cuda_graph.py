@@ -1,0 +1,113 @@
+"""Replay an experts forward from a CUDA graph: the decode path without per-kernel launch cost.
+
+At decode (T = 1..16) a backend's GPU work is tens of microseconds while launching its ~6-15
+kernels from Python costs about as much again; a CUDA graph records the launches once and replays
+them with one call. That only works for a forward that never waits for a GPU number on the host:
+`batched_mm`, `grouped_mm` on its fused kernel and `triton` qualify, `eager` (it reads the
+per-expert counts) does not, and capturing it raises `GraphCaptureError` saying so.
+
+    graphed = GraphedExperts(experts)              # the module's current backend, or backend="triton"
+    out = graphed(hidden, top_k_index, top_k_weights)   # first call per shape captures; then replays
+
+Each call copies the inputs into the graph's static buffers, so new routing (a different
+top_k_index) is honoured on every replay. The returned tensor IS the graph's output buffer and is
+overwritten by the next call with the same shapes: `.clone()` it to keep it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backends import experts_forward, get_backend
+from .errors import first_line
+
+
+_CAPTURABLE = ("Capturable backends never read a GPU value on the host: batched_mm, triton, and grouped_mm on its "
+               "fused kernel (see moe_lab.grouped_mm_path)")
+
+
+class GraphCaptureError(RuntimeError):
+    """The backend's forward cannot be recorded in a CUDA graph (it syncs with the host, or no CUDA)."""
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    hidden_states: torch.Tensor  # [T, H] static input
+    top_k_index: torch.Tensor  # [T, k]
+    top_k_weights: torch.Tensor  # [T, k]
+    output: torch.Tensor  # [T, H] static output
+
+
+class GraphedExperts:
+    """`experts` run through one CUDA graph per input shape (at most `max_graphs`, oldest dropped)."""
+
+    def __init__(self, experts, backend: str | None = None, *, warmup: int = 2, max_graphs: int = 16):
+        self.experts = experts
+        self.backend = backend if backend is not None else experts.get_experts_implementation()
+        get_backend(self.backend)  # unknown name -> UnknownBackendError now, not at capture
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        key = (tuple(hidden_states.shape), hidden_states.dtype, tuple(top_k_index.shape), top_k_index.dtype,
+               top_k_weights.dtype, hidden_states.device)
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._capture(hidden_states, top_k_index, top_k_weights)
+            if len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = captured
+        captured.hidden_states.copy_(hidden_states)
+        captured.top_k_index.copy_(top_k_index)
+        captured.top_k_weights.copy_(top_k_weights)
+        captured.graph.replay()
+        return captured.output
+
+    def _forward(self, hidden_states, top_k_index, top_k_weights):
+        return experts_forward(self.backend, self.experts, hidden_states, top_k_index, top_k_weights)
+
+    def _check_sync_free(self, static) -> None:
+        """Run once with torch's sync debug mode set to "error": a forward that waits for the GPU
+        is refused here, before capture — a capture that fails half way leaves the CUDA RNG in
+        capture state and breaks later random ops in the process."""
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._forward(*static)
+        except RuntimeError as error:
+            raise GraphCaptureError(
+                f"backend {self.backend!r} cannot be captured in a CUDA graph: it waits for the GPU on the host "
+                f"({first_line(error)}). {_CAPTURABLE}"
+            ) from None
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+    def _capture(self, hidden_states, top_k_index, top_k_weights) -> _Captured:
+        if hidden_states.device.type != "cuda":
+            raise GraphCaptureError(f"CUDA graphs need CUDA tensors; hidden_states is on {hidden_states.device}")
+        static = [t.clone() for t in (hidden_states, top_k_index, top_k_weights)]
+        # Warm-up on a side stream, as torch.cuda.graph requires: lazy inits (cuBLAS handles,
+        # Triton compilation) must not happen during capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            self._check_sync_free(static)
+            for _ in range(self.warmup):
+                self._forward(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+                output = self._forward(*static)
+        except Exception as error:
+            torch.cuda.synchronize()
+            raise GraphCaptureError(
+                f"backend {self.backend!r} cannot be captured in a CUDA graph: {first_line(error)}. {_CAPTURABLE}"
+            ) from error
+        return _Captured(graph, *static, output)

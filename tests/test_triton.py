@@ -1,0 +1,116 @@
+"""The triton backend on CPU, through triton's interpreter (moe_lab switches it on when there is
+no CUDA GPU). Same kernels as on the GPU; numpy instead of PTX, so sizes stay tiny.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moe_lab
+from moe_lab.backends.triton_fused import fused_activation, kernel_configs, triton_path, triton_status, uses_decode_path
+
+pytest.importorskip("triton")
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = "cpu"
+    if not triton_status("cpu")[0]:
+        pytest.skip(f"triton cannot run on this CPU-only process: {triton_status('cpu')[1]}", allow_module_level=True)
+
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-5}
+
+
+def _case(H, I, E, k, T, dtype, activation="silu", distribution="uniform", seed=0):
+    torch.manual_seed(seed)
+    config = moe_lab.MoEConfig(H, I, num_experts=E, top_k=k, dtype=dtype, activation=activation)
+    layer = moe_lab.Experts(config).to(DEVICE)
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    index, weights = moe_lab.synthetic_routing(T, E, k, seed=seed, device=DEVICE, distribution=distribution)
+    return layer, hidden, index, weights
+
+
+def _error(layer, hidden, index, weights):
+    out = moe_lab.experts_forward("triton", layer, hidden, index, weights)
+    assert out.shape == hidden.shape and out.dtype == hidden.dtype
+    return moe_lab.relative_error(out, moe_lab.reference_experts_forward(layer, hidden, index, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("T", [1, 5])  # the decode kernels, then the sorted ones
+def test_matches_reference_per_dtype_and_activation(dtype, activation, T):
+    case = _case(32, 16, 8, 3, T, dtype, activation)
+    assert uses_decode_path(T, 3, 8) == (T == 1)
+    assert fused_activation(case[0]) == activation  # the kernel applies it, not torch
+    assert _error(*case) < TOLERANCE[dtype]
+
+
+def test_decode_and_sorted_paths_agree_where_both_could_run():
+    # 64 experts, k=2: T=4 (8 pairs) is decode, T=5 (10 pairs) sorted; same tokens, same layer.
+    layer, hidden, index, weights = _case(48, 32, 64, 2, 5, torch.float32)
+    assert uses_decode_path(4, 2, 64) and not uses_decode_path(5, 2, 64)
+    assert "decode" in triton_path(4, 2, 64) and "sorted" in triton_path(5, 2, 64)
+    decoded = moe_lab.experts_forward("triton", layer, hidden[:4], index[:4], weights[:4])
+    sorted_ = moe_lab.experts_forward("triton", layer, hidden, index, weights)[:4]
+    torch.testing.assert_close(decoded, sorted_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "zipf", "single"])  # "single": all on one expert
+def test_block_layout_with_skewed_and_empty_experts(distribution):
+    # 40 tokens x 2 slots into 6 experts: blocks of 16 rows straddle nothing, empty experts cost nothing.
+    assert _error(*_case(32, 48, 6, 2, 40, torch.float32, distribution=distribution)) < 1e-5
+
+
+def test_odd_sizes_are_masked():
+    # H=24 and I=40 are not multiples of any tile size; 17 experts is not a power of two.
+    assert _error(*_case(24, 40, 17, 5, 9, torch.float32)) < 1e-5
+
+
+def test_zero_tokens_give_an_empty_output():
+    layer, hidden, index, weights = _case(32, 16, 8, 2, 0, torch.float32)
+    assert moe_lab.experts_forward("triton", layer, hidden, index, weights).shape == (0, 32)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    H=st.sampled_from([16, 32, 48]), I=st.sampled_from([16, 24, 64]), E=st.integers(1, 12),
+    k=st.integers(1, 4), T=st.integers(1, 20), seed=st.integers(0, 1000),
+)
+def test_property_matches_reference(H, I, E, k, T, seed):
+    k = min(k, E)
+    assert _error(*_case(H, I, E, k, T, torch.float32, seed=seed)) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 6])
+def test_transformers_module_with_bias_transposed_layout_and_custom_gate(T):
+    hf = pytest.importorskip("moe_lab.hf")
+    model = hf.tiny_transformers_model("gpt_oss").to(DEVICE)
+    experts = next(hf.experts_modules(model))
+    assert experts.has_bias and experts.is_transposed
+    assert fused_activation(experts) == "none"  # gpt-oss's clamped gate runs in torch between the kernels
+    k = model.config.num_experts_per_tok
+    hidden = torch.randn(T, model.config.hidden_size, device=DEVICE)
+    index, weights = moe_lab.synthetic_routing(T, experts.num_experts, k, seed=0, device=DEVICE)
+    with torch.no_grad():
+        out = moe_lab.experts_forward("triton", experts, hidden, index, weights)
+    assert moe_lab.relative_error(out, moe_lab.reference_experts_forward(experts, hidden, index, weights)) < 1e-5
+
+
+def test_float64_is_refused_with_what_is_allowed():
+    layer, hidden, index, weights = _case(32, 16, 8, 2, 3, torch.float64)
+    with pytest.raises(moe_lab.BackendInputError, match="bfloat16/float16/float32, got torch.float64"):
+        moe_lab.experts_forward("triton", layer, hidden, index, weights)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU interpreter is only switched on where there is no CUDA GPU")
+def test_status_and_runnable_backends_on_cpu():
+    runs, why = triton_status("cpu")
+    assert runs and "interpreter" in why
+    assert "triton" in moe_lab.runnable_backends("cpu")
+    assert "triton" not in moe_lab.runnable_backends("cpu", interpreted=False)  # never timed interpreted
+
+
+def test_kernel_configs_grow_with_rows_per_expert():
+    decode, _ = kernel_configs(1.0, interpreted=False)
+    prefill, _ = kernel_configs(512.0, interpreted=False)
+    assert decode.block_m == 16 and prefill.block_m > decode.block_m
