@@ -40,6 +40,7 @@ import torch
 from ..config import resolve_dtype
 
 AUTO = "auto"
+TRITON_DTYPES = ("bfloat16", "float16", "float32")
 FALLBACK_BACKEND = "grouped_mm"  # what auto runs when no usable rule covers T
 FORMAT_NAME = "moe_lab calibration"
 FORMAT_VERSION = 1
@@ -60,9 +61,11 @@ DEFAULT_CROSSOVERS: dict[str, tuple[tuple[int | None, str], ...]] = {
     # T=4 on one; a crossover at 8 costs at most ~15% on either. eager (one matmul per expert; on a
     # CPU its host read is free) beats grouped_mm at T=8192 in every run; 4096 is a toss-up.
     "cpu": ((8, "batched_mm"), (2048, "grouped_mm"), (None, "eager")),
-    # CUDA: the fused triton kernels for decode-sized batches, grouped_mm's grouped GEMM above.
-    # Not yet calibrated; `moe-lab calibrate` on the GPU replaces it for that card.
-    "cuda": ((64, "triton"), (None, "grouped_mm")),
+    # CUDA: the triton backend at every T. In the H100 development run (bf16, qwen3-30b-a3b shape,
+    # `moe-lab bench --compare-hf --cuda-graph`, T = 1..8192) it was the fastest moe_lab backend at
+    # every T, launched or graph-replayed; data/h100_bf16_compare_hf.csv is the committed table.
+    # grouped_mm (the fallback) runs where triton cannot: no triton, or float64.
+    "cuda": ((None, "triton"),),
 }
 
 
@@ -282,8 +285,8 @@ def _table(device: torch.device, dtype_name: str, shape, entries, path) -> tuple
     return rules, f"uncalibrated default for {device.type} ({note})"
 
 
-def unusable_reason(backend: str, device, compiling: bool = False) -> str | None:
-    """Why auto cannot run `backend` on `device` (under torch.compile if `compiling`), or None."""
+def unusable_reason(backend: str, device, compiling: bool = False, dtype=None) -> str | None:
+    """Why auto cannot run `backend` on `device` in `dtype` (under torch.compile if `compiling`), or None."""
     from . import registry  # registry imports this module: look it up at call time
 
     device = torch.device(device)
@@ -295,16 +298,18 @@ def unusable_reason(backend: str, device, compiling: bool = False) -> str | None
         return f"triton is chosen on CUDA only, not on {device.type}"
     if backend == "triton" and not _triton_available(device):
         return f"triton_available({device}) is False"
+    if backend == "triton" and dtype is not None and str(dtype).removeprefix("torch.") not in TRITON_DTYPES:
+        return f"the triton kernels take {'/'.join(TRITON_DTYPES)}, not {str(dtype).removeprefix('torch.')}"
     if backend == "eager" and compiling:
         return "eager breaks the torch.compile graph (it reads per-expert token counts on the host)"
     return None
 
 
-def usable_rules(rules, device, compiling: bool = False) -> tuple[tuple, list[str]]:
+def usable_rules(rules, device, compiling: bool = False, dtype=None) -> tuple[tuple, list[str]]:
     """The rules whose backend can run here, and one line per dropped rule saying why."""
     usable, skipped = [], []
     for max_tokens, backend in rules:
-        reason = unusable_reason(backend, device, compiling)
+        reason = unusable_reason(backend, device, compiling, dtype)
         if reason is None:
             usable.append((max_tokens, backend))
         else:
@@ -351,7 +356,7 @@ def choose_backend(num_tokens: int, device, dtype, shape=None, *, path=None,
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     device, dtype_name, shape = _normalize(device, dtype, shape)
     rules, source = _table(device, dtype_name, shape, load_calibration(path), calibration_path(path))
-    usable, skipped = usable_rules(rules, device, compiling)
+    usable, skipped = usable_rules(rules, device, compiling, dtype_name)
     backend = pick(usable, num_tokens)
     why = f"{source}: {_explain(usable, num_tokens, backend)}"
     return backend, why + "".join(f"; {line}" for line in skipped)
@@ -380,7 +385,7 @@ def _forward_rules(device: torch.device, dtype: torch.dtype, shape: tuple, compi
                               "uncalibrated defaults", RuntimeWarning, stacklevel=2)
             entries = ()
         rules, _ = _table(device, dtype_name, shape, entries, path)
-        _forward_decisions[key] = usable_rules(rules, device, compiling)[0]
+        _forward_decisions[key] = usable_rules(rules, device, compiling, dtype)[0]
     return _forward_decisions[key]
 
 
