@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..errors import GatherBudgetError
-from .common import accumulation_dtype, apply_gate, expert_weights
+from .common import apply_gate, expert_weights, sum_over_top_k
 
 DEFAULT_BUDGET_BYTES = 4 * 2**30
 _budget_bytes: int | None = None  # None: use the environment variable or the default
@@ -85,7 +85,6 @@ def batched_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     if weights.down_bias is not None:
         y = y + weights.down_bias[expert_of_pair]
 
-    acc = accumulation_dtype(hidden_states.dtype)
-    y = y.to(acc) * top_k_weights.reshape(-1, 1).to(acc)  # [S, H] weighted by the router
+    y = y * top_k_weights.reshape(-1, 1).to(y.dtype)  # [S, H] weighted by the router
     # Sum the k contributions of each token with a reshape, not index_add_: deterministic on CUDA.
-    return y.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)  # [T, H]
+    return sum_over_top_k(y, num_tokens, top_k)  # [T, H]

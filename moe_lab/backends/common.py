@@ -68,6 +68,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def sum_over_top_k(y_by_pair: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """[S, H] rows in (token, slot) order -> [T, H]: each token's k weighted rows summed.
+
+    torch's sum of a bfloat16/float16 tensor accumulates in float32 and rounds once at the end
+    (on CPU and CUDA), so the k terms stay in the model dtype — half the bytes of a float32 copy —
+    without a half-precision accumulation."""
+    return y_by_pair.view(num_tokens, top_k, y_by_pair.shape[-1]).sum(dim=1)
+
+
 def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
     """Raise `BackendInputError` (a ValueError) saying what is wrong and what is expected.
 

@@ -7,7 +7,7 @@
     gate_up  = grouped_mm(x_sorted, gate_up_proj^T) [S, 2I]   one kernel for all experts
     h        = act(gate) * up                       [S, I]
     y        = grouped_mm(h, down_proj^T)           [S, H]    one kernel
-    un-permute, multiply by routing weights, sum the k rows of each token -> [T, H]
+    un-permute (a gather with the inverse order), times routing weights, sum each token's k rows -> [T, H]
 
 No step needs a number on the host, so on a GPU with the native kernel the whole forward is
 sync-free (capturable in a CUDA graph). Experts with zero tokens are empty groups and cost
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..routing import tokens_per_expert
-from .common import accumulation_dtype, apply_gate, expert_weights
+from .common import apply_gate, expert_weights, sum_over_top_k
 from .grouped_loop import grouped_matmul_loop
 
 _TORCH_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -112,8 +112,9 @@ def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     if weights.down_bias is not None:
         y = y + weights.down_bias[expert_sorted]
 
-    acc = accumulation_dtype(hidden_states.dtype)
-    y = y.to(acc) * top_k_weights.reshape(-1)[pair_order, None].to(acc)  # [S, H]
-    # Un-permute (sorted row i belongs to pair pair_order[i]) then sum each token's k rows.
-    y_by_pair = torch.empty_like(y).index_copy_(0, pair_order, y)  # [S, H] in (token, slot) order
-    return y_by_pair.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)  # [T, H]
+    # Un-permute as a gather: sorted_row_of_pair[p] is where pair p's row landed. A gather, unlike
+    # a scatter into an empty buffer, fuses with the weighting and the sum under torch.compile.
+    sorted_row_of_pair = torch.empty_like(pair_order)
+    sorted_row_of_pair[pair_order] = torch.arange(pair_order.numel(), device=pair_order.device)  # [S]
+    y_by_pair = y[sorted_row_of_pair] * top_k_weights.reshape(-1, 1).to(y.dtype)  # [S, H] in (token, slot) order
+    return sum_over_top_k(y_by_pair, num_tokens, top_k)  # [T, H]
