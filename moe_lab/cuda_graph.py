@@ -11,7 +11,9 @@ per-expert counts) does not, and capturing it raises `GraphCaptureError` saying 
 
 Each call copies the inputs into the graph's static buffers, so new routing (a different
 top_k_index) is honoured on every replay. The returned tensor IS the graph's output buffer and is
-overwritten by the next call with the same shapes: `.clone()` it to keep it.
+overwritten by the next call with the same shapes: `.clone()` it to keep it. `replay()` reruns the
+last graph on whatever its buffers hold — the layer's cost inside a whole-model graph, where the
+previous layer writes those buffers itself (that is what `moe-lab bench --cuda-graph` times).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class GraphedExperts:
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
+        self._last: _Captured | None = None
 
     def __call__(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         key = (tuple(hidden_states.shape), hidden_states.dtype, tuple(top_k_index.shape), top_k_index.dtype,
@@ -65,7 +68,15 @@ class GraphedExperts:
         captured.top_k_index.copy_(top_k_index)
         captured.top_k_weights.copy_(top_k_weights)
         captured.graph.replay()
+        self._last = captured
         return captured.output
+
+    def replay(self) -> torch.Tensor:
+        """Replay the most recently used graph on the inputs already in its buffers (no copies)."""
+        if self._last is None:
+            raise RuntimeError("nothing captured yet: call the GraphedExperts with inputs first")
+        self._last.graph.replay()
+        return self._last.output
 
     def _forward(self, hidden_states, top_k_index, top_k_weights):
         return experts_forward(self.backend, self.experts, hidden_states, top_k_index, top_k_weights)

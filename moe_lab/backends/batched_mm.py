@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..errors import GatherBudgetError
-from .common import apply_gate, expert_weights, sum_over_top_k
+from .common import apply_gate, expert_weights, gather_experts, sum_over_top_k
 
 DEFAULT_BUDGET_BYTES = 4 * 2**30
 _budget_bytes: int | None = None  # None: use the environment variable or the default
@@ -77,11 +77,11 @@ def batched_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     # Each token repeated k times, matching the row-major flattening of top_k_index.
     x = hidden_states.unsqueeze(1).expand(num_tokens, top_k, hidden).reshape(-1, hidden, 1)  # [S, H, 1]
 
-    gate_up = torch.bmm(weights.gate_up[expert_of_pair], x).squeeze(-1)  # gather [S, 2I, H] -> [S, 2I]
+    gate_up = torch.bmm(gather_experts(weights.gate_up, expert_of_pair), x).squeeze(-1)  # gather [S, 2I, H] -> [S, 2I]
     if weights.gate_up_bias is not None:
         gate_up = gate_up + weights.gate_up_bias[expert_of_pair]
     h = apply_gate(experts, gate_up).unsqueeze(-1)  # [S, I, 1]
-    y = torch.bmm(weights.down[expert_of_pair], h).squeeze(-1)  # gather [S, H, I] -> [S, H]
+    y = torch.bmm(gather_experts(weights.down, expert_of_pair), h).squeeze(-1)  # gather [S, H, I] -> [S, H]
     if weights.down_bias is not None:
         y = y + weights.down_bias[expert_of_pair]
 

@@ -116,5 +116,6 @@ def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     # a scatter into an empty buffer, fuses with the weighting and the sum under torch.compile.
     sorted_row_of_pair = torch.empty_like(pair_order)
     sorted_row_of_pair[pair_order] = torch.arange(pair_order.numel(), device=pair_order.device)  # [S]
-    y_by_pair = y[sorted_row_of_pair] * top_k_weights.reshape(-1, 1).to(y.dtype)  # [S, H] in (token, slot) order
-    return sum_over_top_k(y_by_pair, num_tokens, top_k)  # [T, H]
+    y = y[sorted_row_of_pair]  # [S, H] in (token, slot) order; rebinding frees the sorted copy
+    y = y * top_k_weights.reshape(-1, 1).to(y.dtype)  # not in place: autograd needs y for the weights' grad
+    return sum_over_top_k(y, num_tokens, top_k)  # [T, H]

@@ -58,7 +58,8 @@ def measure(config, num_tokens: int, backend: str, *, device=None, dtype=None, d
     per device and dtype in this process; `experts` lets a caller reuse one built layer (same
     config, device and dtype) across calls — its implementation is switched to `backend`.
     `execution="cuda_graph"` times replays of a CUDA graph of the forward
-    (`moe_lab.cuda_graph.GraphedExperts`) instead of kernel launches from Python.
+    (`moe_lab.cuda_graph.GraphedExperts.replay`: inputs already in the graph's buffers, as inside a
+    model-wide graph) instead of kernel launches from Python.
     Returns a dict with the columns of `columns.ROW_COLUMNS`. Only a bad argument (an unknown
     preset name) raises; every outcome of running the layer is a row.
     """
@@ -155,13 +156,16 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
         experts.set_experts_implementation(backend)
     hidden_states = random_hidden_states(T, config, device, seed)
 
-    forward = experts
+    def call():
+        return experts(hidden_states, top_k_index, top_k_weights)
+
     if execution == "cuda_graph":
-        forward = GraphedExperts(experts, backend)
+        graphed = GraphedExperts(experts, backend)
+        graphed(hidden_states, top_k_index, top_k_weights)  # capture, and load these inputs
         measure_memory = False  # replays allocate nothing: the graph's pool was sized at capture
 
-    def call():
-        return forward(hidden_states, top_k_index, top_k_weights)
+        def call():  # noqa: F811  the replay alone: inside a model-wide graph the inputs are written in place
+            return graphed.replay()
 
     with torch.no_grad():
         output = call()

@@ -75,7 +75,7 @@ def _batched_mm(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
     t.new("gathered", S * H * I * b, "weights_gathered")  # down_proj[expert_of_pair]
     t.new("y", S * H * b)  # bmm -> [S, H]
     t.drop("gathered")
-    _weight_and_sum(t, T, S, H, b, a, cast_y=a != b)
+    _weight_and_sum(t, T, S, H, b)
 
 
 def _grouped_mm(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
@@ -95,8 +95,10 @@ def _grouped_mm(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
     t.new("h", S * I * b)
     t.drop("act")
     t.new("y", S * H * b)  # grouped_mm -> [S, H]
-    t.new("weight_of_pair", S * 4, "permutation")  # top_k_weights[pair_order]
-    _weight_and_sum(t, T, S, H, b, a, cast_y=a != b, unpermute=True)
+    t.new("sorted_row_of_pair", S * 8, "permutation")  # empty_like(pair_order)
+    t.temp(S * 8, "permutation")  # arange(S) scattered into it
+    t.new("y", S * H * b)  # y[sorted_row_of_pair]: un-permuted copy, the sorted y is freed
+    _weight_and_sum(t, T, S, H, b)
 
 
 def _eager(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
@@ -128,20 +130,13 @@ def _eager(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
         t.new("out", T * H * b)  # output.to(dtype)
 
 
-def _weight_and_sum(t: _Timeline, T, S, H, b, a, *, cast_y: bool, unpermute: bool = False) -> None:
-    """y.to(acc) * weights.to(acc); [un-permute]; view(T, k, H).sum(1).to(dtype)."""
-    if cast_y:
-        t.new("y_acc", S * H * a)
-    if a != 4:
-        t.new("w_acc", S * a)
-    t.new("y", S * H * a)
-    t.drop("y_acc", "w_acc", "weight_of_pair")
-    if unpermute:
-        t.new("y_by_pair", S * H * a)  # empty_like(y).index_copy_
-    t.new("sum", T * H * a)
-    if a != b:
-        t.new("out", T * H * b)
-        t.drop("sum")
+def _weight_and_sum(t: _Timeline, T, S, H, b) -> None:
+    """y * weights.to(dtype); view(T, k, H).sum(1), all in the model dtype (common.sum_over_top_k)."""
+    if b != 4:
+        t.new("w_cast", S * b)  # float32 routing weights cast to the model dtype
+    t.new("y", S * H * b)
+    t.drop("w_cast")
+    t.new("sum", T * H * b)
 
 
 _MODELS = {"eager": _eager, "batched_mm": _batched_mm, "grouped_mm": _grouped_mm}
