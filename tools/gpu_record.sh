@@ -20,6 +20,19 @@ timeout 150 $BENCH --preset mixtral-8x7b --preset deepseek-v3 --preset gpt-oss-2
 timeout 200 $BENCH --preset qwen3-30b-a3b --tokens 16 --backends batched_mm,grouped_mm,triton --compare-hf \
   --compile-matrix --compile-tokens 16,1024 --compile-modes default,reduce-overhead \
   --output $R/h100_bf16_compare_hf_qwen3-30b-a3b 2>&1 | tail -26
+# 3b. graph breaks under torch.compile (each break costs a Python round trip per forward)
+python -c "
+import torch, moe_lab
+from moe_lab.bench.hf_compare import register_transformers_backends
+register_transformers_backends()
+layer = moe_lab.Experts(moe_lab.get_preset('qwen3-30b-a3b').config.replace(dtype=torch.bfloat16)).cuda()
+x = torch.randn(1024, 2048, device='cuda', dtype=torch.bfloat16)
+i, w = moe_lab.synthetic_routing(1024, 128, 8, device='cuda')
+for name in ['batched_mm', 'grouped_mm', 'triton', 'auto', 'transformers:grouped_mm']:
+    layer.set_experts_implementation(name); torch._dynamo.reset()
+    e = torch._dynamo.explain(layer)(x[:16], i[:16], w[:16])
+    print('graph breaks under torch.compile:', name, e.graph_break_count, [str(r.reason)[:100] for r in e.break_reasons])
+" 2>&1 | grep "graph breaks"
 # 4. transformers' own anchor script, same card, same call (its budget keeps it short)
 [ -f tools/_anchor_hf_experts_bench.py ] && OUT=$R BUDGET_S=40 timeout 70 python tools/_anchor_hf_experts_bench.py 2>&1 | tail -3
 } > $OUT/log.txt 2>&1

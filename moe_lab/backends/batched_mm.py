@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..errors import GatherBudgetError
-from .common import apply_gate, expert_weights, gather_experts, sum_over_top_k
+from .common import apply_gate, expert_weights, sum_over_top_k
 
 DEFAULT_BUDGET_BYTES = 4 * 2**30
 _budget_bytes: int | None = None  # None: use the environment variable or the default
@@ -59,6 +59,18 @@ def predict_gather_bytes(num_tokens: int, top_k: int, hidden_size: int, intermed
     return num_tokens * top_k * 3 * hidden_size * intermediate_size * itemsize
 
 
+def gathered_matvec(weight: torch.Tensor, expert_of_pair: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """weight [E, out, in] (maybe a transposed view), expert_of_pair [S], v [S, in] -> [S, out].
+
+    The gather copies each pair's expert matrix in its STORED layout (a gather through a transposed
+    view would read it strided), and the product is oriented to match: [out, in] rows times a
+    column, or for modules stored [E, in, out] (is_transposed) a row times [in, out]."""
+    stored = weight.transpose(-2, -1)  # [E, in, out]
+    if stored.is_contiguous() and not weight.is_contiguous():
+        return torch.bmm(v.unsqueeze(1), stored[expert_of_pair]).squeeze(1)  # [S, 1, in] @ [S, in, out]
+    return torch.bmm(weight[expert_of_pair], v.unsqueeze(-1)).squeeze(-1)  # [S, out, in] @ [S, in, 1]
+
+
 def batched_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     num_tokens, hidden = hidden_states.shape  # [T, H]
     top_k = top_k_index.shape[1]
@@ -75,13 +87,13 @@ def batched_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
 
     expert_of_pair = top_k_index.reshape(-1)  # [S = T*k]
     # Each token repeated k times, matching the row-major flattening of top_k_index.
-    x = hidden_states.unsqueeze(1).expand(num_tokens, top_k, hidden).reshape(-1, hidden, 1)  # [S, H, 1]
+    x = hidden_states.unsqueeze(1).expand(num_tokens, top_k, hidden).reshape(-1, hidden)  # [S, H]
 
-    gate_up = torch.bmm(gather_experts(weights.gate_up, expert_of_pair), x).squeeze(-1)  # gather [S, 2I, H] -> [S, 2I]
+    gate_up = gathered_matvec(weights.gate_up, expert_of_pair, x)  # gather [S, 2I, H] -> [S, 2I]
     if weights.gate_up_bias is not None:
         gate_up = gate_up + weights.gate_up_bias[expert_of_pair]
-    h = apply_gate(experts, gate_up).unsqueeze(-1)  # [S, I, 1]
-    y = torch.bmm(gather_experts(weights.down, expert_of_pair), h).squeeze(-1)  # gather [S, H, I] -> [S, H]
+    h = apply_gate(experts, gate_up)  # [S, I]
+    y = gathered_matvec(weights.down, expert_of_pair, h)  # gather [S, H, I] -> [S, H]
     if weights.down_bias is not None:
         y = y + weights.down_bias[expert_of_pair]
 

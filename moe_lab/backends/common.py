@@ -54,17 +54,6 @@ def expert_weights(experts) -> ExpertWeights:
     )
 
 
-def gather_experts(weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """weight [E, A, B] (any 2-D layout per expert), expert_ids [S] -> [S, A, B] copies.
-
-    Gathers along the stored layout and transposes the copy back, so a transposed view (the
-    is_transposed modules) is still read row by row instead of with a strided, uncoalesced gather."""
-    stored = weight.transpose(-2, -1)
-    if stored.is_contiguous() and not weight.is_contiguous():
-        return stored[expert_ids].transpose(-2, -1)
-    return weight[expert_ids]
-
-
 def apply_gate(experts, gate_up: torch.Tensor) -> torch.Tensor:
     """[S, 2I] -> [S, I]: act(gate) * up, or the module's own gate (transformers' `_apply_gate`)."""
     custom_gate = getattr(experts, "_apply_gate", None)

@@ -48,9 +48,32 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result
+def _interpreting_cached() -> bool:
+    """_interpreting() as the forward sees it: read once (triton fixed its mode at import), constant to dynamo."""
+    return _interpreting_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreting_once() -> bool:
+    return _interpreting()
+
+
 def triton_status(device) -> tuple[bool, str]:
     """(runs, why) for the triton backend on `device`, without running anything."""
-    device = torch.device(device)
+    return _status_for(torch.device(device).type)
+
+
+@torch.compiler.assume_constant_result
+def _status_for(device_type: str) -> tuple[bool, str]:
+    # A constant to torch.compile (dynamo would graph-break on importlib), cached because triton's
+    # interpret-or-compile choice is fixed once it is imported.
+    return _status_for_cached(device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _status_for_cached(device_type: str) -> tuple[bool, str]:
+    device = torch.device(device_type)
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (it comes with torch's CUDA builds on Linux: pip install triton)"
     if device.type == "cuda":
@@ -90,8 +113,10 @@ def kernel_configs(rows_per_expert: float, interpreted: bool, wide_output: bool 
     """
     if interpreted:  # the interpreter runs programs one by one in numpy: fewer, bigger programs
         return KernelConfig(16, 64, 64, 1, 1), KernelConfig(16, 64, 64, 1, 1)
-    if rows_per_expert <= 16:
+    if rows_per_expert <= 8:
         return KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 64, 128, 4, 4)
+    if rows_per_expert <= 32:  # ~16 rows: 16-row blocks would split half the experts in two, reading them twice
+        return KernelConfig(32, 64, 128, 4, 3), KernelConfig(32, 128, 128, 4, 3)
     if rows_per_expert <= 256:
         return KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 128, 64, 4, 4)
     return KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 256 if wide_output else 128, 64, 8, 3)
@@ -165,7 +190,7 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     top_k = top_k_index.shape[1]
     weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
     num_experts, inter = weights.num_experts, weights.intermediate_size
-    runs, why = triton_status(hidden_states.device)
+    runs, why = _status_for(hidden_states.device.type)
     if not runs:
         raise TritonUnavailableError(f"the triton backend cannot run here: {why}")
     if hidden_states.dtype not in _KERNEL_DTYPES:
@@ -184,9 +209,9 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     _, sorted_pair = torch.sort(expert_of_pair, stable=True)  # [S] pair ids, grouped by expert
     counts = tokens_per_expert(top_k_index, num_experts)  # [E]
     rows_per_expert = num_pairs / min(num_experts, num_pairs)
-    up_config, down_config = kernel_configs(rows_per_expert, _interpreting(), wide_output=hidden >= 4096)
+    up_config, down_config = kernel_configs(rows_per_expert, _interpreting_cached(), wide_output=hidden >= 4096)
     precision = "ieee" if hidden_states.dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32)
-    dot_in_fp32 = _interpreting() and hidden_states.dtype == torch.bfloat16
+    dot_in_fp32 = _interpreting_cached() and hidden_states.dtype == torch.bfloat16
     experts_pow2 = _next_power_of_two(num_experts)
 
     h = hidden_states.new_empty(num_pairs, gate_up_width)  # [S, I] (or [S, 2I] for a custom gate)
@@ -218,7 +243,7 @@ def _decode_forward(kernels, experts, weights, activation, gate_up_width, hidden
     num_tokens, hidden = hidden_states.shape  # [T, H]
     top_k = top_k_index.shape[1]
     num_pairs = num_tokens * top_k
-    up_config, down_config = decode_configs(_interpreting())
+    up_config, down_config = decode_configs(_interpreting_cached())
     expert_of_pair = top_k_index.reshape(-1)  # [S] in pair order: no sort
     h = hidden_states.new_empty(num_pairs, gate_up_width)  # [S, I]
     grid = (num_pairs * -(-gate_up_width // up_config.block_n),)

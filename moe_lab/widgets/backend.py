@@ -6,7 +6,7 @@ import math
 import ipywidgets as widgets
 import torch
 
-from .. import available_backends, default_device, resolve_dtype, scale_down
+from .. import available_backends, default_device, resolve_dtype, runnable_backends, scale_down
 from ..config import MoEConfig
 from ..plots import latency_vs_tokens, memory_vs_tokens
 from ..plots._common import fmt_bytes, fmt_num, is_missing
@@ -61,7 +61,11 @@ class BackendExplorer(widgets.VBox):
         self.rows: list[dict] = []
         self._suspend = False
         cfg = self.base_config
-        backends = list(backends) if backends is not None else available_backends()
+        # Default: what runs here compiled. triton's CPU interpreter is exact but takes seconds a call
+        # (~7 s to measure T=128 at the CPU default shape), too slow for a widget that measures on every
+        # change; pass backends=[..., "triton"] to time it anyway.
+        backends = (list(backends) if backends is not None
+                    else runnable_backends(device if device is not None else default_device(), interpreted=False))
         if not backends:
             raise ValueError(f"backends= is empty; give at least one name, e.g. from {available_backends()}")
         tokens = tuple(tokens) if tokens is not None else POWERS_OF_TWO_TOKENS[: 14 if self._is_cpu() else 17]
@@ -254,7 +258,9 @@ def backend_explorer(config=None, *, measure_fn=None, device=None, **kwargs) -> 
     `moe_lab.bench.measure` (same signature; must return one row dict). Each change measures once
     and adds a point to the latency and memory plots; a refused / failed measurement shows its
     reason in the status line and the widget keeps going. Other keyword arguments: `tokens`
-    (token-count choices), `backends`, `dtypes`, `max_experts`, `measure_on_start`, `figure_width`
+    (token-count choices), `backends` (default: `moe_lab.runnable_backends(device, interpreted=False)`,
+    every registered backend that runs compiled on the device: on a CPU all but triton, whose
+    interpreter takes seconds a call), `dtypes`, `max_experts`, `measure_on_start`, `figure_width`
     (pixels, each of the two plots side by side), and any extra
     keyword is passed to `measure_fn` (e.g. `max_seconds=0.1`).
     """
