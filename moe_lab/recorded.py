@@ -6,9 +6,11 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 RECORDED = {
-    "presets": ["h100_bf16_presets_finegrained", "h100_bf16_presets_coarse"],
-    "compile": ["h100_bf16_compile_qwen3-30b-a3b"],
+    "presets": ["h100_bf16_compare_hf_finegrained", "h100_bf16_compare_hf_coarse"],
+    "compile": ["h100_bf16_compare_hf_compile_qwen3-30b-a3b"],
 }
+#: How a "presets" row was issued (the `execution` column): see moe_lab.bench.measure.EXECUTIONS.
+EXECUTIONS = ("eager", "cuda_graph")
 
 
 def data_dir() -> Path:
@@ -22,21 +24,30 @@ def data_dir() -> Path:
     )
 
 
-def load_recorded(kind: str = "presets"):
+def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     """(DataFrame, provenance) of a recorded table set: "presets" (six models x five token
-    counts, moe_lab and transformers backends) or "compile" (the torch.compile matrix)."""
+    counts, moe_lab and transformers backends) or "compile" (the torch.compile matrix, both libraries).
+
+    "presets" holds each measurement twice: kernels launched from Python (execution "eager", the
+    default here: one row per backend and point) and replayed from a CUDA graph ("cuda_graph");
+    execution=None returns both."""
     import pandas as pd
 
     from .bench import load_results
 
     if kind not in RECORDED:
         raise ValueError(f"unknown recorded set {kind!r}; available: {sorted(RECORDED)}")
+    if execution is not None and execution not in EXECUTIONS:
+        raise ValueError(f"unknown execution {execution!r}; allowed: {list(EXECUTIONS)} or None for both")
     frames, provenance = [], {}
     for name in RECORDED[kind]:
         frame, info = load_results(data_dir() / name)
         frames.append(frame)
         provenance = provenance or info
-    return pd.concat(frames, ignore_index=True), provenance
+    frame = pd.concat(frames, ignore_index=True)
+    if kind == "presets" and execution is not None:
+        frame = frame[frame["execution"] == execution].reset_index(drop=True)
+    return frame, provenance
 
 
 def recorded_label(provenance: dict) -> str:

@@ -101,3 +101,30 @@ def add_transformers_compile_ratios(frame):
     merged = frame.merge(theirs, on=keys + ["backend"], how="left")
     merged["speedup_vs_transformers"] = merged["transformers_compiled_ms"] / merged["compiled_ms"]
     return merged
+
+
+def best_paths(frame):
+    """Per (preset, tokens): the fastest moe_lab path (backend and execution, `auto` left out: it is
+    one of the others) beside the fastest transformers path, with fractions of the roofline and
+    `speedup` = transformers' best / moe_lab's best. Takes a table with both libraries (e.g.
+    `load_recorded("presets", execution=None)`)."""
+    import pandas as pd
+
+    ok = frame[frame["status"] == "ok"]
+    theirs_mask = ok["backend"].str.startswith(PREFIX)
+    rows = []
+    for (preset, tokens), group in ok.groupby(["preset", "num_tokens"], sort=False):
+        ours = group[~theirs_mask.loc[group.index] & (group["backend"] != "auto")]
+        theirs = group[theirs_mask.loc[group.index]]
+        if ours.empty or theirs.empty:
+            continue
+        best, best_theirs = ours.loc[ours["median_ms"].idxmin()], theirs.loc[theirs["median_ms"].idxmin()]
+        rows.append({
+            "preset": preset, "num_tokens": int(tokens),
+            "moe_lab": f"{best['backend']} ({best['execution']})", "moe_lab_ms": best["median_ms"],
+            "moe_lab_roofline": best["fraction_of_roofline"], "moe_lab_tflops": best["tflops"],
+            "transformers": f"{best_theirs['backend'].removeprefix(PREFIX)} ({best_theirs['execution']})",
+            "transformers_ms": best_theirs["median_ms"], "transformers_roofline": best_theirs["fraction_of_roofline"],
+            "speedup": best_theirs["median_ms"] / best["median_ms"],
+        })
+    return pd.DataFrame(rows)
