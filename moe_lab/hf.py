@@ -365,13 +365,16 @@ def compare_implementations(model, input_ids: torch.Tensor, implementations: Seq
     """Logits of `model(input_ids)` under each experts implementation vs under `reference`.
 
     `implementations` defaults to transformers' "grouped_mm" and "batched_mm" plus every moe_lab
-    entry registered in transformers. Returns {name: {"max_abs_diff", "max_rel_diff" (max abs diff /
+    entry registered in transformers whose backend can run on the model's device. Returns {name: {"max_abs_diff", "max_rel_diff" (max abs diff /
     max |reference logit|), "relative_error" (||diff|| / ||reference||)}}; the reference itself maps
     to zeros. The model's experts implementation is restored afterwards (also on error).
     """
     if implementations is None:
         implementations = [name for name in ("grouped_mm", "batched_mm") if name in ALL_EXPERTS_FUNCTIONS]
-        implementations += sorted(registered_with_transformers())
+        device = next(model.parameters()).device
+        runnable = set(_backends.runnable_backends(device))  # e.g. no moe_lab_triton without triton
+        implementations += sorted(name for name, backend in registered_with_transformers().items()
+                                  if backend in runnable)
     snapshot = model.get_experts_implementation()
     results: dict[str, dict[str, float]] = {}
     try:

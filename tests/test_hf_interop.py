@@ -21,7 +21,9 @@ import moe_lab.hf as hf  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation  # noqa: E402
 
 FP32_RTOL = 1e-5
-BACKENDS = ("eager", "batched_mm", "grouped_mm")  # moe_lab's built-ins
+# The matmul built-ins, run on every family below. "triton" and "auto" are registered in transformers too
+# (the `registered` fixture) and run in test_compare_implementations_reports_small_differences_and_restores.
+BACKENDS = ("eager", "batched_mm", "grouped_mm")
 MOE_LAB_NAMES = tuple("moe_lab_" + name for name in BACKENDS)
 TRANSFORMERS_NAMES = ("grouped_mm", "batched_mm")
 
@@ -154,6 +156,7 @@ def test_compare_implementations_reports_small_differences_and_restores(models, 
     model.set_experts_implementation("batched_mm")
     results = hf.compare_implementations(model, input_ids)
     assert set(results) >= {"eager", *TRANSFORMERS_NAMES, *MOE_LAB_NAMES}
+    assert set(results) >= {"moe_lab_" + name for name in moe_lab.runnable_backends("cpu")}  # triton, auto too
     assert results["eager"] == {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "relative_error": 0.0}
     for name, result in results.items():
         assert result["max_rel_diff"] < FP32_RTOL and result["relative_error"] < FP32_RTOL, name

@@ -32,6 +32,7 @@ import torch
 
 import moe_lab
 from moe_lab import MoEConfig, SparseMoeBlock
+from moe_lab.backends.registry import BUILTIN_BACKENDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_properties, also under --import-mode=importlib
 from test_properties import (  # noqa: E402
@@ -126,7 +127,8 @@ def _hostile(name, code):
         print(f"HOSTILE {name} RETURNED {scope.get('result')!r}")
 '''
 
-VALID = "'eager', 'batched_mm', 'grouped_mm'"
+# The built-in names as the registry lists them in a fresh process (where the CLI test's kernel runs).
+VALID = ", ".join(map(repr, BUILTIN_BACKENDS))
 UNKNOWN = ["unknown experts implementation", VALID]
 
 CATALOGUE = [

@@ -279,7 +279,9 @@ def test_backend_explorer_measures_on_start_and_on_changes(explorer):
     assert isinstance(w, ipywidgets.VBox)
     assert isinstance(w.figures["latency"], go.FigureWidget)
     assert w.figures["latency"] in w.children[-1].children
-    assert list(w.controls["backend"].options) == moe_lab.available_backends()
+    # Every registered backend that runs compiled here: triton's CPU interpreter (seconds a call) is left out.
+    assert list(w.controls["backend"].options) == moe_lab.runnable_backends(moe_lab.default_device(),
+                                                                            interpreted=False)
     assert len(fake.calls) == 1 and fake.calls[0]["kwargs"] == {"max_seconds": 0.01}
     assert fake.calls[0]["num_tokens"] == 128 and fake.calls[0]["backend"] == "grouped_mm"
     lat = w.figures["latency"]
@@ -382,6 +384,12 @@ def test_backend_explorer_with_real_measure():
         w.controls["backend"].value = "batched_mm"
     assert w.rows[-1]["status"] == "refused"
     assert _kind(w.status) == "refused" and "GatherBudgetError" in w.status.value
+    if "triton" in moe_lab.runnable_backends("cpu"):  # interpreted: not offered by default, but runs when given
+        w = backend_explorer(_small_config(), tokens=(4,), device="cpu", backends=["grouped_mm", "triton"],
+                             measure_on_start=False, max_seconds=0.01, max_reps=1, min_reps=1, warmup=0)
+        w.controls["backend"].value = "triton"
+        assert (w.rows[-1]["backend"], w.rows[-1]["status"]) == ("triton", "ok"), w.rows[-1].get("reason")
+        assert _kind(w.status) == "ok" and w.rows[-1]["rel_err"] < 1e-5
 
 
 def test_routing_explorer_updates_histogram_and_stats():

@@ -114,3 +114,21 @@ def test_kernel_configs_grow_with_rows_per_expert():
     decode, _ = kernel_configs(1.0, interpreted=False)
     prefill, _ = kernel_configs(512.0, interpreted=False)
     assert decode.block_m == 16 and prefill.block_m > decode.block_m
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_transformers_default_gate_is_fused(family):
+    # transformers gives every experts class its default `_apply_gate` (act(gate) * up): the kernel
+    # must recognise it and fuse it, not fall back to the unfused path with an extra bf16 rounding.
+    hf = pytest.importorskip("moe_lab.hf")
+    model = hf.tiny_transformers_model(family, dtype=torch.bfloat16).to(DEVICE)
+    experts = next(hf.experts_modules(model))
+    assert fused_activation(experts) == "silu"
+    T, k = 6, model.config.num_experts_per_tok
+    hidden = torch.randn(T, model.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+    index, weights = moe_lab.synthetic_routing(T, experts.num_experts, k, seed=0, device=DEVICE)
+    with torch.no_grad():
+        out = moe_lab.experts_forward("triton", experts, hidden, index, weights)
+        grouped = moe_lab.experts_forward("grouped_mm", experts, hidden, index, weights)
+    reference = moe_lab.reference_experts_forward(experts, hidden, index, weights)
+    assert moe_lab.relative_error(out, reference) <= 1.5 * moe_lab.relative_error(grouped, reference) + 1e-3

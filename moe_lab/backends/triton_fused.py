@@ -167,7 +167,7 @@ _ACTIVATION_BY_TYPE = {
 
 def fused_activation(experts) -> str:
     """The activation the gate_up kernel applies itself, or "none" (the module's own gate runs in torch)."""
-    if getattr(experts, "_apply_gate", None) is not None:
+    if _has_own_gate(experts):
         return "none"  # e.g. gpt-oss's clamped gate: keep its exact formula
     config = getattr(experts, "config", None)
     act_fn = getattr(experts, "act_fn", None)
@@ -179,6 +179,18 @@ def fused_activation(experts) -> str:
     if isinstance(act_fn, torch.nn.GELU):
         return "gelu_tanh" if act_fn.approximate == "tanh" else "gelu"
     return _ACTIVATION_BY_TYPE.get(type(act_fn).__name__, "none")
+
+
+def _has_own_gate(experts) -> bool:
+    """True for a module whose `_apply_gate` is its own formula. transformers installs its default
+    chunk-in-two gate (`_default_apply_gate`, act(gate) * up) on every experts class without one:
+    that is exactly what the kernel fuses, so it does not count."""
+    gate = getattr(experts, "_apply_gate", None)
+    if gate is None:
+        return False
+    function = getattr(gate, "__func__", gate)
+    return not (getattr(function, "__name__", "") == "_default_apply_gate"
+                and getattr(function, "__module__", "").startswith("transformers."))
 
 
 def _next_power_of_two(n: int) -> int:

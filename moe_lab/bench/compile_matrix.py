@@ -25,7 +25,7 @@ import time
 import torch
 
 from .. import __version__
-from ..backends import available_backends, grouped_mm_path
+from ..backends import grouped_mm_path, runnable_backends
 from ..config import resolve_dtype
 from ..errors import GatherBudgetError, first_line
 from ..presets import get_preset
@@ -58,8 +58,8 @@ def compile_matrix(config, tokens, backends=None, modes=COMPILE_MODES, *, device
                    progress: bool = True, seed: int = 0, max_seconds: float = 0.2, max_reps: int = 30):
     """One row per (mode, backend, token count): does it compile, is it right, is it faster?
 
-    `config`: a MoEConfig or preset name; `tokens`: an int or list; `backends`: default all
-    registered; `modes`: torch.compile modes ("default" means mode=None). Returns a DataFrame
+    `config`: a MoEConfig or preset name; `tokens`: an int or list; `backends`: default the
+    registered moe_lab backends that run compiled on the device; `modes`: torch.compile modes ("default" means mode=None). Returns a DataFrame
     with the columns of `COMPILE_COLUMNS`. `max_rel_err` is the larger of the two comparisons
     (first routing, changed routing); `equal_*` are False when the cell did not compile.
     """
@@ -69,7 +69,7 @@ def compile_matrix(config, tokens, backends=None, modes=COMPILE_MODES, *, device
     dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
     config = config.replace(dtype=dtype)
     tokens = [int(t) for t in (tokens if isinstance(tokens, (list, tuple, range)) else [tokens])]
-    backends = list(available_backends()) if backends is None else list(backends)
+    backends = runnable_backends(device, interpreted=False) if backends is None else list(backends)
     cells = [(mode, backend, T) for mode in modes for backend in backends for T in tokens]
 
     experts = build_experts(config, device, seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from ..backends import available_backends
+from ..backends import runnable_backends
 from ..config import MoEConfig
 from ..errors import ConfigError, first_line
 from ..presets import get_preset
@@ -76,9 +76,9 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
           measure_kwargs: dict | None = None, executions=("eager",), **field_grid):
     """Measure every grid point; return a pandas DataFrame with one row per measurement.
 
-    configs: see `normalize_configs`. tokens: an int or a list. backends: names (default: all
-    registered). dtypes: names or torch dtypes (default: each config's own). field_grid: any
-    MoEConfig field -> list of values (e.g. num_experts=[8, 64], top_k=[1, 2]), plus routing
+    configs: see `normalize_configs`. tokens: an int or a list. backends: names (default: the
+    registered moe_lab backends that run compiled on `device`, i.e. not triton's CPU interpreter).
+    dtypes: names or torch dtypes (default: each config's own). field_grid: any MoEConfig field -> list of values (e.g. num_experts=[8, 64], top_k=[1, 2]), plus routing
     fields distribution / skew / seed. measure_kwargs: passed to `measure` (max_seconds,
     max_reps, min_reps, warmup, measure_memory, seed, ...). executions: "eager" and/or "cuda_graph"
     (see `measure`), varied fastest after backends. `ceilings`: one `Ceilings` for all
@@ -88,7 +88,7 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     device = resolve_device(device)
     configs = normalize_configs(configs)
     tokens = [int(t) for t in _as_list(tokens)]
-    backends = list(available_backends()) if backends is None else _as_list(backends)
+    backends = runnable_backends(device, interpreted=False) if backends is None else _as_list(backends)
     dtypes = [None] if dtypes is None else _as_list(dtypes)
     executions = _as_list(executions)
     unknown_executions = [e for e in executions if e not in EXECUTIONS]

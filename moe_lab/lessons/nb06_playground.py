@@ -6,7 +6,7 @@ Every recorded row carries the ceilings its roofline used (`ceiling_copy_GBps`,
 """
 from __future__ import annotations
 
-MOE_LAB_BACKENDS = ("eager", "batched_mm", "grouped_mm")
+MOE_LAB_BACKENDS = ("eager", "batched_mm", "grouped_mm", "triton")
 
 
 def recorded_ceilings(rows) -> dict:

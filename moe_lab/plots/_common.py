@@ -36,11 +36,11 @@ def require_columns(df, columns: Iterable[str], where: str) -> None:
         )
 
 
-CANONICAL_BACKENDS = ("eager", "batched_mm", "grouped_mm")
+CANONICAL_BACKENDS = ("eager", "batched_mm", "grouped_mm", "triton", "auto")
 
 
 def backend_sort_key(backend) -> tuple:
-    """eager, batched_mm, grouped_mm first (the order of the lesson), then the rest by name."""
+    """eager, batched_mm, grouped_mm, triton, auto first (the order of the lessons), then the rest by name."""
     b = str(backend)
     return (CANONICAL_BACKENDS.index(b), "") if b in CANONICAL_BACKENDS else (len(CANONICAL_BACKENDS), b)
 
