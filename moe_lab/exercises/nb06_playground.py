@@ -56,8 +56,9 @@ def _fraction_problem(rows, t, fraction, best_name, best_fraction) -> str | None
         return f"T={t}: {fraction} looks like a percentage; give the fraction ({fraction / 100:.3g})"
     ok = rows[rows["status"] == "ok"]
     distance = (ok["fraction_of_roofline"] - fraction).abs()
-    near = ok[distance <= FRACTION_TOLERANCE / 2].assign(
-        _other_t=lambda d: d["num_tokens"] != t, _distance=distance)  # prefer rows at this T, then the closest
+    close = distance <= FRACTION_TOLERANCE / 2
+    # Select before assigning: pandas gives an EMPTY frame the index of an assigned Series.
+    near = ok[close].assign(_other_t=lambda d: d["num_tokens"] != t, _distance=distance[close])  # this T first
     if len(near):
         other = near.sort_values(["_other_t", "_distance"]).iloc[0]
         return (f"T={t}: {fraction:.3g} is the fraction of {other['backend']} at T={other['num_tokens']}; "

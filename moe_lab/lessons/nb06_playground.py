@@ -27,7 +27,8 @@ def recorded_ceilings(rows) -> dict:
 
 
 def recorded_table(df, values=("fraction_of_roofline", "speedup_vs_transformers"), backends=MOE_LAB_BACKENDS):
-    """One row per preset x tokens, one column per (value, backend); "refused" where not measured.
+    """One row per preset x tokens, one column per (value, backend); "refused" where the backend
+    refused to run, "—" where the value does not exist (transformers has no triton backend).
 
     fraction_of_roofline: 1.0 would be the ceiling (memory- or compute-bound, whichever is slower).
     speedup_vs_transformers: > 1 means moe_lab's backend beat transformers' of the same name.
@@ -41,4 +42,7 @@ def recorded_table(df, values=("fraction_of_roofline", "speedup_vs_transformers"
     table = table.reindex(columns=pd.MultiIndex.from_product([list(values), list(backends)]))
     table = table.reindex(pd.MultiIndex.from_product([order, sorted(rows["num_tokens"].unique())],
                                                      names=["preset", "T"]))
-    return table.round(3).astype(object).where(table.notna(), "refused")
+    status = rows.pivot_table(index=["preset", "num_tokens"], columns="backend", values="status", aggfunc="first")
+    status = status.reindex(columns=list(backends)).reindex(table.index)
+    filler = pd.concat({value: status.map(lambda s: "refused" if s == "refused" else "—") for value in values}, axis=1)
+    return table.round(3).astype(object).where(table.notna(), filler)
