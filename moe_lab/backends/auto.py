@@ -1,7 +1,8 @@
 """`auto`: run whichever registered backend is fastest at this call's token count.
 
 No backend wins everywhere: at decode (a few tokens) batched_mm's gather is cheap and it needs no
-sort, at prefill grouped_mm's one grouped GEMM wins. Where the crossover lies depends on the
+sort, at prefill grouped_mm's one grouped GEMM wins over the other two, and the fused triton kernels
+win most points on a GPU but are only interpreted on a CPU. Where the crossover lies depends on the
 machine, the dtype and the layer shape, so it is *measured* (`moe_lab.calibrate`, `moe-lab
 calibrate`) and stored in a JSON file; until then `DEFAULT_CROSSOVERS` applies.
 
@@ -61,9 +62,10 @@ DEFAULT_CROSSOVERS: dict[str, tuple[tuple[int | None, str], ...]] = {
     # T=4 on one; a crossover at 8 costs at most ~15% on either. eager (one matmul per expert; on a
     # CPU its host read is free) beats grouped_mm at T=8192 in every run; 4096 is a toss-up.
     "cpu": ((8, "batched_mm"), (2048, "grouped_mm"), (None, "eager")),
-    # CUDA: the triton backend at every T. In the H100 development run (bf16, qwen3-30b-a3b shape,
-    # `moe-lab bench --compare-hf --cuda-graph`, T = 1..8192) it was the fastest moe_lab backend at
-    # every T, launched or graph-replayed; data/h100_bf16_compare_hf.csv is the committed table.
+    # CUDA: the triton backend at every T. In the recorded H100 run (data/h100_bf16_compare_hf_*,
+    # bf16, six presets x T = 1..8192) it was the fastest of eager/batched_mm/grouped_mm/triton at
+    # 27 of 30 points, launched and graph-replayed alike; grouped_mm won the other 3 (mixtral at
+    # T >= 1024, deepseek-v3 at T = 8192), which `moe-lab calibrate` on those shapes finds.
     # grouped_mm (the fallback) runs where triton cannot: no triton, or float64.
     "cuda": ((None, "triton"),),
 }

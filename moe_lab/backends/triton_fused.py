@@ -12,9 +12,18 @@ activation kernels, the weight multiply and the un-permute copy: ~6 launches ins
 intermediate larger than [S, max(I, H)]. Nothing reads a GPU number on the host, so the forward is
 capturable in a CUDA graph and traceable by torch.compile.
 
+Decode (T=1, or while T*k*8 <= E so that two pairs rarely share an expert) skips the sort too:
+
+    decode_gate_up_kernel: h [S, I], one program per (pair, block of columns), a GEMV
+    decode_down_kernel:    out [T, H], one program per (token, block of columns), k experts summed
+                           in registers — two launches for the whole layer (`uses_decode_path`).
+
+Tile sizes come from H100 measurements (`kernel_configs`, `decode_configs`, tools/tune_triton.py).
+
 On a machine without a CUDA GPU the kernels run in triton's interpreter (numpy, slow): `import
 moe_lab` sets TRITON_INTERPRET=1 there before triton is first imported (moe_lab/_triton_setup.py),
-so the tests and notebooks run the same kernels on CPU. `triton_status(device)` says whether and how the backend runs.
+so the tests and notebooks run the same kernels on CPU. `triton_status(device)` says whether and
+how the backend runs.
 """
 from __future__ import annotations
 
