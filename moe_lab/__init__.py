@@ -25,8 +25,7 @@ from .backends import (
     unregister,
 )
 from . import record  # moe_lab.record.record(name, value): notebooks record values for `moe-lab sweep`
-# moe_lab.calibrate is the function (it shadows its module: `from moe_lab.calibrate import format_calibration`)
-from .calibrate import calibrate
+from .calibration import calibrate
 from .capabilities import capabilities, default_device, format_capabilities
 from .cuda_graph import GraphCaptureError, GraphedExperts
 from .config import ACTIVATIONS, MoEConfig, resolve_dtype

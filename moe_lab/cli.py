@@ -111,7 +111,7 @@ def _summary(frame) -> str:
 
 def _calibrate(args) -> int:
     from .backends import calibration_path
-    from .calibrate import DEFAULT_TOKENS, calibrate, format_calibration
+    from .calibration import DEFAULT_TOKENS, calibrate, format_calibration
 
     configs = _bench_configs(args)
     if len(configs) != 1:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import moe_lab
 from moe_lab.backends import auto
 from moe_lab.backends.auto import DEFAULT_CROSSOVERS, pick
-from moe_lab.calibrate import format_calibration, rules_from_winners, write_calibration
+from moe_lab.calibration import format_calibration, rules_from_winners, write_calibration
 from moe_lab.cli import main
 
 E, K, H, I = 4, 2, 32, 16

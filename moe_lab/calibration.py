@@ -7,8 +7,7 @@ rule (max_tokens = the largest T it won), and the last rule covers every larger 
 into the calibration file `auto` reads (see moe_lab.backends.auto), replacing an earlier entry for
 the same device, dtype and shape.
 
-`moe_lab.calibrate` is this module's `calibrate` function; import the other names from the module:
-`from moe_lab.calibrate import format_calibration`. moe_lab.bench is imported when calibrating.
+`moe_lab.calibrate` is this module's `calibrate` function. moe_lab.bench is imported when calibrating.
 """
 from __future__ import annotations
 
