@@ -200,6 +200,9 @@ CATALOGUE = [
     ("nan_inf_one_token_float32",  # grouped_mm: torch's grouped_mm op
      "result = sorted({poisoned(b, v) for b in BUILTINS for v in (math.nan, math.inf, -math.inf)})",
      ("returns", ["[(True, True)]"])),
+    ("nan_inf_one_token_triton",  # the fused kernels (interpreted on CPU): 5 tokens is the sorted path
+     "result = sorted({poisoned('triton', v) for v in (math.nan, math.inf, -math.inf)})",
+     ("returns", ["[(True, True)]"])),
     ("nan_inf_one_token_float64_unaligned",  # grouped_mm: moe_lab's loop
      "result = sorted({poisoned(b, v, torch.float64, H=13, I=7) for b in BUILTINS for v in (math.nan, math.inf)})",
      ("returns", ["[(True, True)]"])),
