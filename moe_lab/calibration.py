@@ -18,11 +18,12 @@ import os
 import torch
 
 from .backends.auto import (
-    FORMAT_NAME, FORMAT_VERSION, SHAPE_KEYS, Calibration, calibration_path, device_name, load_calibration,
-    reload_calibration, unusable_reason,
+    FORMAT_NAME, FORMAT_VERSION, SHAPE_KEYS, Calibration, calibration_path, load_calibration, reload_calibration,
+    unusable_reason,
 )
 from .backends.registry import available_backends, get_backend
 from .config import MoEConfig, resolve_dtype
+from .devices import device_name
 from .presets import get_preset
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)

@@ -173,6 +173,16 @@ def _sweep(args) -> int:
     return 0 if (frame["status"] == "ok").all() else 1
 
 
+def _add_shape_arguments(command, preset_help: str) -> None:
+    """--preset or an explicit --hidden/--intermediate/--experts/--top-k, and --scale-down (`_bench_configs`)."""
+    command.add_argument("--preset", action="append", help=preset_help)
+    command.add_argument("--hidden", type=int, help="explicit shape: hidden size H")
+    command.add_argument("--intermediate", type=int, help="explicit shape: per-expert intermediate size I")
+    command.add_argument("--experts", type=int, help="explicit shape: number of experts E")
+    command.add_argument("--top-k", type=int, help="explicit shape: experts per token")
+    command.add_argument("--scale-down", type=int, metavar="H", help="shrink presets to hidden size H (CPU runs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backends import available_backends
 
@@ -186,12 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_info)
 
     bench = commands.add_parser("bench", help="time backends on preset or explicit shapes")
-    bench.add_argument("--preset", action="append", help="a preset name (repeatable); default qwen3-30b-a3b")
-    bench.add_argument("--hidden", type=int, help="explicit shape: hidden size H")
-    bench.add_argument("--intermediate", type=int, help="explicit shape: per-expert intermediate size I")
-    bench.add_argument("--experts", type=int, help="explicit shape: number of experts E")
-    bench.add_argument("--top-k", type=int, help="explicit shape: experts per token")
-    bench.add_argument("--scale-down", type=int, metavar="H", help="shrink presets to hidden size H (CPU runs)")
+    _add_shape_arguments(bench, "a preset name (repeatable); default qwen3-30b-a3b")
     bench.add_argument("--tokens", type=lambda s: _csv(s, int), default=[1, 16, 128], help="comma list, e.g. 1,16,128")
     bench.add_argument("--backends", type=_csv, default=None,
                        help=f"comma list from {available_backends()} (default: all)")
@@ -213,12 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench)
 
     calibrate = commands.add_parser("calibrate", help="measure where backends cross over; the table auto uses")
-    calibrate.add_argument("--preset", action="append", help="a preset name; default qwen3-30b-a3b")
-    calibrate.add_argument("--hidden", type=int, help="explicit shape: hidden size H")
-    calibrate.add_argument("--intermediate", type=int, help="explicit shape: per-expert intermediate size I")
-    calibrate.add_argument("--experts", type=int, help="explicit shape: number of experts E")
-    calibrate.add_argument("--top-k", type=int, help="explicit shape: experts per token")
-    calibrate.add_argument("--scale-down", type=int, metavar="H", help="shrink the preset to hidden size H (CPU runs)")
+    _add_shape_arguments(calibrate, "a preset name; default qwen3-30b-a3b")
     calibrate.add_argument("--tokens", type=lambda s: _csv(s, int), default=None,
                            help="comma list of token counts (default 1,2,4,...,8192)")
     calibrate.add_argument("--backends", type=_csv, default=None,

@@ -299,3 +299,34 @@ def test_cuda_timing_memory_and_measure():
         row = bench.measure(TINY.replace(dtype="bfloat16"), 64, backend, device=device, **FAST)
         assert row["status"] == "ok", row["reason"]
         assert row["rel_err"] < 3e-2 and row["peak_bytes"] > 0
+
+
+def test_best_paths_and_transformers_ratios_on_a_small_table():
+    import pandas as pd
+
+    from moe_lab.bench.hf_compare import add_transformers_compile_ratios, add_transformers_ratios
+
+    def row(backend, execution, ms, status="ok"):
+        return dict(preset="p", hidden_size=8, intermediate_size=4, num_experts=2, top_k=1, num_tokens=16,
+                    dtype="bfloat16", device="cuda", execution=execution, backend=backend, status=status,
+                    median_ms=ms, fraction_of_roofline=0.1 / ms, tflops=1.0 / ms)
+
+    frame = pd.DataFrame([row("grouped_mm", "eager", 2.0), row("grouped_mm", "cuda_graph", 1.0),
+                          row("triton", "cuda_graph", 0.5), row("auto", "cuda_graph", 0.4),
+                          row("transformers:grouped_mm", "eager", 3.0),
+                          row("transformers:grouped_mm", "cuda_graph", 1.5),
+                          row("batched_mm", "eager", float("nan"), status="refused")])
+    ratios = add_transformers_ratios(frame).set_index(["backend", "execution"])["speedup_vs_transformers"]
+    assert ratios[("grouped_mm", "eager")] == 1.5 and ratios[("grouped_mm", "cuda_graph")] == 1.5
+    assert pd.isna(ratios[("triton", "cuda_graph")])  # transformers has no triton
+    best = bench.best_paths(frame).iloc[0]
+    assert best["moe_lab"] == "triton (cuda_graph)"  # auto is left out: it is one of the others
+    assert best["transformers"] == "grouped_mm (cuda_graph)" and best["speedup"] == 3.0
+
+    compiled = pd.DataFrame([
+        dict(mode="default", num_tokens=16, hidden_size=8, intermediate_size=4, num_experts=2, top_k=1,
+             dtype="bfloat16", device="cuda", backend=name, status=status, compiled_ms=ms)
+        for name, status, ms in (("grouped_mm", "compiled", 0.8), ("transformers:grouped_mm", "compiled", 1.0),
+                                 ("batched_mm", "compiled", 1.0), ("transformers:batched_mm", "failed", None))])
+    speedup = add_transformers_compile_ratios(compiled).set_index("backend")["speedup_vs_transformers"]
+    assert speedup["grouped_mm"] == pytest.approx(1.25) and pd.isna(speedup["batched_mm"])

@@ -28,10 +28,8 @@ registered or cannot run here skips that rule (the reason goes into `why`); auto
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
-import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..config import resolve_dtype
+from ..devices import device_name
 
 AUTO = "auto"
 TRITON_DTYPES = ("bfloat16", "float16", "float32")
@@ -219,28 +218,6 @@ def _read(path: Path) -> tuple[Calibration, ...]:
 
 
 # ----------------------------------------------------------------------------- choosing
-
-
-def device_name(device) -> str:
-    """What calibration entries are matched on: the GPU's name, or the CPU model (as
-    moe_lab.bench.provenance.device_name reports it, so rows and entries agree)."""
-    return _device_name(str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(device: str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine() or "unknown cpu"
-    return device.type
 
 
 def _normalize(device, dtype, shape) -> tuple[torch.device, str, tuple | None]:

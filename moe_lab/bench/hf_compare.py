@@ -80,26 +80,28 @@ def unregister_transformers_backends() -> None:
 
 def add_transformers_ratios(df):
     """Add `speedup_vs_transformers` = transformers' median / moe_lab's median of the same-named
-    backend at the same shape, tokens, dtype, device and execution (eager launches or CUDA graph; NaN where either was not measured)."""
+    backend at the same shape, tokens, dtype, device and execution (eager launches or CUDA graph; NaN
+    where either was not measured)."""
     keys = ["preset", "hidden_size", "intermediate_size", "num_experts", "top_k", "num_tokens", "dtype", "device",
             "execution"]
-    theirs = df[df["backend"].str.startswith(PREFIX) & (df["status"] == "ok")].copy()
-    theirs["backend"] = theirs["backend"].str.removeprefix(PREFIX)
-    theirs = theirs[keys + ["backend", "median_ms"]].rename(columns={"median_ms": "transformers_ms"})
-    merged = df.merge(theirs, on=keys + ["backend"], how="left")
-    merged["speedup_vs_transformers"] = merged["transformers_ms"] / merged["median_ms"]
-    return merged
+    return _with_ratio(df, keys, "median_ms", "transformers_ms", ok="ok")
 
 
 def add_transformers_compile_ratios(frame):
     """On a `compile_matrix` frame holding both libraries: `speedup_vs_transformers` = transformers'
     compiled median / moe_lab's compiled median, same mode, token count and backend name."""
     keys = ["mode", "num_tokens", "hidden_size", "intermediate_size", "num_experts", "top_k", "dtype", "device"]
-    theirs = frame[frame["backend"].str.startswith(PREFIX) & (frame["status"] == "compiled")].copy()
+    return _with_ratio(frame, keys, "compiled_ms", "transformers_compiled_ms", ok="compiled")
+
+
+def _with_ratio(frame, keys, time_column, their_column, ok):
+    """Join transformers' `time_column` onto the same-named moe_lab rows (equal `keys`) as
+    `their_column`, and add `speedup_vs_transformers` = theirs / ours."""
+    theirs = frame[frame["backend"].str.startswith(PREFIX) & (frame["status"] == ok)].copy()
     theirs["backend"] = theirs["backend"].str.removeprefix(PREFIX)
-    theirs = theirs[keys + ["backend", "compiled_ms"]].rename(columns={"compiled_ms": "transformers_compiled_ms"})
+    theirs = theirs[keys + ["backend", time_column]].rename(columns={time_column: their_column})
     merged = frame.merge(theirs, on=keys + ["backend"], how="left")
-    merged["speedup_vs_transformers"] = merged["transformers_compiled_ms"] / merged["compiled_ms"]
+    merged["speedup_vs_transformers"] = merged[their_column] / merged[time_column]
     return merged
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import device_name  # noqa: F401  (re-exported: bench.provenance.device_name)
 from .timing import resolve_device
 
 #: Provenance fields repeated on every result row (the JSON sidecar holds the full dict).
@@ -19,21 +20,6 @@ ROW_PROVENANCE = ("device_name", "torch_version", "moe_lab_version", "date", "gi
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-@functools.lru_cache(maxsize=None)
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU model from /proc/cpuinfo (else platform's answer)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
 
 
 @functools.lru_cache(maxsize=None)
