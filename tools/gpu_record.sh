@@ -33,7 +33,8 @@ for name in ['batched_mm', 'grouped_mm', 'triton', 'auto', 'transformers:grouped
     e = torch._dynamo.explain(layer)(x[:16], i[:16], w[:16])
     print('graph breaks under torch.compile:', name, e.graph_break_count, [str(r.reason)[:100] for r in e.break_reasons])
 " 2>&1 | grep "graph breaks"
-# 4. transformers' own anchor script, same card, same call (its budget keeps it short)
+# 4. transformers' own anchor script, same card, same call (its budget keeps it short). It lives
+#    outside the repository: copy ../shared/anchors/hf_experts_bench.py to the path below first.
 [ -f tools/_anchor_hf_experts_bench.py ] && OUT=$R BUDGET_S=40 timeout 70 python tools/_anchor_hf_experts_bench.py 2>&1 | tail -3
 } > $OUT/log.txt 2>&1
 tar czf $OUT/record.tar.gz -C $R .
