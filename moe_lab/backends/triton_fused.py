@@ -36,7 +36,7 @@ import torch
 
 from ..errors import BackendInputError
 from ..routing import tokens_per_expert
-from .common import apply_gate, expert_weights
+from .common import apply_gate, expert_weights, sum_over_top_k
 
 
 class TritonUnavailableError(NotImplementedError):
@@ -255,8 +255,7 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
             y.stride(0), y.stride(1),
             HAS_BIAS=weights.down_bias is not None, INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
             NUM_EXPERTS_POW2=experts_pow2)
-    # torch's sum of a half-precision tensor accumulates in float32 and rounds once at the end.
-    return y.view(num_tokens, top_k, hidden).sum(dim=1)  # [T, H]
+    return sum_over_top_k(y, num_tokens, top_k)  # [T, H]
 
 
 def _decode_forward(kernels, experts, weights, activation, gate_up_width, hidden_states, top_k_index,
