@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moe_lab
+from moe_lab.backends.triton_fused import kernel_configs
 from moe_lab.cuda_graph import GraphCaptureError, GraphedExperts
 
 pytestmark = pytest.mark.gpu
@@ -83,6 +84,24 @@ def test_compiled_backend_follows_new_routing(backend, mode, T):
         with torch.no_grad():
             out = compiled(hidden, index, weights).clone()
         _check(layer, out, hidden, index, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape, T", [((512, 1024, 8, 2), 2048), ((208, 80, 60, 4), 8192)])  # ~500 rows per expert
+def test_triton_prefill_tma_tiles_launched_replayed_and_compiled(shape, T, dtype):
+    # Prefill-sized groups take the TMA configs; the small T of the tests above never reach them.
+    H, I, E, k = shape
+    assert all(config.tma for config in kernel_configs(T * k / E, interpreted=False, itemsize=dtype.itemsize))
+    layer = _layer(*shape, dtype)
+    layer.set_experts_implementation("triton")
+    graphed = GraphedExperts(layer, "triton")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    for seed in (1, 2):
+        hidden, index, weights = _inputs(T, layer, seed)
+        with torch.no_grad():
+            for run in (layer, graphed, compiled):
+                _check(layer, run(hidden, index, weights).clone(), hidden, index, weights)
 
 
 @pytest.mark.parametrize("T", [1, 12])

@@ -1,6 +1,8 @@
 """The triton backend on CPU, through triton's interpreter (moe_lab switches it on when there is
 no CUDA GPU). Same kernels as on the GPU; numpy instead of PTX, so sizes stay tiny.
 """
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -46,12 +48,12 @@ def test_matches_reference_per_dtype_and_activation(dtype, activation, T):
 
 
 def test_decode_and_sorted_paths_agree_where_both_could_run():
-    # 64 experts, k=2: T=4 (8 pairs) is decode, T=5 (10 pairs) sorted; same tokens, same layer.
-    layer, hidden, index, weights = _case(48, 32, 64, 2, 5, torch.float32)
-    assert uses_decode_path(4, 2, 64) and not uses_decode_path(5, 2, 64)
-    assert "decode" in triton_path(4, 2, 64) and "sorted" in triton_path(5, 2, 64)
-    decoded = moe_lab.experts_forward("triton", layer, hidden[:4], index[:4], weights[:4])
-    sorted_ = moe_lab.experts_forward("triton", layer, hidden, index, weights)[:4]
+    # 64 experts, k=2: T=8 (16 pairs = E/4) is decode, T=9 (18 pairs) sorted; same tokens, same layer.
+    layer, hidden, index, weights = _case(48, 32, 64, 2, 9, torch.float32)
+    assert uses_decode_path(8, 2, 64) and not uses_decode_path(9, 2, 64)
+    assert "decode" in triton_path(8, 2, 64) and "sorted" in triton_path(9, 2, 64)
+    decoded = moe_lab.experts_forward("triton", layer, hidden[:8], index[:8], weights[:8])
+    sorted_ = moe_lab.experts_forward("triton", layer, hidden, index, weights)[:8]
     torch.testing.assert_close(decoded, sorted_, rtol=1e-5, atol=1e-6)
 
 
@@ -64,6 +66,26 @@ def test_block_layout_with_skewed_and_empty_experts(distribution):
 def test_odd_sizes_are_masked():
     # H=24 and I=40 are not multiples of any tile size; 17 experts is not a power of two.
     assert _error(*_case(24, 40, 17, 5, 9, torch.float32)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 48, 6, 2, 40), (24, 40, 17, 5, 9)])  # aligned; odd sizes, masked tails
+def test_tma_tiles_match_the_reference(monkeypatch, dtype, shape):
+    # The interpreter emulates TMA descriptors, so the USE_TMA kernels (weights, and down's h rows,
+    # as tiles that may run past an expert's rows) are checked here as on a Hopper GPU.
+    import moe_lab.backends.triton_fused as triton_fused
+
+    configs = triton_fused.kernel_configs(1.0, interpreted=True)
+    monkeypatch.setattr(triton_fused, "kernel_configs", lambda *args, **kwargs: tuple(
+        dataclasses.replace(config, tma=True) for config in configs))
+    launched = []
+    real_launch = triton_fused._launch
+    monkeypatch.setattr(triton_fused, "_launch", lambda *args, **kwargs: launched.append(kwargs["USE_TMA"])
+                        or real_launch(*args, **kwargs))
+    H, I, E, k, T = shape
+    assert _error(*_case(H, I, E, k, T, dtype, distribution="zipf")) < TOLERANCE[dtype]
+    # TMA needs 16-byte rows: even H=24, I=40 in bf16 qualify, so both kernels ran on descriptors.
+    assert launched == [True, True]
 
 
 def test_zero_tokens_give_an_empty_output():
@@ -114,6 +136,10 @@ def test_kernel_configs_grow_with_rows_per_expert():
     decode, _ = kernel_configs(1.0, interpreted=False)
     prefill, _ = kernel_configs(512.0, interpreted=False)
     assert decode.block_m == 16 and prefill.block_m > decode.block_m
+    assert prefill.tma and not decode.tma  # TMA tiles pay where the kernels are compute bound
+    # float32 halves BLOCK_K: the same shared memory per pipeline stage as the bf16 tiles measured.
+    assert [c.block_k for c in kernel_configs(512.0, interpreted=False, itemsize=4)] == [
+        c.block_k // 2 for c in kernel_configs(512.0, interpreted=False)]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

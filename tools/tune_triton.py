@@ -3,8 +3,10 @@ moe_lab/backends/triton_fused.py encode: tile sizes per regime and the decode/so
 
     python tools/tune_triton.py --output tuning.json     # on a CUDA GPU; a few minutes
 
-1. sorted kernels: gate_up_kernel and down_kernel alone, every candidate KernelConfig, on real
-   preset shapes and token counts (triton.testing.do_bench: median, L2 flushed between runs);
+1. sorted kernels: gate_up_kernel and down_kernel alone, every candidate KernelConfig with and
+   without TMA tiles, on real preset shapes and token counts (triton.testing.do_bench: median, L2
+   flushed between runs); then the whole forward, replayed from a CUDA graph, with today's configs
+   and with the two winners;
 2. decode kernels: the same for decode_gate_up_kernel / decode_down_kernel at T=1 and 2;
 3. crossover: the whole triton forward replayed from a CUDA graph with the decode path forced on
    and off, T = 1..32, per preset.
@@ -13,6 +15,7 @@ The JSON (with provenance) is the evidence; the printed lines are the summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -27,17 +30,27 @@ from moe_lab.bench.provenance import provenance
 from moe_lab.cuda_graph import GraphedExperts
 
 K = tf.KernelConfig
+
+
+def _with_tma(configs):
+    """Each candidate as it is and with its weight (and down's h) tiles through TMA descriptors."""
+    return [dataclasses.replace(c, tma=tma) for c in configs for tma in (False, True)]
+
+
 SORTED_CANDIDATES = {
-    "small": [K(16, bn, bk, 4, s) for bn, bk, s in itertools.product([32, 64, 128], [128, 256], [3, 4])],
-    "medium": [K(bm, bn, 64, 4, s) for bm, bn, s in itertools.product([32, 64], [64, 128], [3, 4])]
-    + [K(128, 128, 64, 8, 3)],
-    "large": [K(128, 128, 64, 8, 3, 1), K(128, 128, 64, 8, 3, 8), K(128, 128, 64, 8, 4, 8), K(128, 256, 64, 8, 3, 8),
-              K(128, 64, 64, 8, 4, 8), K(64, 128, 64, 4, 3, 8), K(128, 128, 32, 8, 4, 8), K(128, 256, 32, 8, 4, 8),
-              K(128, 128, 64, 4, 3, 8)],
+    "small": _with_tma([K(16, bn, bk, 4, s) for bn, bk, s in itertools.product([64, 128], [128, 256], [3, 4])]
+                       + [K(32, 64, 128, 4, 3), K(32, 128, 128, 4, 3), K(32, 64, 128, 4, 4), K(32, 128, 64, 4, 4),
+                          K(64, 64, 64, 4, 4)]),
+    "medium": _with_tma([K(bm, bn, 64, 4, s) for bm, bn, s in itertools.product([32, 64], [64, 128], [3, 4])]
+                        + [K(128, 128, 64, 8, 3)]),
+    "large": _with_tma([K(128, 128, 64, 8, 3), K(128, 128, 64, 8, 4), K(128, 128, 64, 8, 2), K(128, 256, 64, 8, 3),
+                        K(128, 256, 64, 8, 4), K(128, 64, 64, 4, 4), K(128, 64, 64, 8, 4), K(128, 64, 128, 8, 3),
+                        K(128, 128, 128, 8, 3), K(128, 128, 32, 8, 5), K(64, 256, 64, 4, 3), K(64, 128, 64, 4, 4),
+                        K(128, 128, 64, 8, 3, 4), K(128, 128, 64, 8, 3, 16)]),
 }
-SORTED_POINTS = [("qwen3-30b-a3b", 128, "small"), ("deepseek-v3", 128, "small"), ("qwen3-30b-a3b", 1024, "medium"),
-                 ("mixtral-8x7b", 128, "medium"), ("qwen3-30b-a3b", 8192, "large"), ("olmoe-1b-7b", 8192, "large"),
-                 ("qwen1.5-moe-a2.7b", 8192, "large"), ("mixtral-8x7b", 8192, "large"), ("deepseek-v3", 8192, "large")]
+SORTED_POINTS = [("qwen3-30b-a3b", 8192, "large"), ("olmoe-1b-7b", 8192, "large"), ("qwen1.5-moe-a2.7b", 8192, "large"),
+                 ("olmoe-1b-7b", 128, "small"), ("qwen3-30b-a3b", 128, "small"), ("mixtral-8x7b", 8192, "large"),
+                 ("qwen3-30b-a3b", 1024, "medium"), ("deepseek-v3", 8192, "large")]
 D = tf.DecodeConfig
 DECODE_CANDIDATES = [D(bn, bk, w, s) for bn, bk, w, s in itertools.product([8, 16, 32, 64], [128, 256, 512], [4, 8], [1, 3])]
 DECODE_POINTS = [(p, 1) for p in moe_lab.PRESETS] + [("qwen3-30b-a3b", 2)]
@@ -80,6 +93,8 @@ def _best(kind, preset, T, name, timings, current, extra):
 
 
 def tune_sorted(results):
+    """Each sorted kernel alone over the candidates; then the whole forward, replayed from a CUDA
+    graph, with today's configs and with the two winners (what the kernel winners are worth)."""
     layers = {}
     for preset, T, regime in SORTED_POINTS:
         layer = layers.setdefault(preset, _layer(preset))
@@ -89,33 +104,49 @@ def tune_sorted(results):
         _, sorted_pair = torch.sort(index.reshape(-1), stable=True)
         counts = moe_lab.tokens_per_expert(index, E)
         S, hit = T * k, int((counts > 0).sum())
+        expert_weights = tf.expert_weights(layer)
         h = torch.randn(S, I, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(S, H, device="cuda", dtype=torch.bfloat16)
-        pow2 = tf._next_power_of_two(E)
-        common = dict(INPUT_PRECISION="tf32", DOT_IN_FP32=False, NUM_EXPERTS_POW2=pow2, HAS_BIAS=False)
-        current_up, current_down = tf.kernel_configs(S / min(E, S), False)
-        for name, width, weight_bytes, flops, current in (
-            ("gate_up", I, hit * 2 * I * H * 2, 2 * S * H * 2 * I, current_up),
-            ("down", H, hit * I * H * 2, 2 * S * I * H, current_down),
+        current = tf.kernel_configs(S / min(E, S), False, wide_output=H >= 4096)
+        winners = []
+        for name, weight_bytes, flops, now in (
+            ("gate_up", hit * 2 * I * H * 2, 2 * S * H * 2 * I, current[0]),
+            ("down", hit * I * H * 2, 2 * S * I * H, current[1]),
         ):
-            def run(cfg, name=name, width=width):
-                rows = tf._max_row_blocks(S, E, cfg)
+            def run(cfg, name=name):
                 if name == "gate_up":
-                    tf._launch(tk.gate_up_kernel, cfg, S, E, width, x, layer.gate_up_proj, None, h, sorted_pair,
-                               counts, E, rows, k, I, H, x.stride(0), x.stride(1), *layer.gate_up_proj.stride(),
-                               0, 0, h.stride(0), h.stride(1), ACTIVATION="silu", **common)
+                    tf.launch_gate_up(x, expert_weights, sorted_pair, counts, k, "silu", cfg)
                 else:
-                    tf._launch(tk.down_kernel, cfg, S, E, width, h, layer.down_proj, None, weights.reshape(-1), y,
-                               sorted_pair, counts, E, rows, H, I, h.stride(0), h.stride(1), *layer.down_proj.stride(),
-                               0, 0, y.stride(0), y.stride(1), **common)
-            candidates = SORTED_CANDIDATES[regime] + [current]
+                    tf.launch_down(h, expert_weights, weights.reshape(-1), sorted_pair, counts, cfg)
+            candidates = SORTED_CANDIDATES[regime] + [now]
             timings = {cfg: _bench(lambda cfg=cfg: run(cfg)) for cfg in dict.fromkeys(candidates)}
-            row = _best("sorted", preset, T, name, timings, current,
+            row = _best("sorted", preset, T, name, timings, now,
                         lambda ms, b=weight_bytes, f=flops: {"GBps": b / ms / 1e6, "TFLOPs": f / ms / 1e9})
             if row:
                 results.append(row)
+                winners.append(K(**row["best"]))
+        if len(winners) == 2:
+            results.append(_forward_with(layer, preset, T, x, index, weights, {"current": current,
+                                                                               "winners": tuple(winners)}))
     layers.clear()
     torch.cuda.empty_cache()
+
+
+def _forward_with(layer, preset, T, x, index, weights, config_pairs):
+    """The whole triton forward replayed from a CUDA graph under each (gate_up, down) config pair."""
+    original = tf.kernel_configs
+    c = layer.config
+    flops = 2 * T * c.top_k * 3 * c.hidden_size * c.intermediate_size
+    row = dict(kind="forward", preset=preset, T=T)
+    for label, pair in config_pairs.items():
+        tf.kernel_configs = lambda *args, pair=pair, **kwargs: pair
+        try:
+            ms = _graph_ms(GraphedExperts(layer, "triton"), x, index, weights)
+        finally:
+            tf.kernel_configs = original
+        row[label] = dict(configs=[cfg.__dict__ for cfg in pair], ms=ms, TFLOPs=flops / ms / 1e9)
+    print("forward", preset, T, {label: f"{v['ms']:.4f} ms {v['TFLOPs']:.0f} TFLOP/s" for label, v in row.items()
+                                 if isinstance(v, dict)}, flush=True)
+    return row
 
 
 def tune_decode(results):
@@ -187,15 +218,24 @@ def crossover(results):
         torch.cuda.empty_cache()
 
 
+class _SavedResults(list):
+    """Rewrites the JSON after every row, so a run cut short by its time limit keeps what it measured."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def append(self, row):
+        super().append(row)
+        with open(self.path, "w") as f:
+            json.dump({"provenance": provenance("cuda"), "results": list(self)}, f, indent=1, default=str)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="triton_tuning.json")
     parser.add_argument("--parts", default="decode,crossover,sorted")
     args = parser.parse_args()
-    results = []
-    try:
-        for part in args.parts.split(","):
-            {"decode": tune_decode, "crossover": crossover, "sorted": tune_sorted}[part](results)
-    finally:
-        with open(args.output, "w") as f:
-            json.dump({"provenance": provenance("cuda"), "results": results}, f, indent=1, default=str)
+    results = _SavedResults(args.output)
+    for part in args.parts.split(","):
+        {"decode": tune_decode, "crossover": crossover, "sorted": tune_sorted}[part](results)

@@ -1,18 +1,18 @@
 """`triton`: the whole experts forward in two fused Triton kernels, after one sort.
 
-    top_k_index [T, k] --flatten--> expert_of_pair [S]          (S = T*k)
+    top_k_index [T, k] --flatten--> expert_of_pair [S] int32    (S = T*k)
     sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
     counts per expert   ----------> counts [E]                     (scatter-add, no host sync)
     gate_up_kernel: h [S, I] = act(x[token] @ gate^T) * (x[token] @ up^T)  one kernel, gather fused
     down_kernel:    y [S, H] = weight * (h @ down^T), stored at the pair's own row: un-permuted
-    out [T, H] = y.view(T, k, H).sum(1)                            the k rows of each token
+    sum_top_k_kernel: out [T, H] = the k rows of each token summed          one streaming pass
 
 Compared with `grouped_mm` this drops the gathered copy of x, the [S, 2I] projection, the separate
 activation kernels, the weight multiply and the un-permute copy: ~6 launches instead of ~15, and no
 intermediate larger than [S, max(I, H)]. Nothing reads a GPU number on the host, so the forward is
 capturable in a CUDA graph and traceable by torch.compile.
 
-Decode (T=1, or while T*k*8 <= E so that two pairs rarely share an expert) skips the sort too:
+Decode (T=1, or while T*k*4 <= E: few pairs, seldom two on one expert) skips the sort too:
 
     decode_gate_up_kernel: h [S, I], one program per (pair, block of columns), a GEMV
     decode_down_kernel:    out [T, H], one program per (token, block of columns), k experts summed
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ import torch
 
 from ..errors import BackendInputError
 from ..routing import tokens_per_expert
-from .common import apply_gate, expert_weights, sum_over_top_k
+from .common import apply_gate, expert_weights
 
 
 class TritonUnavailableError(NotImplementedError):
@@ -109,17 +110,22 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    tma: bool = False  # weight tiles (and down's h tiles) through TMA descriptors where the GPU has TMA
 
 
-def kernel_configs(rows_per_expert: float, interpreted: bool, wide_output: bool = False
+def kernel_configs(rows_per_expert: float, interpreted: bool, wide_output: bool = False, itemsize: int = 2
                    ) -> tuple[KernelConfig, KernelConfig]:
     """Tile sizes for (gate_up_kernel, down_kernel) by the mean rows per expert hit.
 
     Small groups are memory bound: the smallest row block tl.dot allows (16), so enough programs
-    stream the experts' weights; big groups want big tiles for reuse. `wide_output` (H >= 4096)
-    gives the down kernel 256-column tiles. Chosen from H100 measurements of every candidate
-    (tools/tune_triton.py; the numbers are in docs/performance_notes.md).
+    stream the experts' weights; big groups want big tiles for reuse, loaded through TMA.
+    `wide_output` means H >= 4096 (a long K for gate_up). Chosen from H100 measurements of every
+    candidate in bfloat16 (tools/tune_triton.py; the numbers are in docs/performance_notes.md);
+    4-byte dtypes get half the BLOCK_K, so a pipeline stage takes the same shared memory.
     """
+    if itemsize > 2 and not interpreted:
+        return tuple(dataclasses.replace(config, block_k=config.block_k * 2 // itemsize)
+                     for config in kernel_configs(rows_per_expert, interpreted, wide_output))
     if interpreted:  # the interpreter runs programs one by one in numpy: fewer, bigger programs
         return KernelConfig(16, 64, 64, 1, 1), KernelConfig(16, 64, 64, 1, 1)
     if rows_per_expert <= 8:
@@ -128,7 +134,10 @@ def kernel_configs(rows_per_expert: float, interpreted: bool, wide_output: bool 
         return KernelConfig(32, 64, 128, 4, 3), KernelConfig(32, 128, 128, 4, 3)
     if rows_per_expert <= 256:
         return KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 128, 64, 4, 4)
-    return KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 256 if wide_output else 128, 64, 8, 3)
+    # Compute bound: TMA tiles (15-25 % faster per kernel on an H100), a fourth stage except for
+    # long K (H >= 4096, where three won), and 256-column tiles for down everywhere.
+    return (KernelConfig(128, 128, 64, 8, 3 if wide_output else 4, tma=True),
+            KernelConfig(128, 256, 64, 8, 4, tma=True))
 
 
 @dataclass(frozen=True)
@@ -156,8 +165,10 @@ def decode_configs(interpreted: bool) -> tuple[DecodeConfig, DecodeConfig]:
 def uses_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """The token-major decode kernels read one expert's weights once per (token, expert) pair; the
     sorted kernels once per expert hit, after a sort. One token never repeats an expert, so T=1 is
-    always decode; beyond that, only while pairs are few enough that two rarely share an expert."""
-    return num_tokens == 1 or num_tokens * top_k * 8 <= num_experts
+    always decode; beyond that, only while there are at most E/4 pairs. Measured on an H100 (whole
+    layer, CUDA-graph replay, tools/tune_triton.py --parts crossover): decode is 15-20 % faster at
+    T=2 on qwen3, olmoe and qwen1.5, ties at T*k = E/4 to E/2, and loses from T*k = E on."""
+    return num_tokens == 1 or num_tokens * top_k * 4 <= num_experts
 
 
 def triton_path(num_tokens: int, top_k: int, num_experts: int) -> str:
@@ -219,43 +230,102 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return hidden_states.new_zeros(num_tokens, hidden)
-    kernels = _kernels()
     activation = fused_activation(experts)
-    gate_up_width = inter if activation != "none" else 2 * inter
     if uses_decode_path(num_tokens, top_k, num_experts):
-        return _decode_forward(kernels, experts, weights, activation, gate_up_width, hidden_states, top_k_index,
+        gate_up_width = inter if activation != "none" else 2 * inter
+        return _decode_forward(_kernels(), experts, weights, activation, gate_up_width, hidden_states, top_k_index,
                                top_k_weights)
 
-    expert_of_pair = top_k_index.reshape(-1)  # [S]
+    # int32 keys: half the radix passes of int64 (58 vs 95 us for 65k pairs on an H100).
+    expert_of_pair = top_k_index.reshape(-1).to(torch.int32)  # [S]
     _, sorted_pair = torch.sort(expert_of_pair, stable=True)  # [S] pair ids, grouped by expert
     counts = tokens_per_expert(top_k_index, num_experts)  # [E]
     rows_per_expert = num_pairs / min(num_experts, num_pairs)
-    up_config, down_config = kernel_configs(rows_per_expert, _interpreting_cached(), wide_output=hidden >= 4096)
-    precision = "ieee" if hidden_states.dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32)
-    dot_in_fp32 = _interpreting_cached() and hidden_states.dtype == torch.bfloat16
-    experts_pow2 = _next_power_of_two(num_experts)
-
-    h = hidden_states.new_empty(num_pairs, gate_up_width)  # [S, I] (or [S, 2I] for a custom gate)
-    _launch(kernels.gate_up_kernel, up_config, num_pairs, num_experts, gate_up_width,
-            hidden_states, weights.gate_up, weights.gate_up_bias, h, sorted_pair, counts,
-            num_experts, _max_row_blocks(num_pairs, num_experts, up_config), top_k, gate_up_width, hidden,
-            hidden_states.stride(0), hidden_states.stride(1), *weights.gate_up.stride(),
-            *_bias_strides(weights.gate_up_bias), h.stride(0), h.stride(1),
-            ACTIVATION=activation, HAS_BIAS=weights.gate_up_bias is not None, INPUT_PRECISION=precision,
-            DOT_IN_FP32=dot_in_fp32, NUM_EXPERTS_POW2=experts_pow2)
+    up_config, down_config = kernel_configs(rows_per_expert, _interpreting_cached(), wide_output=hidden >= 4096,
+                                            itemsize=hidden_states.element_size())
+    h = launch_gate_up(hidden_states, weights, sorted_pair, counts, top_k, activation, up_config)  # [S, I]
     if activation == "none":
         h = apply_gate(experts, h)  # [S, 2I] -> [S, I] with the module's own formula
+    y = launch_down(h, weights, top_k_weights.reshape(-1), sorted_pair, counts, down_config)  # [S, H]
+    return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
 
-    routing_weights = top_k_weights.reshape(-1)  # [S] in pair order
-    y = hidden_states.new_empty(num_pairs, hidden)  # [S, H] in (token, slot) order
-    _launch(kernels.down_kernel, down_config, num_pairs, num_experts, hidden,
-            h, weights.down, weights.down_bias, routing_weights, y, sorted_pair, counts,
-            num_experts, _max_row_blocks(num_pairs, num_experts, down_config), hidden, inter,
+
+def launch_gate_up(hidden_states, weights, sorted_pair, counts, top_k, activation, config: KernelConfig):
+    """x [T, H] -> h [S, I] (act(gate) * up; [S, 2I] raw for activation "none") in sorted row order."""
+    hidden = hidden_states.shape[1]
+    num_pairs, num_experts = sorted_pair.numel(), weights.num_experts
+    width = weights.intermediate_size if activation != "none" else 2 * weights.intermediate_size
+    h = hidden_states.new_empty(num_pairs, width)  # [S, I] (or [S, 2I] for a custom gate)
+    use_tma = _can_use_tma(config, weights.gate_up)
+    w = _tile_descriptor(weights.gate_up, config.block_n, config.block_k) if use_tma else weights.gate_up
+    _launch(_kernels().gate_up_kernel, config, num_pairs, num_experts, width,
+            hidden_states, w, weights.gate_up_bias, h, sorted_pair, counts,
+            num_experts, _max_row_blocks(num_pairs, num_experts, config), top_k, width, hidden,
+            hidden_states.stride(0), hidden_states.stride(1), *weights.gate_up.stride(),
+            *_bias_strides(weights.gate_up_bias), h.stride(0), h.stride(1),
+            ACTIVATION=activation, HAS_BIAS=weights.gate_up_bias is not None, USE_TMA=use_tma,
+            **_precision_constexprs(hidden_states.dtype, num_experts))
+    return h
+
+
+def launch_down(h, weights, routing_weights, sorted_pair, counts, config: KernelConfig):
+    """h [S, I] in sorted row order -> y [S, H] in (token, slot) order, each row times its routing weight."""
+    hidden, inter = weights.hidden_size, weights.intermediate_size
+    num_pairs, num_experts = sorted_pair.numel(), weights.num_experts
+    y = h.new_empty(num_pairs, hidden)  # [S, H]
+    use_tma = _can_use_tma(config, weights.down) and _can_use_tma(config, h.unsqueeze(0))
+    a = _kernels().tile_descriptor(h, [config.block_m, config.block_k]) if use_tma else h
+    w = _tile_descriptor(weights.down, config.block_n, config.block_k) if use_tma else weights.down
+    _launch(_kernels().down_kernel, config, num_pairs, num_experts, hidden,
+            a, w, weights.down_bias, routing_weights, y, sorted_pair, counts,
+            num_experts, _max_row_blocks(num_pairs, num_experts, config), hidden, inter,
             h.stride(0), h.stride(1), *weights.down.stride(), *_bias_strides(weights.down_bias),
             y.stride(0), y.stride(1),
-            HAS_BIAS=weights.down_bias is not None, INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
-            NUM_EXPERTS_POW2=experts_pow2)
-    return sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+            HAS_BIAS=weights.down_bias is not None, USE_TMA=use_tma, **_precision_constexprs(h.dtype, num_experts))
+    return y
+
+
+def launch_sum_over_top_k(y, num_tokens, top_k):
+    """y [S, H] in (token, slot) order -> [T, H], as common.sum_over_top_k but one streaming kernel."""
+    hidden = y.shape[1]
+    out = y.new_empty(num_tokens, hidden)  # [T, H]
+    block_n = min(2048, _next_power_of_two(hidden))
+    _kernels().sum_top_k_kernel[(num_tokens, -(-hidden // block_n))](
+        y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_N=block_n, num_warps=8)
+    return out
+
+
+def _precision_constexprs(dtype, num_experts) -> dict:
+    return dict(
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+        DOT_IN_FP32=_interpreting_cached() and dtype == torch.bfloat16,
+        NUM_EXPERTS_POW2=_next_power_of_two(num_experts),
+    )
+
+
+def _can_use_tma(config: KernelConfig, w: torch.Tensor) -> bool:
+    """TMA tiles need the config to ask for them, a Hopper-or-later GPU (or the interpreter, which
+    emulates them), and a [E, rows, K] tensor that is K-contiguous with 16-byte aligned rows."""
+    if not config.tma or not w.is_contiguous() or (w.shape[-1] * w.element_size()) % 16 or w.data_ptr() % 16:
+        return False
+    if _interpreting_cached():
+        return True
+    return w.device.type == "cuda" and _cuda_major(w.device.index or 0) >= 9
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    return _cuda_major_cached(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_major_cached(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _tile_descriptor(w: torch.Tensor, block_rows: int, block_k: int):
+    """A TMA descriptor over w [E, rows, K] viewed as [E*rows, K], in [block_rows, block_k] tiles."""
+    return _kernels().tile_descriptor(w.view(-1, w.shape[-1]), [block_rows, block_k])
 
 
 def _decode_forward(kernels, experts, weights, activation, gate_up_width, hidden_states, top_k_index,
