@@ -322,6 +322,10 @@ def test_best_paths_and_transformers_ratios_on_a_small_table():
     best = bench.best_paths(frame).iloc[0]
     assert best["moe_lab"] == "triton (cuda_graph)"  # auto is left out: it is one of the others
     assert best["transformers"] == "grouped_mm (cuda_graph)" and best["speedup"] == 3.0
+    # Two tables concatenated as they are repeat index labels; the answer must not change.
+    other = frame.assign(preset="q")
+    both = bench.best_paths(pd.concat([frame, other]))
+    assert list(both["preset"]) == ["p", "q"] and list(both["speedup"]) == [3.0, 3.0]
 
     compiled = pd.DataFrame([
         dict(mode="default", num_tokens=16, hidden_size=8, intermediate_size=4, num_experts=2, top_k=1,

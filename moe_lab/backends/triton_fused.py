@@ -132,10 +132,11 @@ def kernel_configs(rows_per_expert: float, interpreted: bool, wide_output: bool 
         return KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 64, 128, 4, 4)
     if rows_per_expert <= 32:  # ~16 rows: 16-row blocks would split half the experts in two, reading them twice
         return KernelConfig(32, 64, 128, 4, 3), KernelConfig(32, 128, 128, 4, 3)
-    if rows_per_expert <= 256:
+    if rows_per_expert < 256:
         return KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 128, 64, 4, 4)
     # Compute bound: TMA tiles (15-25 % faster per kernel on an H100), a fourth stage except for
-    # long K (H >= 4096, where three won), and 256-column tiles for down everywhere.
+    # long K (H >= 4096, where three won), and 256-column tiles for down everywhere. From 256 rows
+    # on: mixtral at T=1024 and deepseek-v3 at T=8192 have exactly 256.
     return (KernelConfig(128, 128, 64, 8, 3 if wide_output else 4, tma=True),
             KernelConfig(128, 256, 64, 8, 4, tma=True))
 

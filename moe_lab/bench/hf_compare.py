@@ -112,12 +112,12 @@ def best_paths(frame):
     `load_recorded("presets", execution=None)`)."""
     import pandas as pd
 
-    ok = frame[frame["status"] == "ok"]
-    theirs_mask = ok["backend"].str.startswith(PREFIX)
+    ok = frame[frame["status"] == "ok"].reset_index(drop=True)  # concatenated tables repeat index labels
     rows = []
     for (preset, tokens), group in ok.groupby(["preset", "num_tokens"], sort=False):
-        ours = group[~theirs_mask.loc[group.index] & (group["backend"] != "auto")]
-        theirs = group[theirs_mask.loc[group.index]]
+        is_theirs = group["backend"].str.startswith(PREFIX)
+        ours = group[~is_theirs & (group["backend"] != "auto")]
+        theirs = group[is_theirs]
         if ours.empty or theirs.empty:
             continue
         best, best_theirs = ours.loc[ours["median_ms"].idxmin()], theirs.loc[theirs["median_ms"].idxmin()]
