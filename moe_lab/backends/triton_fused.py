@@ -307,7 +307,11 @@ def _precision_constexprs(dtype, num_experts) -> dict:
 def _can_use_tma(config: KernelConfig, w: torch.Tensor) -> bool:
     """TMA tiles need the config to ask for them, a Hopper-or-later GPU (or the interpreter, which
     emulates them), and a [E, rows, K] tensor that is K-contiguous with 16-byte aligned rows."""
-    if not config.tma or not w.is_contiguous() or (w.shape[-1] * w.element_size()) % 16 or w.data_ptr() % 16:
+    if not config.tma or not w.is_contiguous() or (w.shape[-1] * w.element_size()) % 16:
+        return False
+    # The base address too; torch.compile cannot trace data_ptr(), and there w is a module's own
+    # parameter or a fresh buffer, both allocator-aligned (256 bytes).
+    if not torch.compiler.is_compiling() and w.data_ptr() % 16:
         return False
     if _interpreting_cached():
         return True
