@@ -2,7 +2,9 @@
 # The recorded GPU run behind data/h100_bf16_compare_hf_*, on one card, in three calls that each
 # fit the device's 10-minute limit:  bash tools/gpu_record.sh tables-finegrained | tables-coarse | compile
 # (compile ends with the graph-breaks part, which also runs alone)
-# $OUT must be set and MOE_LAB_GIT_COMMIT = the commit measured. Output: $OUT/<part>.tar.gz + log.
+# $OUT must be set, and MOE_LAB_GIT_COMMIT = the commit measured, written into the command from the
+# local checkout (the device's copy of .git can lag behind the working tree it measures).
+# Output: $OUT/<part>.tar.gz + log.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PART=${1:?"which part: tables-finegrained, tables-coarse, compile or graph-breaks"}
 R=/tmp/record; mkdir -p $R
