@@ -88,6 +88,18 @@ def test_tma_tiles_match_the_reference(monkeypatch, dtype, shape):
     assert launched == [True, True]
 
 
+@pytest.mark.parametrize("num_experts", [1, 2, 7, 128])
+def test_expert_counts_histogram_equals_the_scatter_count(num_experts):
+    # histc's equal-width bins over [0, E-1] must put id e in bin e, the last id included.
+    from moe_lab.backends.triton_fused import expert_counts
+
+    index = torch.randint(0, num_experts, (300, 1), generator=torch.Generator().manual_seed(num_experts))
+    index[0, 0] = num_experts - 1
+    counts = expert_counts(index.reshape(-1).to(torch.int32).to(DEVICE), num_experts)
+    assert counts.shape == (num_experts,)
+    assert counts.long().cpu().tolist() == moe_lab.tokens_per_expert(index, num_experts).tolist()
+
+
 def test_zero_tokens_give_an_empty_output():
     layer, hidden, index, weights = _case(32, 16, 8, 2, 0, torch.float32)
     assert moe_lab.experts_forward("triton", layer, hidden, index, weights).shape == (0, 32)

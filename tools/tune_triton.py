@@ -102,7 +102,7 @@ def tune_sorted(results):
         H, I, E, k = c.hidden_size, c.intermediate_size, c.num_experts, c.top_k
         x, index, weights = _inputs(layer, T)
         _, sorted_pair = torch.sort(index.reshape(-1), stable=True)
-        counts = moe_lab.tokens_per_expert(index, E)
+        counts = tf.expert_counts(index.reshape(-1).to(torch.int32), E)
         S, hit = T * k, int((counts > 0).sum())
         expert_weights = tf.expert_weights(layer)
         h = torch.randn(S, I, device="cuda", dtype=torch.bfloat16)

@@ -2,7 +2,7 @@
 
     top_k_index [T, k] --flatten--> expert_of_pair [S] int32    (S = T*k)
     sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
-    counts per expert   ----------> counts [E]                     (scatter-add, no host sync)
+    counts per expert   ----------> counts [E]                     (a histogram, no host sync)
     gate_up_kernel: h [S, I] = act(x[token] @ gate^T) * (x[token] @ up^T)  one kernel, gather fused
     down_kernel:    y [S, H] = weight * (h @ down^T), stored at the pair's own row: un-permuted
     sum_top_k_kernel: out [T, H] = the k rows of each token summed          one streaming pass
@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BackendInputError
-from ..routing import tokens_per_expert
 from .common import apply_gate, expert_weights
 
 
@@ -240,7 +239,7 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     # int32 keys: half the radix passes of int64 (58 vs 95 us for 65k pairs on an H100).
     expert_of_pair = top_k_index.reshape(-1).to(torch.int32)  # [S]
     _, sorted_pair = torch.sort(expert_of_pair, stable=True)  # [S] pair ids, grouped by expert
-    counts = tokens_per_expert(top_k_index, num_experts)  # [E]
+    counts = expert_counts(expert_of_pair, num_experts)  # [E]
     rows_per_expert = num_pairs / min(num_experts, num_pairs)
     up_config, down_config = kernel_configs(rows_per_expert, _interpreting_cached(), wide_output=hidden >= 4096,
                                             itemsize=hidden_states.element_size())
@@ -249,6 +248,14 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
         h = apply_gate(experts, h)  # [S, 2I] -> [S, I] with the module's own formula
     y = launch_down(h, weights, top_k_weights.reshape(-1), sorted_pair, counts, down_config)  # [S, H]
     return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+
+
+def expert_counts(expert_of_pair, num_experts):
+    """[E] pairs per expert as one histogram kernel (a scatter-add count takes three: zeros, ones,
+    scatter). CUDA's histc counts the int32 ids; the CPU's wants floats. Bins of width (E-1)/E over
+    [0, E-1] put id e in bin e."""
+    ids = expert_of_pair if expert_of_pair.is_cuda else expert_of_pair.float()
+    return torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
 
 
 def launch_gate_up(hidden_states, weights, sorted_pair, counts, top_k, activation, config: KernelConfig):
