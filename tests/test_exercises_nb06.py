@@ -13,7 +13,9 @@ def recorded():
 
 @pytest.fixture(scope="module")
 def qwen3(recorded):
-    return recorded[(recorded["preset"] == "qwen3-30b-a3b") & (recorded["status"] == "ok")]
+    # auto is left out, as in the exercise: it runs one of the others
+    return recorded[(recorded["preset"] == "qwen3-30b-a3b") & (recorded["status"] == "ok")
+                    & (recorded["backend"] != "auto")]
 
 
 def _row(qwen3, tokens, backend):
@@ -102,6 +104,27 @@ def test_a_fraction_no_row_has_is_reported_as_off(qwen3):
                  if not (qwen3["fraction_of_roofline"] - w).abs().le(ex.FRACTION_TOLERANCE / 2).any())
     result = ex.check_fastest_qwen3({1: ("triton", wrong), 8192: ("triton", round(f8192, 2))})
     assert not result and f"T=1: fraction {wrong:.3g} is off by {wrong - f1:+.3g}" in result.message
+
+
+def test_the_notebooks_solution_passes_the_check(recorded, capsys):
+    # The code in notebook 06's Solution cell, run as a reader would, must satisfy the checker.
+    import json
+    import re
+    from pathlib import Path
+
+    cells = json.loads((Path(__file__).parents[1] / "notebooks" / "06_playground.ipynb").read_text())["cells"]
+    solution = next("".join(c["source"]) for c in cells if "<summary>Solution</summary>" in "".join(c["source"]))
+    code = re.search(r"```python\n(.*?)```", solution, re.S).group(1)
+    namespace = {"recorded": recorded}
+    exec(code, namespace)
+    assert ex.check_fastest_qwen3(namespace["answer"])
+    assert capsys.readouterr().out.startswith("Correct")
+
+
+def test_auto_is_not_an_answer(qwen3):
+    f1, f8192 = (round(_fastest_row(qwen3, t)["fraction_of_roofline"], 2) for t in (1, 8192))
+    result = ex.check_fastest_qwen3({1: ("triton", f1), 8192: ("auto", f8192)})
+    assert not result and "T=8192: auto only picks one of the other backends" in result.message
 
 
 def test_unfilled_and_malformed_answers():
