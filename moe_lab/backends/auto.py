@@ -63,8 +63,9 @@ DEFAULT_CROSSOVERS: dict[str, tuple[tuple[int | None, str], ...]] = {
     "cpu": ((8, "batched_mm"), (2048, "grouped_mm"), (None, "eager")),
     # CUDA: the triton backend at every T. In the recorded H100 run (data/h100_bf16_compare_hf_*,
     # bf16, six presets x T = 1..8192) it was the fastest of eager/batched_mm/grouped_mm/triton at
-    # 27 of 30 points, launched and graph-replayed alike; grouped_mm won the other 3 (mixtral at
-    # T >= 1024, deepseek-v3 at T = 8192), which `moe-lab calibrate` on those shapes finds.
+    # all 30 points, launched and graph-replayed alike (the run before its prefill TMA tiles: 27,
+    # grouped_mm taking mixtral at T >= 1024 and deepseek-v3 at T = 8192). Launched from Python at
+    # T <= 16 the margins are CPU noise; `moe-lab calibrate` measures them on the user's machine.
     # grouped_mm (the fallback) runs where triton cannot: no triton, or float64.
     "cuda": ((None, "triton"),),
 }
