@@ -1,4 +1,5 @@
-"""The name of a device, as result rows and calibration entries record it (so the two agree)."""
+"""What the backends and the result rows ask about a device: its name (as result rows and calibration
+entries record it, so the two agree) and, for CUDA, its compute capability."""
 from __future__ import annotations
 
 import functools
@@ -27,3 +28,20 @@ def _device_name(device: str) -> str:
             pass
         return platform.processor() or platform.machine() or "unknown cpu"
     return device.type
+
+
+@torch.compiler.assume_constant_result
+def cuda_device_facts(index: int) -> tuple[int, int, int]:
+    """(device count, major, minor) of CUDA device `index`; major = minor = -1 if there is none.
+    A constant to torch.compile: dynamo cannot trace torch.cuda's queries, and a graph break on every
+    forward cost compiled grouped_mm ~0.3 ms a call on an H100 (two graphs, guards and Python between).
+    Cached because the answer never changes in a process and the backends ask on every call."""
+    return _cuda_device_facts(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_facts(index: int) -> tuple[int, int, int]:
+    count = torch.cuda.device_count()
+    if index >= count:
+        return count, -1, -1
+    return (count, *torch.cuda.get_device_capability(index))

@@ -15,11 +15,11 @@ nothing. `grouped_mm_path()` tells which grouped matmul runs and why.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from ..devices import cuda_device_facts
 from ..routing import tokens_per_expert
 from .common import apply_gate, expert_weights, sum_over_top_k
 from .grouped_loop import grouped_matmul_loop
@@ -43,24 +43,6 @@ class GroupedMMPath:
 
 def _torch_op_name() -> str:
     return "torch.nn.functional.grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "torch._grouped_mm"
-
-
-@torch.compiler.assume_constant_result
-def _cuda_device_facts(index: int) -> tuple[int, int, int]:
-    """(device count, major, minor) of CUDA device `index`; major = minor = -1 if there is none.
-
-    A constant to torch.compile: dynamo cannot trace torch.cuda's queries, and a graph break on every
-    forward cost compiled grouped_mm ~0.3 ms a call on an H100 (two graphs, guards and Python between).
-    Cached because the answer never changes in a process and the forward asks on every call."""
-    return _cuda_device_facts_cached(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_device_facts_cached(index: int) -> tuple[int, int, int]:
-    count = torch.cuda.device_count()
-    if index >= count:
-        return count, -1, -1
-    return (count, *torch.cuda.get_device_capability(index))
 
 
 def grouped_mm_path(device, dtype: torch.dtype, hidden_size: int, intermediate_size: int,
@@ -92,7 +74,7 @@ def grouped_mm_path(device, dtype: torch.dtype, hidden_size: int, intermediate_s
         return GroupedMMPath(loop, False, f"torch.compile traces grouped_mm for bfloat16 only, not {dtype}")
     op = _torch_op_name()
     if device.type == "cuda":
-        count, major, minor = _cuda_device_facts(device.index or 0)
+        count, major, minor = cuda_device_facts(device.index or 0)
         if major < 0:  # torch would raise AssertionError
             raise ValueError(f"no CUDA device {device} here (torch.cuda.device_count() = {count}); "
                              "on a GPU the path depends on its compute capability")

@@ -1,4 +1,4 @@
-"""`triton`: the whole experts forward in two fused Triton kernels, after one sort.
+"""`triton`: the whole experts forward in two fused Triton GEMM kernels and a streaming sum, after one sort.
 
     top_k_index [T, k] --flatten--> expert_of_pair [S] int32    (S = T*k)
     sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
@@ -27,14 +27,15 @@ how the backend runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
-import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 
+from ..devices import cuda_device_facts
 from ..errors import BackendInputError
 from .common import apply_gate, expert_weights
 
@@ -322,17 +323,7 @@ def _can_use_tma(config: KernelConfig, w: torch.Tensor) -> bool:
         return False
     if _interpreting_cached():
         return True
-    return w.device.type == "cuda" and _cuda_major(w.device.index or 0) >= 9
-
-
-@torch.compiler.assume_constant_result
-def _cuda_major(index: int) -> int:
-    return _cuda_major_cached(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_major_cached(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    return w.device.type == "cuda" and cuda_device_facts(w.device.index or 0)[1] >= 9
 
 
 def _tile_descriptor(w: torch.Tensor, block_rows: int, block_k: int):
