@@ -255,6 +255,8 @@ def expert_counts(expert_of_pair, num_experts):
     """[E] pairs per expert as one histogram kernel (a scatter-add count takes three: zeros, ones,
     scatter). CUDA's histc counts the int32 ids; the CPU's wants floats. Bins of width (E-1)/E over
     [0, E-1] put id e in bin e."""
+    if num_experts == 1:  # histc with min == max reads the data's range on the host: a sync
+        return expert_of_pair.new_full((1,), expert_of_pair.numel())
     ids = expert_of_pair if expert_of_pair.is_cuda else expert_of_pair.float()
     return torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
 
