@@ -301,8 +301,8 @@ def decode_down_kernel(
 @triton.jit
 def sum_top_k_kernel(y_ptr, out_ptr, N, stride_ym, stride_om, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """y [T*k, N] in (token, slot) order -> out [T, N]: each token's k rows summed in fp32, rounded
-    once. torch's strided reduction reaches ~80 % of the copy bandwidth on qwen1.5's prefill shape;
-    k unrolled loads of one contiguous row block each stream at ~100 %."""
+    once. On an H100 at qwen1.5's prefill shape (168 MB moved) torch's strided reduction took 80 us,
+    70 % of the copy bandwidth; k unrolled loads of contiguous row blocks take 64 us, 88 %."""
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
