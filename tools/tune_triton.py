@@ -224,11 +224,12 @@ class _SavedResults(list):
     def __init__(self, path):
         super().__init__()
         self.path = path
+        self.provenance = provenance("cuda")  # once: it asks git and the driver
 
     def append(self, row):
         super().append(row)
         with open(self.path, "w") as f:
-            json.dump({"provenance": provenance("cuda"), "results": list(self)}, f, indent=1, default=str)
+            json.dump({"provenance": self.provenance, "results": list(self)}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def launch_down(h, weights, routing_weights, sorted_pair, counts, config: Kernel
     hidden, inter = weights.hidden_size, weights.intermediate_size
     num_pairs, num_experts = sorted_pair.numel(), weights.num_experts
     y = h.new_empty(num_pairs, hidden)  # [S, H]
-    use_tma = _can_use_tma(config, weights.down) and _can_use_tma(config, h.unsqueeze(0))
+    use_tma = _can_use_tma(config, weights.down) and _can_use_tma(config, h)
     a = _kernels().tile_descriptor(h, [config.block_m, config.block_k]) if use_tma else h
     w = _tile_descriptor(weights.down, config.block_n, config.block_k) if use_tma else weights.down
     _launch(_kernels().down_kernel, config, num_pairs, num_experts, hidden,
@@ -316,7 +316,8 @@ def _precision_constexprs(dtype, num_experts) -> dict:
 
 def _can_use_tma(config: KernelConfig, w: torch.Tensor) -> bool:
     """TMA tiles need the config to ask for them, a Hopper-or-later GPU (or the interpreter, which
-    emulates them), and a [E, rows, K] tensor that is K-contiguous with 16-byte aligned rows."""
+    emulates them), and a contiguous [..., K] tensor (weights [E, rows, K], h [S, K]) whose rows
+    are a multiple of 16 bytes."""
     if not config.tma or not w.is_contiguous() or (w.shape[-1] * w.element_size()) % 16:
         return False
     # The base address too; torch.compile cannot trace data_ptr(), and there w is a module's own
