@@ -155,6 +155,17 @@ def test_grouped_mm_path_explains_itself(dtype, H, I, compiling, kernel_is_loop,
     assert reason_mentions in path.reason
 
 
+def test_grouped_mm_path_is_decided_once_per_key_when_launched():
+    # The forward asks on every call; launched from Python the answer is cached per (device, dtype,
+    # H, I), and a string device and a torch.device share the entry.
+    first = moe_lab.grouped_mm_path("cpu", torch.bfloat16, 32, 16, compiling=False)
+    assert moe_lab.grouped_mm_path(torch.device("cpu"), torch.bfloat16, 32, 16, compiling=False) is first
+    assert moe_lab.grouped_mm_path("cpu", torch.float64, 32, 16, compiling=False) != first
+    # The compiling answer is its own (bf16 only there), not the cached launched one.
+    assert moe_lab.grouped_mm_path("cpu", torch.float32, 32, 16, compiling=True).kernel == "moe_lab loop"
+    assert moe_lab.grouped_mm_path("cpu", torch.float32, 32, 16, compiling=False).kernel != "moe_lab loop"
+
+
 # ----------------------------------------------------------------------------- errors
 
 

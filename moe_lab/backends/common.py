@@ -77,12 +77,24 @@ def sum_over_top_k(y_by_pair: torch.Tensor, num_tokens: int, top_k: int) -> torc
     return y_by_pair.view(num_tokens, top_k, y_by_pair.shape[-1]).sum(dim=1)
 
 
+def expert_counts(expert_of_pair: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[S] int32 expert ids -> [E] pairs per expert, as one histogram kernel (a scatter-add count
+    takes three: zeros, ones, scatter) and without a host sync. CUDA's histc counts the int32 ids;
+    the CPU's wants floats. Bins of width (E-1)/E over [0, E-1] put id e in bin e."""
+    if num_experts == 1:  # histc with min == max reads the data's range on the host: a sync
+        return expert_of_pair.new_full((1,), expert_of_pair.numel())
+    ids = expert_of_pair if expert_of_pair.is_cuda else expert_of_pair.float()
+    return torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
+
+
 def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
     """Raise `BackendInputError` (a ValueError) saying what is wrong and what is expected.
 
     Only metadata is read (no host-device sync), except the expert-id range check, which runs on
-    CPU tensors only: on a GPU it would cost a sync per call, and an out-of-range id there
-    surfaces as a device-side assert instead.
+    CPU tensors only: on a GPU it would cost a sync per call. There an out-of-range id is not
+    caught: the gathering backends (eager, batched_mm) stop at a device-side assert, and the sorting
+    ones (grouped_mm, triton) leave the pair out of the histogram — as transformers' grouped_mm does
+    on purpose for expert-parallel sentinels — so the outputs are wrong without an error.
     """
     weights = expert_weights(experts)
     num_experts, hidden = weights.num_experts, weights.hidden_size

@@ -1,8 +1,8 @@
 """`grouped_mm`: sort the (token, expert) pairs by expert and run ONE grouped GEMM per projection.
 
-    top_k_index [T, k] --flatten--> expert_of_pair [S]   (S = T*k)
+    top_k_index [T, k] --flatten--> expert_of_pair [S] int32   (S = T*k)
     sort by expert      ----------> pair_order [S]: pairs of expert 0, then expert 1, ...
-    counts per expert, cumsum ----> offsets [E] int32: group e is rows offsets[e-1]:offsets[e]
+    histogram, cumsum   ----------> offsets [E] int32: group e is rows offsets[e-1]:offsets[e]
     x_sorted = hidden[pair_order // k]              [S, H]
     gate_up  = grouped_mm(x_sorted, gate_up_proj^T) [S, 2I]   one kernel for all experts
     h        = act(gate) * up                       [S, I]
@@ -15,17 +15,18 @@ nothing. `grouped_mm_path()` tells which grouped matmul runs and why.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..devices import cuda_device_facts
-from ..routing import tokens_per_expert
-from .common import apply_gate, expert_weights, sum_over_top_k
+from .common import apply_gate, expert_counts, expert_weights, sum_over_top_k
 from .grouped_loop import grouped_matmul_loop
 
 _TORCH_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_HAS_CPU_KERNEL = torch.__version__ >= (2, 9)  # a version comparison parses strings: once, not per call
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,19 @@ def grouped_mm_path(device, dtype: torch.dtype, hidden_size: int, intermediate_s
     on CUDA its fused CUTLASS kernel runs for bf16 on SM90/SM100, and anything else runs torch's
     per-group loop (which copies the offsets to the host).
     """
-    device = torch.device(device)
     compiling = torch.compiler.is_compiling() if compiling is None else compiling
+    if compiling:  # traced once per graph, so nothing to save; dynamo would only skip the cache anyway
+        return _decide_path(torch.device(device), dtype, hidden_size, intermediate_size, True)
+    # Launched from Python the forward asks on every call; the answer never changes for a key.
+    return _decide_path_cached(torch.device(device), dtype, hidden_size, intermediate_size)
+
+
+def _decide_path(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int,
+                 compiling: bool) -> GroupedMMPath:
     loop = "moe_lab loop"
     if _TORCH_GROUPED_MM is None:
         return GroupedMMPath(loop, False, f"torch {torch.__version__} has no grouped_mm op")
-    if device.type == "cpu" and torch.__version__ < (2, 9):
+    if device.type == "cpu" and not _HAS_CPU_KERNEL:
         return GroupedMMPath(loop, False, f"torch {torch.__version__} has no CPU kernel for grouped_mm (2.9+)")
     if dtype not in _KERNEL_DTYPES:
         return GroupedMMPath(loop, False, f"grouped_mm accepts bfloat16/float16/float32, not {dtype}")
@@ -85,6 +93,12 @@ def grouped_mm_path(device, dtype: torch.dtype, hidden_size: int, intermediate_s
     return GroupedMMPath(op, False, f"on {device.type}, torch's grouped_mm is a per-group matmul loop")
 
 
+@functools.lru_cache(maxsize=64)
+def _decide_path_cached(device: torch.device, dtype: torch.dtype, hidden_size: int,
+                        intermediate_size: int) -> GroupedMMPath:
+    return _decide_path(device, dtype, hidden_size, intermediate_size, False)
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, path: GroupedMMPath) -> torch.Tensor:
     """[S, K] x [E, K, N] with groups delimited by `offsets` -> [S, N]."""
     if path.uses_torch_op:
@@ -98,12 +112,13 @@ def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
     path = grouped_mm_path(hidden_states.device, hidden_states.dtype, hidden, weights.intermediate_size)
 
-    expert_of_pair = top_k_index.reshape(-1)  # [S = T*k]
+    # int32 keys: a radix sort of 32-bit keys takes half the passes of int64 ones.
+    expert_of_pair = top_k_index.reshape(-1).to(torch.int32)  # [S = T*k]
     expert_sorted, pair_order = torch.sort(expert_of_pair, stable=True)  # [S], [S]
     x_sorted = hidden_states[pair_order // top_k]  # [S, H], rows grouped by expert
-    # Offsets from a scatter-add count, not bincount: bincount sizes its output from the data
-    # (a host sync on CUDA); the count has a fixed size E.
-    offsets = torch.cumsum(tokens_per_expert(top_k_index, weights.num_experts), dim=0, dtype=torch.int32)  # [E]
+    # Offsets from a fixed-size histogram, not bincount: bincount sizes its output from the data
+    # (a host sync on CUDA).
+    offsets = torch.cumsum(expert_counts(expert_sorted, weights.num_experts), dim=0, dtype=torch.int32)  # [E]
 
     gate_up = grouped_matmul(x_sorted, weights.gate_up.transpose(-2, -1), offsets, path)  # [S, 2I]
     if weights.gate_up_bias is not None:

@@ -37,7 +37,7 @@ import torch
 
 from ..devices import cuda_device_facts
 from ..errors import BackendInputError
-from .common import apply_gate, expert_weights
+from .common import apply_gate, expert_counts, expert_weights
 
 
 class TritonUnavailableError(NotImplementedError):
@@ -249,16 +249,6 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
         h = apply_gate(experts, h)  # [S, 2I] -> [S, I] with the module's own formula
     y = launch_down(h, weights, top_k_weights.reshape(-1), sorted_pair, counts, down_config)  # [S, H]
     return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
-
-
-def expert_counts(expert_of_pair, num_experts):
-    """[E] pairs per expert as one histogram kernel (a scatter-add count takes three: zeros, ones,
-    scatter). CUDA's histc counts the int32 ids; the CPU's wants floats. Bins of width (E-1)/E over
-    [0, E-1] put id e in bin e."""
-    if num_experts == 1:  # histc with min == max reads the data's range on the host: a sync
-        return expert_of_pair.new_full((1,), expert_of_pair.numel())
-    ids = expert_of_pair if expert_of_pair.is_cuda else expert_of_pair.float()
-    return torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
 
 
 def launch_gate_up(hidden_states, weights, sorted_pair, counts, top_k, activation, config: KernelConfig):
