@@ -16,6 +16,13 @@ def _csv(text: str, convert=str) -> list:
     return [convert(item.strip()) for item in text.split(",") if item.strip()]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def _info(args) -> int:
     from .capabilities import capabilities, format_capabilities
 
@@ -65,7 +72,7 @@ def _bench(args) -> int:
     frame = bench.sweep(configs, args.tokens, backends, [dtype] if dtype else None, device=device,
                         progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution],
                         measure_kwargs={"max_seconds": args.max_seconds},
-                        executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"])
+                        executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"], rounds=args.rounds)
     if args.compare_hf:
         from .bench.hf_compare import add_transformers_ratios
 
@@ -76,16 +83,17 @@ def _bench(args) -> int:
         # With --compare-hf transformers' backends are compiled too, cell for cell.
         compile_frame = bench.compile_matrix(config, args.compile_tokens or args.tokens[:2], backends,
                                              args.compile_modes or bench.COMPILE_MODES, device=device, dtype=dtype,
-                                             progress=not args.quiet)
+                                             progress=not args.quiet, max_seconds=args.max_seconds, rounds=args.rounds)
         compile_frame.insert(0, "preset", name)
         if args.compare_hf:
             from .bench.hf_compare import add_transformers_compile_ratios
 
             compile_frame = add_transformers_compile_ratios(compile_frame)
-    print(_summary(frame))
+    print(_summary(frame, rounds=args.rounds > 1))
     if compile_frame is not None:
         columns = [c for c in ["mode", "backend", "num_tokens", "status", "compiled_ms", "speedup",
-                               "speedup_vs_transformers", "equal_after_routing_change"] if c in compile_frame.columns]
+                               "speedup_vs_transformers", *_ROUND_RATIOS[args.rounds > 1],
+                               "equal_after_routing_change"] if c in compile_frame.columns]
         print(compile_frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.output:
         extra = {}
@@ -99,10 +107,14 @@ def _bench(args) -> int:
     return 0
 
 
-def _summary(frame) -> str:
+_ROUND_RATIOS = {False: (), True: ("speedup_lowest_round", "speedup_highest_round")}
+
+
+def _summary(frame, rounds: bool = False) -> str:
     """One line per measurement: what a person reads in a terminal; the CSV has everything."""
     columns = [c for c in ["preset", "num_tokens", "backend", "execution", "status", "median_ms", "fraction_of_roofline",
-                           "tflops", "speedup_vs_transformers", "reason"] if c in frame.columns]
+                           "tflops", "speedup_vs_transformers", *_ROUND_RATIOS[rounds], "reason"]
+               if c in frame.columns]
     table = frame[columns].copy()
     if "reason" in table:
         table["reason"] = table["reason"].fillna("").astype(str).str.slice(0, 60)
@@ -203,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
     bench.add_argument("--device", default=None)
     bench.add_argument("--distribution", default="uniform", help="routing: uniform, zipf or single")
-    bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement")
+    bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement (per round)")
+    bench.add_argument("--rounds", type=_positive_int, default=1,
+                       help="measure every point's backends this many times, interleaved (A B B A ...), "
+                            "and report each ratio's lowest and highest round (default 1)")
     bench.add_argument("--no-ceilings", dest="ceilings", action="store_false", help="skip measure_ceilings()")
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers' own backends, same process")
     bench.add_argument("--cuda-graph", action="store_true",

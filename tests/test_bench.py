@@ -221,6 +221,50 @@ def test_sweep_field_grid_marks_invalid_layers_unsupported(ceilings):
         bench.sweep(TINY, 8, progress=False, not_a_field=[1])
 
 
+def test_sweep_rounds_interleave_backends_and_pool_their_times(ceilings):
+    # Two user backends that log who ran: round 0 runs a then b, round 1 b then a, round 2 a then b,
+    # so the log's blocks are a, b, (b) a, (a) b -> four blocks, not six.
+    log = []
+
+    def logging_backend(name):
+        def forward(experts, hidden_states, top_k_index, top_k_weights):
+            log.append(name)
+            return moe_lab.get_backend("grouped_mm")(experts, hidden_states, top_k_index, top_k_weights)
+        return forward
+
+    for name in ("spy_a", "spy_b"):
+        moe_lab.register(name, logging_backend(name))
+    try:
+        with moe_lab.batched_mm_budget(1024):
+            df = bench.sweep(TINY, 8, backends=["spy_a", "spy_b", "batched_mm"], device="cpu", progress=False,
+                             ceilings=ceilings, measure_kwargs=FAST, rounds=3)
+    finally:
+        for name in ("spy_a", "spy_b"):
+            moe_lab.unregister(name)
+    blocks = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert blocks == ["spy_a", "spy_b", "spy_a", "spy_b"]
+    assert list(df.columns) == list(bench.ROW_COLUMNS) and len(df) == 3
+    for _, row in df[df.status == "ok"].iterrows():
+        medians = [float(v) for v in row.round_medians_ms.split()]
+        assert row.rounds == 3 and len(medians) == 3
+        # the pooled median lies between the rounds' medians (5-significant-digit strings: rel 1e-4)
+        assert min(medians) * (1 - 1e-4) <= row.median_ms <= max(medians) * (1 + 1e-4)
+        assert row.reps >= 3 * FAST["min_reps"] and row.p10_ms <= row.median_ms <= row.p90_ms
+        assert row.fraction_of_roofline == pytest.approx(row.roofline_ms / row.median_ms)
+    refused = df[df.backend == "batched_mm"].iloc[0]  # a refusal is the result: asked once, not three times
+    assert refused.status == "refused" and refused.rounds == 1 and refused.round_medians_ms == ""
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        bench.sweep(TINY, 8, backends=["eager"], device="cpu", progress=False, rounds=0)
+
+
+def test_round_order_and_round_medians_text():
+    from moe_lab.bench.rounds import format_round_medians, parse_round_medians, round_order
+
+    assert [round_order("abc", r) for r in range(3)] == [list("abc"), list("cba"), list("abc")]
+    assert parse_round_medians(format_round_medians([0.5123456, 12.0])) == [0.51235, 12.0]
+    assert parse_round_medians("") == [] and parse_round_medians(float("nan")) == []
+
+
 # --------------------------------------------------------------------------------- results files
 
 
@@ -260,6 +304,20 @@ def test_compile_matrix_on_cpu_matches_uncompiled():
     assert bool(row.equal_to_uncompiled) and bool(row.equal_after_routing_change)
     assert row.max_rel_err <= 1e-5 and row.compile_s > 0 and row.compiled_ms > 0 and row.uncompiled_ms > 0
     assert row.speedup == pytest.approx(row.uncompiled_ms / row.compiled_ms)
+
+
+def test_compile_matrix_times_backends_in_rounds_from_one_cache():
+    df = bench.compile_matrix(TINY, 8, backends=["batched_mm", "grouped_mm"], modes=("default",), device="cpu",
+                              progress=False, max_seconds=0.02, max_reps=5, rounds=2)
+    assert df.backend.tolist() == ["batched_mm", "grouped_mm"] and (df.status == "compiled").all(), df.error.tolist()
+    for _, row in df.iterrows():
+        medians = [float(v) for v in row.compiled_round_ms.split()]
+        assert row.rounds == 2 and len(medians) == 2
+        assert min(medians) * (1 - 1e-4) <= row.compiled_ms <= max(medians) * (1 + 1e-4)
+        # both were compiled into one dynamo cache before either was timed; each still checks out
+        assert bool(row.equal_to_uncompiled) and bool(row.equal_after_routing_change)
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        bench.compile_matrix(TINY, 8, backends=["batched_mm"], device="cpu", progress=False, rounds=0)
 
 
 def test_compile_matrix_records_refusals():
@@ -319,6 +377,17 @@ def test_best_paths_and_transformers_ratios_on_a_small_table():
     ratios = add_transformers_ratios(frame).set_index(["backend", "execution"])["speedup_vs_transformers"]
     assert ratios[("grouped_mm", "eager")] == 1.5 and ratios[("grouped_mm", "cuda_graph")] == 1.5
     assert pd.isna(ratios[("triton", "cuda_graph")])  # transformers has no triton
+    # Measured in rounds, each ratio is also taken round by round (the rounds ran side by side).
+    rounds = frame.assign(round_medians_ms="")
+    rounds.loc[rounds.backend == "grouped_mm", "round_medians_ms"] = ["2 2.5 1.5", "1 1 1"]
+    rounds.loc[rounds.backend == "transformers:grouped_mm", "round_medians_ms"] = ["3 3 3", "1.5 1.2 1.8"]
+    by_round = add_transformers_ratios(rounds).set_index(["backend", "execution"])
+    assert by_round.loc[("grouped_mm", "eager"), "speedup_lowest_round"] == pytest.approx(1.2)  # 3 / 2.5
+    assert by_round.loc[("grouped_mm", "eager"), "speedup_highest_round"] == pytest.approx(2.0)  # 3 / 1.5
+    assert by_round.loc[("grouped_mm", "cuda_graph"), "speedup_lowest_round"] == pytest.approx(1.2)
+    assert by_round.loc[("grouped_mm", "cuda_graph"), "speedup_highest_round"] == pytest.approx(1.8)
+    assert pd.isna(by_round.loc[("triton", "cuda_graph"), "speedup_lowest_round"])
+    assert "speedup_lowest_round" not in add_transformers_ratios(frame).columns  # a table without rounds
     best = bench.best_paths(frame).iloc[0]
     assert best["moe_lab"] == "triton (cuda_graph)"  # auto is left out: it is one of the others
     assert best["transformers"] == "grouped_mm (cuda_graph)" and best["speedup"] == 3.0

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import moe_lab
@@ -56,7 +57,6 @@ def test_cli_bench_scaled_preset_writes_csv_and_provenance(tmp_path, capsys):
 
 
 def test_cli_bench_compare_hf_adds_ratios(tmp_path, capsys):
-    pytest = __import__("pytest")
     pytest.importorskip("transformers")
     out = tmp_path / "hf"
     from moe_lab.bench.hf_compare import unregister_transformers_backends
@@ -64,7 +64,7 @@ def test_cli_bench_compare_hf_adds_ratios(tmp_path, capsys):
     try:
         rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2",
                    "--tokens", "8", "--backends", "grouped_mm,eager", "--compare-hf", "--no-ceilings", "--quiet",
-                   "--max-seconds", "0.02", "--output", str(out)])
+                   "--max-seconds", "0.02", "--rounds", "2", "--output", str(out)])
     finally:
         unregister_transformers_backends()
     assert rc == 0
@@ -76,7 +76,11 @@ def test_cli_bench_compare_hf_adds_ratios(tmp_path, capsys):
     assert set(frame.backend) == {"eager", "grouped_mm", "transformers:eager", "transformers:grouped_mm"}
     ours = frame[~frame.backend.str.startswith("transformers:")]
     assert (ours.speedup_vs_transformers > 0).all()
-    assert (frame.status == "ok").all()
+    assert (frame.status == "ok").all() and (frame.rounds == 2).all()
+    # two interleaved rounds: the ratio is also taken round by round, and the terminal table shows it
+    assert (ours.speedup_lowest_round <= ours.speedup_highest_round).all()
+    assert (ours.speedup_lowest_round > 0).all()
+    assert "speedup_lowest_round" in capsys.readouterr().out
 
 
 def test_cli_bench_bad_arguments_exit_2(capsys):
@@ -87,3 +91,6 @@ def test_cli_bench_bad_arguments_exit_2(capsys):
     assert main(["bench", "--preset", "olmoe-1b-7b", "--scale-down", "64", "--backends", "flash", "--quiet",
                  "--no-ceilings"]) == 2
     assert "unknown experts implementation 'flash'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--rounds", "0", "--quiet"])
+    assert exited.value.code == 2 and "--rounds: must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -11,10 +11,10 @@ INT_COLUMNS = ("hidden_size", "intermediate_size", "num_experts", "top_k", "num_
 FLOAT_COLUMNS = (
     "skew", "experts_hit", "median_ms", "p10_ms", "p90_ms", "reps", "peak_bytes", "predicted_bytes",
     "predicted_gather_bytes", "flops", "min_bytes", "tflops", "gbps", "roofline_ms", "fraction_of_roofline",
-    "rel_err", "ceiling_copy_GBps", "ceiling_matmul_TFLOPs",
+    "rel_err", "ceiling_copy_GBps", "ceiling_matmul_TFLOPs", "rounds",
 )
 STR_COLUMNS = ("backend", "execution", "preset", "dtype", "device", "distribution", "status", "reason", "memory_method",
-               "grouped_mm_kernel")
+               "grouped_mm_kernel", "round_medians_ms")
 
 ROW_COLUMNS = (
     "backend", "preset", "hidden_size", "intermediate_size", "num_experts", "top_k", "num_tokens", "dtype",
@@ -25,6 +25,8 @@ ROW_COLUMNS = (
     "ceiling_copy_GBps", "ceiling_matmul_TFLOPs",
     # "eager" (launched from Python) or "cuda_graph" (replayed by moe_lab.cuda_graph.GraphedExperts)
     "execution",
+    # interleaved rounds (bench.rounds): how many, and each one's median, e.g. "0.512 0.498 0.503"
+    "rounds", "round_medians_ms",
 )
 
 STATUSES = ("ok", "refused", "oom", "unsupported", "error")

@@ -10,12 +10,14 @@ same gather budget as moe_lab's is applied (over it, the row is "refused", not a
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
 
 from ..backends import available_backends, expert_weights, get_batched_mm_budget, predict_gather_bytes, register, unregister
 from ..errors import GatherBudgetError
+from .rounds import parse_round_medians
 
 PREFIX = "transformers:"
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -81,28 +83,44 @@ def unregister_transformers_backends() -> None:
 def add_transformers_ratios(df):
     """Add `speedup_vs_transformers` = transformers' median / moe_lab's median of the same-named
     backend at the same shape, tokens, dtype, device and execution (eager launches or CUDA graph; NaN
-    where either was not measured)."""
+    where either was not measured). A table measured in interleaved rounds (`sweep(rounds=R)`) also
+    gets `speedup_lowest_round` / `speedup_highest_round`: the same ratio taken round by round."""
     keys = ["preset", "hidden_size", "intermediate_size", "num_experts", "top_k", "num_tokens", "dtype", "device",
             "execution"]
-    return _with_ratio(df, keys, "median_ms", "transformers_ms", ok="ok")
+    return _with_ratio(df, keys, "median_ms", "transformers_ms", ok="ok", rounds_column="round_medians_ms")
 
 
 def add_transformers_compile_ratios(frame):
     """On a `compile_matrix` frame holding both libraries: `speedup_vs_transformers` = transformers'
     compiled median / moe_lab's compiled median, same mode, token count and backend name."""
     keys = ["mode", "num_tokens", "hidden_size", "intermediate_size", "num_experts", "top_k", "dtype", "device"]
-    return _with_ratio(frame, keys, "compiled_ms", "transformers_compiled_ms", ok="compiled")
+    return _with_ratio(frame, keys, "compiled_ms", "transformers_compiled_ms", ok="compiled",
+                       rounds_column="compiled_round_ms")
 
 
-def _with_ratio(frame, keys, time_column, their_column, ok):
+def _with_ratio(frame, keys, time_column, their_column, ok, rounds_column):
     """Join transformers' `time_column` onto the same-named moe_lab rows (equal `keys`) as
-    `their_column`, and add `speedup_vs_transformers` = theirs / ours."""
+    `their_column`, and add `speedup_vs_transformers` = theirs / ours; with `rounds_column`
+    (per-round medians, interleaved), also the lowest and highest round-by-round ratio."""
     theirs = frame[frame["backend"].str.startswith(PREFIX) & (frame["status"] == ok)].copy()
     theirs["backend"] = theirs["backend"].str.removeprefix(PREFIX)
-    theirs = theirs[keys + ["backend", time_column]].rename(columns={time_column: their_column})
+    has_rounds = rounds_column in frame.columns
+    carried = [time_column] + ([rounds_column] if has_rounds else [])
+    theirs = theirs[keys + ["backend", *carried]].rename(
+        columns={time_column: their_column, rounds_column: "_their_rounds"})
     merged = frame.merge(theirs, on=keys + ["backend"], how="left")
     merged["speedup_vs_transformers"] = merged[their_column] / merged[time_column]
+    if has_rounds:
+        paired = [_round_ratios(ours, theirs_) for ours, theirs_ in zip(merged[rounds_column], merged["_their_rounds"])]
+        merged["speedup_lowest_round"] = [min(r) if r else math.nan for r in paired]
+        merged["speedup_highest_round"] = [max(r) if r else math.nan for r in paired]
+        merged = merged.drop(columns="_their_rounds")
     return merged
+
+
+def _round_ratios(ours: str, theirs: str) -> list[float]:
+    """theirs / ours for each round both ran (a row measured once has one round)."""
+    return [t / o for o, t in zip(parse_round_medians(ours), parse_round_medians(theirs)) if o > 0]
 
 
 def best_paths(frame):

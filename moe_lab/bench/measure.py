@@ -31,6 +31,7 @@ from .inputs import build_experts, random_hidden_states, random_routing
 from .memory import available_bytes, measure_peak_memory, predict_memory
 from .provenance import device_name, git_commit, utc_now
 from .roofline import cached_ceilings, dtype_name, expert_flops, min_bytes, roofline_ms
+from .rounds import format_round_medians
 from .timing import resolve_device, synchronize, time_fn
 
 #: rel_err is computed when T*E*H*I is below this: the float64 reference is dense over all experts.
@@ -86,8 +87,9 @@ def new_row(*, backend, preset, shape: dict, num_tokens, dtype, device, distribu
 
 def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, distribution="uniform",
                        skew=1.0, seed=0, ceilings=None, measure_memory=True, preset="", experts=None,
-                       timing_options=None, execution="eager") -> tuple[dict, Experts | None]:
-    """`measure`, also returning the `Experts` layer it ran (None unless the row is "ok"), for reuse."""
+                       timing_options=None, execution="eager", keep_times=False) -> tuple[dict, Experts | None]:
+    """`measure`, also returning the `Experts` layer it ran (None unless the row is "ok"), for reuse.
+    keep_times=True leaves every repetition's time in the row under "_times_ms" (for `rounds.merge_rounds`)."""
     if isinstance(config, str):
         preset = preset or config
         config = get_preset(config).config
@@ -97,9 +99,11 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
                   distribution=distribution, skew=skew, execution=execution)
     layer, oom = None, False
     try:
-        layer = _run(row, config, int(num_tokens), backend, device, dtype, distribution, skew, seed, ceilings,
-                     measure_memory, {**TIMING_DEFAULTS, **(timing_options or {})}, experts, execution)
+        layer, times = _run(row, config, int(num_tokens), backend, device, dtype, distribution, skew, seed, ceilings,
+                            measure_memory, {**TIMING_DEFAULTS, **(timing_options or {})}, experts, execution)
         row["status"] = "ok"
+        if keep_times:
+            row["_times_ms"] = times
     except (GatherBudgetError, _Refused) as error:
         row.update(status="refused", reason=first_line(error))
     except torch.cuda.OutOfMemoryError as error:
@@ -121,8 +125,9 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
 
 
 def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceilings, measure_memory,
-         timing_options, experts, execution) -> Experts:
-    """Fill `row` step by step and return the layer; raise on anything that stops the measurement."""
+         timing_options, experts, execution) -> tuple[Experts, list[float]]:
+    """Fill `row` step by step; return the layer and the repetitions' times (ms). Raise on anything
+    that stops the measurement."""
     dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
     if dtype != config.dtype:
         config = config.replace(dtype=dtype)
@@ -178,14 +183,21 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
         if measure_memory:
             _measure_memory(row, call, device)
         timing = time_fn(call, device=device, **timing_options)
-    seconds = timing.median_ms / 1e3
+    row.update(p10_ms=timing.p10_ms, p90_ms=timing.p90_ms, reps=timing.reps, rounds=1,
+               round_medians_ms=format_round_medians([timing.median_ms]))
+    set_time_columns(row, timing.median_ms)
+    return experts, timing.times_ms
+
+
+def set_time_columns(row: dict, median_ms: float) -> None:
+    """The median and what follows from it: TFLOP/s, GB/s and the fraction of the roofline."""
+    seconds = median_ms / 1e3
     row.update(
-        median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms, reps=timing.reps,
+        median_ms=median_ms,
         tflops=row["flops"] / seconds / 1e12 if seconds > 0 else math.nan,
         gbps=row["min_bytes"] / seconds / 1e9 if seconds > 0 else math.nan,
-        fraction_of_roofline=row["roofline_ms"] / timing.median_ms if timing.median_ms > 0 else math.nan,
+        fraction_of_roofline=row["roofline_ms"] / median_ms if median_ms > 0 else math.nan,
     )
-    return experts
 
 
 def _measure_memory(row, call, device) -> None:

@@ -1,13 +1,15 @@
 """Sweeps: `measure` over a grid of layer shapes, token counts, backends and dtypes -> a DataFrame.
 
 The grid is the product of: configs x field_grid x dtypes x tokens x backends (backends vary
-fastest, so the backends being compared are measured one right after the other). A grid point
+fastest, so the backends being compared are measured one right after the other; with rounds=R
+they are measured R times over, in interleaved order: see `bench.rounds`). A grid point
 that is not a valid layer (top_k > num_experts, ...) becomes a row with status "unsupported";
 every other outcome is whatever `measure` reports. Nothing in the grid stops the sweep.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 from ..backends import runnable_backends
@@ -15,9 +17,10 @@ from ..config import MoEConfig
 from ..errors import ConfigError, first_line
 from ..presets import get_preset
 from .columns import ROW_COLUMNS, to_frame
-from .measure import EXECUTIONS, SHAPE_FIELDS, TIMING_DEFAULTS, measure_with_layer, new_row
+from .measure import EXECUTIONS, SHAPE_FIELDS, TIMING_DEFAULTS, measure_with_layer, new_row, set_time_columns
 from .progress import progress_bar
 from .provenance import provenance  # noqa: F401  (re-exported: bench.sweep.provenance)
+from .rounds import merge_rounds, round_order
 from .timing import resolve_device
 
 #: field_grid keys that vary the routing rather than the layer.
@@ -73,7 +76,7 @@ def _unsupported_row(label, config, fields, dtype, num_tokens, backend, device, 
 
 
 def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress: bool = True, ceilings=None,
-          measure_kwargs: dict | None = None, executions=("eager",), **field_grid):
+          measure_kwargs: dict | None = None, executions=("eager",), rounds: int = 1, **field_grid):
     """Measure every grid point; return a pandas DataFrame with one row per measurement.
 
     configs: see `normalize_configs`. tokens: an int or a list. backends: names (default: the
@@ -91,6 +94,8 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     backends = runnable_backends(device, interpreted=False) if backends is None else _as_list(backends)
     dtypes = [None] if dtypes is None else _as_list(dtypes)
     executions = _as_list(executions)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     unknown_executions = [e for e in executions if e not in EXECUTIONS]
     if unknown_executions:
         raise ValueError(f"unknown executions {unknown_executions}; allowed: {list(EXECUTIONS)}")
@@ -105,30 +110,52 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     timing = {name: options.pop(name) for name in TIMING_DEFAULTS if name in options}
     options["timing_options"] = timing
 
-    total = len(configs) * len(grid) * len(dtypes) * len(tokens) * len(backends) * len(executions)
+    total = len(configs) * len(grid) * len(dtypes) * len(tokens) * len(backends) * len(executions) * rounds
     bar = progress_bar(total, progress, "moe_lab sweep", "run")
     rows = []
     try:
         for label, base, fields, config, error in _layers(configs, grid):
+            routing = {k: v for k, v in fields.items() if k in ROUTING_FIELDS}
             for dtype in dtypes:
-                layer = None  # built by the first run that fits, reused across tokens and backends
-                for num_tokens, backend, execution in itertools.product(tokens, backends, executions):
+                layer = None  # built by the first run that fits, reused across tokens, backends and rounds
+
+                def measure_one(num_tokens, backend, execution, round_index):
+                    nonlocal layer
                     if error is not None:
                         row = _unsupported_row(label, base, fields, dtype, num_tokens, backend, device, error)
                         row["execution"] = execution
-                    else:
-                        routing = {k: v for k, v in fields.items() if k in ROUTING_FIELDS}
-                        row, built = measure_with_layer(config, num_tokens, backend, device=device, dtype=dtype,
-                                                        ceilings=ceilings, preset=label, experts=layer,
-                                                        execution=execution, **routing, **options)
-                        layer = built or layer
-                    rows.append(row)
-                    _advance(bar, row)
+                        return row
+                    # memory is measured in the first round only: it does not drift
+                    round_options = options if round_index == 0 else {**options, "measure_memory": False}
+                    row, built = measure_with_layer(config, num_tokens, backend, device=device, dtype=dtype,
+                                                    ceilings=ceilings, preset=label, experts=layer,
+                                                    execution=execution, keep_times=True, **routing, **round_options)
+                    layer = built or layer
+                    return row
+
+                for num_tokens in tokens:
+                    runs = list(itertools.product(backends, executions))
+                    rows.extend(_in_rounds(runs, rounds, functools.partial(measure_one, num_tokens), bar))
                 del layer
     finally:
         if bar is not None:
             bar.close()
     return to_frame(rows, ROW_COLUMNS)
+
+
+def _in_rounds(runs: list, rounds: int, measure_one, bar) -> list[dict]:
+    """Measure every (backend, execution) of one point `rounds` times in interleaved order; one
+    merged row each. A run that did not end "ok" is not repeated: the refusal or error is its result."""
+    by_run = {run: [] for run in runs}
+    for round_index in range(rounds):
+        for run in round_order(runs, round_index):
+            done = by_run[run]
+            row = done[0] if done and done[0]["status"] != "ok" else None
+            if row is None:
+                row = measure_one(*run, round_index)
+                done.append(row)
+            _advance(bar, row)
+    return [merge_rounds(by_run[run], set_time_columns) for run in runs]
 
 
 def _layers(configs: dict, grid: list[dict]):
