@@ -1,38 +1,21 @@
 #!/bin/bash
-# The recorded GPU run behind data/h100_bf16_compare_hf_*, on one card, in three calls that each
-# fit the device's 10-minute limit:  bash tools/gpu_record.sh tables-finegrained | tables-coarse | compile
-# (compile ends with the graph-breaks part, which also runs alone)
+# The recorded GPU run behind data/h100_bf16_compare_hf_*, on one card, in parts that each fit the
+# device's 10-minute limit; several parts may share one call:
+#   bash tools/gpu_record.sh tests compile              (about 6 minutes on an H100)
+#   bash tools/gpu_record.sh finegrained coarse anchor  (about 5 minutes)
+# Every table is measured in interleaved rounds (ROUNDS, default 3: moe_lab.bench.rounds),
+# transformers beside moe_lab.
 # $OUT must be set, and MOE_LAB_GIT_COMMIT = the commit measured, written into the command from the
 # local checkout (the device's copy of .git can lag behind the working tree it measures).
-# Output: $OUT/<part>.tar.gz + log.
+# Output: $OUT/record.tar.gz (the tables) + $OUT/log.txt.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-PART=${1:?"which part: tables-finegrained, tables-coarse, compile or graph-breaks"}
+[ $# -gt 0 ] || { echo "parts: tests, finegrained, coarse, compile, graph-breaks, anchor"; exit 2; }
+ROUNDS=${ROUNDS:-3}
 R=/tmp/record; mkdir -p $R
-BENCH="python -m moe_lab.cli bench --dtype bfloat16 --quiet"
-TABLE="--tokens 1,16,128,1024,8192 --compare-hf --cuda-graph --max-seconds 0.2"
-{
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-case $PART in
-tables-finegrained)
-  # correctness first: every backend x dtype, CUDA-graph replay and torch.compile, routing changed after capture
-  timeout 260 python -m pytest tests/test_gpu.py tests/test_triton.py -q -p no:cacheprovider 2>&1 | tail -3
-  # six presets x T, eager launches and CUDA-graph replay, transformers beside (two calls: time limit)
-  timeout 300 $BENCH --preset qwen3-30b-a3b --preset olmoe-1b-7b --preset qwen1.5-moe-a2.7b $TABLE \
-    --output $R/h100_bf16_compare_hf_finegrained 2>&1 | tail -2 ;;
-tables-coarse)
-  timeout 380 $BENCH --preset mixtral-8x7b --preset deepseek-v3 --preset gpt-oss-20b $TABLE \
-    --output $R/h100_bf16_compare_hf_coarse 2>&1 | tail -2
-  # transformers' own anchor script, same card. It lives outside the repository: copy
-  # ../shared/anchors/hf_experts_bench.py to the path below first and carry it.
-  [ -f tools/_anchor_hf_experts_bench.py ] && OUT=$R BUDGET_S=40 timeout 70 python tools/_anchor_hf_experts_bench.py 2>&1 | tail -3 ;;
-compile)
-  # torch.compile modes, moe_lab beside transformers, cell for cell
-  timeout 420 $BENCH --preset qwen3-30b-a3b --tokens 16 --backends batched_mm,grouped_mm,triton --compare-hf \
-    --compile-matrix --compile-tokens 16,1024 --compile-modes default,reduce-overhead \
-    --output $R/h100_bf16_compare_hf_qwen3-30b-a3b 2>&1 | tail -26
-  bash tools/gpu_record.sh graph-breaks ;;
-graph-breaks)
+BENCH="python -m moe_lab.cli bench --dtype bfloat16 --quiet --rounds $ROUNDS"
+TABLE="--tokens 1,16,128,1024,8192 --compare-hf --cuda-graph --max-seconds 0.1"
+
+graph_breaks() {
   # graph breaks under torch.compile (each break costs a Python round trip per forward)
   timeout 150 python -c "
 import torch, moe_lab
@@ -50,8 +33,43 @@ for name in ['batched_mm', 'grouped_mm', 'triton', 'auto', 'transformers:grouped
             print('graph breaks under torch.compile:', name, 'T =', T, e.graph_break_count, [str(r.reason)[:100] for r in e.break_reasons])
         except Exception as error:  # batched_mm refuses T=1024+ (its gather budget)
             print('graph breaks under torch.compile:', name, 'T =', T, 'not traced:', type(error).__name__)
-" 2>&1 | grep "graph breaks" ;;
-esac
-} > $OUT/log-$PART.txt 2>&1
-tar czf $OUT/$PART.tar.gz -C $R .
-tail -45 $OUT/log-$PART.txt
+" 2>&1 | grep "graph breaks"
+}
+
+{
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+while [ $# -gt 0 ]; do
+  part=$1; shift
+  echo "== $part $(date -u +%T)"
+  case $part in
+  tests)
+    # correctness: every backend x dtype, CUDA-graph replay and torch.compile, routing changed after capture
+    timeout 250 python -m pytest tests/test_gpu.py tests/test_triton.py -q -p no:cacheprovider 2>&1 | tail -3 ;;
+  finegrained)
+    # three presets x T, eager launches and CUDA-graph replay, transformers beside
+    timeout 280 $BENCH --preset qwen3-30b-a3b --preset olmoe-1b-7b --preset qwen1.5-moe-a2.7b $TABLE \
+      --output $R/h100_bf16_compare_hf_finegrained 2>&1 | tail -1 ;;
+  coarse)
+    timeout 330 $BENCH --preset mixtral-8x7b --preset deepseek-v3 --preset gpt-oss-20b $TABLE \
+      --output $R/h100_bf16_compare_hf_coarse 2>&1 | tail -1 ;;
+  compile)
+    # torch.compile modes, moe_lab beside transformers, each mode's backends timed in interleaved rounds
+    timeout 330 $BENCH --preset qwen3-30b-a3b --tokens 16 --backends batched_mm,grouped_mm,triton --compare-hf \
+      --compile-matrix --compile-tokens 16,1024 --compile-modes default,reduce-overhead --max-seconds 0.1 \
+      --output $R/h100_bf16_compare_hf_qwen3-30b-a3b 2>&1 | tail -30
+    graph_breaks ;;
+  graph-breaks)
+    graph_breaks ;;
+  anchor)
+    # transformers' own anchor script, same card. It lives outside the repository: copy
+    # ../shared/anchors/hf_experts_bench.py to the path below first and carry it.
+    [ -f tools/_anchor_hf_experts_bench.py ] && OUT=$R BUDGET_S=40 timeout 70 python tools/_anchor_hf_experts_bench.py 2>&1 | tail -3 ;;
+  *)
+    echo "unknown part $part" ;;
+  esac
+done
+echo "== done $(date -u +%T)"
+} > $OUT/log.txt 2>&1
+tar czf $OUT/record.tar.gz -C $R .
+tail -60 $OUT/log.txt
