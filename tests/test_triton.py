@@ -100,6 +100,26 @@ def test_expert_counts_histogram_equals_the_scatter_count(num_experts):
     assert counts.long().cpu().tolist() == moe_lab.tokens_per_expert(index, num_experts).tolist()
 
 
+@pytest.mark.parametrize("num_tokens, top_k, num_experts, distribution", [
+    (2, 8, 128, "uniform"),  # 16 pairs: the smallest one-program block
+    (37, 4, 60, "zipf"),  # 148 pairs padded to 256, 60 experts padded to 64 histogram bins
+    (64, 8, 8, "single"),  # every pair on one expert
+    (512, 8, 64, "zipf"),  # 4096 pairs: the largest one-program sort
+    (513, 8, 64, "uniform"),  # one token more: torch's sort of int32 keys
+])
+def test_sort_pairs_is_a_stable_sort_by_expert_with_counts(num_tokens, top_k, num_experts, distribution):
+    from moe_lab.backends.triton_fused import ONE_PROGRAM_SORT_MAX_PAIRS, sort_pairs
+
+    index, _ = moe_lab.synthetic_routing(num_tokens, num_experts, top_k, seed=num_tokens, device=DEVICE,
+                                         distribution=distribution)
+    sorted_pair, counts = sort_pairs(index, num_experts)
+    flat = index.reshape(-1).cpu()
+    assert sorted_pair.long().cpu().tolist() == torch.sort(flat, stable=True).indices.tolist()
+    assert counts.long().cpu().tolist() == torch.bincount(flat, minlength=num_experts).tolist()
+    one_program = num_tokens * top_k <= ONE_PROGRAM_SORT_MAX_PAIRS
+    assert (sorted_pair.dtype == torch.int32) is one_program  # torch.sort's indices are int64
+
+
 def test_zero_tokens_give_an_empty_output():
     layer, hidden, index, weights = _case(32, 16, 8, 2, 0, torch.float32)
     assert moe_lab.experts_forward("triton", layer, hidden, index, weights).shape == (0, 32)

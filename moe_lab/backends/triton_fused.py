@@ -1,8 +1,9 @@
 """`triton`: the whole experts forward in two fused Triton GEMM kernels and a streaming sum, after one sort.
 
-    top_k_index [T, k] --flatten--> expert_of_pair [S] int32    (S = T*k)
+    top_k_index [T, k] --flatten--> expert_of_pair [S]             (S = T*k)
     sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
     counts per expert   ----------> counts [E]                     (a histogram, no host sync)
+                        (both in one kernel up to 4096 pairs: `sort_pairs`)
     gate_up_kernel: h [S, I] = act(x[token] @ gate^T) * (x[token] @ up^T)  one kernel, gather fused
     down_kernel:    y [S, H] = weight * (h @ down^T), stored at the pair's own row: un-permuted
     sum_top_k_kernel: out [T, H] = the k rows of each token summed          one streaming pass
@@ -237,10 +238,7 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
         return _decode_forward(_kernels(), experts, weights, activation, gate_up_width, hidden_states, top_k_index,
                                top_k_weights)
 
-    # int32 keys: half the radix passes of int64 (58 vs 95 us for 65k pairs on an H100).
-    expert_of_pair = top_k_index.reshape(-1).to(torch.int32)  # [S]
-    _, sorted_pair = torch.sort(expert_of_pair, stable=True)  # [S] pair ids, grouped by expert
-    counts = expert_counts(expert_of_pair, num_experts)  # [E]
+    sorted_pair, counts = sort_pairs(top_k_index, num_experts)  # [S] pair ids grouped by expert, [E]
     rows_per_expert = num_pairs / min(num_experts, num_pairs)
     up_config, down_config = kernel_configs(rows_per_expert, _interpreting_cached(), wide_output=hidden >= 4096,
                                             itemsize=hidden_states.element_size())
@@ -249,6 +247,31 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
         h = apply_gate(experts, h)  # [S, 2I] -> [S, I] with the module's own formula
     y = launch_down(h, weights, top_k_weights.reshape(-1), sorted_pair, counts, down_config)  # [S, H]
     return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+
+
+#: Up to this many pairs one program sorts them (sort_pairs_kernel). It is also where torch.sort
+#: stops sorting a slice in one thread block and switches to a multi-block radix sort.
+ONE_PROGRAM_SORT_MAX_PAIRS = 4096
+
+
+def sort_pairs(top_k_index, num_experts):
+    """top_k_index [T, k] -> (sorted_pair [S]: pair ids grouped by expert, in pair order within an
+    expert; counts [E]). Up to ONE_PROGRAM_SORT_MAX_PAIRS pairs: one kernel. Beyond: torch's sort of
+    int32 keys (half the radix passes of int64: 58 vs 95 us for 65k pairs on an H100) and a histogram."""
+    expert_of_pair = top_k_index.reshape(-1)  # [S]
+    num_pairs = expert_of_pair.numel()
+    if num_pairs <= ONE_PROGRAM_SORT_MAX_PAIRS and num_experts <= 2**18:  # keys: expert << 12 | pair < 2**31
+        block = max(16, _next_power_of_two(num_pairs))
+        sorted_pair = expert_of_pair.new_empty(num_pairs, dtype=torch.int32)
+        counts = expert_of_pair.new_empty(num_experts, dtype=torch.int32)
+        _kernels().sort_pairs_kernel[(1,)](
+            expert_of_pair, sorted_pair, counts, num_pairs, NUM_EXPERTS=num_experts,
+            HIST_BINS=_next_power_of_two(num_experts), BLOCK=block, PAIR_BITS=block.bit_length() - 1,
+            num_warps=4 if block <= 1024 else 8)
+        return sorted_pair, counts
+    keys = expert_of_pair.to(torch.int32)  # [S]
+    _, sorted_pair = torch.sort(keys, stable=True)  # [S]
+    return sorted_pair, expert_counts(keys, num_experts)
 
 
 def launch_gate_up(hidden_states, weights, sorted_pair, counts, top_k, activation, config: KernelConfig):

@@ -310,3 +310,26 @@ def sum_top_k_kernel(y_ptr, out_ptr, N, stride_ym, stride_om, TOP_K: tl.constexp
     for slot in tl.static_range(TOP_K):
         acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_ym + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def sort_pairs_kernel(expert_ptr, sorted_pair_ptr, counts_ptr, num_pairs, NUM_EXPERTS: tl.constexpr,
+                      HIST_BINS: tl.constexpr, BLOCK: tl.constexpr, PAIR_BITS: tl.constexpr):
+    """expert of each pair [S] (any int dtype) -> sorted_pair [S] int32 (pair ids grouped by expert,
+    in pair order inside a group) and counts [E] int32, in ONE program (S <= BLOCK = 2**PAIR_BITS).
+
+    For a few thousand pairs torch.sort runs a single-block radix sort, plus a copy to int32 keys,
+    an index fill and a histogram: 28 us of 310 at olmoe T=128 on an H100. Here each pair becomes
+    the key expert << PAIR_BITS | pair, so one bitonic sort in registers orders by expert and keeps
+    pair order within an expert (a stable sort by expert); the low bits are the pair id."""
+    offs = tl.arange(0, BLOCK)
+    valid = offs < num_pairs
+    expert = tl.load(expert_ptr + offs, mask=valid, other=0).to(tl.int32)  # [BLOCK]
+    keys = tl.where(valid, expert, NUM_EXPERTS) << PAIR_BITS | offs  # padding sorts after every expert
+    keys = tl.sort(keys)
+    tl.store(sorted_pair_ptr + offs, keys & ((1 << PAIR_BITS) - 1), mask=valid)
+    # The padding counted as expert 0 (ids must be in range for the histogram), then taken off.
+    counts = tl.histogram(expert, HIST_BINS)  # [HIST_BINS]
+    bins = tl.arange(0, HIST_BINS)
+    counts = counts - tl.where(bins == 0, BLOCK - num_pairs, 0)
+    tl.store(counts_ptr + bins, counts, mask=bins < NUM_EXPERTS)
