@@ -3,7 +3,7 @@
     top_k_index [T, k] --flatten--> expert_of_pair [S]             (S = T*k)
     sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
     counts per expert   ----------> counts [E]                     (a histogram, no host sync)
-                        (both in one kernel up to 4096 pairs: `sort_pairs`)
+                        (both in one kernel up to 2048 pairs: `sort_pairs`)
     gate_up_kernel: h [S, I] = act(x[token] @ gate^T) * (x[token] @ up^T)  one kernel, gather fused
     down_kernel:    y [S, H] = weight * (h @ down^T), stored at the pair's own row: un-permuted
     sum_top_k_kernel: out [T, H] = the k rows of each token summed          one streaming pass
@@ -249,9 +249,11 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
 
 
-#: Up to this many pairs one program sorts them (sort_pairs_kernel). It is also where torch.sort
-#: stops sorting a slice in one thread block and switches to a multi-block radix sort.
-ONE_PROGRAM_SORT_MAX_PAIRS = 4096
+#: Up to this many pairs one program sorts them (sort_pairs_kernel). Measured on an H100 (GPU time
+#: from CUDA-graph replays, scratch A/B recorded in data/h100_sort_pairs.json): 1.8 vs 13.5 us at
+#: 128 pairs, 8.4 vs 25.6 at 1024, 16.9 vs 25.6 at 2048 — and 63.7 vs 27.8 at 4096, where one
+#: program's bitonic sort has too many stages and torch's sort still runs in one block.
+ONE_PROGRAM_SORT_MAX_PAIRS = 2048
 
 
 def sort_pairs(top_k_index, num_experts):
