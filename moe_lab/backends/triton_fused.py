@@ -251,8 +251,8 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
 
 #: Up to this many pairs one program sorts them (sort_pairs_kernel). Measured on an H100 against
 #: torch.sort + histogram (GPU time from CUDA-graph replays: tools/sort_pairs_ab.py, recorded in
-#: data/h100_sort_pairs.json): 1.8 vs 13.5 us at 128 pairs, 8.4 vs 25.6 at 1024, 16.9 vs 25.6 at 2048 — and 63.7 vs 27.8 at 4096, where one
-#: program's bitonic sort has too many stages and torch's sort still runs in one block.
+#: data/h100_sort_pairs.json): 1.8 vs 13.5 us at 128 pairs, 8.4 vs 25.6 at 1024, 16.9 vs 25.6
+#: at 2048 — and 63.7 vs 27.8 at 4096, where one program's bitonic sort has too many stages.
 ONE_PROGRAM_SORT_MAX_PAIRS = 2048
 
 
