@@ -14,18 +14,18 @@ import triton.testing
 
 import moe_lab
 from moe_lab.backends import triton_fused
-from moe_lab.backends.common import expert_counts
 from moe_lab.bench.provenance import command_line, provenance
 
 
-def torch_sort(index, num_experts):
-    keys = index.reshape(-1).to(torch.int32)
-    return torch.sort(keys, stable=True)[1], expert_counts(keys, num_experts)
+def sort_pairs_with_limit(limit):
+    """triton_fused.sort_pairs with ONE_PROGRAM_SORT_MAX_PAIRS = limit: both branches, whatever the size."""
+    def sort(index, num_experts):
+        with mock.patch.object(triton_fused, "ONE_PROGRAM_SORT_MAX_PAIRS", limit):
+            return triton_fused.sort_pairs(index, num_experts)
+    return sort
 
 
-def one_program(index, num_experts):
-    with mock.patch.object(triton_fused, "ONE_PROGRAM_SORT_MAX_PAIRS", 1 << 20):  # whatever the size
-        return triton_fused.sort_pairs(index, num_experts)
+one_program, torch_sort = sort_pairs_with_limit(1 << 20), sort_pairs_with_limit(0)
 
 
 def main(output: str) -> None:

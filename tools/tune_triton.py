@@ -26,7 +26,6 @@ import triton.testing
 import moe_lab
 from moe_lab.backends import triton_fused as tf
 from moe_lab.backends import triton_kernels as tk
-from moe_lab.backends.common import expert_counts
 from moe_lab.bench.provenance import provenance
 from moe_lab.cuda_graph import GraphedExperts
 
@@ -102,8 +101,7 @@ def tune_sorted(results):
         c = layer.config
         H, I, E, k = c.hidden_size, c.intermediate_size, c.num_experts, c.top_k
         x, index, weights = _inputs(layer, T)
-        _, sorted_pair = torch.sort(index.reshape(-1), stable=True)
-        counts = expert_counts(index.reshape(-1).to(torch.int32), E)
+        sorted_pair, counts = tf.sort_pairs(index, E)  # what the backend sorts with
         S, hit = T * k, int((counts > 0).sum())
         expert_weights = tf.expert_weights(layer)
         h = torch.randn(S, I, device="cuda", dtype=torch.bfloat16)

@@ -80,14 +80,15 @@ def _batched_mm(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
 
 def _grouped_mm(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
     S = T * k
-    t.new("expert_sorted", S * 8, "permutation")  # torch.sort values
-    t.new("pair_order", S * 8, "permutation")  # torch.sort indices
+    t.new("expert_of_pair", S * 4, "permutation")  # int32 sort keys
+    t.new("expert_sorted", S * 4, "permutation")  # torch.sort values
+    t.new("pair_order", S * 8, "permutation")  # torch.sort indices (int64)
     t.temp(S * 8, "permutation")  # sort's scratch
     t.new("token_of_pair", S * 8, "permutation")  # pair_order // top_k (a temporary)
     t.new("x", S * H * b)  # hidden_states[pair_order // top_k]: [S, H]
     t.drop("token_of_pair")
-    t.new("counts", E * 8, "permutation")
-    t.temp(S * 8, "permutation")  # ones for the scatter-add count
+    t.temp(S * 4, "permutation")  # the ids as float32 for a CPU histogram (CUDA's counts the int32 ids)
+    t.new("counts", E * 4, "permutation")  # histc
     t.new("offsets", E * 4, "permutation")  # int32 cumsum
     t.drop("counts")
     t.new("gate_up", S * 2 * I * b)  # grouped_mm -> [S, 2I]
