@@ -4,10 +4,16 @@ Importing this package pulls in torch only: no jupyter, widgets or plotting.
 """
 from . import _triton_setup  # noqa: F401  (first: see its docstring)
 from .backends import (
+    CAPABILITIES,
+    BackendSpec,
     Calibration,
     CalibrationError,
+    Support,
+    Where,
+    backend_capabilities,
     calibration_path,
     choose_backend,
+    describe_backends,
     load_calibration,
     reload_calibration,
     GroupedMMPath,
@@ -15,6 +21,7 @@ from .backends import (
     batched_mm_budget,
     experts_forward,
     get_backend,
+    get_spec,
     get_batched_mm_budget,
     grouped_mm_path,
     predict_gather_bytes,
@@ -25,11 +32,12 @@ from .backends import (
     unregister,
 )
 from . import record  # moe_lab.record.record(name, value): notebooks record values for `moe-lab sweep`
-from .calibration import calibrate
 from .capabilities import capabilities, default_device, format_capabilities
 from .cuda_graph import GraphCaptureError, GraphedExperts
 from .config import ACTIVATIONS, MoEConfig, resolve_dtype
-from .errors import BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError
+from .errors import (
+    BackendCapabilityError, BackendInputError, ConfigError, DetachedOutputError, GatherBudgetError, UnknownBackendError,
+)
 from .model import MultiBackboneConfig, MultiBackboneMoEModel
 from .modules import Experts, GatedMLP, SparseMoeBlock
 from .presets import PRESETS, Preset, get_preset, scale_down
@@ -38,7 +46,18 @@ from .routing import RouterOutput, RoutingStats, TopKRouter, route, routing_stat
 
 __version__ = "0.1.0"
 
+
+def calibrate(*args, **kwargs):
+    """Measure where one backend overtakes another here and store it for `auto`: see
+    moe_lab.bench.calibrate.calibrate (imported on first use; the bench is not part of `import moe_lab`)."""
+    from .bench.calibrate import calibrate as measure_and_store
+
+    return measure_and_store(*args, **kwargs)
+
+
 __all__ = [
+    "CAPABILITIES", "BackendCapabilityError", "BackendSpec", "DetachedOutputError", "Support", "Where",
+    "backend_capabilities", "describe_backends", "get_spec",
     "Calibration", "CalibrationError", "calibrate", "calibration_path", "choose_backend", "load_calibration",
     "reload_calibration",
     "ACTIVATIONS", "BackendInputError", "ConfigError", "Experts", "GatedMLP", "GatherBudgetError", "GroupedMMPath",

@@ -45,3 +45,11 @@ def _human(num_bytes: float) -> str:
             return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
         num_bytes /= 1024
     raise AssertionError("unreachable")
+
+
+class BackendCapabilityError(ValueError):
+    """The chosen experts backend cannot do what this call needs (e.g. gradients), as its spec declares."""
+
+
+class DetachedOutputError(BackendCapabilityError):
+    """A backend returned an output whose autograd graph does not reach inputs that require grad."""

@@ -4,7 +4,8 @@ No backend wins everywhere: at decode (a few tokens) batched_mm's gather is chea
 sort, at prefill grouped_mm's one grouped GEMM wins over the other two, and the fused triton kernels
 win most points on a GPU but are only interpreted on a CPU. Where the crossover lies depends on the
 machine, the dtype and the layer shape, so it is *measured* (`moe_lab.calibrate`, `moe-lab
-calibrate`) and stored in a JSON file; until then `DEFAULT_CROSSOVERS` applies.
+calibrate`) and stored in a calibration file (moe_lab.backends.calibration); until then
+`DEFAULT_CROSSOVERS` applies.
 
 A crossover table is an ordered list of rules (max_tokens, backend): the first rule with
 T <= max_tokens (None: any T) names the backend. T is `hidden_states.shape[0]`, a shape, so choosing
@@ -12,213 +13,108 @@ costs no host sync. Under torch.compile the table lookup runs once at trace time
 (`torch.compiler.assume_constant_result`) and `T <= max_tokens` becomes a guard: each compiled graph
 holds one backend, and a T on the other side of a crossover compiles a second graph.
 
-Calibration file (JSON; `$MOE_LAB_CALIBRATION`, else $XDG_CACHE_HOME or ~/.cache, /moe_lab/calibration.json),
-here with the first row of the CPU run DEFAULT_CROSSOVERS quotes:
-    {"format": "moe_lab calibration", "version": 1, "entries": [
-      {"device_type": "cpu", "device_name": "AMD EPYC", "dtype": "float32",
-       "shape": {"num_experts": 128, "top_k": 8, "hidden_size": 64, "intermediate_size": 32},  (or null)
-       "rules": [[16, "batched_mm"], [4096, "grouped_mm"], [null, "eager"]],
-       "measurements": [{"num_tokens": 1, "winner": "batched_mm", "skipped": {},
-                         "median_ms": {"eager": 0.375, "batched_mm": 0.141, "grouped_mm": 0.445}}, ...],
-       "torch_version": "2.13.0+cpu", "date": "2026-11-26T09:10:34+00:00",
-       "provenance": {"preset": "qwen3-30b-a3b", "cpu_threads": 2, "git_commit": ..., ...}}]}
-An entry whose shape equals the layer's (E, k, H, I) wins over the device+dtype entry with
-shape null; with neither, the device type's default applies. A table naming a backend that is not
-registered or cannot run here skips that rule (the reason goes into `why`); auto never picks itself.
+auto chooses only among backends whose declared capabilities (moe_lab.backends.spec) cover what the
+call needs: one that runs here (not only through an interpreter), supports autograd when gradients
+are needed, compiles without a graph break under torch.compile, and can be captured while a CUDA
+graph is being recorded. A rule naming a backend that cannot is skipped, and `choose_backend`'s
+reason says why; auto never picks itself.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import resolve_dtype
 from ..devices import device_name
+from . import calibration, registry
+from .calibration import ENV_VAR, SHAPE_KEYS, CalibrationError, calibration_path, load_calibration
+from .spec import BackendSpec, Support, Where, no, yes
 
 AUTO = "auto"
-TRITON_DTYPES = ("bfloat16", "float16", "float32")
-FALLBACK_BACKEND = "grouped_mm"  # what auto runs when no usable rule covers T
-FORMAT_NAME = "moe_lab calibration"
-FORMAT_VERSION = 1
-ENV_VAR = "MOE_LAB_CALIBRATION"
-SHAPE_KEYS = ("num_experts", "top_k", "hidden_size", "intermediate_size")  # (E, k, H, I)
+#: What auto runs when no usable rule covers T: the first of these that can do what the call needs.
+FALLBACK_ORDER = ("grouped_mm", "batched_mm", "eager")
+FALLBACK_BACKEND = FALLBACK_ORDER[0]
 
 #: Uncalibrated crossover tables per device type: (max_tokens or None, backend), first match wins.
+#: The measurements behind them are in docs/performance_notes.md ("auto's defaults").
 DEFAULT_CROSSOVERS: dict[str, tuple[tuple[int | None, str], ...]] = {
-    # CPU, float32, measured on the dev machine (2-core "AMD EPYC" VM, torch 2.13.0+cpu) with
-    #   moe-lab calibrate --preset qwen3-30b-a3b --scale-down 64 --device cpu --dtype float32 \
-    #       --max-seconds 0.3 --output /tmp/cpu.json          (E=128, k=8, H=64, I=32)
-    # medians in ms, eager / batched_mm / grouped_mm, torch's default 2 threads (two quiet runs):
-    #   T=8     2.02/0.38/0.57   2.16/0.55/0.59      T=16    3.25/0.67/0.72   3.54/0.68/0.76
-    #   T=2048  10.4/186/5.93    19.2/202/9.92       T=4096  13.6/374/20.3    25.4/381/16.2
-    #   T=8192  19.4/956/107     38.1/768/55.4
-    # and with OMP_NUM_THREADS=1: T=8 2.12/0.72/0.63, T=16 3.20/1.41/0.76, T=2048 10.7/322/7.93,
-    # T=4096 15.6/634/15.6, T=8192 26.1/1293/60.0. batched_mm wins to T=16 on 2 threads but only to
-    # T=4 on one; a crossover at 8 costs at most ~15% on either. eager (one matmul per expert; on a
-    # CPU its host read is free) beats grouped_mm at T=8192 in every run; 4096 is a toss-up.
     "cpu": ((8, "batched_mm"), (2048, "grouped_mm"), (None, "eager")),
-    # CUDA: the triton backend at every T. In the recorded H100 run (data/h100_bf16_compare_hf_*,
-    # bf16, six presets x T = 1..8192) it was the fastest of eager/batched_mm/grouped_mm/triton at
-    # all 30 points, launched and graph-replayed alike (the run before its prefill TMA tiles: 27,
-    # grouped_mm taking mixtral at T >= 1024 and deepseek-v3 at T = 8192). Launched from Python at
-    # T <= 16 the margins are CPU noise; `moe-lab calibrate` measures them on the user's machine.
-    # grouped_mm (the fallback) runs where triton cannot: no triton, or float64.
     "cuda": ((None, "triton"),),
 }
 
 
-class CalibrationError(ValueError):
-    """A calibration file that cannot be read as moe_lab's format (says which file and what is expected)."""
-
-
 @dataclass(frozen=True)
-class Calibration:
-    """One crossover table measured on one device, in one dtype, for one layer shape (or any shape)."""
+class Needs:
+    """What a call needs of the backend that runs it."""
 
-    device_type: str  # "cpu", "cuda"
-    device_name: str  # device_name(device): the GPU's name or the CPU model
-    dtype: str  # "float32", "bfloat16", ...
-    shape: tuple[int, int, int, int] | None  # (E, k, H, I) it applies to; None: any shape
-    rules: tuple[tuple[int | None, str], ...]  # ((max_tokens or None, backend), ...)
-    measurements: tuple[dict, ...] = ()  # per T: num_tokens, winner, median_ms {backend: ms}, skipped {backend: why}
-    torch_version: str = ""
-    date: str = ""
-    provenance: dict = field(default_factory=dict)  # measured shape, preset, threads, moe_lab version, commit
-
-    @property
-    def key(self) -> tuple:
-        """Entries with the same key replace each other in a file."""
-        return self.device_type, self.device_name, self.dtype, self.shape
-
-    def to_json(self) -> dict:
-        return {
-            "device_type": self.device_type, "device_name": self.device_name, "dtype": self.dtype,
-            "shape": None if self.shape is None else dict(zip(SHAPE_KEYS, self.shape)),
-            "rules": [list(rule) for rule in self.rules], "measurements": list(self.measurements),
-            "torch_version": self.torch_version, "date": self.date, "provenance": dict(self.provenance),
-        }
+    grad: bool = False  # gradients must reach the inputs
+    compiling: bool = False  # traced by torch.compile
+    capturing: bool = False  # recorded into a CUDA graph
 
     @classmethod
-    def from_json(cls, data, where: str = "calibration entry") -> "Calibration":
-        if not isinstance(data, dict):
-            raise CalibrationError(f"{where}: expected an object with device_type, device_name, dtype, shape, "
-                                   f"rules; got {type(data).__name__}")
-        missing = [key for key in ("device_type", "device_name", "dtype", "rules") if key not in data]
-        if missing:
-            raise CalibrationError(f"{where}: missing {missing}; an entry needs device_type, device_name, dtype, rules")
-        for key in ("device_type", "device_name", "dtype"):
-            if not isinstance(data[key], str) or not data[key]:
-                raise CalibrationError(f"{where}: {key} must be a non-empty string, got {data[key]!r}")
-        measurements = data.get("measurements") or []
-        if not isinstance(measurements, list) or not all(isinstance(m, dict) for m in measurements):
-            raise CalibrationError(f"{where}: measurements must be a list of objects (one per token count)")
-        return cls(
-            device_type=data["device_type"], device_name=data["device_name"], dtype=data["dtype"],
-            shape=_parse_shape(data.get("shape"), where), rules=check_rules(data["rules"], where),
-            measurements=tuple(measurements), torch_version=str(data.get("torch_version", "")),
-            date=str(data.get("date", "")), provenance=dict(data.get("provenance") or {}),
-        )
+    def of_call(cls, hidden_states, top_k_weights, experts) -> "Needs":
+        return cls(grad=needs_grad(experts, hidden_states, top_k_weights), compiling=torch.compiler.is_compiling(),
+                   capturing=hidden_states.is_cuda and not torch.compiler.is_compiling()
+                   and torch.cuda.is_current_stream_capturing())
 
 
-def check_rules(rules, where: str = "rules") -> tuple[tuple[int | None, str], ...]:
-    """Validate a crossover table: [(max_tokens, backend), ...], max_tokens ints >= 0 strictly
-    increasing, only the last may be None (any T). Returns it as a tuple of tuples."""
-    expected = "a non-empty list of [max_tokens, backend] with max_tokens increasing ints >= 0, only the last null"
-    if not isinstance(rules, (list, tuple)) or not rules:
-        raise CalibrationError(f"{where}: rules must be {expected}; got {rules!r}")
-    checked, previous = [], -1
-    for index, rule in enumerate(rules):
-        if not isinstance(rule, (list, tuple)) or len(rule) != 2:
-            raise CalibrationError(f"{where}: rule {index} is {rule!r}; rules must be {expected}")
-        max_tokens, name = rule
-        if not isinstance(name, str) or not name:
-            raise CalibrationError(f"{where}: rule {index} names backend {name!r}; a backend name is a string")
-        if max_tokens is None:
-            if index != len(rules) - 1:
-                raise CalibrationError(f"{where}: rule {index} has max_tokens null but is not last; rules must be {expected}")
-        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= previous:
-            raise CalibrationError(f"{where}: rule {index} has max_tokens {max_tokens!r} after {previous}; "
-                                   f"rules must be {expected}")
+def needs_grad(experts, hidden_states, top_k_weights) -> bool:
+    """Grad mode is on and any of hidden states, routing weights or the experts' parameters requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if hidden_states.requires_grad or top_k_weights.requires_grad:
+        return True
+    return any(getattr(getattr(experts, name, None), "requires_grad", False)
+               for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"))
+
+
+def unusable_reason(spec: BackendSpec, where: Where, needs: Needs = Needs()) -> str | None:
+    """Why auto cannot choose `spec` at `where` for a call with `needs`, or None. Unknown (undeclared)
+    capabilities do not stop it: trying is how they are found out."""
+    if spec.dispatcher:
+        return f"{spec.name} dispatches to other backends; auto does not choose it"
+    runs = spec.supports("runs", where)
+    if runs.ok is False:
+        return runs.reason
+    if runs.slow:
+        return f"only through an interpreter here, too slow to choose ({runs.reason})"
+    for needed, capability, what in ((needs.grad, "autograd", "gradients are needed"),
+                                     (needs.compiling, "fullgraph", "it is being compiled"),
+                                     (needs.capturing, "cuda_graph", "a CUDA graph is being captured")):
+        support = spec.supports(capability, where) if needed else None
+        if support is not None and support.ok is False:
+            return f"{what}, and {support.reason}"
+    return None
+
+
+def usable_rules(rules, where: Where, needs: Needs = Needs()) -> tuple[tuple, list[str]]:
+    """The rules whose backend auto can choose here, and one line per dropped rule saying why."""
+    usable, skipped = [], []
+    for max_tokens, name in rules:
+        if name not in registry.available_backends():
+            reason = "not registered"
         else:
-            previous = max_tokens
-        checked.append((max_tokens, name))
-    return tuple(checked)
+            reason = unusable_reason(registry.get_spec(name), where, needs)
+        if reason is None:
+            usable.append((max_tokens, name))
+        else:
+            skipped.append(f"skipped {name}: {reason}")
+    return tuple(usable), skipped
 
 
-def _parse_shape(shape, where: str) -> tuple[int, int, int, int] | None:
-    if shape is None:
-        return None
-    if not isinstance(shape, dict) or set(shape) != set(SHAPE_KEYS) or not all(
-            isinstance(shape[key], int) and not isinstance(shape[key], bool) and shape[key] > 0 for key in SHAPE_KEYS):
-        raise CalibrationError(f"{where}: shape must be null or {{{', '.join(SHAPE_KEYS)}}} with positive ints, "
-                               f"got {shape!r}")
-    return tuple(shape[key] for key in SHAPE_KEYS)
+def fallback_backend(where: Where, needs: Needs = Needs()) -> str:
+    """What auto runs when no usable rule covers T."""
+    for name in FALLBACK_ORDER:
+        if name in registry.available_backends() and unusable_reason(registry.get_spec(name), where, needs) is None:
+            return name
+    return FALLBACK_BACKEND  # it will explain itself when it cannot run
 
 
-# ----------------------------------------------------------------------------- the file
-
-
-def calibration_path(path=None) -> Path:
-    """`path`, else $MOE_LAB_CALIBRATION, else $XDG_CACHE_HOME (or ~/.cache)/moe_lab/calibration.json."""
-    if path is not None:
-        return Path(path).expanduser()
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(cache, "moe_lab", "calibration.json").expanduser()
-
-
-_loaded: dict[str, tuple[Calibration, ...]] = {}  # resolved path -> entries
-_forward_decisions: dict[tuple, tuple] = {}  # (env value, device, dtype, shape) -> usable rules
-_warned: set[str] = set()  # files the forward path has already warned about
-
-
-def load_calibration(path=None) -> tuple[Calibration, ...]:
-    """The entries of a calibration file (none if it does not exist); cached per path until
-    `reload_calibration()`. A file that is not valid JSON in this format raises CalibrationError."""
-    resolved = calibration_path(path)
-    key = str(resolved)
-    if key not in _loaded:
-        _loaded[key] = _read(resolved)
-    return _loaded[key]
-
-
-def reload_calibration() -> None:
-    """Forget loaded files and decisions: the next choice reads the file again (and may warn again).
-    Graphs torch.compile already traced keep the backend they chose; `torch._dynamo.reset()` drops them."""
-    _loaded.clear()
-    _forward_decisions.clear()
-    _warned.clear()
-
-
-def _read(path: Path) -> tuple[Calibration, ...]:
-    expected = f'expected JSON {{"format": "{FORMAT_NAME}", "version": {FORMAT_VERSION}, "entries": [...]}}'
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return ()
-    except OSError as error:
-        raise CalibrationError(f"calibration file {path} cannot be read ({error}); {expected}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CalibrationError(f"calibration file {path} is not valid JSON ({error}); {expected}; "
-                               "delete it or run `moe-lab calibrate` again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
-        found = {k: data.get(k) for k in ("format", "version")} if isinstance(data, dict) else type(data).__name__
-        raise CalibrationError(f"calibration file {path} has {found}; {expected} "
-                               "(run `moe-lab calibrate` again to rewrite it)")
-    if not isinstance(data.get("entries"), list):
-        raise CalibrationError(f"calibration file {path}: 'entries' must be a list; {expected}")
-    return tuple(Calibration.from_json(entry, f"calibration file {path}, entry {index}")
-                 for index, entry in enumerate(data["entries"]))
-
-
-# ----------------------------------------------------------------------------- choosing
+# ----------------------------------------------------------------------------- the table
 
 
 def _normalize(device, dtype, shape) -> tuple[torch.device, str, tuple | None]:
@@ -265,53 +161,13 @@ def _table(device: torch.device, dtype_name: str, shape, entries, path) -> tuple
     return rules, f"uncalibrated default for {device.type} ({note})"
 
 
-def unusable_reason(backend: str, device, compiling: bool = False, dtype=None) -> str | None:
-    """Why auto cannot run `backend` on `device` in `dtype` (under torch.compile if `compiling`), or None."""
-    from . import registry  # registry imports this module: look it up at call time
-
-    device = torch.device(device)
-    if backend == AUTO:
-        return "auto cannot choose itself"
-    if backend not in registry.available_backends():
-        return "not registered"
-    if backend == "triton" and device.type != "cuda":
-        return f"triton is chosen on CUDA only, not on {device.type}"
-    if backend == "triton" and not _triton_available(device):
-        return f"triton_available({device}) is False"
-    if backend == "triton" and dtype is not None and str(dtype).removeprefix("torch.") not in TRITON_DTYPES:
-        return f"the triton kernels take {'/'.join(TRITON_DTYPES)}, not {str(dtype).removeprefix('torch.')}"
-    if backend == "eager" and compiling:
-        return "eager breaks the torch.compile graph (it reads per-expert token counts on the host)"
-    return None
-
-
-def usable_rules(rules, device, compiling: bool = False, dtype=None) -> tuple[tuple, list[str]]:
-    """The rules whose backend can run here, and one line per dropped rule saying why."""
-    usable, skipped = [], []
-    for max_tokens, backend in rules:
-        reason = unusable_reason(backend, device, compiling, dtype)
-        if reason is None:
-            usable.append((max_tokens, backend))
-        else:
-            skipped.append(f"skipped {backend}: {reason}")
-    return tuple(usable), skipped
-
-
-def _triton_available(device) -> bool:
-    try:
-        from . import triton_available
-    except ImportError:  # the triton backend is not part of this build of moe_lab
-        return False
-    return bool(triton_available(device))
-
-
-def pick(rules, num_tokens) -> str:
-    """The backend of the first rule with num_tokens <= max_tokens (None: any); FALLBACK_BACKEND if none.
+def pick(rules, num_tokens, fallback: str = FALLBACK_BACKEND) -> str:
+    """The backend of the first rule with num_tokens <= max_tokens (None: any); `fallback` if none.
     Works on a torch.compile SymInt too: each comparison becomes a guard."""
     for max_tokens, backend in rules:
         if max_tokens is None or num_tokens <= max_tokens:
             return backend
-    return FALLBACK_BACKEND
+    return fallback
 
 
 def _explain(rules, num_tokens: int, backend: str) -> str:
@@ -326,33 +182,43 @@ def _explain(rules, num_tokens: int, backend: str) -> str:
     return f"T={num_tokens} > {previous}, no rule covers it -> {backend} (fallback)"
 
 
-def choose_backend(num_tokens: int, device, dtype, shape=None, *, path=None,
-                   compiling: bool = False) -> tuple[str, str]:
+def choose_backend(num_tokens: int, device, dtype, shape=None, *, path=None, compiling: bool = False,
+                   grad: bool = False, capturing: bool = False) -> tuple[str, str]:
     """(backend, why) that `auto` runs for `num_tokens` tokens on this device and dtype, for a layer
-    of `shape` (E, k, H, I) or a MoEConfig (None: the device+dtype entry only), in eager mode or
-    (compiling=True) inside torch.compile. A corrupt calibration file raises CalibrationError (a
-    ValueError) naming it."""
+    of `shape` (E, k, H, I) or a MoEConfig (None: the device+dtype entry only), for a call that needs
+    gradients (`grad`), is traced by torch.compile (`compiling`) or recorded in a CUDA graph
+    (`capturing`). A corrupt calibration file raises CalibrationError (a ValueError) naming it."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     device, dtype_name, shape = _normalize(device, dtype, shape)
     rules, source = _table(device, dtype_name, shape, load_calibration(path), calibration_path(path))
-    usable, skipped = usable_rules(rules, device, compiling, dtype_name)
-    backend = pick(usable, num_tokens)
+    where, needs = _where(device, dtype_name, shape), Needs(grad=grad, compiling=compiling, capturing=capturing)
+    usable, skipped = usable_rules(rules, where, needs)
+    backend = pick(usable, num_tokens, fallback_backend(where, needs))
     why = f"{source}: {_explain(usable, num_tokens, backend)}"
     return backend, why + "".join(f"; {line}" for line in skipped)
 
 
+def _where(device: torch.device, dtype_name: str, shape) -> Where:
+    hidden, inter = (shape[2], shape[3]) if shape is not None else (None, None)
+    return Where(device, resolve_dtype(dtype_name), hidden, inter)
+
+
 # ----------------------------------------------------------------------------- the backend
+
+_forward_decisions: dict[tuple, tuple] = {}  # (file generation, env, device, dtype, shape, needs, names) -> rules
+_warned: set[str] = set()  # files the forward path has already warned about
 
 
 @torch.compiler.assume_constant_result
-def _forward_rules(device: torch.device, dtype: torch.dtype, shape: tuple, compiling: bool) -> tuple:
-    """Usable rules for a forward call; a constant under torch.compile (runs once, at trace time).
-    A corrupt file warns once and the defaults apply: a model forward must not die on a cache file."""
-    from . import registry  # registry imports this module: look it up at call time
-
+def _forward_rules(device: torch.device, dtype: torch.dtype, shape: tuple, grad: bool, compiling: bool,
+                   capturing: bool) -> tuple:
+    """(usable rules, fallback) for a forward call; a constant under torch.compile (runs once, at
+    trace time). A corrupt file warns once and the defaults apply: a model forward must not die on a
+    cache file."""
     # Registered names are part of the key: registering or removing a backend can change the choice.
-    key = (os.environ.get(ENV_VAR), device, dtype, shape, compiling, tuple(registry.available_backends()))
+    key = (calibration.generation(), os.environ.get(ENV_VAR), device, dtype, shape, grad, compiling, capturing,
+           tuple(registry.available_backends()))
     if key not in _forward_decisions:
         dtype_name = str(dtype).removeprefix("torch.")
         path = calibration_path()
@@ -365,19 +231,45 @@ def _forward_rules(device: torch.device, dtype: torch.dtype, shape: tuple, compi
                               "uncalibrated defaults", RuntimeWarning, stacklevel=2)
             entries = ()
         rules, _ = _table(device, dtype_name, shape, entries, path)
-        _forward_decisions[key] = usable_rules(rules, device, compiling, dtype)[0]
+        where, needs = Where(device, dtype, shape[2], shape[3]), Needs(grad, compiling, capturing)
+        _forward_decisions[key] = (usable_rules(rules, where, needs)[0], fallback_backend(where, needs))
     return _forward_decisions[key]
 
 
 def auto_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     """Run the backend `choose_backend` names for T = hidden_states.shape[0] tokens."""
-    from . import registry  # registry imports this module: look it up at call time
-
     # (E, k, H, I) from shapes alone; I from down_proj's volume E*H*I, which is the same whether it is
     # stored [E, H, I] or transposed. (expert_weights() costs ~5 us per call on an nn.Module.)
     num_experts, hidden = experts.gate_up_proj.shape[0], hidden_states.shape[1]
     shape = (int(num_experts), int(top_k_index.shape[1]), int(hidden),
              int(experts.down_proj.numel() // (num_experts * hidden)))
-    rules = _forward_rules(hidden_states.device, hidden_states.dtype, shape, torch.compiler.is_compiling())
-    backend = pick(rules, hidden_states.shape[0])
+    needs = Needs.of_call(hidden_states, top_k_weights, experts)
+    rules, fallback = _forward_rules(hidden_states.device, hidden_states.dtype, shape, needs.grad, needs.compiling,
+                                     needs.capturing)
+    backend = pick(rules, hidden_states.shape[0], fallback)
     return registry.get_backend(backend)(experts, hidden_states, top_k_index, top_k_weights)
+
+
+def _chooses_among(capability: str):
+    def answer(where: Where) -> Support:
+        able = [name for name in registry.available_backends()
+                if unusable_reason(registry.get_spec(name), where) is None
+                and registry.get_spec(name).supports(capability, where).ok is not False]
+        if not able:
+            return no(f"no registered backend here can ({capability})")
+        return yes(f"chooses only among the backends that can here: {', '.join(able)}")
+    return answer
+
+
+SPEC = BackendSpec(
+    name=AUTO,
+    forward=auto_experts_forward,
+    summary="runs the backend the crossover table names for this call's token count (calibrated or default)",
+    runs=yes("dispatches to a registered backend that runs here"),
+    autograd=_chooses_among("autograd"),
+    cuda_graph=_chooses_among("cuda_graph"),
+    fullgraph=_chooses_among("fullgraph"),
+    sync_free=yes("choosing reads only shapes; under a CUDA graph capture it chooses a capturable backend"),
+    dispatcher=True,
+    builtin=True,
+)

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import GatherBudgetError
 from .common import apply_gate, expert_weights, sum_over_top_k
+from .spec import BackendSpec, yes
 
 DEFAULT_BUDGET_BYTES = 4 * 2**30
 _budget_bytes: int | None = None  # None: use the environment variable or the default
@@ -100,3 +101,18 @@ def batched_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     y = y * top_k_weights.reshape(-1, 1).to(y.dtype)  # [S, H] weighted by the router
     # Sum the k contributions of each token with a reshape, not index_add_: deterministic on CUDA.
     return sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+
+
+_SHAPES_FROM_T_AND_K = "every shape follows from T and k, so nothing is read on the host"
+
+SPEC = BackendSpec(
+    name="batched_mm",
+    forward=batched_mm_experts_forward,
+    summary="gather one weight copy per (token, expert) pair and run torch.bmm (refuses over its gather budget)",
+    runs=yes("torch ops only: any device and floating dtype"),
+    autograd=yes("torch ops throughout (gather, bmm, sum)"),
+    cuda_graph=yes(_SHAPES_FROM_T_AND_K),
+    fullgraph=yes(_SHAPES_FROM_T_AND_K),
+    sync_free=yes(_SHAPES_FROM_T_AND_K),
+    builtin=True,
+)

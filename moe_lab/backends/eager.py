@@ -14,6 +14,7 @@ import torch
 
 from ..routing import tokens_per_expert
 from .common import accumulation_dtype, apply_gate, expert_weights
+from .spec import BackendSpec, no, yes
 
 
 def eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
@@ -53,3 +54,18 @@ def eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
         output.index_add_(0, rows, y)  # scatter each row back to its token
         start += size
     return output.to(hidden_states.dtype)  # [T, H]
+
+
+_READS_COUNTS = "reads the per-expert token counts on the host (group_sizes.tolist())"
+
+SPEC = BackendSpec(
+    name="eager",
+    forward=eager_experts_forward,
+    summary="a Python loop over the experts that received tokens: gather, gate/up, act, down, scatter-add",
+    runs=yes("torch ops only: any device and floating dtype"),
+    autograd=yes("torch ops throughout (indexing, matmul, index_add_)"),
+    cuda_graph=no(f"it {_READS_COUNTS}, which a capture cannot do"),
+    fullgraph=no(f"it {_READS_COUNTS}: a graph break under torch.compile"),
+    sync_free=no(f"it {_READS_COUNTS}: one sync per call on a GPU"),
+    builtin=True,
+)

@@ -23,6 +23,7 @@ import torch
 from ..devices import cuda_device_facts
 from .common import apply_gate, expert_counts, expert_weights, sum_over_top_k
 from .grouped_loop import grouped_matmul_loop
+from .spec import BackendSpec, Support, Where, no, yes
 
 _TORCH_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -135,3 +136,37 @@ def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     y = y[sorted_row_of_pair]  # [S, H] in (token, slot) order; rebinding frees the sorted copy
     y = y * top_k_weights.reshape(-1, 1).to(y.dtype)  # not in place: autograd needs y for the weights' grad
     return sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+
+
+def _path_at(where: Where, compiling: bool = False) -> GroupedMMPath:
+    # Without a shape, assume rows of 16-byte multiples (every real model's): the common case.
+    return grouped_mm_path(where.device, where.dtype, where.hidden_size or 64, where.intermediate_size or 64,
+                           compiling=compiling)
+
+
+def _sync_free(where: Where) -> Support:
+    path = _path_at(where)
+    if path.native:
+        return yes(f"{path.reason}, which reads the group offsets on the GPU")
+    return no(f"{path.reason}: the group offsets are read on the host")
+
+
+def _fullgraph(where: Where) -> Support:
+    path = _path_at(where, compiling=True)
+    if path.uses_torch_op:
+        return yes(f"torch.compile traces {path.kernel} ({where.dtype})")
+    return yes(f"{path.reason}; moe_lab's loop is a custom op, one opaque call to torch.compile")
+
+
+SPEC = BackendSpec(
+    name="grouped_mm",
+    forward=grouped_mm_experts_forward,
+    summary="sort the (token, expert) pairs by expert, one grouped GEMM per projection, un-permute",
+    runs=yes("torch's grouped_mm where it can run, moe_lab's loop elsewhere (grouped_mm_path says which)"),
+    autograd=yes("torch's grouped_mm has a backward; moe_lab's loop fallback is a custom op with an explicit backward"),
+    cuda_graph=_sync_free,  # capturable exactly when nothing is read on the host
+    fullgraph=_fullgraph,
+    sync_free=_sync_free,
+    builtin=True,
+    kernel_path=lambda where, compiling=False: _path_at(where, compiling).kernel,
+)

@@ -39,6 +39,7 @@ import torch
 from ..devices import cuda_device_facts
 from ..errors import BackendInputError
 from .common import apply_gate, expert_counts, expert_weights
+from .spec import BackendSpec, Support, Where, no, yes
 
 
 class TritonUnavailableError(NotImplementedError):
@@ -394,3 +395,33 @@ def _launch(kernel, config: KernelConfig, num_pairs, num_experts, width, *args, 
     grid = (_max_row_blocks(num_pairs, num_experts, config) * -(-width // config.block_n),)
     kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                  GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the backend can do (moe_lab.backends.spec): asked by auto, GraphedExperts, the bench, ...
+# ---------------------------------------------------------------------------------------------
+
+def _runs(where: Where) -> Support:
+    runs, why = triton_status(where.device)
+    if not runs:
+        return no(why)
+    if where.dtype not in _KERNEL_DTYPES:
+        names = "/".join(str(d).removeprefix("torch.") for d in _KERNEL_DTYPES)
+        return no(f"the triton kernels take {names}, not {str(where.dtype).removeprefix('torch.')}")
+    return yes(why, slow=_interpreting())
+
+
+_ON_THE_GPU = "the sort, the counts and the tile schedule stay on the GPU: nothing is read on the host"
+
+SPEC = BackendSpec(
+    name="triton",
+    forward=triton_experts_forward,
+    summary="fused Triton kernels: one sort, gate_up with the gather and activation fused, down with the "
+            "routing weight and un-permute fused, a streaming top-k sum",
+    runs=_runs,
+    autograd=no("its kernels have no backward pass: the output would be detached from the weights"),
+    cuda_graph=yes(_ON_THE_GPU),
+    fullgraph=yes("its launches trace: the run mode and the device facts are constants to dynamo"),
+    sync_free=yes(_ON_THE_GPU),
+    builtin=True,
+)
