@@ -24,10 +24,19 @@ def _positive_int(text: str) -> int:
 
 
 def _info(args) -> int:
+    from .backends import backend_capabilities, describe_backends
     from .capabilities import capabilities, format_capabilities
+    from .config import resolve_dtype
 
     info = capabilities(args.device, probe_compile=not args.no_compile_probe)
-    print(json.dumps(info, indent=2, default=str) if args.json else format_capabilities(info))
+    dtype = resolve_dtype(args.dtype) if args.dtype else None
+    if args.json:
+        info["backends"] = backend_capabilities(info["device"], dtype)
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_capabilities(info))
+        print()
+        print(describe_backends(info["device"], dtype))
     return 0
 
 
@@ -52,7 +61,8 @@ def _bench_configs(args) -> dict:
 
 def _bench(args) -> int:
     from . import bench
-    from .backends import get_backend, runnable_backends
+    from .backends import runnable_backends
+    from .bench import implementations
     from .capabilities import default_device
     from .config import resolve_dtype
 
@@ -62,19 +72,16 @@ def _bench(args) -> int:
     # transformers' backends join only through --compare-hf, even if registered earlier in this process.
     backends = list(args.backends or runnable_backends(device or default_device(), interpreted=False))
     for name in backends:
-        get_backend(name)  # a typo is a usage error, not a table of "unsupported" rows
+        implementations.implementation(name)  # a typo is a usage error, not a table of "unsupported" rows
     ceilings = bench.measure_ceilings(device=device, dtype=dtype) if args.ceilings else None
     if args.compare_hf:
-        from .bench.hf_compare import register_transformers_backends
-
-        backends += [name for name in register_transformers_backends()
-                     if name.removeprefix("transformers:") in backends]
+        backends += implementations.compared_names(backends)
     frame = bench.sweep(configs, args.tokens, backends, [dtype] if dtype else None, device=device,
                         progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution],
                         measure_kwargs={"max_seconds": args.max_seconds},
                         executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"], rounds=args.rounds)
     if args.compare_hf:
-        from .bench.hf_compare import add_transformers_ratios
+        from .bench.ratios import add_transformers_ratios
 
         frame = add_transformers_ratios(frame)
     compile_frame = None
@@ -86,7 +93,7 @@ def _bench(args) -> int:
                                              progress=not args.quiet, max_seconds=args.max_seconds, rounds=args.rounds)
         compile_frame.insert(0, "preset", name)
         if args.compare_hf:
-            from .bench.hf_compare import add_transformers_compile_ratios
+            from .bench.ratios import add_transformers_compile_ratios
 
             compile_frame = add_transformers_compile_ratios(compile_frame)
     print(_summary(frame, rounds=args.rounds > 1))
@@ -123,7 +130,7 @@ def _summary(frame, rounds: bool = False) -> str:
 
 def _calibrate(args) -> int:
     from .backends import calibration_path
-    from .calibration import DEFAULT_TOKENS, calibrate, format_calibration
+    from .bench.calibrate import DEFAULT_TOKENS, calibrate, format_calibration
 
     configs = _bench_configs(args)
     if len(configs) != 1:
@@ -201,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    info = commands.add_parser("info", help="device, torch, grouped GEMM path per dtype, triton, torch.compile")
+    info = commands.add_parser("info", help="device, torch, grouped GEMM path per dtype, triton, torch.compile, "
+                                             "and what every backend can do here")
     info.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    info.add_argument("--dtype", default=None,
+                      help="dtype the backends' capabilities are asked for (default: bfloat16 on CUDA, float32 on CPU)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--no-compile-probe", action="store_true", help="skip the torch.compile check (saves seconds)")
     info.set_defaults(handler=_info)

@@ -2,9 +2,11 @@
 
 At decode (T = 1..16) a backend's GPU work is tens of microseconds while launching its ~6-15
 kernels from Python costs about as much again; a CUDA graph records the launches once and replays
-them with one call. That only works for a forward that never waits for a GPU number on the host:
-`batched_mm`, `grouped_mm` on its fused kernel and `triton` qualify, `eager` (it reads the
-per-expert counts) does not, and capturing it raises `GraphCaptureError` saying so.
+them with one call. That only works for a forward that never waits for a GPU number on the host. Each backend's spec
+declares whether it can be captured (`moe_lab.describe_backends()`: batched_mm, grouped_mm on its
+fused kernel and triton can, eager — it reads the per-expert counts — cannot); one declared "no"
+is refused before anything runs, with the spec's reason, and every other one is run once under
+torch's sync debug mode before capture, so an undeclared backend that waits is refused too.
 
     graphed = GraphedExperts(experts)              # the module's current backend, or backend="triton"
     out = graphed(hidden, top_k_index, top_k_weights)   # first call per shape captures; then replays
@@ -21,12 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import experts_forward, get_backend
+from .backends import BackendSpec, Where, available_backends, check_inputs, checked_forward, get_spec
 from .errors import first_line
-
-
-_CAPTURABLE = ("Capturable backends never read a GPU value on the host: batched_mm, triton, and grouped_mm on its "
-               "fused kernel (see moe_lab.grouped_mm_path)")
 
 
 class GraphCaptureError(RuntimeError):
@@ -48,7 +46,8 @@ class GraphedExperts:
     def __init__(self, experts, backend: str | None = None, *, warmup: int = 2, max_graphs: int = 16):
         self.experts = experts
         self.backend = backend if backend is not None else experts.get_experts_implementation()
-        get_backend(self.backend)  # unknown name -> UnknownBackendError now, not at capture
+        # A registered name (unknown -> UnknownBackendError now, not at capture) or an unregistered spec.
+        self.spec = self.backend if isinstance(self.backend, BackendSpec) else get_spec(self.backend)
         self.warmup = warmup
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _Captured] = {}
@@ -79,7 +78,8 @@ class GraphedExperts:
         return self._last.output
 
     def _forward(self, hidden_states, top_k_index, top_k_weights):
-        return experts_forward(self.backend, self.experts, hidden_states, top_k_index, top_k_weights)
+        check_inputs(self.experts, hidden_states, top_k_index, top_k_weights)
+        return checked_forward(self.spec, self.experts, hidden_states, top_k_index, top_k_weights)
 
     def _check_sync_free(self, static) -> None:
         """Run once with torch's sync debug mode set to "error": a forward that waits for the GPU
@@ -91,8 +91,8 @@ class GraphedExperts:
             self._forward(*static)
         except RuntimeError as error:
             raise GraphCaptureError(
-                f"backend {self.backend!r} cannot be captured in a CUDA graph: it waits for the GPU on the host "
-                f"({first_line(error)}). {_CAPTURABLE}"
+                f"backend {self.spec.name!r} cannot be captured in a CUDA graph: it waits for the GPU on the host "
+                f"({first_line(error)}). {_capturable(static[0])}"
             ) from None
         finally:
             torch.cuda.set_sync_debug_mode(previous)
@@ -100,6 +100,12 @@ class GraphedExperts:
     def _capture(self, hidden_states, top_k_index, top_k_weights) -> _Captured:
         if hidden_states.device.type != "cuda":
             raise GraphCaptureError(f"CUDA graphs need CUDA tensors; hidden_states is on {hidden_states.device}")
+        where = Where(hidden_states.device, hidden_states.dtype, hidden_states.shape[1],
+                      self.experts.down_proj.numel() // (self.experts.gate_up_proj.shape[0] * hidden_states.shape[1]))
+        declared = self.spec.supports("cuda_graph", where)
+        if declared.ok is False:
+            raise GraphCaptureError(f"backend {self.spec.name!r} cannot be captured in a CUDA graph: {declared.reason}. "
+                                    f"{_capturable(hidden_states, where)}")
         static = [t.clone() for t in (hidden_states, top_k_index, top_k_weights)]
         # Warm-up on a side stream, as torch.cuda.graph requires: lazy inits (cuBLAS handles,
         # Triton compilation) must not happen during capture.
@@ -119,6 +125,14 @@ class GraphedExperts:
         except Exception as error:
             torch.cuda.synchronize()
             raise GraphCaptureError(
-                f"backend {self.backend!r} cannot be captured in a CUDA graph: {first_line(error)}. {_CAPTURABLE}"
+                f"backend {self.spec.name!r} cannot be captured in a CUDA graph: {first_line(error)}. "
+                f"{_capturable(static[0])}"
             ) from error
         return _Captured(graph, *static, output)
+
+
+def _capturable(hidden_states, where: Where | None = None) -> str:
+    """Which registered backends declare that they can be captured here (asked, not listed by hand)."""
+    where = where or Where(hidden_states.device, hidden_states.dtype)
+    names = [name for name in available_backends() if get_spec(name).supports("cuda_graph", where).ok is True]
+    return f"Backends that can be captured here: {', '.join(names) if names else 'none'}"

@@ -2,14 +2,15 @@
 
 Each module that owns experts answers `set_experts_implementation(name)` and
 `get_experts_implementation()`; switching only changes which registered function the next
-forward calls — no weights move, nothing is rebuilt.
+forward calls — no weights move, nothing is rebuilt. An `Experts` layer also takes a
+`BackendSpec` that is not registered (the bench runs transformers' own backends this way).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .backends import experts_forward, get_backend
+from .backends import BackendSpec, check_inputs, checked_forward, experts_forward, get_backend
 from .config import MoEConfig
 from .errors import BackendInputError
 from .routing import RouterOutput, TopKRouter
@@ -17,7 +18,9 @@ from .routing import RouterOutput, TopKRouter
 DEFAULT_IMPLEMENTATION = "grouped_mm"
 
 
-def _checked_name(implementation) -> str:
+def _checked_name(implementation, allow_spec: bool = False):
+    if allow_spec and isinstance(implementation, BackendSpec):
+        return implementation
     if not isinstance(implementation, str):
         raise ValueError(
             f"experts_implementation must be a backend name (str) here, got {type(implementation).__name__}; "
@@ -45,26 +48,32 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=config.dtype))
         self.down_proj = nn.Parameter(torch.empty(E, H, I, dtype=config.dtype))
         self.reset_parameters()
-        self.experts_implementation = _checked_name(experts_implementation)
+        self.experts_implementation = _checked_name(experts_implementation, allow_spec=True)
 
     def reset_parameters(self) -> None:
         # Unit-variance activations through each projection (fan-in init), so outputs stay O(1).
         nn.init.normal_(self.gate_up_proj, std=self.hidden_size**-0.5)
         nn.init.normal_(self.down_proj, std=self.intermediate_size**-0.5)
 
-    def set_experts_implementation(self, implementation: str) -> None:
-        self.experts_implementation = _checked_name(implementation)
+    def set_experts_implementation(self, implementation) -> None:
+        """A registered backend's name, or an unregistered `BackendSpec`."""
+        self.experts_implementation = _checked_name(implementation, allow_spec=True)
 
-    def get_experts_implementation(self) -> str:
+    def get_experts_implementation(self):
         return self.experts_implementation
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         """[T, H], [T, k], [T, k] -> [T, H] through the current backend."""
-        return experts_forward(self.experts_implementation, self, hidden_states, top_k_index, top_k_weights)
+        implementation = self.experts_implementation
+        if isinstance(implementation, str):
+            return experts_forward(implementation, self, hidden_states, top_k_index, top_k_weights)
+        check_inputs(self, hidden_states, top_k_index, top_k_weights)
+        return checked_forward(implementation, self, hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
+        implementation = getattr(self.experts_implementation, "name", self.experts_implementation)
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, experts_implementation={self.experts_implementation!r}")
+                f"intermediate_size={self.intermediate_size}, experts_implementation={implementation!r}")
 
 
 class GatedMLP(nn.Module):

@@ -19,13 +19,12 @@ graph_breaks() {
   # graph breaks under torch.compile (each break costs a Python round trip per forward)
   timeout 150 python -c "
 import torch, moe_lab
-from moe_lab.bench.hf_compare import register_transformers_backends
-register_transformers_backends()
+from moe_lab.bench.implementations import implementation
 layer = moe_lab.Experts(moe_lab.get_preset('qwen3-30b-a3b').config.replace(dtype=torch.bfloat16)).cuda()
 x = torch.randn(8192, 2048, device='cuda', dtype=torch.bfloat16)
 i, w = moe_lab.synthetic_routing(8192, 128, 8, device='cuda')
 for name in ['batched_mm', 'grouped_mm', 'triton', 'auto', 'transformers:grouped_mm']:
-    layer.set_experts_implementation(name)
+    layer.set_experts_implementation(implementation(name))
     for T in (16, 1024, 8192):  # triton: sorted 16-row tiles, 64-row tiles, TMA tiles
         torch._dynamo.reset()
         try:

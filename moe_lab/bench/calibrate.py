@@ -4,48 +4,48 @@
 `measure` (same warm-up, median and refusal rules as `moe-lab bench`), takes the fastest per T and
 compresses the winners into crossover rules: consecutive T with the same winner merge into one
 rule (max_tokens = the largest T it won), and the last rule covers every larger T. The entry goes
-into the calibration file `auto` reads (see moe_lab.backends.auto), replacing an earlier entry for
-the same device, dtype and shape.
+into the calibration file `auto` reads (its format: moe_lab.backends.calibration), replacing an
+earlier entry for the same device, dtype and shape.
 
-`moe_lab.calibrate` is this module's `calibrate` function. moe_lab.bench is imported when calibrating.
+`moe_lab.calibrate` is this module's `calibrate` function.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 
-from .backends.auto import (
-    FORMAT_NAME, FORMAT_VERSION, SHAPE_KEYS, Calibration, calibration_path, load_calibration, reload_calibration,
-    unusable_reason,
+from ..backends import Where, available_backends, get_spec
+from ..backends.auto import unusable_reason
+from ..backends.calibration import (
+    SHAPE_KEYS, Calibration, calibration_path, load_calibration, reload_calibration, write_calibration,
 )
-from .backends.registry import available_backends, get_backend
-from .config import MoEConfig, resolve_dtype
-from .devices import device_name
-from .presets import get_preset
+from ..config import MoEConfig, resolve_dtype
+from ..devices import device_name
+from ..presets import get_preset
+from .measure import measure_with_layer
+from .provenance import git_commit, utc_now
+from .roofline import Ceilings
+from .timing import resolve_device
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
-def candidate_backends(device, backends=None) -> list[str]:
-    """The backends to time: `backends` checked, or every registered one that can run on `device`
-    except "auto" (it only dispatches), transformers' comparison entries and triton off CUDA (auto
-    never picks it there)."""
-    device = torch.device(device)
+def candidate_backends(device, backends=None, dtype=torch.float32) -> list[str]:
+    """The backends to time: `backends` checked, or every registered one auto could choose on
+    `device` in `dtype` (not auto itself, not one that runs only through an interpreter)."""
+    where = Where.of(device, resolve_dtype(dtype))
     if backends is None:
-        return [name for name in available_backends()
-                if not name.startswith("transformers:") and unusable_reason(name, device) is None]
+        return [name for name in available_backends() if unusable_reason(get_spec(name), where) is None]
     names = [backends] if isinstance(backends, str) else list(backends)
     if not names:
         raise ValueError(f"backends is empty; give names from {available_backends()}, or None for all")
     for name in names:
-        get_backend(name)  # unknown -> UnknownBackendError naming the registered ones
-        reason = unusable_reason(name, device)
+        reason = unusable_reason(get_spec(name), where)  # unknown -> UnknownBackendError naming the registered ones
         if reason is not None:
-            raise ValueError(f"cannot calibrate {name!r} on {device}: {reason}; choose from "
-                             f"{candidate_backends(device)}")
+            raise ValueError(f"cannot calibrate {name!r} on {where.device} in {str(where.dtype).removeprefix('torch.')}: "
+                             f"{reason}; choose from "
+                             f"{candidate_backends(where.device, dtype=where.dtype)}")
     return names
 
 
@@ -79,17 +79,12 @@ def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=
     from). Routing is uniform (seeded). A backend that is refused, unsupported or fails at some T just
     does not compete there; its reason is kept in the entry.
     """
-    from .bench.measure import measure_with_layer  # bench sits above backends; only needed here
-    from .bench.provenance import git_commit, utc_now
-    from .bench.roofline import Ceilings
-    from .bench.timing import resolve_device
-
     config, preset = _resolve_config(config_or_preset, preset)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
     config = config.replace(dtype=dtype) if dtype != config.dtype else config
     tokens = _check_tokens(tokens)
-    names = candidate_backends(device, backends)
+    names = candidate_backends(device, backends, dtype)
     if not isinstance(max_seconds, (int, float)) or not max_seconds > 0:
         raise ValueError(f"max_seconds must be a number of seconds > 0, got {max_seconds!r}")
     target = calibration_path(path)
@@ -136,20 +131,6 @@ def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=
     return entry
 
 
-def write_calibration(entry: Calibration, path=None, existing=None) -> None:
-    """Add `entry` to the calibration file, replacing one with the same device, dtype and shape.
-    `existing`: the file's entries if already read. Written atomically (temp file, then rename)."""
-    target = calibration_path(path)
-    existing = load_calibration(target) if existing is None else existing
-    entries = [e for e in existing if e.key != entry.key] + [entry]
-    data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "entries": [e.to_json() for e in entries]}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(temporary, target)
-    reload_calibration()  # the next choice reads what was just written
-
-
 def format_calibration(entry: Calibration) -> str:
     """A terminal table: T, winner, each backend's median ms ("-": did not run), then the rules."""
     names = list(dict.fromkeys(name for m in entry.measurements for name in m["median_ms"]))
@@ -194,6 +175,6 @@ def _check_tokens(tokens) -> list[int]:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -29,11 +29,12 @@ import time
 import torch
 
 from .. import __version__
-from ..backends import grouped_mm_path, runnable_backends
+from ..backends import Where, runnable_backends
 from ..config import resolve_dtype
 from ..errors import GatherBudgetError, first_line
 from ..presets import get_preset
 from ..reference import relative_error
+from . import implementations
 from .columns import to_frame
 from .inputs import build_experts, random_hidden_states, random_routing
 from .progress import progress_bar
@@ -133,15 +134,19 @@ def _new_row(experts, mode, backend, T, device, dtype) -> dict:
         intermediate_size=config.intermediate_size, num_experts=config.num_experts, top_k=config.top_k,
         dtype=dtype_name(dtype), device=str(device), device_name=device_name(str(device)),
         torch_version=torch.__version__, moe_lab_version=__version__, date=utc_now(), git_commit=git_commit(),
-        grouped_mm_kernel=grouped_mm_path(device, dtype, config.hidden_size, config.intermediate_size,
-                                          compiling=True).kernel if backend == "grouped_mm" else "",
+        grouped_mm_kernel=_kernel_path(backend, Where(device, dtype, config.hidden_size, config.intermediate_size)),
         rounds=0, compiled_round_ms="", **{name: math.nan for name in _FLOATS},
     )
 
 
+def _kernel_path(backend, where) -> str:
+    spec = implementations.spec_of(backend)
+    return spec.kernel_path(where, compiling=True) if spec.kernel_path is not None else ""
+
+
 def _compile_and_check(row, experts, mode, backend, T, device, dtype, seed):
     """Steps 1-3: fill the row's compile time and errors; return (compiled call, uncompiled call)."""
-    experts.set_experts_implementation(backend)
+    experts.set_experts_implementation(implementations.implementation(backend))
     hidden_states = random_hidden_states(T, experts.config, device, seed)
     index, weights, _ = random_routing(T, experts.config, device, seed=seed)
     index2, weights2, _ = random_routing(T, experts.config, device, seed=seed + 1)
@@ -186,7 +191,7 @@ def _time_in_rounds(experts, rows, runners, rounds, timing) -> None:
             for row in round_order(rows, round_index):
                 backend = row["backend"]
                 run_compiled, run_uncompiled = runners[backend]
-                experts.set_experts_implementation(backend)
+                experts.set_experts_implementation(implementations.implementation(backend))
                 compiled = time_fn(run_compiled, **timing)
                 compiled_times[backend] += compiled.times_ms
                 round_medians[backend].append(compiled.median_ms)

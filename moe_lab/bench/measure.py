@@ -19,13 +19,14 @@ import math
 import torch
 
 from .. import __version__
-from ..backends import get_backend, get_batched_mm_budget, grouped_mm_path
+from ..backends import Where, get_batched_mm_budget
 from ..config import resolve_dtype
 from ..cuda_graph import GraphCaptureError, GraphedExperts
 from ..errors import BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError, first_line
 from ..modules import Experts
 from ..presets import get_preset
 from ..reference import reference_experts_forward, relative_error
+from . import implementations
 from .columns import empty_row
 from .inputs import build_experts, random_hidden_states, random_routing
 from .memory import available_bytes, measure_peak_memory, predict_memory
@@ -132,7 +133,7 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
     if dtype != config.dtype:
         config = config.replace(dtype=dtype)
     row["dtype"] = dtype_name(dtype)
-    get_backend(backend)  # unknown name -> UnknownBackendError, before anything is allocated
+    spec = implementations.spec_of(backend)  # unknown name -> UnknownBackendError, before anything is allocated
     if execution not in EXECUTIONS:
         raise ConfigError(f"unknown execution {execution!r}; allowed: {list(EXECUTIONS)}")
     E, k, H, I = config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
@@ -149,23 +150,22 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
         ceilings = cached_ceilings(str(device), dtype_name(dtype))
     row.update(roofline_ms=roofline_ms(row["flops"], row["min_bytes"], ceilings),
                ceiling_copy_GBps=ceilings.copy_GBps, ceiling_matmul_TFLOPs=ceilings.matmul_TFLOPs)
-    if backend == "grouped_mm":
-        row["grouped_mm_kernel"] = grouped_mm_path(device, dtype, H, I).kernel
-    over_budget = backend == "batched_mm" and predicted["weights_gathered"] > get_batched_mm_budget()
-    if not over_budget:  # batched_mm over budget refuses by itself, with its own message
+    if spec.kernel_path is not None:
+        row["grouped_mm_kernel"] = spec.kernel_path(Where(device, dtype, H, I))
+    over_budget = predicted["weights_gathered"] > get_batched_mm_budget()
+    if not over_budget:  # a gathering backend over its budget refuses by itself, with its own message
         _check_fits(predicted, 0 if experts is not None else predicted["parameters"], T, H, dtype, device)
 
     if experts is None:
-        experts = build_experts(config, device, seed, backend)
-    else:
-        experts.set_experts_implementation(backend)
+        experts = build_experts(config, device, seed)
+    experts.set_experts_implementation(implementations.implementation(backend))
     hidden_states = random_hidden_states(T, config, device, seed)
 
     def call():
         return experts(hidden_states, top_k_index, top_k_weights)
 
     if execution == "cuda_graph":
-        graphed = GraphedExperts(experts, backend)
+        graphed = GraphedExperts(experts, implementations.implementation(backend))
         graphed(hidden_states, top_k_index, top_k_weights)  # capture, and load these inputs
         measure_memory = False  # replays allocate nothing: the graph's pool was sized at capture
 

@@ -1,83 +1,16 @@
-"""Time transformers' own experts backends beside moe_lab's, on the same weights, in one process.
+"""moe_lab against transformers in one results table: same-named ratios, and the best path of each.
 
-`register_transformers_backends()` adds "transformers:eager", "transformers:batched_mm" and
-"transformers:grouped_mm" to moe_lab's registry. Each runs a real transformers `Qwen2MoeExperts`
-module whose parameters ARE the moe_lab layer's parameters (no copy), dispatched by transformers'
-own `config._experts_implementation` — so `sweep`/`measure` time both libraries with the same
-inputs, timer and rules. The one rule added: transformers' batched_mm has no memory guard, so the
-same gather budget as moe_lab's is applied (over it, the row is "refused", not an OOM).
-`add_transformers_ratios(df)` then puts `speedup_vs_transformers` on each moe_lab row.
+A table measured with `moe-lab bench --compare-hf` holds rows for moe_lab's backends ("grouped_mm")
+and transformers' ("transformers:grouped_mm": moe_lab.hf.comparison) on the same weights and inputs.
+`add_transformers_ratios(df)` puts `speedup_vs_transformers` on each moe_lab row; `best_paths`
+compares the fastest path of each library per point.
 """
 from __future__ import annotations
 
 import math
-import weakref
 
-import torch
-
-from ..backends import available_backends, expert_weights, get_batched_mm_budget, predict_gather_bytes, register, unregister
-from ..errors import GatherBudgetError
+from .implementations import MOE_LAB, TRANSFORMERS, backend_of, library_of
 from .rounds import parse_round_medians
-
-PREFIX = "transformers:"
-IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
-_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
-_twins: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _transformers_twin(experts):
-    """A transformers Qwen2MoeExperts sharing `experts`' parameters (built on the meta device)."""
-    twin = _twins.get(experts)
-    if twin is None:
-        try:
-            from transformers import Qwen2MoeConfig
-            from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
-        except ImportError as error:
-            raise ImportError("comparing with transformers needs it installed: pip install 'moe-lab[hf]'") from error
-        cfg = experts.config
-        hf_config = Qwen2MoeConfig(
-            hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.intermediate_size, num_experts=cfg.num_experts,
-            num_experts_per_tok=cfg.top_k, hidden_act=_HF_ACTIVATION[cfg.activation],
-        )
-        with torch.device("meta"):
-            twin = Qwen2MoeExperts(hf_config)
-        twin.gate_up_proj = experts.gate_up_proj  # the same Parameter objects: no copy, same data
-        twin.down_proj = experts.down_proj
-        _twins[experts] = twin
-    return twin
-
-
-def _make_backend(implementation: str):
-    def transformers_backend(experts, hidden_states, top_k_index, top_k_weights):
-        if implementation == "batched_mm":
-            T, k = top_k_index.shape
-            weights = expert_weights(experts)
-            predicted = predict_gather_bytes(T, k, weights.hidden_size, weights.intermediate_size, hidden_states.dtype)
-            if predicted > get_batched_mm_budget():
-                raise GatherBudgetError(predicted, get_batched_mm_budget(),
-                                        "the same budget is applied to transformers' batched_mm")
-        twin = _transformers_twin(experts)
-        twin.config._experts_implementation = implementation
-        return twin(hidden_states, top_k_index, top_k_weights)
-
-    transformers_backend.__doc__ = f"transformers' own `{implementation}` experts forward (for comparison)."
-    return transformers_backend
-
-
-def register_transformers_backends() -> list[str]:
-    """Register transformers' three backends in moe_lab's registry; return their names."""
-    names = []
-    for implementation in IMPLEMENTATIONS:
-        register(PREFIX + implementation, _make_backend(implementation))
-        names.append(PREFIX + implementation)
-    return names
-
-
-def unregister_transformers_backends() -> None:
-    """Remove what `register_transformers_backends` added."""
-    for implementation in IMPLEMENTATIONS:
-        if PREFIX + implementation in available_backends():
-            unregister(PREFIX + implementation)
 
 
 def add_transformers_ratios(df):
@@ -102,8 +35,8 @@ def _with_ratio(frame, keys, time_column, their_column, ok, rounds_column):
     """Join transformers' `time_column` onto the same-named moe_lab rows (equal `keys`) as
     `their_column`, and add `speedup_vs_transformers` = theirs / ours; with `rounds_column`
     (per-round medians, interleaved), also the lowest and highest round-by-round ratio."""
-    theirs = frame[frame["backend"].str.startswith(PREFIX) & (frame["status"] == ok)].copy()
-    theirs["backend"] = theirs["backend"].str.removeprefix(PREFIX)
+    theirs = frame[_is_transformers(frame["backend"]) & (frame["status"] == ok)].copy()
+    theirs["backend"] = theirs["backend"].map(backend_of)
     has_rounds = rounds_column in frame.columns
     carried = [time_column] + ([rounds_column] if has_rounds else [])
     theirs = theirs[keys + ["backend", *carried]].rename(
@@ -133,8 +66,8 @@ def best_paths(frame):
     ok = frame[frame["status"] == "ok"].reset_index(drop=True)  # concatenated tables repeat index labels
     rows = []
     for (preset, tokens), group in ok.groupby(["preset", "num_tokens"], sort=False):
-        is_theirs = group["backend"].str.startswith(PREFIX)
-        ours = group[~is_theirs & (group["backend"] != "auto")]
+        is_theirs = _is_transformers(group["backend"])
+        ours = group[(group["backend"].map(library_of) == MOE_LAB) & ~group["backend"].map(_dispatches)]
         theirs = group[is_theirs]
         if ours.empty or theirs.empty:
             continue
@@ -143,8 +76,19 @@ def best_paths(frame):
             "preset": preset, "num_tokens": int(tokens),
             "moe_lab": f"{best['backend']} ({best['execution']})", "moe_lab_ms": best["median_ms"],
             "moe_lab_roofline": best["fraction_of_roofline"], "moe_lab_tflops": best["tflops"],
-            "transformers": f"{best_theirs['backend'].removeprefix(PREFIX)} ({best_theirs['execution']})",
+            "transformers": f"{backend_of(best_theirs['backend'])} ({best_theirs['execution']})",
             "transformers_ms": best_theirs["median_ms"], "transformers_roofline": best_theirs["fraction_of_roofline"],
             "speedup": best_theirs["median_ms"] / best["median_ms"],
         })
     return pd.DataFrame(rows)
+
+
+def _is_transformers(names):
+    return names.map(library_of) == TRANSFORMERS
+
+
+def _dispatches(name: str) -> bool:
+    """auto runs one of the others: it is not a path of its own (asked of the spec; False if unregistered)."""
+    from ..backends import available_backends, get_spec
+
+    return name in available_backends() and get_spec(name).dispatcher

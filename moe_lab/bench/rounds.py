@@ -7,7 +7,7 @@ A/B ratio. Rounds spread it over both: round 0 runs the backends in order, round
 and so on (A B B A ...), each round a full `measure` with its own warm-up. The merged row pools
 the repetitions of all rounds (median, p10, p90 of the pool) and keeps each round's median in
 `round_medians_ms`, so a ratio between two backends can be taken round by round
-(`hf_compare.add_transformers_ratios` reports the lowest and highest): a ratio below 1.0 in every
+(`ratios.add_transformers_ratios` reports the lowest and highest): a ratio below 1.0 in every
 round is a real difference, one that flips between rounds is noise.
 """
 from __future__ import annotations
