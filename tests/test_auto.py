@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import moe_lab
 from moe_lab.backends import auto
 from moe_lab.backends.auto import DEFAULT_CROSSOVERS, pick
-from moe_lab.calibration import format_calibration, rules_from_winners, write_calibration
+from moe_lab.backends.calibration import write_calibration
+from moe_lab.bench.calibrate import format_calibration, rules_from_winners
 from moe_lab.cli import main
 
 E, K, H, I = 4, 2, 32, 16
@@ -139,8 +140,8 @@ def test_names_that_cannot_run_are_skipped_with_the_reason(calibration_file):
     write_table(calibration_file, [[2, "auto"], [8, "flash"], [16, "triton"], [None, "batched_mm"]], SHAPE)
     name, why = moe_lab.choose_backend(1, "cpu", torch.float32, SHAPE)
     assert name == "batched_mm"
-    assert "skipped auto: auto cannot choose itself" in why and "skipped flash: not registered" in why
-    assert "skipped triton: triton is chosen on CUDA only, not on cpu" in why
+    assert "skipped auto: auto dispatches to other backends" in why and "skipped flash: not registered" in why
+    assert "skipped triton: only through an interpreter here, too slow to choose" in why
     # With nothing usable left, auto falls back to grouped_mm; the forward runs it without complaint.
     write_table(calibration_file, [[None, "auto"]], SHAPE)
     name, why = moe_lab.choose_backend(7, "cpu", torch.float32, SHAPE)
@@ -153,7 +154,9 @@ def test_names_that_cannot_run_are_skipped_with_the_reason(calibration_file):
     write_table(calibration_file, [[None, "eager"]], SHAPE)
     assert moe_lab.choose_backend(7, "cpu", torch.float32, SHAPE)[0] == "eager"
     name, why = moe_lab.choose_backend(7, "cpu", torch.float32, SHAPE, compiling=True)
-    assert name == "grouped_mm" and "skipped eager: eager breaks the torch.compile graph" in why
+    assert name == "grouped_mm" and "skipped eager: it is being compiled, and it reads the per-expert" in why
+    # The reasons come from the backends' declared capabilities, not from a list in auto.
+    assert moe_lab.get_spec("eager").supports("fullgraph", moe_lab.Where.of("cpu", torch.float32)).reason in why
 
 
 @settings(max_examples=60, deadline=None)
@@ -253,7 +256,7 @@ def test_calibrate_drops_refused_candidates_and_merges_entries(calibration_file)
     assert "T=8 batched_mm not timed: refused" in format_calibration(entry)
     # Same device+dtype+shape replaces; another shape (here: shape null) adds.
     write_calibration(entry)
-    write_calibration(auto.Calibration("cpu", entry.device_name, "float32", None, ((None, "eager"),)))
+    write_calibration(moe_lab.Calibration("cpu", entry.device_name, "float32", None, ((None, "eager"),)))
     write_calibration(entry)
     stored = moe_lab.load_calibration()
     assert [e.shape for e in stored] == [None, SHAPE] and stored[1].rules == entry.rules
@@ -282,9 +285,9 @@ def test_cli_calibrate_bad_arguments_exit_2(tmp_path, capsys):
     base = ["calibrate", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2", "--tokens", "1",
             "--device", "cpu", "--output", str(tmp_path / "c.json")]
     assert main([*base, "--backends", "auto"]) == 2
-    assert "cannot calibrate 'auto' on cpu: auto cannot choose itself" in capsys.readouterr().err
+    assert "cannot calibrate 'auto' on cpu in float32: auto dispatches to other backends" in capsys.readouterr().err
     assert main([*base, "--backends", "triton"]) == 2
-    assert "triton is chosen on CUDA only" in capsys.readouterr().err
+    assert "only through an interpreter here, too slow to choose" in capsys.readouterr().err
     assert main([*base, "--backends", "flash"]) == 2
     assert "unknown experts implementation 'flash'" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()

@@ -362,7 +362,7 @@ def test_cuda_timing_memory_and_measure():
 def test_best_paths_and_transformers_ratios_on_a_small_table():
     import pandas as pd
 
-    from moe_lab.bench.hf_compare import add_transformers_compile_ratios, add_transformers_ratios
+    from moe_lab.bench.ratios import add_transformers_compile_ratios, add_transformers_ratios
 
     def row(backend, execution, ms, status="ok"):
         return dict(preset="p", hidden_size=8, intermediate_size=4, num_experts=2, top_k=1, num_tokens=16,

@@ -59,16 +59,12 @@ def test_cli_bench_scaled_preset_writes_csv_and_provenance(tmp_path, capsys):
 def test_cli_bench_compare_hf_adds_ratios(tmp_path, capsys):
     pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    from moe_lab.bench.hf_compare import unregister_transformers_backends
-
-    try:
-        rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2",
-                   "--tokens", "8", "--backends", "grouped_mm,eager", "--compare-hf", "--no-ceilings", "--quiet",
-                   "--max-seconds", "0.02", "--rounds", "2", "--output", str(out)])
-    finally:
-        unregister_transformers_backends()
+    rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2",
+               "--tokens", "8", "--backends", "grouped_mm,eager", "--compare-hf", "--no-ceilings", "--quiet",
+               "--max-seconds", "0.02", "--rounds", "2", "--output", str(out)])
     assert rc == 0
-    assert not any(name.startswith("transformers:") for name in moe_lab.available_backends())
+    # transformers' backends are timed, never registered in moe_lab's registry
+    assert not any(":" in name for name in moe_lab.available_backends())
     from moe_lab.bench import load_results
 
     frame, provenance = load_results(out)

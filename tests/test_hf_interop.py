@@ -8,6 +8,7 @@ any real mistake (a wrong weight, a lost routing weight, a wrong expert) moves r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -72,16 +73,19 @@ def assert_logits_close(actual, expected, rtol=FP32_RTOL):
 def backend_calls():
     """Count calls of moe_lab's built-in backends, proving a transformers model really ran them."""
     calls = {name: 0 for name in BACKENDS}
-    originals = {name: moe_lab.get_backend(name) for name in BACKENDS}
-    for name, original in originals.items():
-        def spy(*args, _name=name, _original=original):
+    for name in BACKENDS:
+        original = moe_lab.get_spec(name)
+
+        def spy(*args, _name=name, _original=original.forward):
             calls[_name] += 1
             return _original(*args)
 
-        moe_lab.register(name, spy, overwrite=True)
+        # The same capabilities as the built-in, another forward function.
+        moe_lab.register(name, dataclasses.replace(original, forward=spy), overwrite=True)
     yield calls
-    for name, original in originals.items():
-        moe_lab.register(name, original, overwrite=True)
+    for name in BACKENDS:
+        moe_lab.unregister(name)  # puts the built-in back
+    assert all(moe_lab.get_spec(name).builtin and moe_lab.get_spec(name).forward.__name__ != "spy" for name in BACKENDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,12 +538,23 @@ def test_models_on_cuda_with_moe_lab_backends(input_ids, family):
         assert moe_lab.relative_error(logits, expected) < 10 * u, name
 
 
-def test_transformers_backends_timed_in_moe_lab_are_not_registered_back():
-    from moe_lab.bench.hf_compare import register_transformers_backends, unregister_transformers_backends
+def test_transformers_backends_compared_in_the_bench_share_the_layers_weights():
+    from moe_lab.bench.implementations import implementation, spec_of
+    from moe_lab.hf.comparison import transformers_twin
 
-    try:
-        register_transformers_backends()
-        registered = hf.register_with_transformers()
-        assert registered and not any("transformers:" in name for name in registered)
-    finally:
-        unregister_transformers_backends()
+    experts = moe_lab.Experts(moe_lab.MoEConfig(32, 16, num_experts=4, top_k=2))
+    x = torch.randn(6, 32)
+    index, weights = moe_lab.synthetic_routing(6, 4, 2, seed=1)
+    expected = moe_lab.reference_experts_forward(experts, x, index, weights)
+    for name in ("transformers:eager", "transformers:batched_mm", "transformers:grouped_mm"):
+        experts.set_experts_implementation(implementation(name))
+        assert moe_lab.relative_error(experts(x, index, weights), expected) < 1e-5, name
+        assert spec_of(name).name == name and name not in moe_lab.available_backends()
+    twin = transformers_twin(experts)
+    assert twin.gate_up_proj is experts.gate_up_proj and twin.down_proj is experts.down_proj  # no copy
+    registered = hf.register_with_transformers()
+    assert registered and not any(":" in name for name in registered)
+    with pytest.raises(ValueError, match="transformers' experts backends compared here"):
+        implementation("transformers:sonicmoe")
+    with pytest.raises(ValueError, match="unknown library 'liger'"):
+        implementation("liger:fused_moe")
