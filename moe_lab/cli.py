@@ -2,6 +2,7 @@
 
     moe-lab info                                   what this machine supports
     moe-lab bench --preset qwen3-30b-a3b --tokens 1,16,128 [--compare-hf] [--cuda-graph] [--output data/x]
+    moe-lab bench --preset qwen3-30b-a3b --tokens 8192 --backward --compare-hf --compare-liger
     moe-lab run notebooks/01_routing.ipynb -p top_k 4 --output-dir runs
     moe-lab sweep notebooks/03_bmm.ipynb --grid top_k=1,2 --grid num_tokens=16,64
 """
@@ -76,10 +77,17 @@ def _bench(args) -> int:
     ceilings = bench.measure_ceilings(device=device, dtype=dtype) if args.ceilings else None
     if args.compare_hf:
         backends += implementations.compared_names(backends)
+    if args.compare_liger:
+        liger = implementations.liger_names()
+        if not liger:
+            print("moe-lab bench: liger-kernel is not installed; Liger's fused MoE is not compared "
+                  "(pip install 'moe-lab[compare]')", file=sys.stderr)
+        backends += liger
     frame = bench.sweep(configs, args.tokens, backends, [dtype] if dtype else None, device=device,
                         progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution],
                         measure_kwargs={"max_seconds": args.max_seconds},
-                        executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"], rounds=args.rounds)
+                        executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"], rounds=args.rounds,
+                        passes=["forward_backward"] if args.backward else ["forward"])
     if args.compare_hf:
         from .bench.ratios import add_transformers_ratios
 
@@ -108,6 +116,10 @@ def _bench(args) -> int:
             import transformers
 
             extra["transformers_version"] = transformers.__version__
+        if args.compare_liger and implementations.liger_names():
+            import importlib.metadata
+
+            extra["liger_kernel_version"] = importlib.metadata.version("liger-kernel")
         print("wrote", *bench.save_results(frame, args.output, extra, ceilings=ceilings))
         if compile_frame is not None:
             print("wrote", *bench.save_results(compile_frame, f"{args.output}_compile", ceilings=ceilings))
@@ -119,7 +131,8 @@ _ROUND_RATIOS = {False: (), True: ("speedup_lowest_round", "speedup_highest_roun
 
 def _summary(frame, rounds: bool = False) -> str:
     """One line per measurement: what a person reads in a terminal; the CSV has everything."""
-    columns = [c for c in ["preset", "num_tokens", "backend", "execution", "status", "median_ms", "fraction_of_roofline",
+    columns = [c for c in ["preset", "num_tokens", "backend", "execution", "pass", "status", "median_ms",
+                           "fraction_of_roofline", "peak_bytes",
                            "tflops", "speedup_vs_transformers", *_ROUND_RATIOS[rounds], "reason"]
                if c in frame.columns]
     table = frame[columns].copy()
@@ -231,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "and report each ratio's lowest and highest round (default 1)")
     bench.add_argument("--no-ceilings", dest="ceilings", action="store_false", help="skip measure_ceilings()")
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers' own backends, same process")
+    bench.add_argument("--compare-liger", action="store_true",
+                       help="also time Liger-Kernel's fused MoE when it is installed (CUDA; the compare extra)")
+    bench.add_argument("--backward", action="store_true",
+                       help="time forward + backward (gradients of hidden states, routing weights, both weights; "
+                            "FLOPs counted 3x the forward's) instead of the forward alone")
     bench.add_argument("--cuda-graph", action="store_true",
                        help="also time every backend replayed from a CUDA graph (the decode path; CUDA only)")
     bench.add_argument("--compile-matrix", action="store_true", help="also run the torch.compile mode matrix (first config)")

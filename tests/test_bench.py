@@ -11,6 +11,7 @@ import torch
 import moe_lab
 from moe_lab import bench
 from moe_lab.bench.timing import percentile
+from moe_lab.cli import main
 
 TINY = moe_lab.MoEConfig(hidden_size=32, intermediate_size=16, num_experts=4, top_k=2)
 FAST = dict(max_seconds=0.02, max_reps=5, min_reps=2, warmup=1)  # measure(): quick, not precise
@@ -403,3 +404,38 @@ def test_best_paths_and_transformers_ratios_on_a_small_table():
                                  ("batched_mm", "compiled", 1.0), ("transformers:batched_mm", "failed", None))])
     speedup = add_transformers_compile_ratios(compiled).set_index("backend")["speedup_vs_transformers"]
     assert speedup["grouped_mm"] == pytest.approx(1.25) and pd.isna(speedup["batched_mm"])
+
+
+def test_forward_backward_rows_time_a_training_step(ceilings):
+    row = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, pass_="forward_backward", **FAST)
+    assert row["status"] == "ok", row["reason"]
+    assert row["pass"] == "forward_backward" and row["flops"] == 3 * bench.expert_flops(24, 2, 32, 16)
+    assert row["rel_err"] < 1e-5  # the worst of the four gradients against float64
+    assert row["peak_bytes"] > 0 and math.isnan(row["predicted_bytes"])  # the memory model replays forwards only
+    forward = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, **FAST)
+    assert forward["pass"] == "forward" and row["peak_bytes"] > forward["peak_bytes"]  # the backward saves activations
+    # A backend that declares no backward is a row that says so, not a crash or a detached timing.
+    moe_lab.register("test_no_backward", moe_lab.backends.eager_experts_forward, autograd=False)
+    try:
+        refused = bench.measure(TINY, 24, "test_no_backward", device="cpu", ceilings=ceilings, pass_="forward_backward",
+                                **FAST)
+    finally:
+        moe_lab.unregister("test_no_backward")
+    assert refused["status"] == "unsupported" and "has no backward: declared by its author" in refused["reason"]
+    bad = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, pass_="backward", **FAST)
+    assert bad["status"] == "unsupported" and "unknown pass 'backward'" in bad["reason"]
+
+
+def test_cli_bench_backward_beside_transformers(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bwd"
+    rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2", "--tokens", "16",
+               "--backends", "grouped_mm,batched_mm", "--compare-hf", "--backward", "--no-ceilings", "--quiet",
+               "--max-seconds", "0.02", "--output", str(out)])
+    assert rc == 0
+    frame, _ = bench.load_results(out)
+    assert set(frame["pass"]) == {"forward_backward"}
+    assert set(frame["backend"]) == {"grouped_mm", "batched_mm", "transformers:grouped_mm", "transformers:batched_mm"}
+    assert (frame["status"] == "ok").all() and (frame["rel_err"] < 1e-5).all()
+    assert frame.loc[frame["backend"] == "grouped_mm", "speedup_vs_transformers"].notna().all()
+    assert "forward_backward" in capsys.readouterr().out

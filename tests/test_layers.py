@@ -22,7 +22,7 @@ LAYERS = (
     ("backends", ("moe_lab.backends", "moe_lab.reference")),
     ("modules", ("moe_lab.modules", "moe_lab.model", "moe_lab.cuda_graph", "moe_lab.capabilities")),
     ("parallel", ("moe_lab.parallel",)),
-    ("hf", ("moe_lab.hf",)),
+    ("hf", ("moe_lab.hf", "moe_lab.liger")),  # other libraries' code: transformers, Liger
     ("bench", ("moe_lab.bench", "moe_lab.recorded")),
     ("plots", ("moe_lab.plots", "moe_lab.display")),
     ("widgets", ("moe_lab.widgets",)),

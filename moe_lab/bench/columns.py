@@ -13,7 +13,7 @@ FLOAT_COLUMNS = (
     "predicted_gather_bytes", "flops", "min_bytes", "tflops", "gbps", "roofline_ms", "fraction_of_roofline",
     "rel_err", "ceiling_copy_GBps", "ceiling_matmul_TFLOPs", "rounds",
 )
-STR_COLUMNS = ("backend", "execution", "preset", "dtype", "device", "distribution", "status", "reason", "memory_method",
+STR_COLUMNS = ("backend", "execution", "pass", "preset", "dtype", "device", "distribution", "status", "reason", "memory_method",
                "grouped_mm_kernel", "round_medians_ms")
 
 ROW_COLUMNS = (
@@ -27,6 +27,8 @@ ROW_COLUMNS = (
     "execution",
     # interleaved rounds (bench.rounds): how many, and each one's median, e.g. "0.512 0.498 0.503"
     "rounds", "round_medians_ms",
+    # "forward", or "forward_backward": one forward and the backward of all its inputs (training)
+    "pass",
 )
 
 STATUSES = ("ok", "refused", "oom", "unsupported", "error")

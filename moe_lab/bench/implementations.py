@@ -1,6 +1,7 @@
 """What the bench can time: a moe_lab backend by its registered name, or another library's backend
-by "<library>:<backend>" — today transformers' own ("transformers:grouped_mm"), whose specs live in
-the interop layer (moe_lab.hf.comparison) and are imported only when such a name is asked for.
+by "<library>:<backend>" — transformers' own ("transformers:grouped_mm", moe_lab.hf.comparison) and
+Liger-Kernel's ("liger:fused_moe", moe_lab.liger), whose specs live in the interop layer and are
+imported only when such a name is asked for.
 
 Result tables keep these names in their `backend` column; `library_of` tells the two apart."""
 from __future__ import annotations
@@ -9,8 +10,9 @@ from ..backends import BackendSpec, get_spec
 
 SEPARATOR = ":"
 MOE_LAB = "moe_lab"
-#: The library whose backends moe_lab is compared with (`--compare-hf`).
+#: The libraries whose backends moe_lab is compared with (`--compare-hf`, `--compare-liger`).
 TRANSFORMERS = "transformers"
+LIGER = "liger"
 
 
 def library_of(name: str) -> str:
@@ -36,8 +38,12 @@ def implementation(name: str):
         from ..hf.comparison import comparison_spec
 
         return comparison_spec(backend_of(name))
-    raise ValueError(f"unknown library {library!r} in {name!r}; the bench compares with "
-                     f"{TRANSFORMERS!r} ({TRANSFORMERS}:<backend>) or times moe_lab's registered backends by name")
+    if library == LIGER:
+        from ..liger import comparison_spec as liger_spec
+
+        return liger_spec(backend_of(name))
+    raise ValueError(f"unknown library {library!r} in {name!r}; the bench compares with {TRANSFORMERS!r} and "
+                     f"{LIGER!r} (<library>:<backend>) or times moe_lab's registered backends by name")
 
 
 def spec_of(name: str) -> BackendSpec:
@@ -50,3 +56,10 @@ def compared_names(backends) -> list[str]:
     from ..hf.comparison import IMPLEMENTATIONS
 
     return [f"{TRANSFORMERS}{SEPARATOR}{name}" for name in backends if name in IMPLEMENTATIONS]
+
+
+def liger_names() -> list[str]:
+    """Liger's compared backends, if liger-kernel is installed (else none)."""
+    from .. import liger
+
+    return [f"{LIGER}{SEPARATOR}{name}" for name in liger.IMPLEMENTATIONS] if liger.installed() else []

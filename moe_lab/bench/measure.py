@@ -22,16 +22,20 @@ from .. import __version__
 from ..backends import Where, get_batched_mm_budget
 from ..config import resolve_dtype
 from ..cuda_graph import GraphCaptureError, GraphedExperts
-from ..errors import BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError, first_line
+from ..errors import (
+    BackendCapabilityError, BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError, first_line,
+)
 from ..modules import Experts
 from ..presets import get_preset
-from ..reference import reference_experts_forward, relative_error
+from ..reference import reference_experts_forward, reference_gradients, relative_error
 from . import implementations
 from .columns import empty_row
-from .inputs import build_experts, random_hidden_states, random_routing
+from .inputs import build_experts, random_hidden_states, random_routing, seeded
 from .memory import available_bytes, measure_peak_memory, predict_memory
 from .provenance import device_name, git_commit, utc_now
-from .roofline import cached_ceilings, dtype_name, expert_flops, min_bytes, roofline_ms
+from .roofline import (
+    cached_ceilings, dtype_name, expert_flops, min_bytes, roofline_ms, training_flops, training_min_bytes,
+)
 from .rounds import format_round_medians
 from .timing import resolve_device, synchronize, time_fn
 
@@ -39,6 +43,8 @@ from .timing import resolve_device, synchronize, time_fn
 REL_ERR_MAX_WORK = 5e7
 #: How the forward is issued: kernel by kernel from Python, or replayed from a CUDA graph.
 EXECUTIONS = ("eager", "cuda_graph")
+#: What is timed: the forward alone, or the forward and the backward of everything it depends on.
+PASSES = ("forward", "forward_backward")
 #: Refuse to run when the predicted footprint exceeds this fraction of the free memory.
 MEMORY_SAFETY_FRACTION = 0.9
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_experts", "top_k")
@@ -53,7 +59,8 @@ class _Refused(Exception):
 def measure(config, num_tokens: int, backend: str, *, device=None, dtype=None, distribution: str = "uniform",
             skew: float = 1.0, seed: int = 0, ceilings=None, measure_memory: bool = True,
             max_seconds: float = 0.3, max_reps: int = 50, warmup: int = 2, min_reps: int = 5,
-            preset: str = "", experts: Experts | None = None, execution: str = "eager") -> dict:
+            preset: str = "", experts: Experts | None = None, execution: str = "eager",
+            pass_: str = "forward") -> dict:
     """Measure `backend` on a `config` layer (a MoEConfig or a preset name) at `num_tokens` tokens.
 
     `dtype` overrides the config's dtype; `ceilings` (a `Ceilings`) defaults to ones measured once
@@ -61,7 +68,11 @@ def measure(config, num_tokens: int, backend: str, *, device=None, dtype=None, d
     config, device and dtype) across calls — its implementation is switched to `backend`.
     `execution="cuda_graph"` times replays of a CUDA graph of the forward
     (`moe_lab.cuda_graph.GraphedExperts.replay`: inputs already in the graph's buffers, as inside a
-    model-wide graph) instead of kernel launches from Python.
+    model-wide graph) instead of kernel launches from Python. `pass_="forward_backward"` times one
+    forward and the backward to the hidden states, the routing weights and both weight tensors
+    (`torch.autograd.grad` with a random upstream gradient: a training step's layer); its FLOPs are
+    3x the forward's, `rel_err` is the worst of the gradients' against float64, and the peak memory
+    is that of the whole step.
     Returns a dict with the columns of `columns.ROW_COLUMNS`. Only a bad argument (an unknown
     preset name) raises; every outcome of running the layer is a row.
     """
@@ -69,17 +80,18 @@ def measure(config, num_tokens: int, backend: str, *, device=None, dtype=None, d
         config, num_tokens, backend, device=device, dtype=dtype, distribution=distribution, skew=skew, seed=seed,
         ceilings=ceilings, measure_memory=measure_memory, preset=preset, experts=experts, execution=execution,
         timing_options=dict(warmup=warmup, min_reps=min_reps, max_reps=max_reps, max_seconds=max_seconds),
+        pass_=pass_,
     )
     return row
 
 
 def new_row(*, backend, preset, shape: dict, num_tokens, dtype, device, distribution="uniform", skew=1.0,
-            execution="eager") -> dict:
+            execution="eager", pass_="forward") -> dict:
     """A row with the request and provenance filled in and status "error" until something better is known."""
     row = empty_row()
     row.update(
         backend=str(backend), execution=str(execution), preset=preset or "", num_tokens=int(num_tokens), dtype=_dtype_label(dtype),
-        device=str(device), distribution=str(distribution), skew=float(skew), status="error",
+        device=str(device), distribution=str(distribution), skew=float(skew), status="error", **{"pass": str(pass_)},
         device_name=_safe_device_name(device), torch_version=torch.__version__, moe_lab_version=__version__,
         date=utc_now(), git_commit=git_commit(), **{name: _as_int(shape[name]) for name in SHAPE_FIELDS},
     )
@@ -88,7 +100,8 @@ def new_row(*, backend, preset, shape: dict, num_tokens, dtype, device, distribu
 
 def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, distribution="uniform",
                        skew=1.0, seed=0, ceilings=None, measure_memory=True, preset="", experts=None,
-                       timing_options=None, execution="eager", keep_times=False) -> tuple[dict, Experts | None]:
+                       timing_options=None, execution="eager", keep_times=False,
+                       pass_="forward") -> tuple[dict, Experts | None]:
     """`measure`, also returning the `Experts` layer it ran (None unless the row is "ok"), for reuse.
     keep_times=True leaves every repetition's time in the row under "_times_ms" (for `rounds.merge_rounds`)."""
     if isinstance(config, str):
@@ -97,11 +110,11 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
     device = resolve_device(device)
     row = new_row(backend=backend, preset=preset, shape={n: getattr(config, n) for n in SHAPE_FIELDS},
                   num_tokens=num_tokens, dtype=dtype if dtype is not None else config.dtype, device=device,
-                  distribution=distribution, skew=skew, execution=execution)
+                  distribution=distribution, skew=skew, execution=execution, pass_=pass_)
     layer, oom = None, False
     try:
         layer, times = _run(row, config, int(num_tokens), backend, device, dtype, distribution, skew, seed, ceilings,
-                            measure_memory, {**TIMING_DEFAULTS, **(timing_options or {})}, experts, execution)
+                            measure_memory, {**TIMING_DEFAULTS, **(timing_options or {})}, experts, execution, pass_)
         row["status"] = "ok"
         if keep_times:
             row["_times_ms"] = times
@@ -110,7 +123,8 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
     except torch.cuda.OutOfMemoryError as error:
         row.update(status="oom", reason=first_line(error))
         oom = True
-    except (ConfigError, BackendInputError, UnknownBackendError, NotImplementedError, GraphCaptureError) as error:
+    except (ConfigError, BackendInputError, BackendCapabilityError, UnknownBackendError, NotImplementedError,
+            GraphCaptureError) as error:
         row.update(status="unsupported", reason=first_line(error))
     except RuntimeError as error:
         oom = _is_cpu_oom(error)
@@ -126,7 +140,7 @@ def measure_with_layer(config, num_tokens, backend, *, device=None, dtype=None, 
 
 
 def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceilings, measure_memory,
-         timing_options, experts, execution) -> tuple[Experts, list[float]]:
+         timing_options, experts, execution, pass_) -> tuple[Experts, list[float]]:
     """Fill `row` step by step; return the layer and the repetitions' times (ms). Raise on anything
     that stops the measurement."""
     dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
@@ -136,15 +150,28 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
     spec = implementations.spec_of(backend)  # unknown name -> UnknownBackendError, before anything is allocated
     if execution not in EXECUTIONS:
         raise ConfigError(f"unknown execution {execution!r}; allowed: {list(EXECUTIONS)}")
+    if pass_ not in PASSES:
+        raise ConfigError(f"unknown pass {pass_!r}; allowed: {list(PASSES)}")
+    backward = pass_ == "forward_backward"
+    if backward and execution != "eager":
+        raise ConfigError("the forward+backward pass is timed launched from Python (execution 'eager'); "
+                          "a captured training step is not measured here")
+    if backward:
+        support = spec.supports("autograd", Where(device, dtype))
+        if support.ok is False:
+            raise BackendCapabilityError(f"{backend} has no backward: {support.reason}")
     E, k, H, I = config.num_experts, config.top_k, config.hidden_size, config.intermediate_size
 
     top_k_index, top_k_weights, groups = random_routing(T, config, device, distribution=distribution, skew=skew,
                                                         seed=seed)
     row["experts_hit"] = sum(1 for n in groups if n)
     predicted = predict_memory(config, T, backend, dtype, tokens_per_expert=groups)
+    if backward:  # the memory model replays forwards only
+        predicted = {**predicted, "total": math.nan, "modelled": False}
     row.update(
         predicted_bytes=predicted["total"], predicted_gather_bytes=predicted["weights_gathered"],
-        flops=expert_flops(T, k, H, I), min_bytes=min_bytes(config, T, row["experts_hit"], dtype),
+        flops=(training_flops if backward else expert_flops)(T, k, H, I),
+        min_bytes=(training_min_bytes if backward else min_bytes)(config, T, row["experts_hit"], dtype),
     )
     if ceilings is None:
         ceilings = cached_ceilings(str(device), dtype_name(dtype))
@@ -164,6 +191,8 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
     def call():
         return experts(hidden_states, top_k_index, top_k_weights)
 
+    if backward:
+        call, check = _training_step(experts, hidden_states, top_k_index, top_k_weights, seed)
     if execution == "cuda_graph":
         graphed = GraphedExperts(experts, implementations.implementation(backend))
         graphed(hidden_states, top_k_index, top_k_weights)  # capture, and load these inputs
@@ -172,13 +201,16 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
         def call():  # noqa: F811  the replay alone: inside a model-wide graph the inputs are written in place
             return graphed.replay()
 
-    with torch.no_grad():
+    with torch.enable_grad() if backward else torch.no_grad():
         output = call()
         synchronize(device)
         if T * E * H * I < REL_ERR_MAX_WORK:
-            expected = reference_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
-            row["rel_err"] = relative_error(output, expected)
-            del expected
+            if backward:
+                row["rel_err"] = check(output)
+            else:
+                expected = reference_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+                row["rel_err"] = relative_error(output, expected)
+                del expected
         del output
         if measure_memory:
             _measure_memory(row, call, device)
@@ -187,6 +219,31 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
                round_medians_ms=format_round_medians([timing.median_ms]))
     set_time_columns(row, timing.median_ms)
     return experts, timing.times_ms
+
+
+def _training_step(experts, hidden_states, top_k_index, top_k_weights, seed):
+    """(call, check): call runs the layer and returns the gradients of <output, G> with respect to
+    the hidden states, the routing weights and both weight tensors (no .grad accumulates); check
+    gives the worst relative error of those gradients against the float64 reference."""
+    x = hidden_states.detach().requires_grad_(True)
+    w = top_k_weights.detach().requires_grad_(True)
+    parameters = [experts.gate_up_proj, experts.down_proj]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    with seeded(hidden_states.device, seed + 2):
+        upstream = torch.randn_like(hidden_states)  # [T, H], never zeros
+    inputs = [x, w, *parameters]
+
+    def call():
+        output = experts(x, top_k_index, w)
+        return torch.autograd.grad(output, inputs, upstream)
+
+    def check(grads) -> float:
+        expected = reference_gradients(experts, x, top_k_index, w, upstream)
+        names = ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj")
+        return max(relative_error(got, expected[name]) for name, got in zip(names, grads))
+
+    return call, check
 
 
 def set_time_columns(row: dict, median_ms: float) -> None:

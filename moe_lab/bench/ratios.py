@@ -35,6 +35,7 @@ def _with_ratio(frame, keys, time_column, their_column, ok, rounds_column):
     """Join transformers' `time_column` onto the same-named moe_lab rows (equal `keys`) as
     `their_column`, and add `speedup_vs_transformers` = theirs / ours; with `rounds_column`
     (per-round medians, interleaved), also the lowest and highest round-by-round ratio."""
+    keys = keys + (["pass"] if "pass" in frame.columns else [])  # forward against forward, training against training
     theirs = frame[_is_transformers(frame["backend"]) & (frame["status"] == ok)].copy()
     theirs["backend"] = theirs["backend"].map(backend_of)
     has_rounds = rounds_column in frame.columns
@@ -57,15 +58,17 @@ def _round_ratios(ours: str, theirs: str) -> list[float]:
 
 
 def best_paths(frame):
-    """Per (preset, tokens): the fastest moe_lab path (backend and execution, `auto` left out: it is
+    """Per (preset, tokens, pass): the fastest moe_lab path (backend and execution, `auto` left out: it is
     one of the others) beside the fastest transformers path, with fractions of the roofline and
     `speedup` = transformers' best / moe_lab's best. Takes a table with both libraries (e.g.
     `load_recorded("presets", execution=None)`)."""
     import pandas as pd
 
     ok = frame[frame["status"] == "ok"].reset_index(drop=True)  # concatenated tables repeat index labels
+    if "pass" not in ok.columns:
+        ok = ok.assign(**{"pass": "forward"})
     rows = []
-    for (preset, tokens), group in ok.groupby(["preset", "num_tokens"], sort=False):
+    for (preset, tokens, pass_), group in ok.groupby(["preset", "num_tokens", "pass"], sort=False):
         is_theirs = _is_transformers(group["backend"])
         ours = group[(group["backend"].map(library_of) == MOE_LAB) & ~group["backend"].map(_dispatches)]
         theirs = group[is_theirs]
@@ -73,7 +76,7 @@ def best_paths(frame):
             continue
         best, best_theirs = ours.loc[ours["median_ms"].idxmin()], theirs.loc[theirs["median_ms"].idxmin()]
         rows.append({
-            "preset": preset, "num_tokens": int(tokens),
+            "preset": preset, "num_tokens": int(tokens), "pass": pass_ or "forward",
             "moe_lab": f"{best['backend']} ({best['execution']})", "moe_lab_ms": best["median_ms"],
             "moe_lab_roofline": best["fraction_of_roofline"], "moe_lab_tflops": best["tflops"],
             "transformers": f"{backend_of(best_theirs['backend'])} ({best_theirs['execution']})",

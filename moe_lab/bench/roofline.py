@@ -28,6 +28,19 @@ def expert_flops(num_tokens: int, top_k: int, hidden: int, intermediate: int) ->
     return 6 * num_tokens * top_k * hidden * intermediate
 
 
+def training_flops(num_tokens: int, top_k: int, hidden: int, intermediate: int) -> int:
+    """3 x the forward's: the backward runs each projection twice more, once for the input gradient
+    and once for the weight gradient (the convention the published fwd+bwd TFLOP/s figures use)."""
+    return 3 * expert_flops(num_tokens, top_k, hidden, intermediate)
+
+
+def training_min_bytes(config, num_tokens: int, experts_hit: int, dtype=None) -> int:
+    """3 x the forward's minimum bytes: the weights of the experts hit are read by the forward and by
+    the input-gradient GEMMs, and their gradients written; the activations likewise three times.
+    A floor for the roofline, not a prediction of what any backend moves."""
+    return 3 * min_bytes(config, num_tokens, experts_hit, dtype)
+
+
 def min_bytes(config, num_tokens: int, experts_hit: int, dtype=None) -> int:
     """experts_hit*3*H*I*itemsize + 2*T*H*itemsize: the weights of the experts that received
     tokens, each read once, plus the hidden states read and the output written once."""

@@ -17,7 +17,7 @@ from ..config import MoEConfig
 from ..errors import ConfigError, first_line
 from ..presets import get_preset
 from .columns import ROW_COLUMNS, to_frame
-from .measure import EXECUTIONS, SHAPE_FIELDS, TIMING_DEFAULTS, measure_with_layer, new_row, set_time_columns
+from .measure import EXECUTIONS, PASSES, SHAPE_FIELDS, TIMING_DEFAULTS, measure_with_layer, new_row, set_time_columns
 from .progress import progress_bar
 from .provenance import provenance  # noqa: F401  (re-exported: bench.sweep.provenance)
 from .rounds import merge_rounds, round_order
@@ -76,7 +76,8 @@ def _unsupported_row(label, config, fields, dtype, num_tokens, backend, device, 
 
 
 def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress: bool = True, ceilings=None,
-          measure_kwargs: dict | None = None, executions=("eager",), rounds: int = 1, **field_grid):
+          measure_kwargs: dict | None = None, executions=("eager",), rounds: int = 1, passes=("forward",),
+          **field_grid):
     """Measure every grid point; return a pandas DataFrame with one row per measurement.
 
     configs: see `normalize_configs`. tokens: an int or a list. backends: names (default: the
@@ -84,7 +85,8 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     dtypes: names or torch dtypes (default: each config's own). field_grid: any MoEConfig field -> list of values (e.g. num_experts=[8, 64], top_k=[1, 2]), plus routing
     fields distribution / skew / seed. measure_kwargs: passed to `measure` (max_seconds,
     max_reps, min_reps, warmup, measure_memory, seed, ...). executions: "eager" and/or "cuda_graph"
-    (see `measure`), varied fastest after backends. `ceilings`: one `Ceilings` for all
+    (see `measure`), varied fastest after backends. passes: "forward" and/or "forward_backward"
+    (see `measure`), varied fastest of all. `ceilings`: one `Ceilings` for all
     rows, or None to measure them once per device and dtype. Progress: a tqdm.auto bar when
     tqdm is installed. Bad arguments raise here, before anything runs; after that nothing does.
     """
@@ -99,6 +101,10 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     unknown_executions = [e for e in executions if e not in EXECUTIONS]
     if unknown_executions:
         raise ValueError(f"unknown executions {unknown_executions}; allowed: {list(EXECUTIONS)}")
+    passes = _as_list(passes)
+    unknown_passes = [p for p in passes if p not in PASSES]
+    if unknown_passes or not passes:
+        raise ValueError(f"passes must be one or more of {list(PASSES)}, got {passes}")
     grid = _grid(field_grid)
     options = dict(measure_kwargs or {})
     unknown = set(options) - set(MEASURE_OPTIONS)
@@ -110,7 +116,7 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     timing = {name: options.pop(name) for name in TIMING_DEFAULTS if name in options}
     options["timing_options"] = timing
 
-    total = len(configs) * len(grid) * len(dtypes) * len(tokens) * len(backends) * len(executions) * rounds
+    total = len(configs) * len(grid) * len(dtypes) * len(tokens) * len(backends) * len(executions) * len(passes) * rounds
     bar = progress_bar(total, progress, "moe_lab sweep", "run")
     rows = []
     try:
@@ -119,22 +125,23 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
             for dtype in dtypes:
                 layer = None  # built by the first run that fits, reused across tokens, backends and rounds
 
-                def measure_one(num_tokens, backend, execution, round_index):
+                def measure_one(num_tokens, backend, execution, pass_, round_index):
                     nonlocal layer
                     if error is not None:
                         row = _unsupported_row(label, base, fields, dtype, num_tokens, backend, device, error)
-                        row["execution"] = execution
+                        row.update(execution=execution, **{"pass": pass_})
                         return row
                     # memory is measured in the first round only: it does not drift
                     round_options = options if round_index == 0 else {**options, "measure_memory": False}
                     row, built = measure_with_layer(config, num_tokens, backend, device=device, dtype=dtype,
                                                     ceilings=ceilings, preset=label, experts=layer,
-                                                    execution=execution, keep_times=True, **routing, **round_options)
+                                                    execution=execution, keep_times=True, pass_=pass_, **routing,
+                                                    **round_options)
                     layer = built or layer
                     return row
 
                 for num_tokens in tokens:
-                    runs = list(itertools.product(backends, executions))
+                    runs = list(itertools.product(backends, executions, passes))
                     rows.extend(_in_rounds(runs, rounds, functools.partial(measure_one, num_tokens), bar))
                 del layer
     finally:
@@ -144,7 +151,7 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
 
 
 def _in_rounds(runs: list, rounds: int, measure_one, bar) -> list[dict]:
-    """Measure every (backend, execution) of one point `rounds` times in interleaved order; one
+    """Measure every (backend, execution, pass) of one point `rounds` times in interleaved order; one
     merged row each. A run that did not end "ok" is not repeated: the refusal or error is its result."""
     by_run = {run: [] for run in runs}
     for round_index in range(rounds):
@@ -174,5 +181,6 @@ def _layers(configs: dict, grid: list[dict]):
 def _advance(bar, row) -> None:
     if bar is None:
         return
-    bar.set_postfix_str(f"{row['backend']} {row['execution']} T={row['num_tokens']} {row['status']}", refresh=False)
+    bar.set_postfix_str(f"{row['backend']} {row['execution']} {row['pass']} T={row['num_tokens']} {row['status']}",
+                        refresh=False)
     bar.update(1)
