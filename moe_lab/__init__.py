@@ -42,7 +42,10 @@ from .model import MultiBackboneConfig, MultiBackboneMoEModel
 from .modules import Experts, GatedMLP, SparseMoeBlock
 from .presets import PRESETS, Preset, get_preset, scale_down
 from .reference import reference_experts_forward, relative_error
-from .routing import RouterOutput, RoutingStats, TopKRouter, route, routing_stats, synthetic_routing, tokens_per_expert
+from .routing import (
+    RouterOutput, RoutingStats, TopKRouter, load_balancing_loss, route, routing_stats, synthetic_routing,
+    tokens_per_expert,
+)
 
 __version__ = "0.1.0"
 
@@ -64,7 +67,7 @@ __all__ = [
     "MoEConfig", "MultiBackboneConfig", "MultiBackboneMoEModel", "PRESETS", "Preset", "RouterOutput",
     "RoutingStats", "SparseMoeBlock", "TopKRouter", "UnknownBackendError", "available_backends",
     "batched_mm_budget", "capabilities", "default_device", "experts_forward", "format_capabilities",
-    "get_backend", "get_batched_mm_budget", "get_preset", "grouped_mm_path", "predict_gather_bytes",
+    "get_backend", "get_batched_mm_budget", "get_preset", "grouped_mm_path", "load_balancing_loss", "predict_gather_bytes",
     "reference_experts_forward", "register", "relative_error", "resolve_dtype", "route", "routing_stats",
     "runnable_backends", "scale_down", "set_batched_mm_budget", "synthetic_routing", "tokens_per_expert",
     "triton_status", "unregister", "GraphCaptureError", "GraphedExperts",

@@ -78,6 +78,26 @@ class TopKRouter(nn.Module):
         )
 
 
+def load_balancing_loss(routing: RouterOutput) -> torch.Tensor:
+    """The auxiliary load-balancing loss of Switch Transformer (as transformers' `load_balancing_loss_func`
+    computes it for Mixtral / Qwen-MoE): E * sum_e f_e * P_e, where f_e is the fraction of the T*k
+    (token, slot) picks that went to expert e and P_e the mean router score of expert e over the tokens.
+
+    f_e comes from the top-k choice (not differentiable); P_e carries the gradient, so minimising the
+    loss pushes the router's scores away from the experts that are picked most. It is 1 for a perfectly
+    even load (every f_e = P_e = 1/E) and approaches E when one expert gets everything. A scalar,
+    float32; 0 for zero tokens.
+    """
+    num_tokens, num_experts = routing.scores.shape
+    if num_tokens == 0:
+        return routing.scores.sum() * 0.0
+    picks = torch.zeros_like(routing.scores).scatter_add_(
+        1, routing.top_k_index, torch.ones_like(routing.top_k_index, dtype=routing.scores.dtype))  # [T, E]
+    fraction_picked = picks.mean(dim=0) / routing.top_k_index.shape[1]  # [E], sums to 1
+    mean_score = routing.scores.mean(dim=0)  # [E]
+    return num_experts * (fraction_picked * mean_score).sum()
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

@@ -85,3 +85,24 @@ def test_synthetic_routing_rejects_bad_arguments():
     with pytest.raises(moe_lab.ConfigError, match="skew must be >= 0"):
         moe_lab.synthetic_routing(4, 4, 1, distribution="zipf", skew=-1)
     assert moe_lab.synthetic_routing(0, 4, 2)[0].shape == (0, 2)
+
+
+def test_load_balancing_loss_is_one_when_even_and_grows_with_imbalance():
+    # Every token prefers experts 0 and 1: f = [1/2, 1/2, 0, 0], P ~ [1/2, 1/2, 0, 0] -> 4 * (1/4 + 1/4) ~ 2.
+    crowded = moe_lab.route(torch.tensor([[8.0, 8.0, 0.0, 0.0]]).repeat(8, 1), 2)
+    assert moe_lab.load_balancing_loss(crowded).item() == pytest.approx(2.0, rel=2e-3)
+    # Everything on one expert (k=1) approaches E.
+    alone = moe_lab.route(torch.tensor([[12.0, 0.0, 0.0, 0.0]]).repeat(8, 1), 1)
+    assert moe_lab.load_balancing_loss(alone).item() == pytest.approx(4.0, rel=1e-3)
+    balanced = moe_lab.RouterOutput(torch.zeros(4, 4), torch.full((4, 4), 0.25),
+                                    torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]]), torch.full((4, 2), 0.5))
+    assert moe_lab.load_balancing_loss(balanced).item() == pytest.approx(1.0)
+    # The gradient reaches the router's logits through the scores (the picks are not differentiable),
+    # and lowers the scores of the experts picked most.
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    routing = moe_lab.route(logits, 2)
+    moe_lab.load_balancing_loss(routing).backward()
+    picked = torch.bincount(routing.top_k_index.reshape(-1), minlength=8)
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert logits.grad.sum(0)[picked.argmax()] > logits.grad.sum(0)[picked.argmin()]
+    assert moe_lab.load_balancing_loss(moe_lab.route(torch.zeros(0, 4), 2)).item() == 0.0

@@ -1,0 +1,114 @@
+"""Notebook 09 (training): a tiny MoE language model that learns on a CPU in seconds, with any backend.
+
+The corpus is a Markov chain over a small vocabulary: each token has a few likely successors, so
+the best possible next-token loss is the chain's entropy, well below log(vocab), and a model that
+learns shows it. The model is embedding -> MoE blocks with residuals -> norm -> head: the experts
+must learn the transitions, and the router which expert handles which token.
+
+Everything is seeded: the same seed gives the same initial weights and the same batches whatever
+the backend, so two backends' loss curves differ only by floating-point rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+from ..modules import SparseMoeBlock
+from ..routing import load_balancing_loss, tokens_per_expert
+
+
+def markov_corpus(vocab_size: int = 48, length: int = 20_000, successors: int = 3, seed: int = 0) -> torch.Tensor:
+    """[length] token ids from a random Markov chain where each token is followed by one of
+    `successors` tokens (chosen per token), with probabilities 0.6, 0.3, 0.1-ish."""
+    generator = torch.Generator().manual_seed(seed)
+    nexts = torch.stack([torch.randperm(vocab_size, generator=generator)[:successors] for _ in range(vocab_size)])
+    probabilities = torch.softmax(torch.linspace(1.5, -0.5, successors), dim=0)  # [successors]
+    choices = torch.multinomial(probabilities, length, replacement=True, generator=generator)  # [length]
+    tokens = torch.empty(length, dtype=torch.long)
+    tokens[0] = 0
+    for position in range(1, length):
+        tokens[position] = nexts[tokens[position - 1], choices[position]]
+    return tokens
+
+
+def chain_entropy(successors: int = 3) -> float:
+    """The best achievable next-token loss (nats) on `markov_corpus`: the entropy of one step."""
+    probabilities = torch.softmax(torch.linspace(1.5, -0.5, successors), dim=0)
+    return float(-(probabilities * probabilities.log()).sum())
+
+
+class TinyMoELM(nn.Module):
+    """input_ids [B, S] -> logits [B, S, V]: embedding, `num_layers` x (x + MoE(x)), RMS norm, head."""
+
+    def __init__(self, vocab_size: int, config: MoEConfig, num_layers: int = 2, experts_implementation: str = "eager"):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, config.hidden_size, dtype=config.dtype)
+        self.blocks = nn.ModuleList([SparseMoeBlock(config, experts_implementation) for _ in range(num_layers)])
+        self.norm = nn.RMSNorm(config.hidden_size, dtype=config.dtype)
+        self.head = nn.Linear(config.hidden_size, vocab_size, bias=False, dtype=config.dtype)
+        self.routings = []  # the last forward's RouterOutput per block (for the auxiliary loss and usage)
+
+    def set_experts_implementation(self, name: str) -> None:
+        for block in self.blocks:
+            block.set_experts_implementation(name)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)  # [B, S, H]
+        self.routings = []
+        for block in self.blocks:
+            update, routing = block(x, return_router_output=True)
+            x = x + update
+            self.routings.append(routing)
+        return self.head(self.norm(x))  # [B, S, V]
+
+
+@dataclass
+class TrainingHistory:
+    backend: str
+    loss: list[float] = field(default_factory=list)  # next-token cross-entropy per step (nats)
+    aux_loss: list[float] = field(default_factory=list)  # load-balancing loss per step (1 = even)
+    usage: list[list[float]] = field(default_factory=list)  # per step: first block's share of picks per expert
+    seconds: float = 0.0
+
+
+def batches(corpus: torch.Tensor, batch_size: int, seq_len: int, steps: int, seed: int):
+    """`steps` (inputs [B, S], targets [B, S]) windows of the corpus, the same for every backend."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, corpus.numel() - seq_len - 1, (batch_size,), generator=generator)
+        windows = torch.stack([corpus[s:s + seq_len + 1] for s in starts.tolist()])  # [B, S + 1]
+        yield windows[:, :-1], windows[:, 1:]
+
+
+def build_model(backend: str, vocab_size: int = 48, seed: int = 0, config: MoEConfig | None = None) -> TinyMoELM:
+    config = config or MoEConfig(hidden_size=32, intermediate_size=48, num_experts=8, top_k=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyMoELM(vocab_size, config, experts_implementation=backend)
+
+
+def train(backend: str, corpus: torch.Tensor, *, steps: int = 200, batch_size: int = 8, seq_len: int = 32,
+          learning_rate: float = 3e-3, aux_weight: float = 0.01, seed: int = 0) -> TrainingHistory:
+    """Train a fresh `build_model(backend, seed=seed)` with AdamW on `corpus`; return its history."""
+    import time
+
+    model = build_model(backend, vocab_size=int(corpus.max()) + 1, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    history = TrainingHistory(backend)
+    started = time.perf_counter()
+    for inputs, targets in batches(corpus, batch_size, seq_len, steps, seed):
+        logits = model(inputs)  # [B, S, V]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        aux = torch.stack([load_balancing_loss(routing) for routing in model.routings]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        (loss + aux_weight * aux).backward()
+        optimizer.step()
+        counts = tokens_per_expert(model.routings[0].top_k_index, model.routings[0].scores.shape[1]).float()
+        history.loss.append(float(loss.detach()))
+        history.aux_loss.append(float(aux.detach()))
+        history.usage.append((counts / counts.sum()).tolist())
+    history.seconds = time.perf_counter() - started
+    return history
