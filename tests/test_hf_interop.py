@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +20,15 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 
 import moe_lab  # noqa: E402
 import moe_lab.hf as hf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # backend_cases, also under --import-mode=importlib
+from backend_cases import MATMUL_BACKENDS  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation  # noqa: E402
 
 FP32_RTOL = 1e-5
 # The matmul built-ins, run on every family below. "triton" and "auto" are registered in transformers too
 # (the `registered` fixture) and run in test_compare_implementations_reports_small_differences_and_restores.
-BACKENDS = ("eager", "batched_mm", "grouped_mm")
+BACKENDS = tuple(MATMUL_BACKENDS)
 MOE_LAB_NAMES = tuple("moe_lab_" + name for name in BACKENDS)
 TRANSFORMERS_NAMES = ("grouped_mm", "batched_mm")
 
@@ -153,6 +157,27 @@ def test_model_logits_with_moe_lab_backends_match_transformers(models, input_ids
         assert_logits_close(logits, eager)
         for theirs in transformers_logits.values():
             assert_logits_close(logits, theirs)
+
+
+@pytest.mark.parametrize("family", [*hf.FAMILIES, *hf.EXTRA_FAMILIES])
+def test_training_through_moe_lab_backends_gives_transformers_eager_gradients(family, input_ids):
+    """loss.backward() on a tiny fp32 model: every parameter's gradient (router, attention, embeddings,
+    experts — gpt-oss's biases and transposed weights too) equals the one under transformers' eager."""
+    model = hf.tiny_transformers_model(family, seed=0).train()
+
+    def gradients(implementation):
+        model.zero_grad(set_to_none=True)
+        model.set_experts_implementation(implementation)
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected = gradients("eager")
+    assert any("experts" in name for name in expected) and any("gate" in name for name in expected)
+    for name in MOE_LAB_NAMES:
+        got = gradients(name)
+        assert got.keys() == expected.keys(), name
+        worst = max(moe_lab.relative_error(got[key], expected[key]) for key in expected)
+        assert worst < 1e-4, f"{family} {name}: worst relative gradient error {worst:.2e}"
 
 
 def test_compare_implementations_reports_small_differences_and_restores(models, input_ids):

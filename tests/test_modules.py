@@ -1,11 +1,15 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import moe_lab
 from moe_lab import MoEConfig, MultiBackboneConfig, MultiBackboneMoEModel, SparseMoeBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # backend_cases, also under --import-mode=importlib
+from backend_cases import MATMUL_BACKENDS  # noqa: E402
 
 
 def _block_reference(block, x2d):
@@ -17,7 +21,7 @@ def _block_reference(block, x2d):
 
 
 @pytest.mark.parametrize("shared", [0, 24])
-@pytest.mark.parametrize("backend", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("backend", MATMUL_BACKENDS)
 def test_sparse_moe_block_2d_and_3d(backend, shared):
     cfg = MoEConfig(32, 16, num_experts=6, top_k=2, shared_expert_intermediate_size=shared)
     block = SparseMoeBlock(cfg, experts_implementation=backend)
@@ -36,7 +40,7 @@ def test_switching_implementation_changes_no_weights():
     params_before = {name: p.data_ptr() for name, p in block.named_parameters()}
     x = torch.randn(7, 32)
     outs = {}
-    for name in ["eager", "batched_mm", "grouped_mm"]:
+    for name in MATMUL_BACKENDS:
         block.set_experts_implementation(name)
         assert block.get_experts_implementation() == name
         outs[name] = block(x)

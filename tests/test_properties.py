@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,11 +36,9 @@ from moe_lab import (  # noqa: E402
     relative_error,
     synthetic_routing,
 )
-from moe_lab.backends import (  # noqa: E402
-    batched_mm_experts_forward,
-    eager_experts_forward,
-    grouped_mm_experts_forward,
-)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # backend_cases, also under --import-mode=importlib
+from backend_cases import MATMUL_BACKENDS  # noqa: E402
 
 # ----------------------------------------------------------------------------- hypothesis profile
 
@@ -67,12 +67,7 @@ def examples(n: int) -> settings:
 
 # ----------------------------------------------------------------------------- tolerances
 
-BACKENDS = ("eager", "batched_mm", "grouped_mm")
-RAW_BACKENDS = {
-    "eager": eager_experts_forward,
-    "batched_mm": batched_mm_experts_forward,
-    "grouped_mm": grouped_mm_experts_forward,
-}
+BACKENDS = tuple(MATMUL_BACKENDS)  # asked of the registry (tests/backend_cases.py)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Relative error ||out - ref|| / ||ref|| over the whole [T, H] tensor, against the float64 reference
@@ -252,7 +247,7 @@ def call(entry: str, backend: str, experts, x, idx, w):
         experts.set_experts_implementation(backend)
         return experts(x, idx, w)
     if entry == "raw":
-        return RAW_BACKENDS[backend](experts, x, idx, w)
+        return moe_lab.get_backend(backend)(experts, x, idx, w)
     raise AssertionError(entry)
 
 

@@ -5,7 +5,7 @@ can do. This package adds the built-in specs to the registry; everything else as
 
 Every backend keeps tokens apart: NaN or +-inf in one token's hidden state (or routing weights)
 makes exactly that token's output non-finite and leaves the other tokens' outputs bit-identical
-(tests/test_hostile_inputs.py; docs/errors.md). Nothing checks for NaN: that would cost a sync.
+(tests/test_nonfinite_inputs.py; docs/errors.md). Nothing checks for NaN: that would cost a sync.
 """
 from . import auto as _auto
 from . import batched_mm as _batched_mm
