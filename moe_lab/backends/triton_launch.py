@@ -152,30 +152,44 @@ def launch_sum_over_top_k(y, num_tokens, top_k):
 
 def decode_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation: str,
                    plan: LaunchPlan) -> torch.Tensor:
-    num_tokens, hidden = hidden_states.shape  # [T, H]
+    """hidden_states [T, H] -> [T, H] in two token-major kernels (+ the module's own gate)."""
     top_k = top_k_index.shape[1]
-    num_pairs = num_tokens * top_k
-    width = weights.intermediate_size if activation != "none" else 2 * weights.intermediate_size
-    up_config, down_config = plan.decode_gate_up, plan.decode_down
     expert_of_pair = top_k_index.reshape(-1)  # [S] in pair order: no sort
-    h = hidden_states.new_empty(num_pairs, width)  # [S, I]
-    grid = (num_pairs * -(-width // up_config.block_n),)
-    kernels().decode_gate_up_kernel[grid](
-        hidden_states, weights.gate_up, weights.gate_up_bias, h, expert_of_pair,
-        top_k, width, hidden,
-        hidden_states.stride(0), hidden_states.stride(1), *weights.gate_up.stride(),
-        *bias_strides(weights.gate_up_bias), h.stride(0), h.stride(1),
-        ACTIVATION=activation, HAS_BIAS=weights.gate_up_bias is not None, **decode_constexprs(up_config))
+    h = launch_decode_gate_up(hidden_states, weights.gate_up, weights.gate_up_bias, expert_of_pair, top_k, activation,
+                              plan.decode_gate_up)  # [S, I]
     if activation == "none":
         h = apply_gate(experts, h)  # [S, 2I] -> [S, I]
-    out = hidden_states.new_empty(num_tokens, hidden)  # [T, H]
-    grid = (num_tokens * -(-hidden // down_config.block_n),)
-    kernels().decode_down_kernel[grid](
-        h, weights.down, weights.down_bias, expert_of_pair, top_k_weights.reshape(-1), out,
-        hidden, weights.intermediate_size,
-        h.stride(0), h.stride(1), *weights.down.stride(), *bias_strides(weights.down_bias),
+    return launch_decode_down(h, weights.down, weights.down_bias, expert_of_pair, top_k_weights.reshape(-1),
+                              top_k, plan.decode_down)
+
+
+def launch_decode_gate_up(hidden_states, gate_up, gate_up_bias, expert_of_pair, top_k, activation,
+                          config: DecodeConfig):
+    """x [T, H], expert_of_pair [S] -> h [S, I] in pair order (act(gate) * up; [S, 2I] for "none")."""
+    hidden, double_inter = hidden_states.shape[1], gate_up.shape[1]
+    width = double_inter // 2 if activation != "none" else double_inter
+    num_pairs = expert_of_pair.numel()
+    h = hidden_states.new_empty(num_pairs, width)  # [S, I]
+    kernels().decode_gate_up_kernel[(num_pairs * -(-width // config.block_n),)](
+        hidden_states, gate_up, gate_up_bias, h, expert_of_pair,
+        top_k, width, hidden,
+        hidden_states.stride(0), hidden_states.stride(1), *gate_up.stride(),
+        *bias_strides(gate_up_bias), h.stride(0), h.stride(1),
+        ACTIVATION=activation, HAS_BIAS=gate_up_bias is not None, **decode_constexprs(config))
+    return h
+
+
+def launch_decode_down(h, down, down_bias, expert_of_pair, routing_weights, top_k, config: DecodeConfig):
+    """h [S, I] in pair order -> out [T, H]: each token's k experts weighted and summed in registers."""
+    hidden, inter = down.shape[1], down.shape[2]
+    num_tokens = expert_of_pair.numel() // top_k
+    out = h.new_empty(num_tokens, hidden)  # [T, H]
+    kernels().decode_down_kernel[(num_tokens * -(-hidden // config.block_n),)](
+        h, down, down_bias, expert_of_pair, routing_weights, out,
+        hidden, inter,
+        h.stride(0), h.stride(1), *down.stride(), *bias_strides(down_bias),
         out.stride(0), out.stride(1),
-        TOP_K=top_k, HAS_BIAS=weights.down_bias is not None, **decode_constexprs(down_config))
+        TOP_K=top_k, HAS_BIAS=down_bias is not None, **decode_constexprs(config))
     return out
 
 
