@@ -16,7 +16,7 @@ nothing here could test it, and the GEMMs are all in our kernels anyway.)
         torch differentiates the gate between the two ops' backward formulas.
 
 Launched from Python (not compiling), the ops that carry no autograd formula run their Python
-bodies directly: going through the dispatcher costs ~15 us a call and buys nothing there.
+bodies directly: the dispatcher's host time per call (docs/performance_notes.md) buys nothing there.
 Only first derivatives are implemented: a double backward raises instead of being silently wrong.
 """
 from __future__ import annotations

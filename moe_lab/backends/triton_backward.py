@@ -110,5 +110,5 @@ def routing_weight_grad(dw_without_bias, grad_out, down_bias, expert_of_pair, to
     dw = dw_without_bias  # [S] float32
     if down_bias is not None:
         per_expert = grad_out.float() @ down_bias.float().T  # [T, E]: <dout[t], bias[e]> for every expert
-        dw = dw + per_expert.gather(1, expert_of_pair.view(-1, top_k).long()).reshape(-1)
+        dw = dw + per_expert.gather(1, expert_of_pair.view(grad_out.shape[0], top_k).long()).reshape(-1)
     return dw.to(dtype)

@@ -175,9 +175,8 @@ def decode_configs(interpreted: bool) -> tuple[DecodeConfig, DecodeConfig]:
     """Tile sizes for (decode_gate_up_kernel, decode_down_kernel).
 
     A decode kernel is a GEMV that only streams weight rows, so what matters is many programs with
-    many bytes in flight each: 8 rows per program, 8 warps won every shape of the H100 sweep
-    (tools/tune_triton.py --parts decode, docs/performance_notes.md); BLOCK_K 256 (gate_up) and
-    512 (down) won or were within 3 %.
+    many bytes in flight each: 8 rows per program and 8 warps, BLOCK_K 256 (gate_up) and 512 (down),
+    from the sweep of tools/tune_triton.py --parts decode (docs/performance_notes.md).
     """
     if interpreted:
         return DecodeConfig(32, 64, 1, 1), DecodeConfig(32, 64, 1, 1)
