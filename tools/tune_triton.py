@@ -123,7 +123,9 @@ class Run:
 
     def points(self, points):
         """--smoke: the one point with the fewest experts (the interpreter runs a program at a time)."""
-        return [min(points, key=lambda point: moe_lab.get_preset(point[0]).config.num_experts)] if self.smoke else points
+        if not self.smoke:
+            return points
+        return [min(points, key=lambda point: moe_lab.get_preset(point[0]).config.num_experts)]
 
     def candidates(self, configs):
         return list(configs)[:1] if self.smoke else list(configs)

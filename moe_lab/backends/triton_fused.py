@@ -1,5 +1,5 @@
 """`triton`: the whole experts forward in two fused Triton GEMM kernels and a streaming sum, after
-one sort; and, when a gradient is needed, a fused backward of four more (triton_autograd.py).
+one sort; and, when a gradient is needed, a backward of four fused GEMM kernels (triton_autograd.py).
 
     top_k_index [T, k] --flatten--> expert_of_pair [S]             (S = T*k)
     sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
