@@ -165,8 +165,9 @@ def gate_up_kernel(
             acc_up += tl.load(bias_expert + (offs_n + N) * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if SAVE_PRE:
         pre_ptrs = pre_ptr + sorted_rows[:, None] * stride_pm + offs_n[None, :] * stride_pn
-        tl.store(pre_ptrs, acc_gate.to(pre_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-        tl.store(pre_ptrs + N * stride_pn, acc_up.to(pre_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        tile_mask = row_mask[:, None] & n_mask[None, :]
+        tl.store(pre_ptrs, acc_gate.to(pre_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(pre_ptrs + N * stride_pn, acc_up.to(pre_ptr.dtype.element_ty), mask=tile_mask)
     if ACTIVATION != "none":
         result = _activation(acc_gate, ACTIVATION) * acc_up
     else:
@@ -349,9 +350,9 @@ def sort_pairs_kernel(expert_ptr, sorted_pair_ptr, counts_ptr, num_pairs, NUM_EX
 
     For a few thousand pairs torch.sort runs a single-block radix sort, plus a copy to int32 keys,
     an index fill and a histogram, each a launch; this is one (measured against them by
-    tools/sort_pairs_ab.py, docs/performance_notes.md). Each pair becomes the key expert << PAIR_BITS | pair, so one bitonic
-    sort in registers orders by expert and keeps pair order within an expert (a stable sort by
-    expert); the low bits are the pair id."""
+    tools/sort_pairs_ab.py, docs/performance_notes.md). Each pair becomes the key
+    expert << PAIR_BITS | pair, so one bitonic sort in registers orders by expert and keeps pair
+    order within an expert (a stable sort by expert); the low bits are the pair id."""
     offs = tl.arange(0, BLOCK)
     valid = offs < num_pairs
     expert = tl.load(expert_ptr + offs, mask=valid, other=0).to(tl.int32)  # [BLOCK]
