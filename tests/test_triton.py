@@ -20,13 +20,9 @@ from moe_lab.backends.triton_fused import (
     uses_decode_path,
 )
 
-pytest.importorskip("triton")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = "cpu"
-    if not triton_status("cpu")[0]:
-        pytest.skip(f"triton cannot run on this CPU-only process: {triton_status('cpu')[1]}", allow_module_level=True)
+from triton_device import triton_device_or_skip
+
+DEVICE = triton_device_or_skip()
 
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-5}
 

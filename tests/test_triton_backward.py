@@ -13,18 +13,13 @@ import torch
 from torch._dynamo.utils import counters
 
 import moe_lab
-from moe_lab.backends.triton_fused import launch_plan, triton_experts_forward, triton_path, triton_status
+from moe_lab.backends.triton_fused import launch_plan, triton_experts_forward, triton_path
 from moe_lab.backends.triton_launch import interpreting
 
+from triton_device import triton_device_or_skip
 from triton_grad_reference import backend_gradients, gradient_tolerance, reference_gradients, rounding_unit
 
-pytest.importorskip("triton")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = "cpu"
-    if not triton_status("cpu")[0]:
-        pytest.skip(f"triton cannot run on this CPU-only process: {triton_status('cpu')[1]}", allow_module_level=True)
+DEVICE = triton_device_or_skip()
 TRUNCATING = interpreting()  # the interpreter rounds float32 to bfloat16 by truncation
 
 

@@ -10,12 +10,10 @@ import pytest
 import torch
 
 import moe_lab
-from moe_lab.backends.triton_fused import triton_status
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if not triton_status(DEVICE)[0]:
-    pytest.skip(f"triton cannot run here: {triton_status(DEVICE)[1]}", allow_module_level=True)
+from triton_device import triton_device_or_skip
+
+DEVICE = triton_device_or_skip()
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
