@@ -154,17 +154,6 @@ def test_a_backend_without_autograd_is_refused_when_gradients_are_needed(registe
         frozen(x, idx, w.clone().requires_grad_(True))  # the router learns through the routing weights
 
 
-def test_triton_declares_no_backward_and_is_refused_not_detached():
-    if moe_lab.get_spec("triton").supports("autograd", CPU).ok is not False:
-        pytest.skip("triton declares a backward here: tests/test_triton.py checks its gradients")
-    if not moe_lab.triton_status("cpu")[0]:
-        pytest.skip(moe_lab.triton_status("cpu")[1])
-    experts, x, idx, w = make_case(T=3, E=4)
-    experts.set_experts_implementation("triton")
-    with pytest.raises(moe_lab.BackendCapabilityError, match="'triton' cannot give gradients"):
-        experts(x, idx, w)
-
-
 def test_an_undeclared_backend_that_detaches_is_caught_on_its_first_gradient_call(registered):
     experts, x, idx, w = make_case()
     registered("test_detaching", detaching)

@@ -192,3 +192,26 @@ def test_a_wrong_gradient_value_is_caught_and_a_low_precision_reference_fails_th
         accumulator = accumulator + row
     assert moe_lab.relative_error(accumulator, exact) > tolerance(torch.bfloat16, 4096)
     assert UNIT_ROUNDOFF[torch.bfloat16] == 2.0**-8 and UNIT_ROUNDOFF[torch.float32] == 2.0**-24
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", MATMUL_BACKENDS)
+def test_a_compiled_training_step_gives_the_launched_gradients(backend, dtype):
+    # Where a backend declares fullgraph, torch.compile(fullgraph=True) must trace forward and backward
+    # (grouped_mm's loop fallback, float32 here, has a custom-op backward: no .tolist() in the trace).
+    where = moe_lab.Where.of("cpu", dtype, 64, 24)
+    if not moe_lab.get_spec(backend).supports("fullgraph", where):
+        pytest.skip(f"{backend} declares no fullgraph compile: {moe_lab.get_spec(backend).supports('fullgraph', where).reason}")
+    experts, x, idx, w = make_case(dtype, T=12)
+    experts.set_experts_implementation(backend)
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
+        _, compiled_grads, _ = run_with_grad(experts, x, idx, w, grad_output, forward=lambda e, *a: compiled(*a))
+        _, launched_grads, _ = run_with_grad(experts, x, idx, w, grad_output)
+    finally:
+        torch._dynamo.reset()
+    for name, got in compiled_grads.items():
+        assert got is not None, name
+        assert moe_lab.relative_error(got, launched_grads[name]) <= tolerance(dtype, 64), name

@@ -9,15 +9,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_lab
-from moe_lab.backends.triton_fused import fused_activation, kernel_configs, triton_path, triton_status, uses_decode_path
+from moe_lab.backends.triton_launch import interpreting
+from moe_lab.backends.triton_fused import (
+    fused_activation,
+    kernel_configs,
+    launch_plan,
+    triton_experts_forward,
+    triton_path,
+    triton_status,
+    uses_decode_path,
+)
 
-pytest.importorskip("triton")
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = "cpu"
-    if not triton_status("cpu")[0]:
-        pytest.skip(f"triton cannot run on this CPU-only process: {triton_status('cpu')[1]}", allow_module_level=True)
+from triton_device import triton_device_or_skip
+
+DEVICE = triton_device_or_skip()
 
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-5}
 
@@ -73,19 +78,28 @@ def test_odd_sizes_are_masked():
 def test_tma_tiles_match_the_reference(monkeypatch, dtype, shape):
     # The interpreter emulates TMA descriptors, so the USE_TMA kernels (weights, and down's h rows,
     # as tiles that may run past an expert's rows) are checked here as on a Hopper GPU.
-    import moe_lab.backends.triton_fused as triton_fused
+    from moe_lab.backends import triton_launch
 
-    configs = triton_fused.kernel_configs(1.0, interpreted=True)
-    monkeypatch.setattr(triton_fused, "kernel_configs", lambda *args, **kwargs: tuple(
-        dataclasses.replace(config, tma=True) for config in configs))
-    launched = []
-    real_launch = triton_fused._launch
-    monkeypatch.setattr(triton_fused, "_launch", lambda *args, **kwargs: launched.append(kwargs["USE_TMA"])
-                        or real_launch(*args, **kwargs))
     H, I, E, k, T = shape
-    assert _error(*_case(H, I, E, k, T, dtype, distribution="zipf")) < TOLERANCE[dtype]
+    layer, hidden, index, weights = _case(H, I, E, k, T, dtype, distribution="zipf")
+    plan = _plan_with_tma(layer, T, dtype, tma=True)
+    launched = []
+    real_launch = triton_launch.grid_launch
+    monkeypatch.setattr(triton_launch, "grid_launch", lambda *args, **kwargs: launched.append(kwargs["USE_TMA"])
+                        or real_launch(*args, **kwargs))
+    out = triton_experts_forward(layer, hidden, index, weights, plan=plan)
+    reference = moe_lab.reference_experts_forward(layer, hidden, index, weights)
+    assert moe_lab.relative_error(out, reference) < TOLERANCE[dtype]
     # TMA needs 16-byte rows: even H=24, I=40 in bf16 qualify, so both kernels ran on descriptors.
     assert launched == [True, True]
+
+
+def _plan_with_tma(layer, num_tokens, dtype, tma: bool):
+    config = layer.config
+    plan = launch_plan(num_tokens, config.top_k, config.num_experts, config.hidden_size, config.intermediate_size,
+                       dtype, interpreted=interpreting())
+    return dataclasses.replace(plan, gate_up=dataclasses.replace(plan.gate_up, tma=tma),
+                               down=dataclasses.replace(plan.down, tma=tma))
 
 
 @pytest.mark.parametrize("num_experts", [1, 2, 7, 128])

@@ -1,31 +1,30 @@
-"""Where the triton backend's one-program sort stops paying: `sort_pairs` below and above
-ONE_PROGRAM_SORT_MAX_PAIRS against torch.sort of int32 keys + a histogram (what it replaces), GPU
-time per call from CUDA-graph replays (triton.testing.do_bench_cudagraph, median), on random
-routing.   python tools/sort_pairs_ab.py [OUTPUT.json]   (default data/h100_sort_pairs.json)
+"""Where the triton backend's one-program sort stops paying: `sort_pairs(..., one_program=True)`
+against torch.sort of int32 keys + a histogram (`one_program=False`, what it replaces) on both sides
+of ONE_PROGRAM_SORT_MAX_PAIRS, GPU time per call from CUDA-graph replays
+(triton.testing.do_bench_cudagraph, median), on random routing.
+    python tools/sort_pairs_ab.py [OUTPUT.json]   (default data/h100_sort_pairs.json)
 """
 from __future__ import annotations
 
 import json
 import sys
-from unittest import mock
 
 import torch
-import triton.testing
 
-import moe_lab
-from moe_lab.backends import triton_fused
+import moe_lab  # first: without a GPU it switches triton to its interpreter before triton is imported
+import triton
+import triton.testing
+from moe_lab.backends.triton_launch import sort_pairs
+from moe_lab.backends.triton_plan import ONE_PROGRAM_SORT_MAX_PAIRS
 from moe_lab.bench.provenance import command_line, provenance
 
 
-def sort_pairs_with_limit(limit):
-    """triton_fused.sort_pairs with ONE_PROGRAM_SORT_MAX_PAIRS = limit: both branches, whatever the size."""
-    def sort(index, num_experts):
-        with mock.patch.object(triton_fused, "ONE_PROGRAM_SORT_MAX_PAIRS", limit):
-            return triton_fused.sort_pairs(index, num_experts)
-    return sort
+def one_program(index, num_experts):
+    return sort_pairs(index, num_experts, one_program=True)
 
 
-one_program, torch_sort = sort_pairs_with_limit(1 << 20), sort_pairs_with_limit(0)
+def torch_sort(index, num_experts):
+    return sort_pairs(index, num_experts, one_program=False)
 
 
 def main(output: str) -> None:
@@ -41,7 +40,7 @@ def main(output: str) -> None:
                              one_program_us=ms["one_program"] * 1e3, torch_sort_us=ms["torch_sort"] * 1e3))
             print(rows[-1])
     info = {**provenance("cuda"), "triton_version": triton.__version__, "command_line": command_line(),
-            "threshold_in_code": triton_fused.ONE_PROGRAM_SORT_MAX_PAIRS}
+            "threshold_in_code": ONE_PROGRAM_SORT_MAX_PAIRS}
     with open(output, "w") as file:
         json.dump({"provenance": info, "rows": rows}, file, indent=1, default=str)
         file.write("\n")

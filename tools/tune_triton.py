@@ -1,16 +1,28 @@
-"""Measure what `kernel_configs`, `decode_configs` and `uses_decode_path` in
-moe_lab/backends/triton_fused.py encode: tile sizes per regime and the decode/sorted crossover.
+"""Measure what the triton backend's launch plan (moe_lab/backends/triton_plan.py) encodes: tile
+sizes per kernel and regime, the decode/sorted crossover, the backward's tiles and save vs recompute.
 
-    python tools/tune_triton.py --output tuning.json     # on a CUDA GPU; a few minutes
+    python tools/tune_triton.py --parts backward --output $OUT/triton_backward_tuning.json  # a CUDA GPU, < 8 min
 
-1. sorted kernels: gate_up_kernel and down_kernel alone, every candidate KernelConfig with and
-   without TMA tiles, on real preset shapes and token counts (triton.testing.do_bench: median, L2
-   flushed between runs); then the whole forward, replayed from a CUDA graph, with today's configs
-   and with the two winners;
-2. decode kernels: the same for decode_gate_up_kernel / decode_down_kernel at T=1 and 2;
-3. crossover: the whole triton forward replayed from a CUDA graph with the decode path forced on
-   and off, T = 1..32, per preset.
-The JSON (with provenance) is the evidence; the printed lines are the summary.
+Parts (--parts, comma-separated; each bounded by --budget-seconds in all):
+  sorted     gate_up_kernel and down_kernel alone, every candidate KernelConfig with and without TMA
+             tiles, on real preset shapes (triton.testing.do_bench: median, L2 flushed between runs);
+             then the whole forward, replayed from a CUDA graph, with the plan's configs and the winners;
+  decode     decode_gate_up_kernel / decode_down_kernel alone at T=1 and 2;
+  crossover  the whole forward replayed from a CUDA graph with the decode path forced on and off;
+  backward   each backward kernel alone (down_backward, the input gradient, both weight gradients)
+             over candidate configs, bf16, T = 8192 then 1024 on qwen3-30b-a3b, olmoe-1b-7b,
+             qwen1.5-moe-a2.7b and mixtral-8x7b; then the whole training step (forward, and the
+             backward of the hidden states, both weights and the routing weights) with the plan's
+             configs and with the winners, each saving and recomputing the pre-activation: time
+             (CUDA events, launched), TFLOP/s counting 3x the forward's FLOPs, peak memory, beside
+             moe_lab's grouped_mm in the same process.
+Every row is written to the JSON (with provenance) as it is measured, so a run cut short keeps what
+it has; the printed lines are the summary. Plans are values: nothing in the package is patched.
+
+    python tools/tune_triton.py --smoke --parts backward,decode   # CPU, triton's interpreter: checks the tool runs
+(--smoke: one point, its preset scaled down to H=64, T <= 8, one candidate per kernel besides the
+plan's, one timing each; the parts
+that replay CUDA graphs, sorted and crossover, need a GPU.)
 """
 from __future__ import annotations
 
@@ -18,18 +30,31 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
+import time
 
 import torch
-import triton.testing
 
-import moe_lab
+import moe_lab  # first: without a GPU it switches triton to its interpreter before triton is imported
+import triton
+import triton.testing
 from moe_lab.backends import triton_fused as tf
-from moe_lab.backends import triton_kernels as tk
-from moe_lab.bench.provenance import provenance
-from moe_lab.cuda_graph import GraphedExperts
+from moe_lab.backends.triton_backward import launch_down_backward, launch_input_grad, launch_weight_grad
+from moe_lab.backends.triton_launch import (
+    interpreting,
+    launch_decode_down,
+    launch_decode_gate_up,
+    launch_down,
+    launch_gate_up,
+    sort_pairs,
+)
+from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
+from moe_lab.bench.memory import measure_peak_memory
+from moe_lab.bench.provenance import command_line, provenance
+from moe_lab.bench.roofline import expert_flops
+from moe_lab.bench.timing import time_fn
 
 K = tf.KernelConfig
+D = tf.DecodeConfig
 
 
 def _with_tma(configs):
@@ -51,179 +76,302 @@ SORTED_CANDIDATES = {
 SORTED_POINTS = [("qwen3-30b-a3b", 8192, "large"), ("olmoe-1b-7b", 8192, "large"), ("qwen1.5-moe-a2.7b", 8192, "large"),
                  ("olmoe-1b-7b", 128, "small"), ("qwen3-30b-a3b", 128, "small"), ("mixtral-8x7b", 8192, "large"),
                  ("qwen3-30b-a3b", 1024, "medium"), ("deepseek-v3", 8192, "large")]
-D = tf.DecodeConfig
 DECODE_CANDIDATES = [D(bn, bk, w, s) for bn, bk, w, s in itertools.product([8, 16, 32, 64], [128, 256, 512], [4, 8], [1, 3])]
 DECODE_POINTS = [(p, 1) for p in moe_lab.PRESETS] + [("qwen3-30b-a3b", 2)]
 CROSSOVER_TOKENS = [1, 2, 4, 8, 16, 32]
 
-
-def _bench(fn):
-    try:
-        fn()
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    except Exception as error:  # out of shared memory / registers for this tile: not a candidate
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-
-
-def _layer(preset):
-    config = moe_lab.get_preset(preset).config.replace(dtype=torch.bfloat16)
-    torch.manual_seed(0)
-    return moe_lab.Experts(config).cuda()
-
-
-def _inputs(layer, T, seed=0):
-    c = layer.config
-    x = torch.randn(T, c.hidden_size, device="cuda", dtype=torch.bfloat16)
-    index, weights = moe_lab.synthetic_routing(T, c.num_experts, c.top_k, seed=seed, device="cuda")
-    return x, index, weights
+# Backward: one list per kernel for both regimes (64 and 512 rows per expert on qwen3 at T=1024 /
+# 8192); the plan's own config is always added. Weight-gradient tiles cover the weight, block_k
+# steps through an expert's rows.
+BACKWARD_CANDIDATES = {
+    "down_backward": [K(128, 128, 64, 8, 3, tma=True), K(128, 128, 64, 8, 4, tma=True), K(128, 64, 64, 4, 4, tma=True),
+                      K(128, 128, 64, 8, 3), K(64, 128, 64, 4, 3, tma=True), K(64, 64, 64, 4, 3)],
+    "gate_up_input_grad": [K(128, 256, 64, 8, 4, tma=True), K(128, 256, 64, 8, 3, tma=True),
+                           K(128, 128, 64, 8, 4, tma=True), K(128, 128, 64, 8, 3), K(64, 128, 64, 4, 4, tma=True),
+                           K(64, 128, 64, 4, 4)],
+    "weight_grad": [K(128, 128, 64, 8, 3), K(128, 128, 64, 8, 4), K(128, 128, 32, 8, 4), K(128, 256, 64, 8, 3),
+                    K(256, 128, 64, 8, 3), K(64, 128, 64, 4, 3), K(128, 64, 64, 4, 3), K(64, 64, 32, 4, 3)],
+}
+BACKWARD_POINTS = [(preset, T) for T in (8192, 1024)
+                   for preset in ("qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "mixtral-8x7b")]
 
 
-def _best(kind, preset, T, name, timings, current, extra):
+@dataclasses.dataclass
+class Run:
+    """What one invocation measures on: the device, the time budget, and (--smoke) how much smaller."""
+
+    device: torch.device
+    deadline: float  # time.monotonic() after which no new measurement starts
+    smoke: bool = False
+
+    def spent(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def layer(self, preset):
+        config = moe_lab.get_preset(preset).config.replace(dtype=torch.bfloat16)
+        if self.smoke:
+            config = moe_lab.scale_down(config, 64)
+        return build_experts(config, self.device, implementation="triton")
+
+    def inputs(self, layer, num_tokens, seed=0):
+        x = random_hidden_states(num_tokens, layer.config, self.device, seed=seed)
+        index, weights, _ = random_routing(num_tokens, layer.config, self.device, seed=seed)
+        return x, index, weights
+
+    def tokens(self, num_tokens):
+        return min(num_tokens, 8) if self.smoke else num_tokens
+
+    def points(self, points):
+        """--smoke: the one point with the fewest experts (the interpreter runs a program at a time)."""
+        if not self.smoke:
+            return points
+        return [min(points, key=lambda point: moe_lab.get_preset(point[0]).config.num_experts)]
+
+    def candidates(self, configs):
+        return list(configs)[:1] if self.smoke else list(configs)
+
+    def plan(self, layer, num_tokens, needs_grad=False, **changes):
+        c = layer.config
+        plan = tf.launch_plan(num_tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype,
+                              interpreted=interpreting(), needs_grad=needs_grad)
+        return dataclasses.replace(plan, **changes)
+
+    def kernel_ms(self, fn):
+        try:
+            fn()
+            if self.device.type != "cuda":
+                return time_fn(fn, device=self.device, warmup=0, min_reps=1, max_reps=1).median_ms
+            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+        except Exception as error:  # out of shared memory / registers for this tile: not a candidate
+            return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+
+    def step_ms(self, fn):
+        if self.smoke:
+            return time_fn(fn, device=self.device, warmup=0, min_reps=1, max_reps=1)
+        return time_fn(fn, device=self.device, warmup=2, min_reps=5, max_seconds=0.5)
+
+    def replay_ms(self, fn) -> float:
+        """Median GPU time of `fn` replayed from a CUDA graph (its inputs already in place)."""
+        if self.device.type != "cuda":
+            raise SystemExit("the sorted and crossover parts replay CUDA graphs: they need a CUDA GPU")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_fn(graph.replay, device=self.device, warmup=3, min_reps=20, max_seconds=0.3).median_ms
+
+    def release(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _sweep(kind, preset, T, name, candidates, current, run, extra, results, budget: Run):
+    """Time run(config) for each candidate (and the current one); record the best in a row."""
+    timings = {}
+    for config in dict.fromkeys(budget.candidates(candidates) + [current]):
+        if budget.spent():
+            break
+        timings[config] = budget.kernel_ms(lambda config=config: run(config))
     ok = {c: t for c, t in timings.items() if isinstance(t, float)}
     if not ok:
-        print(kind, preset, T, name, "no candidate ran:", next(iter(timings.values())), flush=True)
+        print(kind, preset, T, name, "no candidate ran:", next(iter(timings.values()), "budget spent"), flush=True)
         return None
     best = min(ok, key=ok.get)
-    row = dict(kind=kind, preset=preset, T=T, kernel=name, best=best.__dict__, best_ms=ok[best],
-               current=current.__dict__, current_ms=ok.get(current, float("nan")),
-               all={str(tuple(c.__dict__.values())): t for c, t in timings.items()}, **extra(ok[best]))
-    print(kind, preset, T, name, "best", tuple(best.__dict__.values()), f"{ok[best]:.4f} ms",
+    row = dict(kind=kind, preset=preset, T=T, kernel=name, best=dataclasses.asdict(best), best_ms=ok[best],
+               current=dataclasses.asdict(current), current_ms=ok.get(current, float("nan")),
+               all={str(tuple(dataclasses.astuple(c))): t for c, t in timings.items()}, **extra(ok[best]))
+    results.append(row)
+    print(kind, preset, T, name, "best", dataclasses.astuple(best), f"{ok[best]:.4f} ms",
           {k: round(v) for k, v in extra(ok[best]).items()}, "current", f"{row['current_ms']:.4f}", flush=True)
-    return row
+    return best
 
 
-def tune_sorted(results):
-    """Each sorted kernel alone over the candidates; then the whole forward, replayed from a CUDA
-    graph, with today's configs and with the two winners (what the kernel winners are worth)."""
-    layers = {}
-    for preset, T, regime in SORTED_POINTS:
-        layer = layers.setdefault(preset, _layer(preset))
+def tune_sorted(results, run: Run):
+    """Each sorted forward kernel alone over the candidates; then the whole forward, replayed from a
+    CUDA graph, with the plan's configs and with the two winners (what the kernel winners are worth)."""
+    for preset, T, regime in run.points(SORTED_POINTS):
+        if run.spent():
+            return
+        layer, T = run.layer(preset), run.tokens(T)
         c = layer.config
         H, I, E, k = c.hidden_size, c.intermediate_size, c.num_experts, c.top_k
-        x, index, weights = _inputs(layer, T)
-        sorted_pair, counts = tf.sort_pairs(index, E)  # what the backend sorts with
+        x, index, weights = run.inputs(layer, T)
+        sorted_pair, counts = sort_pairs(index, E)
         S, hit = T * k, int((counts > 0).sum())
-        expert_weights = tf.expert_weights(layer)
-        h = torch.randn(S, I, device="cuda", dtype=torch.bfloat16)
-        current = tf.kernel_configs(S / min(E, S), False, wide_output=H >= 4096)
-        winners = []
-        for name, weight_bytes, flops, now in (
-            ("gate_up", hit * 2 * I * H * 2, 2 * S * H * 2 * I, current[0]),
-            ("down", hit * I * H * 2, 2 * S * I * H, current[1]),
+        h = torch.randn(S, I, device=run.device, dtype=torch.bfloat16)
+        plan = run.plan(layer, T)
+        winners = {}
+        for name, weight_bytes, flops, current, launch in (
+            ("gate_up", hit * 2 * I * H * 2, 2 * S * H * 2 * I, plan.gate_up,
+             lambda cfg: launch_gate_up(x, layer.gate_up_proj, None, sorted_pair, counts, k, "silu", cfg)),
+            ("down", hit * I * H * 2, 2 * S * I * H, plan.down,
+             lambda cfg: launch_down(h, layer.down_proj, None, weights.reshape(-1), sorted_pair, counts, cfg)),
         ):
-            def run(cfg, name=name):
-                if name == "gate_up":
-                    tf.launch_gate_up(x, expert_weights, sorted_pair, counts, k, "silu", cfg)
-                else:
-                    tf.launch_down(h, expert_weights, weights.reshape(-1), sorted_pair, counts, cfg)
-            candidates = SORTED_CANDIDATES[regime] + [now]
-            timings = {cfg: _bench(lambda cfg=cfg: run(cfg)) for cfg in dict.fromkeys(candidates)}
-            row = _best("sorted", preset, T, name, timings, now,
-                        lambda ms, b=weight_bytes, f=flops: {"GBps": b / ms / 1e6, "TFLOPs": f / ms / 1e9})
-            if row:
-                results.append(row)
-                winners.append(K(**row["best"]))
+            best = _sweep("sorted", preset, T, name, SORTED_CANDIDATES[regime], current, launch,
+                          lambda ms, b=weight_bytes, f=flops: {"GBps": b / ms / 1e6, "TFLOPs": f / ms / 1e9},
+                          results, run)
+            if best:
+                winners[name] = best
         if len(winners) == 2:
-            results.append(_forward_with(layer, preset, T, x, index, weights, {"current": current,
-                                                                               "winners": tuple(winners)}))
-    layers.clear()
-    torch.cuda.empty_cache()
+            candidates = {"plan": plan, "winners": dataclasses.replace(plan, **winners)}
+            results.append(_forward_row(run, layer, preset, T, x, index, weights, candidates))
+        del layer
+        run.release()
 
 
-def _forward_with(layer, preset, T, x, index, weights, config_pairs):
-    """The whole triton forward replayed from a CUDA graph under each (gate_up, down) config pair."""
-    original = tf.kernel_configs
-    c = layer.config
-    flops = 2 * T * c.top_k * 3 * c.hidden_size * c.intermediate_size
+def _forward_row(run, layer, preset, T, x, index, weights, plans):
+    """The whole triton forward replayed from a CUDA graph under each plan."""
+    flops = expert_flops(T, layer.config.top_k, layer.config.hidden_size, layer.config.intermediate_size)
     row = dict(kind="forward", preset=preset, T=T)
-    for label, pair in config_pairs.items():
-        tf.kernel_configs = lambda *args, pair=pair, **kwargs: pair
-        try:
-            ms = _graph_ms(GraphedExperts(layer, "triton"), x, index, weights)
-        finally:
-            tf.kernel_configs = original
-        row[label] = dict(configs=[cfg.__dict__ for cfg in pair], ms=ms, TFLOPs=flops / ms / 1e9)
+    with torch.no_grad():
+        for label, plan in plans.items():
+            ms = run.replay_ms(lambda plan=plan: tf.triton_experts_forward(layer, x, index, weights, plan=plan))
+            row[label] = dict(plan=dataclasses.asdict(plan), ms=ms, TFLOPs=flops / ms / 1e9)
     print("forward", preset, T, {label: f"{v['ms']:.4f} ms {v['TFLOPs']:.0f} TFLOP/s" for label, v in row.items()
                                  if isinstance(v, dict)}, flush=True)
     return row
 
 
-def tune_decode(results):
-    for preset, T in DECODE_POINTS:
-        layer = _layer(preset)
+def tune_decode(results, run: Run):
+    for preset, T in run.points(DECODE_POINTS):
+        if run.spent():
+            return
+        layer = run.layer(preset)
         c = layer.config
-        H, I, E, k = c.hidden_size, c.intermediate_size, c.num_experts, c.top_k
-        x, index, weights = _inputs(layer, T)
-        S = T * k
-        flat = index.reshape(-1)
-        h = torch.randn(S, I, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
-        current_up, current_down = tf.decode_configs(False)
-        for name, current, weight_bytes in (("decode_gate_up", current_up, S * 2 * I * H * 2),
-                                            ("decode_down", current_down, S * I * H * 2)):
-            def run(cfg, name=name):
-                if name == "decode_gate_up":
-                    tk.decode_gate_up_kernel[(S * -(-I // cfg.block_n),)](
-                        x, layer.gate_up_proj, None, h, flat, k, I, H, x.stride(0), x.stride(1),
-                        *layer.gate_up_proj.stride(), 0, 0, h.stride(0), h.stride(1), ACTIVATION="silu",
-                        HAS_BIAS=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages)
-                else:
-                    tk.decode_down_kernel[(T * -(-H // cfg.block_n),)](
-                        h, layer.down_proj, None, flat, weights.reshape(-1), out, H, I, h.stride(0), h.stride(1),
-                        *layer.down_proj.stride(), 0, 0, out.stride(0), out.stride(1), TOP_K=k, HAS_BIAS=False,
-                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            timings = {cfg: _bench(lambda cfg=cfg: run(cfg)) for cfg in dict.fromkeys(DECODE_CANDIDATES + [current])}
-            row = _best("decode", preset, T, name, timings, current,
-                        lambda ms, b=weight_bytes: {"GBps": b / ms / 1e6})
-            if row:
-                results.append(row)
+        H, I, k = c.hidden_size, c.intermediate_size, c.top_k
+        x, index, weights = run.inputs(layer, T)
+        S, flat = T * k, index.reshape(-1)
+        h = torch.randn(S, I, device=run.device, dtype=torch.bfloat16)
+        plan = run.plan(layer, T)
+        for name, current, weight_bytes, launch in (
+            ("decode_gate_up", plan.decode_gate_up, S * 2 * I * H * 2,
+             lambda cfg: launch_decode_gate_up(x, layer.gate_up_proj, None, flat, k, "silu", cfg)),
+            ("decode_down", plan.decode_down, S * I * H * 2,
+             lambda cfg: launch_decode_down(h, layer.down_proj, None, flat, weights.reshape(-1), k, cfg)),
+        ):
+            _sweep("decode", preset, T, name, DECODE_CANDIDATES, current, launch,
+                   lambda ms, b=weight_bytes: {"GBps": b / ms / 1e6}, results, run)
         del layer
-        torch.cuda.empty_cache()
+        run.release()
 
 
-def _graph_ms(graphed, x, index, weights, reps=50):
-    for _ in range(3):
-        graphed(x, index, weights)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graphed(x, index, weights)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def crossover(results):
-    original = tf.uses_decode_path
+def crossover(results, run: Run):
     for preset in moe_lab.PRESETS:
-        layer = _layer(preset)
+        layer = run.layer(preset)
         for T in CROSSOVER_TOKENS:
-            x, index, weights = _inputs(layer, T)
-            row = dict(kind="crossover", preset=preset, T=T, default_decode=original(T, layer.config.top_k,
-                                                                                   layer.config.num_experts))
-            for label, forced in (("decode_ms", True), ("sorted_ms", False)):
-                tf.uses_decode_path = lambda *args, forced=forced: forced
-                try:
-                    row[label] = _graph_ms(GraphedExperts(layer, "triton"), x, index, weights)
-                finally:
-                    tf.uses_decode_path = original
+            if run.spent():
+                return
+            x, index, weights = run.inputs(layer, T)
+            plan = run.plan(layer, T)
+            row = dict(kind="crossover", preset=preset, T=T, default_decode=plan.decode)
+            with torch.no_grad():
+                for label, decode in (("decode_ms", True), ("sorted_ms", False)):
+                    forced = dataclasses.replace(plan, decode=decode)
+                    row[label] = run.replay_ms(lambda: tf.triton_experts_forward(layer, x, index, weights, plan=forced))
             results.append(row)
             print("crossover", preset, T, f"decode {row['decode_ms']:.4f} sorted {row['sorted_ms']:.4f}",
                   "default:", "decode" if row["default_decode"] else "sorted", flush=True)
         del layer
-        torch.cuda.empty_cache()
+        run.release()
+
+
+def tune_backward(results, run: Run):
+    """Each backward kernel alone over its candidates; then whole training steps with the plan's and
+    the winners' configs, saving and recomputing the pre-activation, beside grouped_mm."""
+    for preset, T in run.points(BACKWARD_POINTS):
+        if run.spent():
+            print("backward: budget spent before", preset, T, flush=True)
+            return
+        layer, T = run.layer(preset), run.tokens(T)
+        c = layer.config
+        H, I, E, k = c.hidden_size, c.intermediate_size, c.num_experts, c.top_k
+        x, index, weights = run.inputs(layer, T)
+        routing = weights.reshape(-1)
+        S = T * k
+        plan = run.plan(layer, T, needs_grad=True)
+        sorted_pair, counts = sort_pairs(index, E)
+        _, pre = launch_gate_up(x, layer.gate_up_proj, None, sorted_pair, counts, k, "silu", plan.gate_up,
+                                save_pre=True)
+        grad_out = random_hidden_states(T, c, run.device, seed=1)
+        d_pre, weighted_h, _ = launch_down_backward(grad_out, layer.down_proj, routing, pre, sorted_pair, counts, k,
+                                                    "silu", plan.down_backward)
+        kernels = (
+            ("down_backward", 2 * S * H * I,
+             lambda cfg: launch_down_backward(grad_out, layer.down_proj, routing, pre, sorted_pair, counts, k, "silu",
+                                              cfg)),
+            ("gate_up_input_grad", 2 * S * 2 * I * H,
+             lambda cfg: launch_input_grad(d_pre, layer.gate_up_proj, sorted_pair, counts, T, k, cfg)),
+            ("gate_up_weight_grad", 2 * S * 2 * I * H,
+             lambda cfg: launch_weight_grad(d_pre, x, layer.gate_up_proj, None, None, sorted_pair, counts, k,
+                                            left_by_token=False, right_by_token=True, config=cfg)),
+            ("down_weight_grad", 2 * S * H * I,
+             lambda cfg: launch_weight_grad(grad_out, weighted_h, layer.down_proj, None, None, sorted_pair, counts, k,
+                                            left_by_token=True, right_by_token=False, config=cfg)),
+        )
+        winners = {}
+        for name, flops, launch in kernels:
+            candidates = BACKWARD_CANDIDATES["weight_grad" if name.endswith("weight_grad") else name]
+            best = _sweep("backward", preset, T, name, candidates, getattr(plan, name), launch,
+                          lambda ms, f=flops: {"TFLOPs": f / ms / 1e9}, results, run)
+            if best:
+                winners[name] = best
+        del d_pre, weighted_h, pre
+        plans = {"plan": plan, "winners": dataclasses.replace(plan, **winners)}
+        results.append(_training_row(run, layer, preset, T, x, index, weights, grad_out, plans))
+        del layer
+        run.release()
+
+
+def _training_row(run, layer, preset, T, x, index, weights, grad_out, plans):
+    """Forward + backward (hidden states, weights, routing weights) for each plan, saving and
+    recomputing the pre-activation, and grouped_mm: median ms, TFLOP/s (3x forward FLOPs), peak bytes."""
+    c = layer.config
+    flops = 3 * expert_flops(T, c.top_k, c.hidden_size, c.intermediate_size)
+    x, weights = x.detach().requires_grad_(True), weights.detach().requires_grad_(True)
+    forwards = {"grouped_mm": lambda: moe_lab.experts_forward("grouped_mm", layer, x, index, weights)}
+    for label, plan in plans.items():
+        for save in (True, False):
+            chosen = dataclasses.replace(plan, save_pre_activation=save)
+            forwards[f"{label}_{'save' if save else 'recompute'}"] = (
+                lambda chosen=chosen: tf.triton_experts_forward(layer, x, index, weights, plan=chosen))
+    row = dict(kind="training_step", preset=preset, T=T, plans={k: dataclasses.asdict(v) for k, v in plans.items()})
+    for label, forward in forwards.items():
+        if run.spent():
+            row[label] = "budget spent"
+            continue
+
+        def step(forward=forward):
+            layer.zero_grad(set_to_none=True)
+            x.grad = weights.grad = None
+            forward().backward(grad_out)
+
+        try:
+            timing = run.step_ms(step)
+            peak = measure_peak_memory(step, run.device, warmup=0).peak_bytes
+            row[label] = dict(ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
+                              TFLOPs=flops / timing.median_ms / 1e9, peak_bytes=peak)
+        except torch.cuda.OutOfMemoryError as error:
+            row[label] = f"OutOfMemoryError: {str(error).splitlines()[0][:80]}"
+            run.release()
+    print("training_step", preset, T, {label: (f"{v['ms']:.3f} ms {v['TFLOPs']:.0f} TFLOP/s "
+                                               f"{v['peak_bytes'] / 2**30:.2f} GiB" if isinstance(v, dict) else v)
+                                       for label, v in row.items() if label in forwards}, flush=True)
+    return row
 
 
 class _SavedResults(list):
     """Rewrites the JSON after every row, so a run cut short by its time limit keeps what it measured."""
 
-    def __init__(self, path):
+    def __init__(self, path, device):
         super().__init__()
         self.path = path
-        self.provenance = provenance("cuda")  # once: it asks git and the driver
+        self.provenance = {**provenance(device), "triton_version": triton.__version__,
+                           "command_line": command_line()}  # once: it asks git and the driver
 
     def append(self, row):
         super().append(row)
@@ -231,11 +379,29 @@ class _SavedResults(list):
             json.dump({"provenance": self.provenance, "results": list(self)}, f, indent=1, default=str)
 
 
-if __name__ == "__main__":
+PARTS = {"decode": tune_decode, "crossover": crossover, "sorted": tune_sorted, "backward": tune_backward}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="triton_tuning.json")
-    parser.add_argument("--parts", default="decode,crossover,sorted")
-    args = parser.parse_args()
-    results = _SavedResults(args.output)
-    for part in args.parts.split(","):
-        {"decode": tune_decode, "crossover": crossover, "sorted": tune_sorted}[part](results)
+    parser.add_argument("--parts", default="decode,crossover,sorted", help=f"comma-separated, of {sorted(PARTS)}")
+    parser.add_argument("--budget-seconds", type=float, default=420.0,
+                        help="no new measurement starts after this long (what was measured is kept)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device, to check the tool")
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {sorted(PARTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        parser.error("measuring needs a CUDA GPU; --smoke runs the tool on tiny shapes here")
+    run = Run(device, time.monotonic() + args.budget_seconds, smoke=args.smoke)
+    results = _SavedResults(args.output, device)
+    for part in parts:
+        PARTS[part](results, run)
+
+
+if __name__ == "__main__":
+    main()

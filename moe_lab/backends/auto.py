@@ -32,6 +32,7 @@ from ..config import resolve_dtype
 from ..devices import device_name
 from . import calibration, registry
 from .calibration import ENV_VAR, SHAPE_KEYS, CalibrationError, calibration_path, load_calibration
+from .common import needs_grad
 from .spec import BackendSpec, Support, Where, no, yes
 
 AUTO = "auto"
@@ -60,16 +61,6 @@ class Needs:
         return cls(grad=needs_grad(experts, hidden_states, top_k_weights), compiling=torch.compiler.is_compiling(),
                    capturing=hidden_states.is_cuda and not torch.compiler.is_compiling()
                    and torch.cuda.is_current_stream_capturing())
-
-
-def needs_grad(experts, hidden_states, top_k_weights) -> bool:
-    """Grad mode is on and any of hidden states, routing weights or the experts' parameters requires grad."""
-    if not torch.is_grad_enabled():
-        return False
-    if hidden_states.requires_grad or top_k_weights.requires_grad:
-        return True
-    return any(getattr(getattr(experts, name, None), "requires_grad", False)
-               for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"))
 
 
 def unusable_reason(spec: BackendSpec, where: Where, needs: Needs = Needs()) -> str | None:

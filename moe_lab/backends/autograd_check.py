@@ -19,7 +19,8 @@ import torch
 
 from ..errors import BackendCapabilityError, DetachedOutputError
 from . import registry
-from .auto import needs_grad, unusable_reason
+from .auto import unusable_reason
+from .common import needs_grad
 from .spec import BackendSpec, Where
 
 _INPUT_NAMES = ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -29,7 +30,9 @@ _verified: dict[tuple, bool] = {}  # (backend forward, inputs requiring grad) ->
 def checked_forward(spec: BackendSpec, experts, hidden_states, top_k_index, top_k_weights):
     if not needs_grad(experts, hidden_states, top_k_weights):
         return spec.forward(experts, hidden_states, top_k_index, top_k_weights)
-    ok, reason = _autograd_support(spec, hidden_states.device, hidden_states.dtype)
+    ok, reason, runs = _autograd_support(spec, hidden_states.device, hidden_states.dtype)
+    if runs is False:  # it cannot run here at all: let it say why in its own words
+        return spec.forward(experts, hidden_states, top_k_index, top_k_weights)
     if ok is False:
         raise BackendCapabilityError(
             f"backend {spec.name!r} cannot give gradients ({reason}), and this call needs them (grad mode is on and "
@@ -49,9 +52,10 @@ def checked_forward(spec: BackendSpec, experts, hidden_states, top_k_index, top_
 
 
 def _autograd_support(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> tuple:
-    """(ok, reason) of the backend's autograd capability."""
-    support = spec.supports("autograd", Where(device, dtype))
-    return support.ok, support.reason
+    """(ok, reason) of the backend's autograd capability, and whether it runs here at all."""
+    where = Where(device, dtype)
+    support = spec.supports("autograd", where)
+    return support.ok, support.reason, spec.supports("runs", where).ok
 
 
 def _able(hidden_states) -> str:

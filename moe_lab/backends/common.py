@@ -54,6 +54,17 @@ def expert_weights(experts) -> ExpertWeights:
     )
 
 
+def needs_grad(experts, hidden_states, top_k_weights) -> bool:
+    """Grad mode is on and any of the hidden states, the routing weights or the experts' parameters
+    (biases included) requires grad: the call must give gradients."""
+    if not torch.is_grad_enabled():
+        return False
+    if hidden_states.requires_grad or top_k_weights.requires_grad:
+        return True
+    return any(getattr(getattr(experts, name, None), "requires_grad", False)
+               for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"))
+
+
 def apply_gate(experts, gate_up: torch.Tensor) -> torch.Tensor:
     """[S, 2I] -> [S, I]: act(gate) * up, or the module's own gate (transformers' `_apply_gate`)."""
     custom_gate = getattr(experts, "_apply_gate", None)

@@ -1,7 +1,8 @@
-"""The two Triton kernels of the `triton` backend. Imported only when triton is installed.
+"""The forward kernels of the `triton` backend (the backward's are in triton_backward_kernels.py,
+which reuses the helpers here). Imported only when triton is installed.
 
-Both kernels walk the (token, expert) pairs sorted by expert, in row blocks of BLOCK_M rows that
-never straddle two experts (an expert with 5 rows gets one block with 11 masked rows at
+The sorted-path kernels walk the (token, expert) pairs sorted by expert, in row blocks of BLOCK_M
+rows that never straddle two experts (an expert with 5 rows gets one block with 11 masked rows at
 BLOCK_M=16). Which block belongs to which expert is worked out inside the kernel from the
 per-expert counts, so the host never needs a number from the GPU:
 
@@ -18,12 +19,16 @@ The gathered x rows of gate_up_kernel cannot be a TMA tile (they are not contigu
 DOT_IN_FP32 is set only under triton's interpreter, whose tl.dot reads bfloat16 (stored as uint16)
 as integers. The launch grid is an upper bound on the number of blocks; programs past the last block exit.
 
+  sort_pairs_kernel: the pairs sorted by expert and counted, in one program (up to 2048 pairs)
   gate_up_kernel:  h[r]  = act(x[token(r)] @ W_gate[e]^T) * (x[token(r)] @ W_up[e]^T)   [S, I]
                    (gather of the token rows fused into the A load, activation in the epilogue;
-                   ACTIVATION="none" writes the raw [S, 2I] projection for custom gates)
+                   ACTIVATION="none" writes the raw [S, 2I] projection for custom gates; SAVE_PRE
+                   also writes the [S, 2I] pre-activation the backward reads)
   down_kernel:     y[pair(r)] = weight(pair(r)) * (h[r] @ W_down[e]^T)                  [S, H]
                    (routing weight and un-permute fused into the epilogue: rows land in
-                   (token, slot) order, so the caller sums each token's k rows with a view)
+                   (token, slot) order; the backward runs it for dX = d_pre @ W_gate_up[e])
+  sum_top_k_kernel: out[t] = the k rows of token t summed, one streaming pass         [T, H]
+  decode_gate_up_kernel, decode_down_kernel: the token-major GEMVs of the decode path (no sort)
 """
 from __future__ import annotations
 
@@ -70,6 +75,20 @@ def _grouped_program_order(pid, num_m_blocks, N, BLOCK_N: tl.constexpr, GROUP_M:
 
 
 @triton.jit
+def _sorted_row_block(counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of a sorted-rows kernel -> (expert (== num_experts past the last block),
+    pid_n, first sorted row, sorted_rows [BM] int64, row_mask [BM], pair [BM] int64 = token * k + slot)."""
+    pid_m, pid_n = _grouped_program_order(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
+    expert, first_row, rows_left = _locate_block(pid_m, counts_ptr, num_experts, NUM_EXPERTS_POW2, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_mask = offs_m < rows_left  # [BM]; nothing past the last block (rows_left <= 0 there)
+    sorted_rows = (first_row + offs_m).to(tl.int64)  # [BM]
+    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0).to(tl.int64)  # [BM]
+    return expert, pid_n, first_row, sorted_rows, row_mask, pair
+
+
+@triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "silu":
         x = x * tl.sigmoid(x)
@@ -86,25 +105,22 @@ def _activation(x, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def gate_up_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, sorted_pair_ptr, counts_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, sorted_pair_ptr, counts_ptr,
     num_experts, num_m_blocks, top_k, N, K,
     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
+    stride_pm, stride_pn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, SAVE_PRE: tl.constexpr = False,
 ):
     """x [T, K=H], w [E, 2I, H] -> out [S, N]; N = I when ACTIVATION fuses act(gate) * up, else 2I.
-    With USE_TMA, w_ptr is a descriptor over w viewed [E*2I, H] with [BLOCK_N, BLOCK_K] tiles."""
-    pid_m, pid_n = _grouped_program_order(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
-    expert, first_row, rows_left = _locate_block(pid_m, counts_ptr, num_experts, NUM_EXPERTS_POW2, BLOCK_M)
+    With USE_TMA, w_ptr is a descriptor over w viewed [E*2I, H] with [BLOCK_N, BLOCK_K] tiles.
+    SAVE_PRE (fused activations only) also stores gate and up before the activation in pre [S, 2I]."""
+    expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
+        counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:
         return
-
-    offs_m = tl.arange(0, BLOCK_M)
-    row_mask = offs_m < rows_left  # [BM]
-    sorted_rows = (first_row + offs_m).to(tl.int64)  # [BM]
-    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0)  # [BM] token * top_k + slot
-    token = (pair // top_k).to(tl.int64)
+    token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
@@ -147,6 +163,11 @@ def gate_up_kernel(
         acc_gate += tl.load(bias_expert + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION != "none":
             acc_up += tl.load(bias_expert + (offs_n + N) * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if SAVE_PRE:
+        pre_ptrs = pre_ptr + sorted_rows[:, None] * stride_pm + offs_n[None, :] * stride_pn
+        tile_mask = row_mask[:, None] & n_mask[None, :]
+        tl.store(pre_ptrs, acc_gate.to(pre_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(pre_ptrs + N * stride_pn, acc_up.to(pre_ptr.dtype.element_ty), mask=tile_mask)
     if ACTIVATION != "none":
         result = _activation(acc_gate, ACTIVATION) * acc_up
     else:
@@ -162,26 +183,30 @@ def down_kernel(
     stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_op, stride_on,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, SCALE_ROWS: tl.constexpr = True, W_TILE_KN: tl.constexpr = False,
 ):
     """h [S, K=I] (sorted rows), w [E, H, I] -> out [S, N=H] in (token, slot) order, times the routing weight.
     With USE_TMA, h_ptr and w_ptr are descriptors: h [S, I] in [BLOCK_M, BLOCK_K] tiles, w viewed
-    [E*H, I] in [BLOCK_N, BLOCK_K] tiles."""
-    pid_m, pid_n = _grouped_program_order(tl.program_id(0), num_m_blocks, N, BLOCK_N, GROUP_M)
-    expert, first_row, rows_left = _locate_block(pid_m, counts_ptr, num_experts, NUM_EXPERTS_POW2, BLOCK_M)
+    [E*H, I] in [BLOCK_N, BLOCK_K] tiles.
+
+    The backward's dX runs the same kernel: d_pre [S, K=2I] times gate_up [E, 2I, H] (strides as
+    [E, N=H, K=2I]), without the routing weight (SCALE_ROWS=False). There the weight is K-major,
+    so with TMA (W_TILE_KN) its descriptor is over gate_up viewed [E*2I, H] in [BLOCK_K, BLOCK_N]
+    tiles, and the launcher takes TMA only when K is a multiple of BLOCK_K (a tile never reaches
+    into the next expert along the reduction)."""
+    expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
+        counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:
         return
-
-    offs_m = tl.arange(0, BLOCK_M)
-    row_mask = offs_m < rows_left
-    sorted_rows = (first_row + offs_m).to(tl.int64)  # [BM]
-    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0).to(tl.int64)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
     if USE_TMA:
-        w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N  # first row of the tile in [E*H, I]
+        if W_TILE_KN:
+            w_row = expert * K  # this expert's first row in [E*K, N]
+        else:
+            w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N  # first row of the tile in [E*H, I]
     else:
         a_ptrs = h_ptr + sorted_rows[:, None] * stride_hm + offs_k[None, :] * stride_hk  # [BM, BK]
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
@@ -190,7 +215,10 @@ def down_kernel(
         k_mask = offs_k < K - k0
         if USE_TMA:
             a = h_ptr.load([first_row, k0])  # [BM, BK]; rows past this expert's are never stored
-            w = w_ptr.load([w_row, k0]).T  # [BN, BK] -> [BK, BN]
+            if W_TILE_KN:
+                w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
+            else:
+                w = w_ptr.load([w_row, k0]).T  # [BN, BK] -> [BK, BN]
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -204,8 +232,9 @@ def down_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    routing_weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
-    acc = acc * routing_weight[:, None]
+    if SCALE_ROWS:
+        routing_weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
+        acc = acc * routing_weight[:, None]
     out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -301,8 +330,9 @@ def decode_down_kernel(
 @triton.jit
 def sum_top_k_kernel(y_ptr, out_ptr, N, stride_ym, stride_om, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """y [T*k, N] in (token, slot) order -> out [T, N]: each token's k rows summed in fp32, rounded
-    once. On an H100 at qwen1.5's prefill shape (168 MB moved) torch's strided reduction took 80 us,
-    70 % of the copy bandwidth; k unrolled loads of contiguous row blocks take 64 us, 88 %."""
+    once. k unrolled loads of contiguous row blocks stream closer to the copy bandwidth than torch's
+    strided reduction over the middle dimension of [T, k, N] (docs/performance_notes.md). The
+    backward sums dX's k rows per token with it too."""
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -319,10 +349,10 @@ def sort_pairs_kernel(expert_ptr, sorted_pair_ptr, counts_ptr, num_pairs, NUM_EX
     in pair order inside a group) and counts [E] int32, in ONE program (S <= BLOCK = 2**PAIR_BITS).
 
     For a few thousand pairs torch.sort runs a single-block radix sort, plus a copy to int32 keys,
-    an index fill and a histogram: 31 us of the 310 us GPU time of olmoe T=128 on an H100; this
-    kernel takes 8.4 us there. Each pair becomes the key expert << PAIR_BITS | pair, so one bitonic
-    sort in registers orders by expert and keeps pair order within an expert (a stable sort by
-    expert); the low bits are the pair id."""
+    an index fill and a histogram, each a launch; this is one (measured against them by
+    tools/sort_pairs_ab.py, docs/performance_notes.md). Each pair becomes the key
+    expert << PAIR_BITS | pair, so one bitonic sort in registers orders by expert and keeps pair
+    order within an expert (a stable sort by expert); the low bits are the pair id."""
     offs = tl.arange(0, BLOCK)
     valid = offs < num_pairs
     expert = tl.load(expert_ptr + offs, mask=valid, other=0).to(tl.int32)  # [BLOCK]

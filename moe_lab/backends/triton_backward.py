@@ -1,0 +1,114 @@
+"""Launching the triton backend's backward kernels (triton_backward_kernels.py). For S = T*k pairs
+sorted by expert:
+
+    d_pre, weighted_h, d top_k_weights = launch_down_backward(dout, ...)     one kernel
+    dX          = launch_input_grad(d_pre, ...)   d_pre @ gate_up[e], the k rows of a token summed
+    dW_gate_up  = launch_weight_grad(d_pre, x)     per expert: its rows' d_pre^T x[token]   (+ d bias)
+    dW_down     = launch_weight_grad(dout, weighted_h)   per expert: dout[token]^T weighted_h (+ d bias)
+
+Every grid comes from E and the shapes; like the forward, nothing reads a GPU number on the host,
+so a training step is capturable in a CUDA graph. triton_autograd.py calls them, only for the
+gradients that are needed.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .triton_launch import (
+    bias_strides,
+    can_use_tma,
+    grid_launch,
+    kernels,
+    launch_sum_over_top_k,
+    max_row_blocks,
+    precision_constexprs,
+    tile_descriptor,
+)
+from .triton_plan import KernelConfig
+
+
+@functools.lru_cache(maxsize=None)
+def backward_kernels():
+    from . import triton_backward_kernels
+
+    return triton_backward_kernels
+
+
+def launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
+                         config: KernelConfig):
+    """dout [T, H], down [E, H, I] -> (d_pre [S, 2I] (dh [S, I] for activation "none"), weighted_h [S, I],
+    d top_k_weights [S] float32 in pair order, without the down bias's term).
+
+    `saved` is the pre-activation [S, 2I] for a fused activation, h [S, I] for "none"."""
+    num_experts, hidden, inter = down.shape
+    num_pairs = sorted_pair.numel()
+    width = 2 * inter if activation != "none" else inter
+    d_pre = grad_out.new_empty(num_pairs, width)  # [S, 2I] sorted rows
+    weighted_h = grad_out.new_empty(num_pairs, inter)  # [S, I] sorted rows
+    column_blocks = -(-inter // config.block_n)
+    # Every pair's row gets all its column blocks, unless its expert id is out of range (left out of
+    # the counts, as in the forward): zeros keep its routing-weight gradient finite.
+    dw_partial = torch.zeros(num_pairs, column_blocks, device=grad_out.device, dtype=torch.float32)
+    use_tma = can_use_tma(config, down) and hidden % config.block_k == 0  # [E, H, I] = [E, K, N]
+    w = tile_descriptor(down, config.block_k, config.block_n) if use_tma else down
+    grid_launch(backward_kernels().down_backward_kernel, config, num_pairs, num_experts, inter,
+                grad_out, w, routing_weights, saved, d_pre, weighted_h, dw_partial, sorted_pair, counts,
+                num_experts, max_row_blocks(num_pairs, num_experts, config), top_k, inter, hidden,
+                grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
+                saved.stride(0), saved.stride(1), d_pre.stride(0), d_pre.stride(1),
+                weighted_h.stride(0), weighted_h.stride(1), dw_partial.stride(0), dw_partial.stride(1),
+                ACTIVATION=activation, USE_TMA=use_tma, **precision_constexprs(grad_out.dtype, num_experts))
+    return d_pre, weighted_h, dw_partial.sum(dim=1)
+
+
+def launch_input_grad(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, config: KernelConfig):
+    """d_pre [S, 2I] in sorted row order, gate_up [E, 2I, H] -> dX [T, H]: each row times its
+    expert's gate_up, stored at its pair's row (down_kernel without the routing weight), then each
+    token's k rows summed."""
+    num_experts, reduction, hidden = gate_up.shape  # [E, K, N]
+    num_pairs = sorted_pair.numel()
+    dx_by_pair = d_pre.new_empty(num_pairs, hidden)  # [S, H] in (token, slot) order
+    use_tma = (can_use_tma(config, d_pre) and can_use_tma(config, gate_up) and reduction % config.block_k == 0)
+    a = kernels().tile_descriptor(d_pre, [config.block_m, config.block_k]) if use_tma else d_pre
+    w = tile_descriptor(gate_up, config.block_k, config.block_n) if use_tma else gate_up
+    grid_launch(kernels().down_kernel, config, num_pairs, num_experts, hidden,
+                a, w, None, None, dx_by_pair, sorted_pair, counts,
+                num_experts, max_row_blocks(num_pairs, num_experts, config), hidden, reduction,
+                d_pre.stride(0), d_pre.stride(1), gate_up.stride(0), gate_up.stride(2), gate_up.stride(1),
+                0, 0, dx_by_pair.stride(0), dx_by_pair.stride(1),
+                HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=True,
+                **precision_constexprs(d_pre.dtype, num_experts))
+    return launch_sum_over_top_k(dx_by_pair, num_tokens, top_k)
+
+
+def launch_weight_grad(left, right, like, bias_like, row_scale, sorted_pair, counts, top_k, *, left_by_token: bool,
+                       right_by_token: bool, config: KernelConfig):
+    """Per expert e: sum over its sorted rows r of left[r]^T right[r] -> a tensor shaped and strided
+    like `like` [E, M, N] (a transposed module's weight view included); a *_by_token operand is
+    [T, *] and read at token(r). With `bias_like` [E, M], also the sum of the left rows (each times
+    row_scale[pair] if given). Returns (weight gradient, bias gradient or None)."""
+    num_experts, rows, cols = like.shape
+    grad = torch.empty_like(like)  # keeps like's strides: a transposed view's gradient is one too
+    bias_grad = torch.empty_like(bias_like) if bias_like is not None else None
+    grid = (num_experts * -(-rows // config.block_m) * -(-cols // config.block_n),)
+    if grid[0]:
+        backward_kernels().expert_weight_grad_kernel[grid](
+            left, right, row_scale, grad, bias_grad, sorted_pair, counts,
+            num_experts, top_k, rows, cols,
+            left.stride(0), left.stride(1), right.stride(0), right.stride(1), *grad.stride(), *bias_strides(bias_grad),
+            LEFT_BY_TOKEN=left_by_token, RIGHT_BY_TOKEN=right_by_token, HAS_BIAS=bias_like is not None,
+            BIAS_ROW_SCALED=row_scale is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+            **precision_constexprs(left.dtype, num_experts))
+    return grad, bias_grad
+
+
+def routing_weight_grad(dw_without_bias, grad_out, down_bias, expert_of_pair, top_k, dtype):
+    """d top_k_weights [S] = <dout[t], z_p>: the kernel's part plus <dout[t], down_bias[e]> for a biased module."""
+    dw = dw_without_bias  # [S] float32
+    if down_bias is not None:
+        per_expert = grad_out.float() @ down_bias.float().T  # [T, E]: <dout[t], bias[e]> for every expert
+        dw = dw + per_expert.gather(1, expert_of_pair.view(grad_out.shape[0], top_k).long()).reshape(-1)
+    return dw.to(dtype)

@@ -1,0 +1,178 @@
+"""The backward kernels of the `triton` backend. Imported only when triton is installed.
+
+Notation as in the forward (triton_kernels.py): S = T*k pairs sorted by expert, sorted row r holds
+pair(r) = token(r) * k + slot of expert e; pre [S, 2I] = [g | u] = x[token] @ gate_up[e]^T (+ bias),
+h = act(g) * u, z = h @ down[e]^T (+ bias), y = weight * z, out[t] = the sum of its k rows of y.
+Given dout [T, H]:
+
+  down_backward_kernel (row blocks of one expert x column blocks of I, like gate_up_kernel):
+      acc[r]    = dout[token(r)] @ down[e]                  [S, I]   gathered rows, K = H
+      dh[r]     = weight(pair(r)) * acc[r]
+      d_pre[r]  = [dh * u * act'(g) | dh * act(g)]          [S, 2I]  the activation's backward, fused
+      weighted_h[r] = weight * h                            [S, I]   the operand of dW_down
+      dw_partial[pair(r), column block] = sum over the block's columns of acc * h
+                d top_k_weights = <dout[t], z> = <dout[t] @ down[e], h> (+ <dout[t], down_bias[e]>),
+                summed over the column blocks by the caller; no [S, H] z is kept
+      ACTIVATION="none" (a module's own gate runs in torch): it reads h, writes d_pre = dh [S, I].
+  down_kernel (triton_kernels.py) then gives dX: d_pre @ gate_up[e] stored at each pair's row, and
+  sum_top_k_kernel sums a token's k rows.
+  expert_weight_grad_kernel (one program per expert x weight tile; the reduction runs over that
+  expert's sorted rows, so the grid is E x tiles, known on the host without reading the counts):
+      dW_gate_up[e] = sum over e's rows of d_pre[r]^T x[token(r)]      [2I, H]   (+ d bias = row sums)
+      dW_down[e]    = sum over e's rows of dout[token(r)]^T weighted_h[r]   [H, I]   (+ d bias)
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _activation, _grouped_program_order, _sorted_row_block
+
+
+@triton.jit
+def _activation_derivative(x, ACTIVATION: tl.constexpr):
+    """d act(x) / dx for the activations _activation fuses, in float32."""
+    if ACTIVATION == "silu":
+        sigmoid = tl.sigmoid(x)
+        x = sigmoid * (1.0 + x * (1.0 - sigmoid))
+    elif ACTIVATION == "gelu":
+        # Phi(x) + x * phi(x): the normal CDF plus x times the normal density
+        x = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACTIVATION == "gelu_tanh":
+        # act = x * s with s = sigmoid(2z) = (1 + tanh z) / 2, z = c * (x + 0.044715 x^3):
+        # act' = s + x * 2 s (1 - s) * z'
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        s = tl.sigmoid(2.0 * z)
+        x = s + x * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    elif ACTIVATION == "relu":
+        x = tl.where(x > 0.0, 1.0, 0.0)
+    return x
+
+
+@triton.jit
+def down_backward_kernel(
+    dout_ptr, w_ptr, routing_weight_ptr, saved_ptr, d_pre_ptr, weighted_h_ptr, dw_partial_ptr,
+    sorted_pair_ptr, counts_ptr,
+    num_experts, num_m_blocks, top_k, N, K,
+    stride_dt, stride_dk, stride_we, stride_wk, stride_wn, stride_sm, stride_sn, stride_gm, stride_gn,
+    stride_hm, stride_hn, stride_dwp, stride_dwn,
+    ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """dout [T, K=H], w = down [E, H, I] read as [E, K, N=I] -> d_pre, weighted_h, dw_partial.
+    saved is pre [S, 2I] for a fused ACTIVATION, h [S, I] for "none". With USE_TMA, w_ptr is a
+    descriptor over down viewed [E*H, I] in [BLOCK_K, BLOCK_N] tiles (K a multiple of BLOCK_K)."""
+    expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
+        counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
+    if expert >= num_experts:
+        return
+    token = pair // top_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+
+    a_ptrs = dout_ptr + token[:, None] * stride_dt + offs_k[None, :] * stride_dk  # [BM, BK] gathered rows
+    if USE_TMA:
+        w_row = expert * K  # this expert's first row in [E*H, I]
+    else:
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_TMA:
+            w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
+        else:
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_dk
+        if not USE_TMA:
+            w_ptrs += BLOCK_K * stride_wk
+
+    tile_mask = row_mask[:, None] & n_mask[None, :]
+    weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]  # [BM, 1]
+    saved_ptrs = saved_ptr + sorted_rows[:, None] * stride_sm + offs_n[None, :] * stride_sn
+    d_pre_ptrs = d_pre_ptr + sorted_rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    out_dtype = d_pre_ptr.dtype.element_ty
+    if ACTIVATION != "none":
+        gate = tl.load(saved_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        up = tl.load(saved_ptrs + N * stride_sn, mask=tile_mask, other=0.0).to(tl.float32)
+        activated = _activation(gate, ACTIVATION)
+        # h as the forward's down GEMM read it: rounded to the model dtype
+        h = (activated * up).to(out_dtype).to(tl.float32)
+        dh = acc * weight
+        tl.store(d_pre_ptrs, (dh * up * _activation_derivative(gate, ACTIVATION)).to(out_dtype), mask=tile_mask)
+        tl.store(d_pre_ptrs + N * stride_gn, (dh * activated).to(out_dtype), mask=tile_mask)
+    else:
+        h = tl.load(saved_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(d_pre_ptrs, (acc * weight).to(out_dtype), mask=tile_mask)
+    weighted_h_ptrs = weighted_h_ptr + sorted_rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
+    tl.store(weighted_h_ptrs, (h * weight).to(weighted_h_ptr.dtype.element_ty), mask=tile_mask)
+    # acc and h are zero outside the tile's rows and columns, so the row sums need no mask
+    tl.store(dw_partial_ptr + pair * stride_dwp + pid_n * stride_dwn, tl.sum(acc * h, axis=1), mask=row_mask)
+
+
+@triton.jit
+def expert_weight_grad_kernel(
+    left_ptr, right_ptr, row_scale_ptr, out_ptr, bias_out_ptr, sorted_pair_ptr, counts_ptr,
+    num_experts, top_k, M, N,
+    stride_lr, stride_lm, stride_rr, stride_rn, stride_oe, stride_om, stride_on, stride_be, stride_bm,
+    LEFT_BY_TOKEN: tl.constexpr, RIGHT_BY_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_ROW_SCALED: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[e] [M, N] = sum over expert e's sorted rows r of left[row]^T right[row], where a
+    *_BY_TOKEN operand is a [T, *] tensor read at token(r) and the other a [S, *] one read at r.
+    HAS_BIAS: bias_out[e] [M] = the sum of the left rows (times row_scale[pair(r)] if
+    BIAS_ROW_SCALED), by the programs of the first column block. An expert without rows gets zeros."""
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    tiles_per_expert = num_m_blocks * tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    expert = pid // tiles_per_expert
+    pid_m, pid_n = _grouped_program_order(pid % tiles_per_expert, num_m_blocks, N, BLOCK_N, GROUP_M)
+    expert_ids = tl.arange(0, NUM_EXPERTS_POW2)
+    counts = tl.load(counts_ptr + expert_ids, mask=expert_ids < num_experts, other=0).to(tl.int32)  # [E]
+    num_rows = tl.sum(tl.where(expert_ids == expert, counts, 0), axis=0)
+    first_row = tl.sum(tl.where(expert_ids < expert, counts, 0), axis=0)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_mask, n_mask = offs_m < M, offs_n < N
+    offs_r = tl.arange(0, BLOCK_K)  # [BK] rows of this expert per step
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for r0 in range(0, num_rows, BLOCK_K):
+        r_mask = offs_r < num_rows - r0
+        sorted_rows = (first_row + r0 + offs_r).to(tl.int64)  # [BK]
+        pair = tl.load(sorted_pair_ptr + sorted_rows, mask=r_mask, other=0).to(tl.int64)
+        left_rows = sorted_rows
+        if LEFT_BY_TOKEN:
+            left_rows = pair // top_k
+        right_rows = sorted_rows
+        if RIGHT_BY_TOKEN:
+            right_rows = pair // top_k
+        left = tl.load(left_ptr + left_rows[:, None] * stride_lr + offs_m[None, :] * stride_lm,
+                       mask=r_mask[:, None] & m_mask[None, :], other=0.0)  # [BK, BM]
+        right = tl.load(right_ptr + right_rows[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BK, BN]
+        if HAS_BIAS:
+            if pid_n == 0:
+                rows = left.to(tl.float32)
+                if BIAS_ROW_SCALED:
+                    rows = rows * tl.load(row_scale_ptr + pair, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+                bias_acc += tl.sum(rows, axis=0)
+        if DOT_IN_FP32:
+            left, right = left.to(tl.float32), right.to(tl.float32)
+        acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
+
+    out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + offs_m[:, None].to(tl.int64) * stride_om
+                + offs_n[None, :] * stride_on)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if HAS_BIAS:
+        if pid_n == 0:
+            bias_ptrs = bias_out_ptr + expert.to(tl.int64) * stride_be + offs_m * stride_bm
+            tl.store(bias_ptrs, bias_acc.to(bias_out_ptr.dtype.element_ty), mask=m_mask)

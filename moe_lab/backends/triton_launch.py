@@ -1,0 +1,249 @@
+"""Launching the triton backend's forward kernels: sort, gate_up, down, the top-k sum, decode.
+
+Each launcher takes its tiles as a value (a `KernelConfig` / `DecodeConfig` from the launch plan,
+triton_plan.py) and computes its grid from the shapes alone, so nothing reads a GPU number on the
+host. The backward's launchers (triton_backward.py) reuse the helpers here.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..devices import cuda_device_facts
+from .common import apply_gate, expert_counts
+from .triton_plan import (
+    DecodeConfig,
+    KernelConfig,
+    LaunchPlan,
+    fits_one_program_sort,
+    one_program_sort_block,
+    ONE_PROGRAM_SORT_MAX_PAIRS,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def interpreting() -> bool:
+    """Whether triton runs its interpreter (numpy on CPU tensors) instead of compiled GPU kernels."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@torch.compiler.assume_constant_result
+def interpreting_cached() -> bool:
+    """interpreting() as the kernels see it: read once (triton fixed its mode at import), constant to dynamo."""
+    return _interpreting_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreting_once() -> bool:
+    return interpreting()
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sorted path
+# ---------------------------------------------------------------------------------------------
+
+def sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation: str,
+                   plan: LaunchPlan) -> torch.Tensor:
+    """hidden_states [T, H] -> [T, H]: sort, gate_up (+ the module's own gate), down, the top-k sum."""
+    num_tokens, top_k = top_k_index.shape
+    sorted_pair, counts = sort_pairs(top_k_index, weights.num_experts, one_program=plan.one_program_sort)
+    h = launch_gate_up(hidden_states, weights.gate_up, weights.gate_up_bias, sorted_pair, counts, top_k, activation,
+                       plan.gate_up)  # [S, I]
+    if activation == "none":
+        h = apply_gate(experts, h)  # [S, 2I] -> [S, I] with the module's own formula
+    y = launch_down(h, weights.down, weights.down_bias, top_k_weights.reshape(-1), sorted_pair, counts,
+                    plan.down)  # [S, H]
+    return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+
+
+def sort_pairs(top_k_index, num_experts, *, one_program: bool | None = None):
+    """top_k_index [T, k] -> (sorted_pair [S]: pair ids grouped by expert, in pair order within an
+    expert; counts [E]). `one_program` (default: up to ONE_PROGRAM_SORT_MAX_PAIRS pairs) sorts in
+    one kernel; otherwise torch's sort of int32 keys (half the radix passes of int64) and a
+    histogram. Both are stable sorts by expert; the one-program sort returns int32 ids and counts."""
+    expert_of_pair = top_k_index.reshape(-1)  # [S]
+    num_pairs = expert_of_pair.numel()
+    if one_program is None:
+        one_program = num_pairs <= ONE_PROGRAM_SORT_MAX_PAIRS and fits_one_program_sort(num_pairs, num_experts)
+    if one_program:
+        if not fits_one_program_sort(num_pairs, num_experts):
+            raise ValueError(f"{num_pairs} pairs of {num_experts} experts do not fit the one-program sort's "
+                             "int32 keys (expert << pair bits | pair); sort them with one_program=False")
+        block = one_program_sort_block(num_pairs)
+        sorted_pair = expert_of_pair.new_empty(num_pairs, dtype=torch.int32)
+        counts = expert_of_pair.new_empty(num_experts, dtype=torch.int32)
+        kernels().sort_pairs_kernel[(1,)](
+            expert_of_pair.contiguous(), sorted_pair, counts, num_pairs, NUM_EXPERTS=num_experts,
+            HIST_BINS=next_power_of_two(num_experts), BLOCK=block, PAIR_BITS=block.bit_length() - 1,
+            num_warps=4 if block <= 1024 else 8)
+        return sorted_pair, counts
+    keys = expert_of_pair.to(torch.int32)  # [S]
+    _, sorted_pair = torch.sort(keys, stable=True)  # [S]
+    return sorted_pair, expert_counts(keys, num_experts)
+
+
+def launch_gate_up(hidden_states, gate_up, gate_up_bias, sorted_pair, counts, top_k, activation, config: KernelConfig,
+                   *, save_pre: bool = False):
+    """x [T, H], gate_up [E, 2I, H] -> h [S, I] (act(gate) * up; [S, 2I] raw for activation "none")
+    in sorted row order. save_pre (fused activations): also return the pre-activation [S, 2I] the
+    backward reads, as (h, pre)."""
+    num_experts, double_inter, hidden = gate_up.shape
+    num_pairs = sorted_pair.numel()
+    width = double_inter // 2 if activation != "none" else double_inter
+    h = hidden_states.new_empty(num_pairs, width)  # [S, I] (or [S, 2I] for a custom gate)
+    pre = hidden_states.new_empty(num_pairs, double_inter) if save_pre else None  # [S, 2I]
+    use_tma = can_use_tma(config, gate_up)
+    w = tile_descriptor(gate_up, config.block_n, config.block_k) if use_tma else gate_up
+    grid_launch(kernels().gate_up_kernel, config, num_pairs, num_experts, width,
+                hidden_states, w, gate_up_bias, h, pre, sorted_pair, counts,
+                num_experts, max_row_blocks(num_pairs, num_experts, config), top_k, width, hidden,
+                hidden_states.stride(0), hidden_states.stride(1), *gate_up.stride(),
+                *bias_strides(gate_up_bias), h.stride(0), h.stride(1), *(pre.stride() if save_pre else (0, 0)),
+                ACTIVATION=activation, HAS_BIAS=gate_up_bias is not None, USE_TMA=use_tma, SAVE_PRE=save_pre,
+                **precision_constexprs(hidden_states.dtype, num_experts))
+    return (h, pre) if save_pre else h
+
+
+def launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, config: KernelConfig):
+    """h [S, I] in sorted row order, down [E, H, I] -> y [S, H] in (token, slot) order, each row
+    times its routing weight (routing_weights [S] in pair order)."""
+    num_experts, hidden, inter = down.shape
+    num_pairs = sorted_pair.numel()
+    y = h.new_empty(num_pairs, hidden)  # [S, H]
+    use_tma = can_use_tma(config, down) and can_use_tma(config, h)
+    a = kernels().tile_descriptor(h, [config.block_m, config.block_k]) if use_tma else h
+    w = tile_descriptor(down, config.block_n, config.block_k) if use_tma else down
+    grid_launch(kernels().down_kernel, config, num_pairs, num_experts, hidden,
+                a, w, down_bias, routing_weights, y, sorted_pair, counts,
+                num_experts, max_row_blocks(num_pairs, num_experts, config), hidden, inter,
+                h.stride(0), h.stride(1), *down.stride(), *bias_strides(down_bias),
+                y.stride(0), y.stride(1),
+                HAS_BIAS=down_bias is not None, USE_TMA=use_tma, **precision_constexprs(h.dtype, num_experts))
+    return y
+
+
+def launch_sum_over_top_k(y, num_tokens, top_k):
+    """y [S, H] in (token, slot) order -> [T, H], as common.sum_over_top_k but one streaming kernel."""
+    hidden = y.shape[1]
+    out = y.new_empty(num_tokens, hidden)  # [T, H]
+    if num_tokens == 0:
+        return out
+    block_n = min(2048, next_power_of_two(hidden))
+    kernels().sum_top_k_kernel[(num_tokens, -(-hidden // block_n))](
+        y, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_N=block_n, num_warps=8)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode path: no sort, two token-major GEMV kernels
+# ---------------------------------------------------------------------------------------------
+
+def decode_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation: str,
+                   plan: LaunchPlan) -> torch.Tensor:
+    """hidden_states [T, H] -> [T, H] in two token-major kernels (+ the module's own gate)."""
+    top_k = top_k_index.shape[1]
+    expert_of_pair = top_k_index.reshape(-1)  # [S] in pair order: no sort
+    h = launch_decode_gate_up(hidden_states, weights.gate_up, weights.gate_up_bias, expert_of_pair, top_k, activation,
+                              plan.decode_gate_up)  # [S, I]
+    if activation == "none":
+        h = apply_gate(experts, h)  # [S, 2I] -> [S, I]
+    return launch_decode_down(h, weights.down, weights.down_bias, expert_of_pair, top_k_weights.reshape(-1),
+                              top_k, plan.decode_down)
+
+
+def launch_decode_gate_up(hidden_states, gate_up, gate_up_bias, expert_of_pair, top_k, activation,
+                          config: DecodeConfig):
+    """x [T, H], expert_of_pair [S] -> h [S, I] in pair order (act(gate) * up; [S, 2I] for "none")."""
+    hidden, double_inter = hidden_states.shape[1], gate_up.shape[1]
+    width = double_inter // 2 if activation != "none" else double_inter
+    num_pairs = expert_of_pair.numel()
+    h = hidden_states.new_empty(num_pairs, width)  # [S, I]
+    kernels().decode_gate_up_kernel[(num_pairs * -(-width // config.block_n),)](
+        hidden_states, gate_up, gate_up_bias, h, expert_of_pair,
+        top_k, width, hidden,
+        hidden_states.stride(0), hidden_states.stride(1), *gate_up.stride(),
+        *bias_strides(gate_up_bias), h.stride(0), h.stride(1),
+        ACTIVATION=activation, HAS_BIAS=gate_up_bias is not None, **decode_constexprs(config))
+    return h
+
+
+def launch_decode_down(h, down, down_bias, expert_of_pair, routing_weights, top_k, config: DecodeConfig):
+    """h [S, I] in pair order -> out [T, H]: each token's k experts weighted and summed in registers."""
+    hidden, inter = down.shape[1], down.shape[2]
+    num_tokens = expert_of_pair.numel() // top_k
+    out = h.new_empty(num_tokens, hidden)  # [T, H]
+    kernels().decode_down_kernel[(num_tokens * -(-hidden // config.block_n),)](
+        h, down, down_bias, expert_of_pair, routing_weights, out,
+        hidden, inter,
+        h.stride(0), h.stride(1), *down.stride(), *bias_strides(down_bias),
+        out.stride(0), out.stride(1),
+        TOP_K=top_k, HAS_BIAS=down_bias is not None, **decode_constexprs(config))
+    return out
+
+
+def decode_constexprs(config: DecodeConfig) -> dict:
+    return dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the forward and backward launchers
+# ---------------------------------------------------------------------------------------------
+
+def precision_constexprs(dtype, num_experts) -> dict:
+    return dict(
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+        DOT_IN_FP32=interpreting_cached() and dtype == torch.bfloat16,
+        NUM_EXPERTS_POW2=next_power_of_two(num_experts),
+    )
+
+
+def can_use_tma(config: KernelConfig, w: torch.Tensor) -> bool:
+    """TMA tiles need the config to ask for them, a Hopper-or-later GPU (or the interpreter, which
+    emulates them), and a contiguous [..., K] tensor (weights [E, rows, K], h [S, K]) whose rows
+    are a multiple of 16 bytes."""
+    if not config.tma or not w.is_contiguous() or (w.shape[-1] * w.element_size()) % 16:
+        return False
+    # The base address too; torch.compile cannot trace data_ptr(), and there w is a module's own
+    # parameter or a fresh buffer, both allocator-aligned (256 bytes).
+    if not torch.compiler.is_compiling() and w.data_ptr() % 16:
+        return False
+    if interpreting_cached():
+        return True
+    return w.device.type == "cuda" and cuda_device_facts(w.device.index or 0)[1] >= 9
+
+
+def tile_descriptor(w: torch.Tensor, block_rows: int, block_cols: int):
+    """A TMA descriptor over w [E, rows, cols] viewed as [E*rows, cols], in [block_rows, block_cols] tiles."""
+    return kernels().tile_descriptor(w.view(-1, w.shape[-1]), [block_rows, block_cols])
+
+
+def bias_strides(bias):
+    return (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+
+
+def max_row_blocks(num_pairs, num_experts, config: KernelConfig) -> int:
+    """Row blocks never straddle experts, so there are at most S/BLOCK_M + (experts hit) of them, and
+    never more than S (each holds at least one row): a bound known without reading the counts."""
+    return min(num_pairs, -(-num_pairs // config.block_m) + min(num_experts, num_pairs))
+
+
+def grid_launch(kernel, config: KernelConfig, num_pairs, num_experts, width, *args, **constexprs):
+    """Launch a sorted-rows kernel over (row blocks) x (column blocks of `width`); nothing for zero pairs."""
+    grid = (max_row_blocks(num_pairs, num_experts, config) * -(-width // config.block_n),)
+    if grid[0] == 0:
+        return
+    kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                 GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
