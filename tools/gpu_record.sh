@@ -1,15 +1,25 @@
 #!/bin/bash
-# The recorded GPU run behind data/h100_bf16_compare_hf_*, on one card, in parts that each fit the
+# The recorded GPU runs behind data/<card>_bf16_*, on one card, in parts that each fit the
 # device's 10-minute limit; several parts may share one call:
 #   bash tools/gpu_record.sh tests compile              (about 6 minutes on an H100)
 #   bash tools/gpu_record.sh finegrained coarse anchor  (about 5 minutes)
+#   bash tools/gpu_record.sh backward-finegrained       (forward + backward, transformers and Liger beside)
+#   bash tools/gpu_record.sh ab-forward                 (this tree's forward against the commit in .ab_old/)
+# Liger-Kernel, where wanted, travels as a wheel in .whl/ (installed into /tmp/site below).
 # Every table is measured in interleaved rounds (ROUNDS, default 3: moe_lab.bench.rounds),
 # transformers beside moe_lab.
 # $OUT must be set, and MOE_LAB_GIT_COMMIT = the commit measured, written into the command from the
 # local checkout (the device's copy of .git can lag behind the working tree it measures).
 # Output: $OUT/record.tar.gz (the tables) + $OUT/log.txt.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-[ $# -gt 0 ] || { echo "parts: tests, finegrained, coarse, compile, graph-breaks, anchor"; exit 2; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+[ $# -gt 0 ] || { echo "parts: tests, finegrained, coarse, compile, compile-autotune, graph-breaks, anchor," \
+                       "backward-finegrained, backward-coarse, ab-forward"; exit 2; }
+# The card in file names: "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200.
+CARD=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 ROUNDS=${ROUNDS:-3}
 R=/tmp/record; mkdir -p $R
 BENCH="python -m moe_lab.cli bench --dtype bfloat16 --quiet --rounds $ROUNDS"
@@ -48,16 +58,40 @@ while [ $# -gt 0 ]; do
   finegrained)
     # three presets x T, eager launches and CUDA-graph replay, transformers beside
     timeout 280 $BENCH --preset qwen3-30b-a3b --preset olmoe-1b-7b --preset qwen1.5-moe-a2.7b $TABLE \
-      --output $R/h100_bf16_compare_hf_finegrained 2>&1 | tail -1 ;;
+      --output $R/${CARD}_bf16_compare_hf_finegrained 2>&1 | tail -1 ;;
   coarse)
     timeout 330 $BENCH --preset mixtral-8x7b --preset deepseek-v3 --preset gpt-oss-20b $TABLE \
-      --output $R/h100_bf16_compare_hf_coarse 2>&1 | tail -1 ;;
+      --output $R/${CARD}_bf16_compare_hf_coarse 2>&1 | tail -1 ;;
   compile)
     # torch.compile modes, moe_lab beside transformers, each mode's backends timed in interleaved rounds
     timeout 330 $BENCH --preset qwen3-30b-a3b --tokens 16 --backends batched_mm,grouped_mm,triton --compare-hf \
       --compile-matrix --compile-tokens 16,1024 --compile-modes default,reduce-overhead --max-seconds 0.1 \
-      --output $R/h100_bf16_compare_hf_qwen3-30b-a3b 2>&1 | tail -30
+      --output $R/${CARD}_bf16_compare_hf_qwen3-30b-a3b 2>&1 | tail -30
     graph_breaks ;;
+  compile-autotune)
+    # the two max-autotune modes, which benchmark candidate kernels per matmul shape (minutes)
+    timeout 500 $BENCH --preset qwen3-30b-a3b --tokens 16 --backends batched_mm,grouped_mm,triton --compare-hf \
+      --compile-matrix --compile-tokens 16,1024 --compile-modes max-autotune,max-autotune-no-cudagraphs \
+      --max-seconds 0.1 --output $R/${CARD}_bf16_compare_hf_autotune_qwen3-30b-a3b 2>&1 | tail -30 ;;
+  backward-finegrained)
+    # forward + backward (a training step's layer), moe_lab beside transformers' and Liger's
+    timeout 420 $BENCH --backward --preset qwen3-30b-a3b --preset olmoe-1b-7b --preset qwen1.5-moe-a2.7b \
+      --tokens 128,1024,8192,32768 --backends grouped_mm,triton --compare-hf --compare-liger --max-seconds 0.1 \
+      --output $R/${CARD}_bf16_backward_finegrained 2>&1 | tail -40 ;;
+  backward-coarse)
+    timeout 420 $BENCH --backward --preset mixtral-8x7b --preset deepseek-v3 --preset gpt-oss-20b \
+      --tokens 128,1024,8192,32768 --backends grouped_mm,triton --compare-hf --compare-liger --max-seconds 0.1 \
+      --output $R/${CARD}_bf16_backward_coarse 2>&1 | tail -40 ;;
+  ab-forward)
+    # this tree's forward against the commit checked out in .ab_old/ (carried), same card, separate
+    # processes in A B B A order so that drift lands on both; compare the tables offline
+    AB="python -m moe_lab.cli bench --dtype bfloat16 --quiet --preset qwen3-30b-a3b --preset olmoe-1b-7b \
+        --preset mixtral-8x7b --tokens 1,128,8192 --backends grouped_mm,triton,batched_mm --cuda-graph --no-ceilings \
+        --max-seconds 0.1"
+    for run in old1 new1 new2 old2; do
+      tree=$PWD; [ "${run#old}" != "$run" ] && tree=$PWD/.ab_old
+      (cd $tree && PYTHONPATH=$tree timeout 150 $AB --output $R/ab_forward_$run 2>&1 | tail -2)
+    done ;;
   graph-breaks)
     graph_breaks ;;
   anchor)
