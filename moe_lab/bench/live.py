@@ -233,7 +233,7 @@ class Comparison:
         """The numbers and the verdict without the row names: "2.82x, rounds 2.42–2.94x, above 1.15x in all 5"."""
         if self.verdict == "not measured":
             return "not measured (a row was refused or failed)"
-        ratios = f"{self.ratio:.2f}x, rounds {min(self.round_ratios):.2f}–{max(self.round_ratios):.2f}x"
+        ratios = f"time ratio {self.ratio:.2f}x, rounds {min(self.round_ratios):.2f}–{max(self.round_ratios):.2f}x"
         if self.verdict == "too noisy":
             return f"{TOO_NOISY} ({ratios})"
         high, low = 1 + self.margin, 1 / (1 + self.margin)

@@ -232,6 +232,18 @@ def compile_vs_transformers(backend: str = "grouped_mm", mode: str | None = None
     return _span(rows["speedup_vs_transformers"].dropna(), "x", label)
 
 
+@_figure
+def live_setting(name: str) -> Figure:
+    """A setting of moe_lab.bench.live that prose describes: "margin" (a difference must exceed it in
+    every round), "noisy" (round spread that flags a point), "rounds" (rounds per point)."""
+    from ..bench import live
+
+    values = {"margin": (live.DEFAULT_MARGIN, "fraction"), "noisy": (live.NOISY_ROUND_SPREAD, "fraction"),
+              "rounds": (live.DEFAULT_ROUNDS, "count")}
+    value, unit = values[name]
+    return Figure((float(value),), unit, "moe_lab.bench.live")
+
+
 RUN_TIMES = "cpu_notebook_run_times.json"
 
 
@@ -243,7 +255,7 @@ def run_seconds(notebook: str) -> Figure:
     return Figure((float(seconds),), "s", record["provenance"].get("device_name", "a CPU"))
 
 
-def figure(name: str, **arguments) -> Figure:
+def figure(name: str, /, **arguments) -> Figure:
     """The named figure computed from the data, e.g. figure("best_speedup", tokens=1)."""
     if name not in FIGURES:
         raise KeyError(f"no figure {name!r}; figures: {sorted(FIGURES)}")
@@ -261,7 +273,7 @@ def format_number(value: float, digits: int = 2) -> str:
     return f"{value:.{decimals}f}"
 
 
-def figure_text(name: str, *, digits: int = 2, **arguments) -> str:
+def figure_text(name: str, /, *, digits: int = 2, **arguments) -> str:
     """The figure as prose: "1.1–3.1×", "54–91 %", "12.4 ms", "463–508 TFLOP/s"."""
     fig = figure(name, **arguments)
     if fig.unit == "fraction":
