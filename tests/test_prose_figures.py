@@ -22,7 +22,15 @@ def markdown_cells(path):
     return [(number, "".join(c["source"])) for number, c in enumerate(cells) if c["cell_type"] == "markdown"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+#: Notebooks another session is changing in parallel (issue 12 part B); the xfail is strict, so this
+#: test says when the entry can go.
+OWNED_ELSEWHERE = {"06_playground": "notebook 06 is helper B's (issue 12, part B): its prose quotes stale and "
+                                    "uncited figures (52-91 %, 1.1-3.2x, the exercise solution's times)"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
+    p.stem in OWNED_ELSEWHERE, reason=OWNED_ELSEWHERE.get(p.stem, ""), strict=True)) for p in NOTEBOOKS],
+    ids=lambda p: p.stem)
 def test_notebook_prose_quotes_the_data(path):
     problems = [f"cell {number}: {problem}" for number, text in markdown_cells(path) for problem in check_markdown(text)]
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
