@@ -170,3 +170,12 @@ def test_nb07_edge_cases_do_not_depend_on_the_notebooks_token_count():
         out = nb07_own_backend.sorted_loop_experts_forward(experts, h, index, weights)
         assert moe_lab.relative_error(out, moe_lab.reference_experts_forward(experts, h, index, weights)) < 1e-5
 
+
+
+@pytest.mark.parametrize("stem", SPECS)
+def test_papermill_reads_every_declared_parameter(stem):
+    """moe-lab run refuses names papermill cannot read from the parameters cell: a comment papermill's
+    parser chokes on (">=" in it did) would make a real parameter "unknown"."""
+    from moe_lab.notebook_runner import notebook_parameters
+
+    assert list(notebook_parameters(ROOT / "notebooks" / f"{stem}.ipynb")) == SPECS[stem].PARAMETERS.names
