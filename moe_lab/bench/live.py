@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .columns import ROW_COLUMNS, to_frame
-from .measure import measure_with_layer, set_time_columns
+from .measure import PASSES, measure_with_layer, set_time_columns
 from .rounds import merge_rounds, parse_round_medians, round_order
 from .sweep import ROUTING_FIELDS, _as_list, _grid, _layers, _unsupported_row, normalize_configs
 from .timing import resolve_device
@@ -74,7 +74,7 @@ def single_threaded(threads: int | None = 1):
 
 def measure_live(configs, tokens, backends=None, dtypes=None, *, device=None, rounds: int = DEFAULT_ROUNDS,
                  threads: int | None = 1, seed: int = 0, measure_memory: bool = False, ceilings=None,
-                 timing: dict | None = None, **field_grid):
+                 timing: dict | None = None, passes=("forward",), **field_grid):
     """Time every grid point `rounds` times in interleaved order, with `threads` torch threads.
 
     The grid is `bench.sweep`'s: configs (a MoEConfig, a preset name, a dict or a list) x
@@ -83,7 +83,8 @@ def measure_live(configs, tokens, backends=None, dtypes=None, *, device=None, ro
     per visit). Returns `sweep`'s table — median_ms, p10_ms and p90_ms pooled over the rounds,
     `round_medians_ms` one median per round — plus `round_spread` (slowest round / fastest - 1)
     and `noisy` (round_spread > NOISY_ROUND_SPREAD). A refused or failed point is measured once:
-    its row says why. Bad arguments raise before anything runs.
+    its row says why. `passes`: "forward" and/or "forward_backward" (a training step's layer, see
+    `bench.measure`), varied fastest. Bad arguments raise before anything runs.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
@@ -92,7 +93,10 @@ def measure_live(configs, tokens, backends=None, dtypes=None, *, device=None, ro
     if unknown:
         raise ValueError(f"unknown timing options {sorted(unknown)}; allowed: {sorted(LIVE_TIMING)}")
     device = resolve_device(device)
-    points = _points(normalize_configs(configs), _grid(field_grid), dtypes, tokens, backends, device)
+    passes = _as_list(passes)
+    if not passes or any(p not in PASSES for p in passes):
+        raise ValueError(f"passes must be one or more of {list(PASSES)}, got {passes!r}")
+    points = _points(normalize_configs(configs), _grid(field_grid), dtypes, tokens, backends, device, passes)
     runs: list[list[dict]] = [[] for _ in points]
     layers: dict = {}  # one layer per (config, dtype), reused by every token count, backend and round
     with single_threaded(threads):
@@ -121,9 +125,10 @@ class _Point:
     num_tokens: int
     backend: str
     layer_key: tuple
+    pass_: str = "forward"
 
 
-def _points(configs, grid, dtypes, tokens, backends, device) -> list[_Point]:
+def _points(configs, grid, dtypes, tokens, backends, device, passes=("forward",)) -> list[_Point]:
     from ..backends import runnable_backends
 
     tokens = [int(t) for t in _as_list(tokens)]
@@ -134,8 +139,9 @@ def _points(configs, grid, dtypes, tokens, backends, device) -> list[_Point]:
         for dtype in dtypes:
             for num_tokens in tokens:
                 for backend in backends:
-                    points.append(_Point(label, base, fields, config, error, dtype, num_tokens, str(backend),
-                                         (layer_number, str(dtype))))
+                    for pass_ in passes:
+                        points.append(_Point(label, base, fields, config, error, dtype, num_tokens, str(backend),
+                                             (layer_number, str(dtype)), pass_))
     return points
 
 
@@ -143,14 +149,14 @@ def _visit(point: _Point, layers: dict, device, seed, ceilings, timing_options, 
     if point.error is not None:
         row = _unsupported_row(point.label, point.base, point.fields, point.dtype, point.num_tokens, point.backend,
                                device, point.error)
-        row["_times_ms"] = []
+        row.update(_times_ms=[], **{"pass": point.pass_})
         return row
     routing = {k: v for k, v in point.fields.items() if k in ROUTING_FIELDS}
     routing.setdefault("seed", seed)
     row, built = measure_with_layer(point.config, point.num_tokens, point.backend, device=device, dtype=point.dtype,
                                     ceilings=ceilings, preset=point.label, experts=layers.get(point.layer_key),
                                     measure_memory=measure_memory, timing_options=timing_options, keep_times=True,
-                                    **routing)
+                                    pass_=point.pass_, **routing)
     if built is not None:
         layers[point.layer_key] = built
     return row
