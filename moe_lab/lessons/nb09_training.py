@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..backends import available_backends
 from ..config import MoEConfig
 from ..modules import SparseMoeBlock
+from ..parameters import Device, Dtype, Int, Parameters, Rule, StrList
 from ..routing import load_balancing_loss, tokens_per_expert
+
+PARAMETERS = Parameters(
+    device=Device(), dtype=Dtype(), num_experts=Int(min=1, max=64), top_k=Int(min=1, max=64),
+    hidden_size=Int(min=8, max=512), intermediate_size=Int(min=8, max=1024), num_tokens=Int(min=1, max=4096),
+    train_steps=Int(min=1, max=2000), train_backends=StrList(choices=available_backends), seed=Int(min=0),
+    rules=[Rule(lambda p: p["top_k"] <= p["num_experts"],
+                "top_k={top_k} must be at most num_experts={num_experts}: each token picks top_k distinct experts")],
+)
 
 
 def markov_corpus(vocab_size: int = 48, length: int = 20_000, successors: int = 3, seed: int = 0) -> torch.Tensor:
@@ -38,6 +48,20 @@ def chain_entropy(successors: int = 3) -> float:
     """The best achievable next-token loss (nats) on `markov_corpus`: the entropy of one step."""
     probabilities = torch.softmax(torch.linspace(1.5, -0.5, successors), dim=0)
     return float(-(probabilities * probabilities.log()).sum())
+
+
+def sorted_activations(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
+    """(h [S, I], order [S]): each (token, expert) pair's activation act(gate) * up, rows grouped by
+    expert (a stable sort of the pairs: order[r] is the pair id token * k + slot of row r)."""
+    from ..backends import apply_gate, expert_weights
+
+    top_k = top_k_index.shape[1]
+    order = torch.argsort(top_k_index.reshape(-1), stable=True)  # [S]
+    expert_of_row = top_k_index.reshape(-1)[order]  # [S]
+    weights = expert_weights(experts)  # gate_up [E, 2I, H]
+    x_rows = hidden_states[order // top_k]  # [S, H]
+    pre = torch.einsum("sh,soh->so", x_rows, weights.gate_up[expert_of_row])  # [S, 2I]
+    return apply_gate(experts, pre), order
 
 
 class TinyMoELM(nn.Module):
@@ -84,18 +108,20 @@ def batches(corpus: torch.Tensor, batch_size: int, seq_len: int, steps: int, see
 
 
 def build_model(backend: str, vocab_size: int = 48, seed: int = 0, config: MoEConfig | None = None) -> TinyMoELM:
-    config = config or MoEConfig(hidden_size=32, intermediate_size=48, num_experts=8, top_k=2)
+    config = config or MoEConfig(hidden_size=32, intermediate_size=48, num_experts=8, top_k=2)  # I != H/2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TinyMoELM(vocab_size, config, experts_implementation=backend)
 
 
 def train(backend: str, corpus: torch.Tensor, *, steps: int = 200, batch_size: int = 8, seq_len: int = 32,
-          learning_rate: float = 3e-3, aux_weight: float = 0.01, seed: int = 0) -> TrainingHistory:
-    """Train a fresh `build_model(backend, seed=seed)` with AdamW on `corpus`; return its history."""
+          learning_rate: float = 3e-3, aux_weight: float = 0.01, seed: int = 0,
+          config: MoEConfig | None = None) -> TrainingHistory:
+    """Train a fresh `build_model(backend, seed=seed, config=config)` with AdamW on `corpus` (the
+    loss plus `aux_weight` x the load-balancing loss); return its history."""
     import time
 
-    model = build_model(backend, vocab_size=int(corpus.max()) + 1, seed=seed)
+    model = build_model(backend, vocab_size=int(corpus.max()) + 1, seed=seed, config=config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     history = TrainingHistory(backend)
     started = time.perf_counter()
