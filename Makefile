@@ -15,6 +15,9 @@ TORCH ?= torch>=2.9
 # (tests/test_packaging.py checks that they agree).
 EXTRAS ?= lab,test,hf
 LAB_ARGS ?=
+# JupyterLab refuses to start for root ("Running as root is not recommended") unless told it may;
+# containers, cloud VMs and CI machines run as root, so `make lab` tells it there and only there.
+ROOT_LAB_ARGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 PYTEST_ARGS ?=
 RUNS_DIR ?= runs
 HTML_DIR ?= html
@@ -50,7 +53,7 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	mkdir -p notebooks
-	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+	$(BIN)/jupyter lab notebooks/ $(ROOT_LAB_ARGS) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(if $(strip $(NBVAL_NOTEBOOKS)),--nbval-lax --nbval-current-env notebooks) $(PYTEST_ARGS)
