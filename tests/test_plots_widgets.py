@@ -75,10 +75,10 @@ def test_latency_vs_tokens_lines_log_axes_and_refused_row(results):
     fig = plots.latency_vs_tokens(results)
     assert isinstance(fig, go.Figure)
     traces = _by_name(fig)
-    assert set(traces) == {"eager", "batched_mm", "grouped_mm", "batched_mm: not measured"}
+    assert set(traces) == {"eager", "batched_mm", "grouped_mm", "batched_mm: not run"}
     assert [t.name for t in fig.data][0] == "eager"  # lesson order, not alphabetical
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
-    assert "ms" in fig.layout.yaxis.title.text and "tokens" in fig.layout.xaxis.title.text
+    assert "ms" in fig.layout.yaxis.title.text and "tokens" in fig.layout.xaxis2.title.text
     assert "Test CPU" in fig.layout.title.text and "2025-01-02" in fig.layout.title.text
     grouped = traces["grouped_mm"]
     assert list(grouped.x) == [16, 128, 1024]
@@ -86,23 +86,64 @@ def test_latency_vs_tokens_lines_log_axes_and_refused_row(results):
     # p10..p90 error bars
     assert list(grouped.error_y.array) == pytest.approx([0.2 * y for y in grouped.y])
     assert list(traces["batched_mm"].x) == [16, 128]
-    refused = traces["batched_mm: not measured"]
-    assert list(refused.x) == [1024]
-    assert refused.y[0] < min(grouped.y)  # drawn below every measured point
+    # the refused row is not drawn on the milliseconds axis: it sits in a strip of its own, named
+    refused = traces["batched_mm: not run"]
+    assert list(refused.x) == [1024] and list(refused.y) == ["batched_mm: refused"]
+    assert refused.yaxis == "y2" and grouped.yaxis == "y" and fig.layout.yaxis2.type == "category"
+    assert fig.layout.yaxis2.title.text == "not run" and fig.layout.yaxis2.domain[1] < fig.layout.yaxis.domain[0]
     assert REFUSAL in refused.hovertext[0].replace("<br>", " ")
     assert "refused" in refused.hovertext[0]
     assert refused.customdata[0][0] == "refused"
+    assert refused.showlegend is False  # the legend lists lines, the strip names what did not run
+    # the token counts are the ticks; the legend sits under the plot, in rows
+    assert list(fig.layout.xaxis2.tickvals) == [16, 128, 1024]
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+
+
+def test_latency_vs_tokens_without_refusals_has_no_strip(results):
+    fig = plots.latency_vs_tokens(results[results["status"] == "ok"])
+    assert "yaxis2" not in fig.layout.to_plotly_json()
+    assert {t.yaxis for t in fig.data} == {"y"}
+
+
+def test_log_ticks_are_written_in_full():
+    from moe_lab.plots._common import log_ticks, tick_label
+
+    ticks = log_ticks([0.15, 0.4, 3.0])
+    labels = dict(zip(ticks["tickvals"], ticks["ticktext"]))
+    assert labels[0.5] == "0.5" and labels[0.2] == "0.2" and labels[2] == "2" and labels[1] == "1"
+    for value, text in labels.items():  # every label is its own value (plotly's default writes 0.5 as "5")
+        assert float(text.removesuffix("k")) * (1000 if text.endswith("k") else 1) == pytest.approx(value)
+    wide = log_ticks([0.001, 5000.0])
+    inside = [v for v in wide["tickvals"] if 0.001 <= v <= 5000]
+    assert 2 <= len(inside) <= 9
+    assert log_ticks([1.0, 1.01]) == {}  # too narrow for 1-2-5 ticks: plotly's own
+    assert tick_label(2000) == "2k" and tick_label(0.05) == "0.05" and tick_label(3e6) == "3M"
+
+
+def test_other_library_backends_are_dashed_in_the_same_colour(results):
+    other = results.assign(backend="transformers:" + results["backend"])
+    traces = _by_name(plots.latency_vs_tokens(pd.concat([results, other])))
+    ours, theirs = traces["grouped_mm"], traces["transformers:grouped_mm"]
+    assert ours.line.color == theirs.line.color and theirs.line.dash == "dash" and ours.line.dash == "solid"
+
+
+def test_user_backends_get_colours_of_their_own(results):
+    mine = pd.concat([results, results.assign(backend="sorted_loop"), results.assign(backend="padded")])
+    colors = {t.name: t.line.color for t in plots.latency_vs_tokens(mine).data if t.meta["kind"] == "measured"}
+    assert len(set(colors.values())) == len(colors) == 5, colors
 
 
 def test_latency_vs_tokens_names_lines_by_varying_config_and_facets(results):
     more = pd.concat([results, results.assign(num_experts=64, median_ms=results["median_ms"] * 3)])
     names = {t.name for t in plots.latency_vs_tokens(more).data}
-    assert {"eager E=8", "eager E=64", "grouped_mm E=64", "batched_mm E=64: not measured"} <= names
+    assert {"eager E=8", "eager E=64", "grouped_mm E=64", "batched_mm E=64: not run"} <= names
     faceted = plots.latency_vs_tokens(more, facet_col="num_experts")
-    assert {t.name for t in faceted.data} == {"eager", "batched_mm", "grouped_mm", "batched_mm: not measured"}
-    assert {t.xaxis for t in faceted.data} == {"x", "x2"}
+    assert {t.name for t in faceted.data} == {"eager", "batched_mm", "grouped_mm", "batched_mm: not run"}
+    measured = [t for t in faceted.data if t.meta["kind"] == "measured"]
+    assert {t.xaxis for t in measured} == {"x", "x2"}
     assert faceted.layout.xaxis2.type == "log"
-    assert sum(t.showlegend is not False for t in faceted.data) == 4  # legend entries once
+    assert sum(t.showlegend is not False for t in faceted.data) == 3  # legend entries once per line
 
 
 def test_plots_reject_frames_without_needed_columns():
@@ -112,16 +153,19 @@ def test_plots_reject_frames_without_needed_columns():
 
 def test_memory_vs_tokens_measured_points_and_dashed_prediction(results):
     fig = plots.memory_vs_tokens(results, budget_bytes=4 * 2**30)
-    traces = _by_name(fig)
-    measured, predicted = traces["grouped_mm measured"], traces["grouped_mm predicted"]
+    grouped = [t for t in fig.data if t.meta["backend"] == "grouped_mm"]
+    measured, predicted = ({t.meta["kind"]: t for t in grouped}[k] for k in ("measured", "predicted"))
     assert measured.mode == "markers" and predicted.line.dash == "dash"
+    assert measured.marker.color == predicted.line.color
+    assert [t.showlegend for t in grouped] == [True, False]  # one legend entry per line
     assert list(measured.y) == pytest.approx([1000 * T / MIB for T in (16, 128, 1024)])
     assert list(predicted.y) == pytest.approx([1100 * T / MIB for T in (16, 128, 1024)])
     # the refused batched_mm row sits on its prediction, with its reason
-    refused = traces["batched_mm: not measured"]
-    assert list(refused.y) == pytest.approx([1100 * 1024 / MIB])
+    refused = _by_name(fig)["batched_mm: not run"]
+    assert list(refused.y) == pytest.approx([1100 * 1024 / MIB]) and list(refused.text) == ["refused"]
     assert REFUSAL in refused.hovertext[0].replace("<br>", " ")
-    assert list(traces["batched_mm predicted"].x) == [16, 128, 1024]
+    batched_predicted = [t for t in fig.data if t.meta == {"backend": "batched_mm", "kind": "predicted"}][0]
+    assert list(batched_predicted.x) == [16, 128, 1024]
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     assert "MiB" in fig.layout.yaxis.title.text and "measured by test" in fig.layout.title.text
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].y0 == pytest.approx(4 * 1024)  # budget line
@@ -225,6 +269,21 @@ def test_compile_matrix_chart_grid(compile_df):
     assert failed.text[1][1] == "refused" and math.isnan(speed.z[1][1])
     both = plots.compile_matrix_chart(compile_df)
     assert list(both.data[0].x)[:2] == ["eager<br>T=16", "eager<br>T=64"]
+    other = plots.compile_matrix_chart(compile_df.assign(backend="transformers:" + compile_df["backend"]))
+    assert "transformers:<br>eager<br>T=16" in list(other.data[0].x)  # upright, on lines of their own
+    assert other.layout.xaxis.tickangle == 0
+
+
+def test_colour_bars_carry_few_labels(results):
+    from moe_lab.plots._common import colorbar_ticks
+
+    for zmax in range(1, 12):
+        ticks = colorbar_ticks(zmax)
+        assert 0 in ticks and len(ticks) <= 7 and min(ticks) >= -zmax and max(ticks) <= zmax
+    skewed = results.copy()
+    skewed.loc[skewed["backend"] == "eager", "median_ms"] *= 300  # a 600x speedup: 2^-10..2^10
+    bar = plots.speedup_heatmap(skewed).data[0].colorbar
+    assert len(bar.tickvals) <= 7 and len(bar.ticktext) == len(bar.tickvals)
 
 
 def test_recorded_explorer_dropdown_over_presets(results):
@@ -238,8 +297,8 @@ def test_recorded_explorer_dropdown_over_presets(results):
     assert visible["visible"] == [False] * per_group + [True] * per_group
     assert "NVIDIA H100" in layout["title.text"] and "2025-03-04" in layout["title.text"]
     assert "Test CPU" in fig.layout.title.text and "2025-01-02" in fig.layout.title.text
-    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
-    assert any(t.name == "batched_mm: not measured" for t in fig.data)
+    assert fig.layout.xaxis2.type == "log" and fig.layout.yaxis.type == "log"
+    assert any(t.name == "batched_mm: not run" and t.yaxis == "y2" for t in fig.data)
 
 
 # --- widgets -----------------------------------------------------------------------------------
@@ -298,8 +357,8 @@ def test_backend_explorer_measures_on_start_and_on_changes(explorer):
     w.controls["num_tokens"].value = 2048
     k4 = [t for t in lat.data if t.name == "grouped_mm E=8 k=4 float32"][0]
     assert list(k4.x) == [128, 2048]
-    mem = {t.name: t for t in w.figures["memory"].data}
-    assert list(mem["grouped_mm E=8 k=4 float32 measured"].y) == pytest.approx([1000 * 128 / MIB, 1000 * 2048 / MIB])
+    mem = {t.name: t for t in w.figures["memory"].data if t.meta["kind"] == "measured"}
+    assert list(mem["grouped_mm E=8 k=4 float32"].y) == pytest.approx([1000 * 128 / MIB, 1000 * 2048 / MIB])
 
     w.controls["dtype"].value = "bfloat16"
     assert fake.calls[-1]["dtype"] == torch.bfloat16 and fake.calls[-1]["config"].dtype == torch.bfloat16
@@ -327,8 +386,8 @@ def test_backend_explorer_shows_refusal_and_keeps_working(explorer):
     w.controls["num_tokens"].value = 1024  # refused by the fake
     assert _kind(w.status) == "refused" and "exceed the batched_mm budget" in w.status.value
     names = [t.name for t in w.figures["latency"].data]
-    assert "batched_mm E=8 k=2 float32: not measured" in names
-    refused = [t for t in w.figures["latency"].data if t.name.endswith("not measured")][0]
+    assert "batched_mm E=8 k=2 float32: not run" in names
+    refused = [t for t in w.figures["latency"].data if t.name.endswith("not run")][0]
     assert REFUSAL in refused.hovertext[0].replace("<br>", " ")
     w.controls["num_tokens"].value = 64
     assert _kind(w.status) == "ok" and "budget" not in w.status.value
@@ -346,7 +405,7 @@ def test_backend_explorer_survives_a_raising_measure_fn():
     assert "more lines" not in w.status.value
     w.controls["num_tokens"].value = 8  # still alive
     assert len(w.rows) == 2 and all(r["status"] == "error" for r in w.rows)
-    assert [t.name for t in w.figures["latency"].data] == ["grouped_mm E=8 k=2 float32: not measured"]
+    assert [t.name for t in w.figures["latency"].data] == ["grouped_mm E=8 k=2 float32: not run"]
 
 
 def test_backend_explorer_sweep_clear_and_user_backend():
