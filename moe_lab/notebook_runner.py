@@ -10,11 +10,9 @@ import ast
 import itertools
 from pathlib import Path
 
+from .parameters import NotebookParameterError  # noqa: F401  (one error for the runner and the notebooks)
+
 _TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str}
-
-
-class NotebookParameterError(ValueError):
-    """A parameter the notebook does not declare, or a value of the wrong type."""
 
 
 def parse_value(text: str):

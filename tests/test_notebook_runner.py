@@ -79,3 +79,53 @@ def test_cli_sweep_collects_records_and_keeps_going(notebook, tmp_path, capsys):
     failed = frame[frame.status == "error"]
     assert len(failed) == 2 and failed.top_k.tolist() == [99, 99]
     assert len(list(out_dir.glob("tiny__*.ipynb"))) == 4
+
+
+def test_a_bool_for_an_int_parameter_is_refused(notebook, tmp_path):
+    # True == 1 in Python: without the explicit bool check `-p top_k True` would run with top_k=1
+    with pytest.raises(NotebookParameterError, match=r"parameter top_k of tiny.ipynb expects int \(default 2\), got True"):
+        check_parameters(notebook, {"top_k": True})
+    result = subprocess.run([sys.executable, "-m", "moe_lab.cli", "run", str(notebook), "-p", "top_k", "True",
+                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "expects int" in result.stderr and "got True" in result.stderr
+
+
+@pytest.fixture
+def checked_notebook(tmp_path):
+    """A notebook whose second cell checks its parameters with moe_lab.parameters, as the lessons do."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("top_k = 2\nsweep_tokens = [1, 16]")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell(
+            "from moe_lab.parameters import Int, IntList, Parameters, check_parameters\n"
+            "from moe_lab.record import record\n"
+            "SPEC = Parameters(top_k=Int(min=1, max=8), sweep_tokens=IntList(min=1, max=4096))\n"
+            "record('parameters', check_parameters(globals(), SPEC))"),
+        nbformat.v4.new_code_cell("record('total', sum(sweep_tokens) * top_k)"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "checked.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_papermill_lists_as_text_and_misspelled_names_are_handled_in_the_notebook(checked_notebook, tmp_path):
+    """papermill itself (no moe-lab pre-check): the notebook's own first cells parse and refuse."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out = tmp_path / "ok.ipynb"
+    # `papermill -p sweep_tokens "[4, 8]"` passes the list as this string
+    papermill.execute_notebook(str(checked_notebook), str(out), parameters={"sweep_tokens": "[4, 8]"},
+                               kernel_name="python3", progress_bar=False)
+    assert read_records(out) == {"parameters": {"top_k": 2, "sweep_tokens": [4, 8]}, "total": 24}
+    with pytest.raises(PapermillExecutionError) as error:
+        papermill.execute_notebook(str(checked_notebook), str(tmp_path / "bad.ipynb"), parameters={"topk": 4},
+                                   kernel_name="python3", progress_bar=False)
+    assert error.value.ename == "NotebookParameterError"
+    assert "no parameter(s) ['topk']; its parameters are: top_k, sweep_tokens" in error.value.evalue
+    with pytest.raises(PapermillExecutionError, match="parameter top_k must be an integer from 1 to 8, got 9"):
+        papermill.execute_notebook(str(checked_notebook), str(tmp_path / "big.ipynb"), parameters={"top_k": 9},
+                                   kernel_name="python3", progress_bar=False)
