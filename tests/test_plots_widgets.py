@@ -12,6 +12,7 @@ go = pytest.importorskip("plotly.graph_objects")
 pytest.importorskip("ipywidgets")
 
 import moe_lab  # noqa: E402
+from html import escape as html_escape  # noqa: E402
 from moe_lab import plots  # noqa: E402
 
 MIB = 2**20
@@ -343,27 +344,101 @@ def test_backend_explorer_measures_on_start_and_on_changes(explorer):
                                                                             interpreted=False)
     assert len(fake.calls) == 1 and fake.calls[0]["kwargs"] == {"max_seconds": 0.01}
     assert fake.calls[0]["num_tokens"] == 128 and fake.calls[0]["backend"] == "grouped_mm"
+    assert w.controls["auto"].value is True  # it starts measuring on every change
     lat = w.figures["latency"]
-    assert [t.name for t in lat.data] == ["grouped_mm E=8 k=2 float32"]
+    assert [t.name for t in lat.data] == ["grouped_mm"]  # one line per backend, named by the backend
     assert list(lat.data[0].y) == pytest.approx([0.256])
     assert _kind(w.status) == "ok" and "0.256 ms" in w.status.value
+    assert "E=8, k=2, float32" in lat.layout.title.text  # the settings it shows are in the subtitle
 
     w.controls["top_k"].value = 4
     assert fake.calls[-1]["config"].top_k == 4
-    names = [t.name for t in lat.data]
-    assert names == ["grouped_mm E=8 k=2 float32", "grouped_mm E=8 k=4 float32"]
-    assert lat.data[1].x == (128,) and lat.data[1].y[0] == pytest.approx(0.512) != lat.data[0].y[0]
+    # the plot shows the new setting only: the k=2 point is replaced, not stacked as another line
+    assert [t.name for t in lat.data] == ["grouped_mm"] and lat.data[0].y[0] == pytest.approx(0.512)
+    assert "k=4" in lat.layout.title.text and "1 earlier point(s) not shown" in lat.layout.title.text
 
     w.controls["num_tokens"].value = 2048
-    k4 = [t for t in lat.data if t.name == "grouped_mm E=8 k=4 float32"][0]
-    assert list(k4.x) == [128, 2048]
-    mem = {t.name: t for t in w.figures["memory"].data if t.meta["kind"] == "measured"}
-    assert list(mem["grouped_mm E=8 k=4 float32"].y) == pytest.approx([1000 * 128 / MIB, 1000 * 2048 / MIB])
+    assert list(lat.data[0].x) == [128, 2048]
+    mem = [t for t in w.figures["memory"].data if t.meta["kind"] == "measured"]
+    assert [t.name for t in mem] == ["grouped_mm"]
+    assert list(mem[0].y) == pytest.approx([1000 * 128 / MIB, 1000 * 2048 / MIB])
+    w.controls["num_tokens"].value = 128  # measured again: the newer point replaces the older one
+    assert list(lat.data[0].x) == [128, 2048]
 
     w.controls["dtype"].value = "bfloat16"
     assert fake.calls[-1]["dtype"] == torch.bfloat16 and fake.calls[-1]["config"].dtype == torch.bfloat16
-    assert "grouped_mm E=8 k=4 bfloat16" in [t.name for t in lat.data]
-    assert len(w.dataframe()) == len(fake.calls) == 4
+    assert [t.name for t in lat.data] == ["grouped_mm"] and "bfloat16" in lat.layout.title.text
+    assert len(w.dataframe()) == len(fake.calls) == 5  # every measurement is kept in the table
+
+
+def test_backend_explorer_one_line_per_backend_and_legend_fits(explorer):
+    w, fake = explorer
+    for backend in ("eager", "batched_mm", "grouped_mm"):
+        w.controls["backend"].value = backend
+    lat = w.figures["latency"]
+    lines = [t.name for t in lat.data if t.meta["kind"] == "measured"]
+    assert lines == ["eager", "batched_mm", "grouped_mm"]
+    colors = [t.line.color for t in lat.data if t.meta["kind"] == "measured"]
+    assert len(set(colors)) == 3
+    assert lat.layout.legend.orientation == "h"  # under the plot: never narrows it, never scrolls
+
+
+def test_backend_explorer_says_what_auto_runs(explorer):
+    w, fake = explorer
+    config = w.current_config()
+    backend, why = moe_lab.choose_backend(128, w.device, config.dtype, config)
+    assert f"runs <code>{backend}</code>" in w.auto_line.value and html_escape(why) in w.auto_line.value
+    with w.hold():
+        w.controls["num_tokens"].value = 64
+        w.controls["backend"].value = "auto"
+        assert len(fake.calls) == 1  # nothing measured inside the block
+    assert len(fake.calls) == 2 and fake.calls[-1]["backend"] == "auto"
+    small, _ = moe_lab.choose_backend(64, w.device, config.dtype, config)
+    assert f"(auto ran {small})" in w.status.value and f"runs <code>{small}</code>" in w.auto_line.value
+    assert w.controls["auto"].value is True  # hold() leaves "measure on every change" as it was
+
+
+def test_backend_explorer_compare_backends_gives_a_verdict_per_token_count():
+    from moe_lab.bench.live import TOO_NOISY
+    from moe_lab.widgets import backend_explorer
+
+    def rows(config, tokens, backends, *, device=None, dtype=None):
+        """bench.live-shaped rows: eager 3x slower in every round; batched_mm and grouped_mm swap places."""
+        out = []
+        for t in tokens:
+            for b in backends:
+                rounds = {"eager": [3.0, 3.1, 2.9], "batched_mm": [0.9, 1.2, 0.8],
+                          "grouped_mm": [1.0, 1.0, 1.0]}[b]
+                row = _row(b, t, config.num_experts, config.top_k, ms=sorted(rounds)[1], dtype="float32")
+                row.update(rounds=3, round_medians_ms=" ".join(map(str, rounds)), round_spread=0.5, noisy=False)
+                out.append(row)
+        return pd.DataFrame(out)
+
+    w = backend_explorer(_small_config(), compare_fn=rows, tokens=(16, 128), measure_on_start=False,
+                         backends=["eager", "batched_mm", "grouped_mm", "auto"])
+    frame = w.compare_backends()
+    assert len(frame) == 6 and set(frame["backend"]) == {"eager", "batched_mm", "grouped_mm"}  # auto left out
+    assert len(w.verdicts) == 2 and all(TOO_NOISY in v for v in w.verdicts)  # the rounds disagree
+    assert _kind(w.status) == "ok" and "2 of 2 token counts too noisy" in w.status.value
+    lines = [t.name for t in w.figures["latency"].data if t.meta["kind"] == "measured"]
+    assert lines == ["eager", "batched_mm", "grouped_mm"]
+    frame = w.compare_backends(backends=["eager", "grouped_mm"], tokens=[16])
+    assert w.verdicts == ["T=16: grouped_mm fastest, 0.33x eager's time (rounds 0.32–0.34x, every round agrees)"]
+
+
+def test_backend_explorer_live_default_is_single_threaded_rounds():
+    from moe_lab.widgets import backend_explorer
+
+    before = torch.get_num_threads()
+    w = backend_explorer(_small_config(), device="cpu", tokens=(4, 8), rounds=2, max_seconds=0.005,
+                         min_reps=2, warmup=1, backends=["eager", "grouped_mm"])
+    row = w.rows[-1]
+    assert row["status"] == "ok" and row["rounds"] == 2 and len(row["round_medians_ms"].split()) == 2
+    assert "2 interleaved rounds, 1 thread" in w.figures["latency"].layout.title.text
+    assert torch.get_num_threads() == before  # the thread count is restored after measuring
+    frame = w.compare_backends()
+    assert set(frame["backend"]) == {"eager", "grouped_mm"} and (frame["rounds"] == 2).all()
+    assert len(w.verdicts) == 2 and all(v.startswith("T=") for v in w.verdicts)
 
 
 def test_backend_explorer_top_k_max_follows_experts(explorer):
@@ -386,12 +461,12 @@ def test_backend_explorer_shows_refusal_and_keeps_working(explorer):
     w.controls["num_tokens"].value = 1024  # refused by the fake
     assert _kind(w.status) == "refused" and "exceed the batched_mm budget" in w.status.value
     names = [t.name for t in w.figures["latency"].data]
-    assert "batched_mm E=8 k=2 float32: not run" in names
+    assert "batched_mm: not run" in names
     refused = [t for t in w.figures["latency"].data if t.name.endswith("not run")][0]
     assert REFUSAL in refused.hovertext[0].replace("<br>", " ")
     w.controls["num_tokens"].value = 64
     assert _kind(w.status) == "ok" and "budget" not in w.status.value
-    assert list([t for t in w.figures["latency"].data if t.name == "batched_mm E=8 k=2 float32"][0].x) == [64, 128]
+    assert list([t for t in w.figures["latency"].data if t.name == "batched_mm"][0].x) == [64, 128]
 
 
 def test_backend_explorer_survives_a_raising_measure_fn():
@@ -405,7 +480,7 @@ def test_backend_explorer_survives_a_raising_measure_fn():
     assert "more lines" not in w.status.value
     w.controls["num_tokens"].value = 8  # still alive
     assert len(w.rows) == 2 and all(r["status"] == "error" for r in w.rows)
-    assert [t.name for t in w.figures["latency"].data] == ["grouped_mm E=8 k=2 float32: not run"]
+    assert [t.name for t in w.figures["latency"].data] == ["grouped_mm: not run"]
 
 
 def test_backend_explorer_sweep_clear_and_user_backend():
