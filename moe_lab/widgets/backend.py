@@ -219,23 +219,25 @@ class BackendExplorer(widgets.VBox):
         how = (f"{self.rounds} interleaved round{'s' if self.rounds != 1 else ''}, {self._threads_text()}"
                if self._measure_fn is None else "custom measure_fn")
         hidden = len(self.rows) - len(shown)
-        return (f"E={s['num_experts']}, k={s['top_k']}, {s['dtype']}, H={cfg.hidden_size}, I={cfg.intermediate_size} "
-                f"on {self.device}; {how}; bars p10–p90"
-                + (f"; {hidden} earlier point(s) not shown (other settings or re-measured)" if hidden else ""))
+        return (f"E={s['num_experts']}, k={s['top_k']}, {s['dtype']}, H={cfg.hidden_size}, I={cfg.intermediate_size}, "
+                f"{self.device}</sup><br><sup>{how}; bars p10–p90"
+                + (f"; {hidden} earlier point(s) not shown" if hidden else ""))
 
     def _latency_figure(self):
         import pandas as pd
 
         shown = self.shown() if self.rows else pd.DataFrame(columns=list(PLOT_COLUMNS))
         title = "Latency vs tokens (lower is better)" + ("" if self.rows else ", nothing measured yet")
-        return latency_vs_tokens(shown, label_fields=[], title=f"{title}<br><sup>{self._subtitle(shown)}</sup>")
+        fig = latency_vs_tokens(shown, label_fields=[], title=f"{title}<br><sup>{self._subtitle(shown)}</sup>")
+        return fig.update_layout(margin=dict(t=110))  # room for the two lines under the title
 
     def _memory_figure(self):
         import pandas as pd
 
         shown = self.shown() if self.rows else pd.DataFrame(columns=list(PLOT_COLUMNS))
         title = "Peak memory vs tokens (dots measured, dashed predicted)"
-        return memory_vs_tokens(shown, label_fields=[], title=f"{title}<br><sup>{self._subtitle(shown)}</sup>")
+        fig = memory_vs_tokens(shown, label_fields=[], title=f"{title}<br><sup>{self._subtitle(shown)}</sup>")
+        return fig.update_layout(margin=dict(t=110))
 
     def refresh(self) -> None:
         sync_figure(self.figures["latency"], self._latency_figure())
