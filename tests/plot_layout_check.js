@@ -26,7 +26,9 @@
         ? gd._fullLayout.title.text.split("<br>")[0].replace(/<[^>]+>/g, "") : "(untitled figure)";
     const say = (text) => problems.push(`${name}: ${text}`);
 
-    const figure = box(gd);
+    // The figure as plotly drew it: a FigureWidget's element can be wider than its fixed-size SVG.
+    const svg = gd.querySelector(".main-svg");
+    const figure = svg ? box(svg) : box(gd);
     const plotAreas = [...gd.querySelectorAll(".draglayer .nsewdrag")].filter(visible).map(box);
     const legend = gd.querySelector(".legend");
     if (legend && visible(legend)) {

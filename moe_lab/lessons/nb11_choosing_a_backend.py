@@ -272,3 +272,19 @@ def decision_markdown(with_triton, without_triton, probe, label: str) -> str:
     lines.append("- **Not an H100, or not these shapes**: measure — `moe-lab calibrate` writes the crossovers of "
                  "this machine where `auto` reads them.")
     return "\n".join(lines)
+
+
+def auto_training_note(probe, tokens=(1, 8192)) -> str:
+    """Markdown: which backends trained in `probe`, and whether what uncalibrated `auto` runs on a CUDA GPU
+    (bf16) at `tokens` is among them."""
+    from ..backends import choose_backend
+
+    trains = trainable(probe)
+    on_gpu = {t: choose_backend(t, "cuda", "bfloat16")[0] for t in tokens}
+    picks = ", ".join(f"{b} at T={t}" for t, b in on_gpu.items())
+    if set(on_gpu.values()) <= set(trains):
+        verdict = "which trains correctly here too"
+    else:
+        verdict = "which does **not** train correctly here: for training, name a backend from this list"
+    return (f"Trains correctly here: **{', '.join(trains) or 'none'}**. On a CUDA GPU, uncalibrated `auto` runs "
+            f"{picks}, {verdict}.")

@@ -98,7 +98,7 @@ def log_ticks(values, max_ticks: int = 9) -> dict:
     plotly labels the 2 and 5 between decades with a bare digit, so 0.5 reads "5" and 0.2 reads
     "2"; here every tick is written in full. Steps of 1-2-5 per decade, or 1-3, or one per decade,
     or every other decade: the densest that puts at most `max_ticks` inside the data's range.
-    Empty (plotly's own ticks) when fewer than two such ticks fall inside it."""
+    Empty (plotly's own ticks) only when there is no positive value."""
     positive = [float(v) for v in values if v is not None and not is_missing(v) and float(v) > 0]
     if not positive:
         return {}
@@ -109,17 +109,17 @@ def log_ticks(values, max_ticks: int = 9) -> dict:
         inside = [t for t in ticks if lo / 1.05 <= t <= hi * 1.05]
         if len(inside) <= max_ticks:
             break
-    if len(inside) < 2:
-        return {}
-    # the ticks just outside the data stay: plotly pads a log axis beyond the data, and hides what it does not show
-    shown = [t for t in ticks if lo / 4 <= t <= hi * 4]
+    # The ticks just outside the data stay: plotly pads a log axis beyond the data and hides the ticks it
+    # does not show. A narrow range (one point, or a flat line) gets the ticks of the decades around it.
+    pad = 4 if len(inside) >= 2 else 20
+    shown = [t for t in ticks if lo / pad <= t <= hi * pad]
     return {"tickvals": shown, "ticktext": [tick_label(t) for t in shown]}
 
 
 def token_ticks(values, max_ticks: int = 12) -> dict:
     """The token counts themselves as ticks of a log tokens axis (1, 16, 128, ...), when there are few."""
     tokens = sorted({int(v) for v in values if not is_missing(v) and float(v) > 0})
-    if not 2 <= len(tokens) <= max_ticks:
+    if len(tokens) > max_ticks:
         return log_ticks(tokens)
     return {"tickvals": tokens, "ticktext": [str(t) for t in tokens]}
 

@@ -137,7 +137,13 @@ def latency_figure(panels, *, titles=None, height=None) -> go.Figure:
         for trace in panel:
             fig.add_trace(trace, row=2 if (trace.meta or {}).get("kind") == "not_run" else 1, col=col)
     tokens = [x for t in everything for x in t.x]
-    times = [y for t in everything if (t.meta or {}).get("kind") == "measured" for y in t.y]
+    times = []  # the medians and the ends of their p10..p90 bars: the axis must label all of them
+    for t in everything:
+        if (t.meta or {}).get("kind") == "measured":
+            times += list(t.y)
+            if t.error_y is not None and t.error_y.array is not None:
+                times += [y + up for y, up in zip(t.y, t.error_y.array)]
+                times += [y - down for y, down in zip(t.y, t.error_y.arrayminus) if y - down > 0]
     for col in range(1, max(1, len(panels)) + 1):
         fig.update_xaxes(type="log", row=rows, col=col, title_text="tokens (T)", **token_ticks(tokens))
         fig.update_xaxes(type="log", row=1, col=col, **token_ticks(tokens))

@@ -89,7 +89,7 @@ def speedup_heatmap(df, baseline: str = "eager", backend: str = "grouped_mm", x:
                                      "<b>no speedup</b><br>" + "<br>".join(reasons))
     finite = z[np.isfinite(z)]
     zmax = max(1.0, math.ceil(float(np.abs(finite).max()))) if finite.size else 1.0
-    ticks = colorbar_ticks(zmax)
+    ticks = colorbar_ticks(zmax, max_ticks=5 if len(ys) <= 3 else 7)  # a short bar carries fewer labels
     fig = go.Figure(go.Heatmap(
         x=[str(v) for v in xs], y=[str(v) for v in ys], z=z, zmin=-zmax, zmax=zmax, zmid=0,
         colorscale="RdBu", text=text, texttemplate="%{text}", hovertext=hover,
@@ -109,7 +109,7 @@ def speedup_heatmap(df, baseline: str = "eager", backend: str = "grouped_mm", x:
         title=title or (f"{main}<br><sup>{prov}</sup>" if prov else main),
         xaxis=dict(type="category", title=AXIS_LABELS.get(x, x)),
         yaxis=dict(type="category", title=AXIS_LABELS.get(y, y)),
-        template="plotly_white", showlegend=bool(missing_x), height=max(360, 150 + 36 * len(ys)),
+        template="plotly_white", showlegend=bool(missing_x), height=max(380, 170 + 50 * len(ys)),
     )
     if missing_x:
         legend_below(fig, y=-0.2)

@@ -84,6 +84,7 @@ class BackendExplorer(widgets.VBox):
         dtypes = list(dict.fromkeys([_dtype_name(cfg.dtype), *dtypes]))
         start_tokens = min(tokens, key=lambda t: abs(math.log2(t) - math.log2(128)))
         slider = dict(continuous_update=False, style={"description_width": "initial"})
+        fit = widgets.Layout(width="auto")  # a button as wide as its label
         self.controls = {
             "backend": widgets.Dropdown(options=backends, description="backend",
                                         value="grouped_mm" if "grouped_mm" in backends else backends[0]),
@@ -94,11 +95,12 @@ class BackendExplorer(widgets.VBox):
                                                   description="tokens (T)", **slider),
             "dtype": widgets.Dropdown(options=dtypes, value=_dtype_name(cfg.dtype), description="dtype"),
             "auto": widgets.Checkbox(value=True, description="measure on every change", indent=False),
-            "measure": widgets.Button(description="measure", button_style="primary", icon="play"),
-            "sweep": widgets.Button(description="all token counts", tooltip="this backend at every token count"),
-            "compare": widgets.Button(description="compare backends", icon="balance-scale",
+            "measure": widgets.Button(description="measure", button_style="primary", icon="play", layout=fit),
+            "sweep": widgets.Button(description="all token counts", tooltip="this backend at every token count",
+                                    layout=fit),
+            "compare": widgets.Button(description="compare backends", icon="balance-scale", layout=fit,
                                       tooltip="every backend at every token count, in interleaved rounds"),
-            "clear": widgets.Button(description="clear", icon="trash"),
+            "clear": widgets.Button(description="clear", icon="trash", layout=fit),
         }
         self.status = widgets.HTML(status_html("info", "change a control (or press measure) to time the experts"))
         self.auto_line = widgets.HTML("")
