@@ -76,11 +76,14 @@ def _round_to(value: float, multiple: int) -> int:
 
 
 def scale_down(config: MoEConfig | str, hidden_size: int = 64, *, multiple: int = 16, **overrides) -> MoEConfig:
-    """Shrink a layer for a CPU, keeping what shapes the lesson: expert count, top_k and I/H.
+    """Shrink a layer for a CPU, keeping the expert count and top_k, and I/H up to rounding.
 
-    `hidden_size` becomes the new H; the expert and shared widths keep their ratio to H and are
-    rounded to `multiple` elements, so every row is a multiple of 16 bytes and the grouped GEMM
-    kernel's alignment rule holds for every dtype. `overrides` change any other field.
+    `hidden_size` becomes the new H; the expert and shared widths become their ratio to the real H
+    times the new H, rounded to a multiple of `multiple` elements, so every row is a multiple of 16
+    bytes and the grouped GEMM kernel's alignment rule holds for every dtype. The rounding moves
+    I/H at a small H: qwen3-30b-a3b (I/H 0.375) gets I=16 at H=32 (0.5, and 2I = H) and I=48 at
+    H=128 (0.375). Read the result's own widths rather than assuming the ratio. `overrides`
+    change any other field.
     """
     if isinstance(config, str):
         config = get_preset(config).config

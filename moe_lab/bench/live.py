@@ -227,15 +227,19 @@ class Comparison:
     b: str
 
     def __str__(self) -> str:
+        return f"{self.a} vs {self.b}: {self.summary()}"
+
+    def summary(self) -> str:
+        """The numbers and the verdict without the row names: "2.82x, rounds 2.42–2.94x, above 1.15x in all 5"."""
         if self.verdict == "not measured":
-            return f"{self.a} vs {self.b}: not measured (a row was refused or failed)"
-        ratios = f"{self.ratio:.2f}x, rounds {min(self.round_ratios):.2f}–{max(self.round_ratios):.2f}x"
+            return "not measured (a row was refused or failed)"
+        ratios = f"time ratio {self.ratio:.2f}x, rounds {min(self.round_ratios):.2f}–{max(self.round_ratios):.2f}x"
         if self.verdict == "too noisy":
-            return f"{self.a} vs {self.b}: {TOO_NOISY} ({ratios})"
+            return f"{TOO_NOISY} ({ratios})"
         high, low = 1 + self.margin, 1 / (1 + self.margin)
         bound = {"slower": f"above {high:.2f}x", "faster": f"below {low:.2f}x",
                  "same": f"between {low:.2f}x and {high:.2f}x"}[self.verdict]
-        return f"{self.a} vs {self.b}: {ratios} — {bound} in all {len(self.round_ratios)} rounds"
+        return f"{ratios}: {bound} in all {len(self.round_ratios)} rounds"
 
 
 def compare(frame, a, b, *, margin: float = DEFAULT_MARGIN) -> Comparison:
@@ -282,7 +286,7 @@ class Claim:
         return {True: "yes", False: "no", None: "cannot tell"}[self.holds]
 
     def __str__(self) -> str:
-        return f"On this machine, now, {self.claim}: **{self.answer}** — {self.comparison}."
+        return f"On this machine, now, {self.claim}: **{self.answer}** ({self.comparison.summary()})."
 
     def _repr_markdown_(self) -> str:
         return str(self)
@@ -313,6 +317,10 @@ def format_timing(row) -> str:
 def spread_table(frame, index, columns="backend"):
     """Median ms with p10–p90 per cell, as text: one row per `index` value(s), one column per `columns` value."""
     table = frame.assign(timing=[format_timing(row) for _, row in frame.iterrows()])
+    for name in [index] if isinstance(index, str) else list(index):
+        values = table[name]
+        if values.dtype.kind == "f" and values.notna().all() and (values == values.round()).all():
+            table[name] = values.astype("int64")  # experts_hit is a float column: show 8, not 8.0
     return table.pivot_table(index=index, columns=columns, values="timing", aggfunc="first", sort=False)
 
 

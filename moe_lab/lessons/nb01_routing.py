@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import torch
 
+from ..parameters import Device, Float, Int, Parameters, Rule
 from ..routing import RoutingStats
+from .figures import Prose
+
+PARAMETERS = Parameters(
+    device=Device(),
+    num_experts=Int(min=1, max=256), top_k=Int(min=1, max=256),
+    num_tokens=Int(min=1, max=64, help="rows of the step-by-step tables"),
+    stats_tokens=Int(min=1, max=65536), zipf_skew=Float(min=0, max=10), seed=Int(min=0),
+    rules=[Rule(lambda p: p["top_k"] <= p["num_experts"],
+                "top_k={top_k} must be at most num_experts={num_experts}: each token picks top_k distinct experts")],
+)
 
 
 def format_matrix(values, *, row_name: str = "token", col_name: str = "expert", decimals: int = 3,
@@ -68,3 +79,23 @@ def experts_hit_table(recorded, backend: str = "grouped_mm") -> str:
         lines.append(f"{preset:<19}{E:>4}{k:>3}" + "".join(f"{c:>13}" for c in cells)
                      + f"{one / 2**20:>7.1f} MiB{E * one / 2**30:>7.2f} GiB")
     return "\n".join(lines)
+
+
+def recorded_reading(recorded, preset: str = "qwen3-30b-a3b") -> Prose:
+    """One row of `experts_hit_table` read out loud: the weight bytes at T=1 and T=16, how long the
+    T=16 bytes take at the card's measured copy bandwidth, and from which T every expert is hit."""
+    rows = recorded[(recorded["preset"] == preset) & (recorded["backend"] == "grouped_mm")].set_index("num_tokens")
+    first = rows.iloc[0]
+    E, H, I = (int(first[c]) for c in ("num_experts", "hidden_size", "intermediate_size"))
+    one = 3 * H * I * 2  # bytes of one expert in bf16
+    hit1, hit16 = int(rows.loc[1, "experts_hit"]), int(rows.loc[16, "experts_hit"])
+    bandwidth = float(rows.loc[16, "ceiling_copy_GBps"]) * 1e9  # bytes/s, measured on the recording card
+    full = [int(t) for t, hit in rows["experts_hit"].items() if hit == E]
+    return Prose(
+        f"Read one row: {preset} at T=1 hit {hit1} experts × {one / 2**20:.0f} MiB = {hit1 * one / 2**20:.0f} MiB "
+        f"of weights per layer; at T=16 it hit {hit16}, {hit16} × {one / 2**20:.0f} MiB ≈ "
+        f"{hit16 * one / 2**30:.2f} GiB — {hit16 / hit1:.1f} times the bytes for sixteen times the tokens, at least "
+        f"{hit16 * one / bandwidth * 1e3:.2f} ms at the {bandwidth / 1e12:.2f} TB/s copy bandwidth measured on that card. "
+        + (f"From T={full[0]} on every expert is hit and the weight bytes stop growing: more tokens add only arithmetic."
+           if full else "Even the largest T recorded left some experts idle.")
+    )

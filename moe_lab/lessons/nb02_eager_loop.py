@@ -1,5 +1,5 @@
-"""Helpers of notebook 02 (the eager loop): the textbook loop, a host-sync counter, source excerpts,
-and the recorded per-expert cost table."""
+"""Helpers of notebook 02 (the eager loop): its parameters, the textbook loop, a host-sync counter,
+source excerpts, the recorded per-expert cost table and what it says, and the live claims checked."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +11,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..backends.common import accumulation_dtype, apply_gate, expert_weights
+from ..bench.live import Ratio, check_claim, claims_markdown
+from ..parameters import Device, Dtype, Int, IntList, Parameters, Rule, Str
+from ..presets import PRESETS
+from .figures import Prose
+
+PARAMETERS = Parameters(
+    device=Device(), dtype=Dtype(), preset=Str(choices=lambda: list(PRESETS)),
+    hidden_size=Int(min=16, max=1024, multiple_of=16, help="scale_down keeps rows 16-byte aligned"),
+    num_experts=Int(min=1, max=256), top_k=Int(min=1, max=256), num_tokens=Int(min=1, max=4096),
+    sweep_experts=IntList(min=1, max=256, max_len=6), sweep_tokens=IntList(min=1, max=4096, max_len=8),
+    seed=Int(min=0),
+    rules=[Rule(lambda p: p["top_k"] <= p["num_experts"],
+                "top_k={top_k} must be at most num_experts={num_experts}: each token picks top_k distinct experts"),
+           Rule(lambda p: p["top_k"] <= min(p["sweep_experts"]),
+                "every sweep_experts value must be at least top_k={top_k}, got {sweep_experts}")],
+)
 
 
 def textbook_loop_forward(experts, hidden_states, top_k_index, top_k_weights):
@@ -163,3 +179,66 @@ def per_expert_cost_table(recorded, presets=None, backend: str = "eager") -> str
         lines.append(f"{'':<19}{backend + ' ms':<16}" + "".join(f"{m:>9.2f}" for m in ms))
         lines.append(f"{'':<19}{'ms / expert hit':<16}" + "".join(f"{m / h:>9.3f}" for m, h in zip(ms, hit)))
     return "\n".join(lines)
+
+
+def _change(before: float, after: float) -> str:
+    """"grew by 60 %", "fell by 28 %" or "stayed within 10 %"."""
+    change = after / before - 1
+    if abs(change) <= 0.10:
+        return "stayed within 10 %"
+    return f"{'grew' if change > 0 else 'fell'} by {abs(change) * 100:.0f} %"
+
+
+def recorded_reading(recorded, presets=("qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b")) -> Prose:
+    """What the recorded eager / grouped_mm plot says, in words computed from the table."""
+    ok = recorded[(recorded["status"] == "ok") & recorded["preset"].isin(presets)]
+    ms = ok.pivot_table(index=["preset", "num_tokens"], columns="backend", values="median_ms")
+    hit = ok[ok["backend"] == "eager"].set_index(["preset", "num_tokens"])["experts_hit"]
+    at_one = (ms["eager"] / ms["grouped_mm"]).xs(1, level="num_tokens")
+    fine = [p for p in presets if p != "mixtral-8x7b"]
+    climbs = "; ".join(f"{p}: {int(hit[p, 16])} experts, {ms.loc[(p, 16), 'eager']:.2f} ms" for p in fine)
+    first = fine[0]
+    flat = " and ".join(f"{p}'s time {_change(ms.loc[(p, 128), 'eager'], ms.loc[(p, 8192), 'eager'])}" for p in fine)
+    per_expert = (ms["eager"] / hit).xs("mixtral-8x7b", level="preset") if "mixtral-8x7b" in presets else None
+    text = (
+        f"Read the plot from the left: at T=1 both backends touch only k experts, and eager was "
+        f"{at_one.min():.1f} to {at_one.max():.1f} times slower than grouped_mm ({at_one.idxmax()} the most, "
+        f"{at_one.idxmin()} the least). From T=16 on, eager climbs with the experts hit ({climbs}), while "
+        f"grouped_mm, one kernel per projection for all experts, stays far below ({first}: "
+        f"{ms.loc[(first, 16), 'grouped_mm']:.2f} ms at T=16, {ms.loc[(first, 8192), 'grouped_mm']:.2f} ms at "
+        f"T=8192). Once every expert is hit, eager no longer follows the tokens: from T=128 to T=8192 — 64 times "
+        f"the tokens — {flat}."
+    )
+    if per_expert is not None:
+        small = per_expert.drop(8192)
+        text += (f" Mixtral's eight large experts are the exception at T=8192: {per_expert[8192]:.2f} ms per expert "
+                 f"hit against {small.min():.2f}–{small.max():.2f} ms at smaller T — there the matmuls themselves "
+                 "dominate.")
+    return Prose(text)
+
+
+def live_claims(live, same_tokens) -> Prose:
+    """The lesson's claims about the eager loop, checked on the live tables of this notebook (see
+    `moe_lab.bench.live`): each says yes, no, or that the machine was too noisy to tell."""
+    tokens = int(live["num_tokens"].max())
+    rows = live[live["num_tokens"] == tokens].set_index(["backend", "num_experts"])
+    few, many = int(live["num_experts"].min()), int(live["num_experts"].max())
+    claims = []
+    if few != many:
+        eager_many, eager_few = ({"backend": "eager", "num_experts": e, "num_tokens": tokens} for e in (many, few))
+        grouped_many, grouped_few = ({"backend": "grouped_mm", "num_experts": e, "num_tokens": tokens}
+                                     for e in (many, few))
+        hits = {e: int(rows.loc[("eager", e), "experts_hit"]) for e in (few, many)}
+        claims.append(check_claim(live, f"eager took longer with {hits[many]} experts hit (E={many}) than with "
+                                        f"{hits[few]} (E={few}), both at T={tokens}", eager_many, eager_few,
+                                  expect="slower"))
+        claims.append(check_claim(live, f"going from E={few} to E={many} at T={tokens} slowed eager more than "
+                                        "grouped_mm", Ratio(eager_many, eager_few), Ratio(grouped_many, grouped_few),
+                                  expect="slower"))
+    by_routing = same_tokens.set_index("distribution")["experts_hit"]
+    claims.append(check_claim(
+        same_tokens, f"with the same {int(same_tokens['num_tokens'].iloc[0])} tokens, eager took longer when uniform "
+                     f"routing hit {int(by_routing['uniform'])} experts than when single routing hit "
+                     f"{int(by_routing['single'])}",
+        {"distribution": "uniform"}, {"distribution": "single"}, expect="slower"))
+    return Prose(claims_markdown(claims))

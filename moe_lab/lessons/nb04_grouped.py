@@ -1,11 +1,27 @@
-"""Notebook 04 (grouped GEMM): the picture of the sort that groups (token, expert) pairs by expert."""
+"""Notebook 04 (grouped GEMM): its parameters, the picture of the sort that groups (token, expert) pairs
+by expert, the live claims it checks and the recorded 128-against-8-experts reading."""
 from __future__ import annotations
 
 import plotly.colors as pcolors
 import plotly.graph_objects as go
 import torch
 
+from ..bench.live import Ratio, check_claim, claims_markdown
+from ..parameters import Device, Dtype, Float, Int, IntList, Parameters, Rule
 from ..routing import tokens_per_expert
+from .figures import Prose
+
+PARAMETERS = Parameters(
+    device=Device(), dtype=Dtype(),
+    num_tokens=Int(min=1, max=64, help="T of the step-by-step example"), num_experts=Int(min=1, max=64),
+    top_k=Int(min=1, max=64), hidden_size=Int(min=1, max=4096), intermediate_size=Int(min=1, max=4096),
+    token_counts=IntList(min=1, max=4096, max_len=8), expert_counts=IntList(min=1, max=256, max_len=6),
+    seed=Int(min=0), max_seconds=Float(positive=True, max=10),
+    rules=[Rule(lambda p: p["top_k"] <= p["num_experts"],
+                "top_k={top_k} must be at most num_experts={num_experts}: each token picks top_k distinct experts"),
+           Rule(lambda p: p["top_k"] <= min(p["expert_counts"]),
+                "every expert_counts value must be at least top_k={top_k}, got {expert_counts}")],
+)
 
 
 def _expert_colors(num_experts: int) -> list[str]:
@@ -69,3 +85,36 @@ def permutation_figure(top_k_index: torch.Tensor, num_experts: int, *, title: st
         template="plotly_white", legend_title_text="expert", height=380,
     )
     return fig
+
+
+def live_claims(live) -> Prose:
+    """The lesson's claims about grouped_mm against eager, checked on this notebook's live table."""
+    tokens = int(live["num_tokens"].max())
+    few, many = int(live["num_experts"].min()), int(live["num_experts"].max())
+    eager = {e: {"backend": "eager", "num_experts": e, "num_tokens": tokens} for e in (few, many)}
+    grouped = {e: {"backend": "grouped_mm", "num_experts": e, "num_tokens": tokens} for e in (few, many)}
+    claims = [check_claim(live, f"grouped_mm was faster than eager at E={many}, T={tokens}", grouped[many],
+                          eager[many], expect="faster")]
+    if few != many:
+        claims.append(check_claim(live, f"grouped_mm's lead over eager was larger with E={many} experts than with "
+                                        f"E={few}, both at T={tokens}", Ratio(eager[many], grouped[many]),
+                                  Ratio(eager[few], grouped[few]), expect="slower"))
+    return Prose(claims_markdown(claims))
+
+
+def recorded_reading(recorded, many: str = "qwen3-30b-a3b", few: str = "mixtral-8x7b", tokens: int = 1024) -> Prose:
+    """grouped_mm over eager for a preset with many experts and one with few, from the recorded table."""
+    ms = recorded[recorded["status"] == "ok"].pivot_table(index=["preset", "num_tokens"], columns="backend",
+                                                           values="median_ms")
+    over = ms["eager"] / ms["grouped_mm"]
+    rows = recorded[recorded["backend"] == "grouped_mm"].set_index(["preset", "num_tokens"])
+    experts = {p: int(rows.loc[(p, tokens), "num_experts"]) for p in (many, few)}
+    pairs = {p: tokens * int(rows.loc[(p, tokens), "top_k"]) for p in (many, few)}
+    last = int(ms.index.get_level_values("num_tokens").max())
+    return Prose(
+        f"At T={tokens}, grouped_mm was {over[many, tokens]:.1f}× faster than eager on {many} ({pairs[many]} pairs "
+        f"over {experts[many]} experts, about {pairs[many] // experts[many]} rows each) and {over[few, tokens]:.2f}× "
+        f"on {few} ({pairs[few]} pairs over {experts[few]} experts, about {pairs[few] // experts[few]} rows each): on "
+        f"{few} it saved {1 - 1 / over[few, tokens]:.0%} of eager's time, and {1 - 1 / over[few, last]:.0%} at "
+        f"T={last}."
+    )

@@ -26,7 +26,16 @@ import math
 import torch
 
 from ..backends import apply_gate, expert_weights
+from ..parameters import Device, Dtype, Float, Int, Parameters, Rule
 from ..routing import tokens_per_expert
+
+PARAMETERS = Parameters(
+    device=Device(), dtype=Dtype(), num_experts=Int(min=1, max=256), top_k=Int(min=1, max=256),
+    hidden_size=Int(min=1, max=1024), num_tokens=Int(min=1, max=4096), capacity_factor=Float(positive=True, max=64),
+    seed=Int(min=0),
+    rules=[Rule(lambda p: p["top_k"] <= p["num_experts"],
+                "top_k={top_k} must be at most num_experts={num_experts}: each token picks top_k distinct experts")],
+)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,3 +137,37 @@ def padded_capacity_experts_forward(experts, hidden_states, top_k_index, top_k_w
     acc = _accumulation_dtype(hidden_states.dtype)
     y_pair = y[dest].to(acc) * top_k_weights.reshape(-1, 1).to(acc)  # [S, H]
     return y_pair.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)  # [T, H]
+
+
+def edge_cases(num_experts: int, top_k: int, hidden_size: int, *, seed: int = 0, device="cpu", dtype=torch.float32):
+    """{case: (hidden_states, top_k_index, top_k_weights)} for the inputs that break hand-written backends,
+    each with its own number of tokens: experts with no token, one token, no tokens, top_k = E."""
+    from ..routing import synthetic_routing
+
+    routings = {
+        "zero-token experts": synthetic_routing(16, num_experts, top_k, distribution="single", seed=seed),
+        "one token": synthetic_routing(1, num_experts, top_k, seed=seed),
+        "no tokens": synthetic_routing(0, num_experts, top_k, seed=seed),
+        "top_k = E": synthetic_routing(8, num_experts, num_experts, seed=seed),
+    }
+    cases = {}
+    for number, (case, (index, weights)) in enumerate(routings.items()):
+        generator = torch.Generator().manual_seed(seed + number)
+        hidden = torch.randn(index.shape[0], hidden_size, generator=generator)
+        cases[case] = (hidden.to(device, dtype), index.to(device), weights.to(device))
+    return cases
+
+
+def rounding_report(results, tolerance: float):
+    """Which backends' rel_err exceeds `tolerance` at which T, in one sentence (a `figures.Prose`)."""
+    from .figures import Prose
+
+    measured = results.dropna(subset=["rel_err"])
+    over = measured[measured["rel_err"] > tolerance]
+    if over.empty:
+        return Prose(f"Every backend stayed within {tolerance:g} of the float64 reference at every T measured.")
+    parts = [f"{backend} at T={', '.join(str(int(t)) for t in sorted(rows['num_tokens']))}"
+             for backend, rows in over.groupby("backend", sort=False)]
+    exact = sorted(set(measured["backend"]) - set(over["backend"]))
+    return Prose(f"Above {tolerance:g} of the float64 reference: {'; '.join(parts)}. At rounding level everywhere: "
+                 f"{', '.join(exact)}.")
