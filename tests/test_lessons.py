@@ -170,3 +170,19 @@ def test_nb07_edge_cases_do_not_depend_on_the_notebooks_token_count():
         out = nb07_own_backend.sorted_loop_experts_forward(experts, h, index, weights)
         assert moe_lab.relative_error(out, moe_lab.reference_experts_forward(experts, h, index, weights)) < 1e-5
 
+
+
+@pytest.mark.parametrize("stem", SPECS)
+def test_papermill_reads_every_declared_parameter(stem):
+    """moe-lab run refuses names papermill cannot read from the parameters cell: a comment papermill's
+    parser chokes on (">=" in it did) would make a real parameter "unknown"."""
+    from moe_lab.notebook_runner import notebook_parameters
+
+    assert list(notebook_parameters(ROOT / "notebooks" / f"{stem}.ipynb")) == SPECS[stem].PARAMETERS.names
+
+
+def test_scale_down_says_what_its_rounding_does():
+    """The docstring's example is true: I/H is kept only up to rounding to 16 elements."""
+    assert moe_lab.scale_down("qwen3-30b-a3b", hidden_size=32).intermediate_size == 16  # I/H 0.5, 2I = H
+    assert moe_lab.scale_down("qwen3-30b-a3b", hidden_size=128).intermediate_size == 48  # I/H 0.375
+    assert "up to rounding" in moe_lab.scale_down.__doc__

@@ -122,11 +122,3 @@ def test_spec_refuses_what_is_not_a_parameter_kind():
     with pytest.raises(TypeError, match="expected a Parameter"):
         Parameters(num_tokens=8)
 
-
-def test_scale_down_says_what_its_rounding_does():
-    """The docstring's example is true: I/H is kept only up to rounding to 16 elements."""
-    import moe_lab
-
-    assert moe_lab.scale_down("qwen3-30b-a3b", hidden_size=32).intermediate_size == 16  # I/H 0.5, 2I = H
-    assert moe_lab.scale_down("qwen3-30b-a3b", hidden_size=128).intermediate_size == 48  # I/H 0.375
-    assert "up to rounding" in moe_lab.scale_down.__doc__
