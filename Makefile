@@ -15,6 +15,9 @@ TORCH ?= torch>=2.9
 # (tests/test_packaging.py checks that they agree).
 EXTRAS ?= lab,test,hf
 LAB_ARGS ?=
+# JupyterLab refuses to start for root ("Running as root is not recommended") unless told it may;
+# containers, cloud VMs and CI machines run as root, so `make lab` tells it there and only there.
+ROOT_LAB_ARGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 PYTEST_ARGS ?=
 RUNS_DIR ?= runs
 HTML_DIR ?= html
@@ -50,7 +53,7 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	mkdir -p notebooks
-	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+	$(BIN)/jupyter lab notebooks/ $(ROOT_LAB_ARGS) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(if $(strip $(NBVAL_NOTEBOOKS)),--nbval-lax --nbval-current-env notebooks) $(PYTEST_ARGS)
@@ -63,9 +66,10 @@ else
 endif
 
 # Static pages for readers: each notebook is executed into $(RUNS_DIR)/ (skipped when its executed copy
-# there is newer than the notebook), then converted. moe_lab.display.PlotlyHTMLPreprocessor draws
-# plotly figures (plotly.js embedded once per page, so pages work offline) and replaces saved
-# widgets by a static snapshot; the notebooks need no extra line.
+# there is newer than the notebook), then converted by moe_lab.display.OfflineHTMLExporter: plotly
+# figures drawn (plotly.js embedded once per page), saved widgets replaced by a static snapshot, and
+# math rendered to MathML, so a page fetches nothing (no MathJax or require.js from a CDN) and works
+# offline on its own; the notebooks need no extra line.
 html: $(STAMP)
 ifeq ($(strip $(NOTEBOOKS)),)
 	@echo "make html: no notebooks/*.ipynb yet, nothing to render"
@@ -75,8 +79,7 @@ else
 	  if [ "$$out" -nt "$$nb" ]; then echo "make html: reusing $$out (newer than $$nb)"; \
 	  else $(BIN)/moe-lab run "$$nb" --output-dir "$(RUNS_DIR)" --quiet; fi; \
 	done
-	$(BIN)/jupyter nbconvert --to html --output-dir "$(HTML_DIR)" \
-	  --HTMLExporter.preprocessors=moe_lab.display.PlotlyHTMLPreprocessor \
+	$(BIN)/jupyter nbconvert --to moe_lab.display.OfflineHTMLExporter --output-dir "$(HTML_DIR)" \
 	  $(addprefix $(RUNS_DIR)/,$(notdir $(NOTEBOOKS)))
 endif
 

@@ -16,14 +16,24 @@ notebooks (`runs/`) keep their small plotly mimetype:
 
     jupyter nbconvert --to html --HTMLExporter.preprocessors=moe_lab.display.PlotlyHTMLPreprocessor runs/*.ipynb
 
-`make html` runs exactly this. Importing this module needs nbconvert and plotly (the `lab` extra).
+`OfflineHTMLExporter` is the page `make html` writes: the lab template with both of the above and
+every formula of the notebook's markdown (and of markdown outputs) rendered to MathML at conversion
+time (`latex2mathml`), so the page needs no MathJax, which nbconvert would load from a CDN, and shows
+math offline in any current browser:
+
+    jupyter nbconvert --to moe_lab.display.OfflineHTMLExporter runs/*.ipynb
+
+Importing this module needs nbconvert and plotly (the `lab` extra); the exporter also needs latex2mathml.
 """
 from __future__ import annotations
 
 import html
 
+from jinja2 import DictLoader, pass_context
+from nbconvert.exporters import HTMLExporter
+from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
 from nbconvert.preprocessors import Preprocessor
-from traitlets import Bool
+from traitlets import Bool, List, default
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
@@ -130,3 +140,66 @@ class PlotlyHTMLPreprocessor(Preprocessor):
             return f'<img src="data:image/png;base64,{"".join(data["image/png"]).strip()}">'
         text = output.get("text") or "".join(data.get("text/plain", ""))
         return f"<pre>{html.escape(''.join(text))}</pre>" if text else ""
+
+
+# -- math, offline ------------------------------------------------------------------------------
+def tex_to_mathml(tex: str, display: bool) -> str:
+    """One formula as MathML (`display`: a block of its own). A formula latex2mathml cannot read is
+    shown as its TeX in a <code> element, marked, rather than dropped."""
+    from latex2mathml.converter import convert
+
+    try:
+        return convert(tex.strip(), display="block" if display else "inline")
+    except Exception as error:  # latex2mathml raises its own exception types for unknown commands
+        why = f"{type(error).__name__}: {error}".rstrip(": ")
+        return f'<code class="tex" title="not rendered: {html.escape(why, quote=True)}">{html.escape(tex)}</code>'
+
+
+
+class MathMLRenderer(IPythonRenderer):
+    """nbconvert's markdown renderer (it finds $...$, $$...$$, \\(...\\), \\[...\\] and LaTeX
+    environments, and leaves code alone) with each formula written as MathML instead of TeX for MathJax."""
+
+    def block_math(self, body: str) -> str:
+        return tex_to_mathml(body, display=True)
+
+    def inline_math(self, body: str) -> str:
+        return tex_to_mathml(body, display=False)
+
+    def latex_environment(self, name: str, body: str) -> str:
+        return tex_to_mathml(f"\\begin{{{name}}}{body}\\end{{{name}}}", display=True)
+
+
+_OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{#- math is MathML already (OfflineHTMLExporter.markdown2html): no MathJax, nothing fetched -#}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{#- plotly.js is inline and widgets are snapshots: nothing needs require.js from a CDN either -#}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+"""
+
+
+class OfflineHTMLExporter(HTMLExporter):
+    """HTML pages that work offline and on their own: plotly figures and saved widgets drawn
+    (`PlotlyHTMLPreprocessor`), math rendered to MathML, and no MathJax script from a CDN."""
+
+    export_from_notebook = "HTML, offline"
+    extra_loaders = List([DictLoader({"moe_lab_offline.html.j2": _OFFLINE_TEMPLATE})]).tag(affects_environment=True)
+
+    @default("template_file")
+    def _template_file_default(self):
+        return "moe_lab_offline.html.j2"
+
+    @default("preprocessors")
+    def _preprocessors_default(self):
+        return [PlotlyHTMLPreprocessor]
+
+    @pass_context
+    def markdown2html(self, context, source):
+        cell = context.get("cell", {})
+        renderer = MathMLRenderer(
+            escape=False, attachments=cell.get("attachments", {}), embed_images=self.embed_images,
+            path=context.get("resources", {}).get("metadata", {}).get("path", ""),
+            anchor_link_text=self.anchor_link_text, exclude_anchor_links=self.exclude_anchor_links,
+            **self.lexer_options,
+        )
+        return MarkdownWithMath(renderer=renderer).render(source)

@@ -8,13 +8,20 @@ student would, and then check what is on the page:
 
 * no widget error text, and no cell raised (except cells tagged `raises-exception`);
 * the ipywidgets sliders and dropdowns, and the plotly plots, are drawn;
+* every plot reads well as drawn (tests/plot_layout_check.js): no legend that scrolls or covers
+  the plot, no plot area squeezed by its legend, no note printed over an axis title, no
+  overlapping tick labels, no log axis that writes 0.5 as "5";
+* a backend explorer is left measuring after Run All: "measure on every change" ticked, an "ok"
+  status (not a stale refusal or error), the line saying what `auto` runs, one line per backend;
 * moving a `top_k` slider with the keyboard, and choosing another entry of a `backend`
-  dropdown, redraws the plot next to it (its trace data / SVG paths change);
+  dropdown, redraws the plot next to it (its trace data / SVG paths change), and the plots still
+  read well afterwards;
 * a full-page screenshot of each notebook is saved under screenshots/ (git-ignored).
 
 Two kinds of notebook are covered: a small notebook written here (always run, independent of
 the curriculum: `backend_explorer` with a fake, instant `measure_fn`), and every
-notebooks/*.ipynb whose code uses widgets (`moe_lab.widgets`, ipywidgets, a plotly FigureWidget).
+notebooks/*.ipynb (the widget checks where its code uses widgets: `moe_lab.widgets`, ipywidgets,
+a plotly FigureWidget).
 
 Needs Chromium (Debian: `apt-get install chromium`; elsewhere point MOE_LAB_CHROMIUM at a
 Chrome/Chromium binary) and the `playwright` Python package (in the `test` extra). Without
@@ -63,8 +70,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 WIDGET_ERRORS = ("Error displaying widget", "Failed to load model class")
+# Given a drawn plotly figure, the problems a reader would see (a list of sentences; [] when none).
+PLOT_LAYOUT_JS = (Path(__file__).resolve().parent / "plot_layout_check.js").read_text()
 SERVER_START_S = 90  # a cold JupyterLab on a 2-core CI machine takes ~5-15 s
-RUN_ALL_S = 150  # Run All Cells of one notebook, kernel start included
+RUN_ALL_S = 240  # Run All Cells of one notebook, kernel start included (a loaded 2-core machine)
 RENDER_S = 30  # widgets and plots drawn after the cells finished
 REDRAW_S = 30  # a control changed -> the kernel re-measures -> the plot redraws
 VIEWPORT = {"width": 1600, "height": 1000}
@@ -297,18 +306,25 @@ USES_WIDGETS = re.compile(r"moe_lab\.widgets|from\s+moe_lab\s+import\s+[^\n]*\bw
 
 def widget_notebooks() -> list[Path]:
     """notebooks/*.ipynb whose code uses widgets (moe_lab.widgets, ipywidgets, plotly FigureWidget)."""
+    return [path for path in curriculum_notebooks() if expectations(path).widgets]
+
+
+def curriculum_notebooks() -> list[Path]:
+    """Every notebooks/*.ipynb that can be read (nbval reports a broken file)."""
     found = []
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         try:
-            if USES_WIDGETS.search(_code(path)):
-                found.append(path)
-        except Exception:  # a notebook being written right now; nbval reports broken files
+            _code(path)
+        except Exception:  # a notebook being written right now
             continue
+        found.append(path)
     return found
 
 
 @dataclass
 class Expect:
+    widgets: bool  # the code uses widgets: they must be drawn
+    plots: bool  # the code draws plotly figures (moe_lab.plots, an explorer, a plotly Figure)
     sliders: bool  # ipywidgets sliders are drawn
     dropdowns: bool  # ipywidgets dropdowns are drawn
     top_k: bool  # a top_k slider exists and moving it redraws a plot
@@ -321,7 +337,9 @@ def expectations(path: Path) -> Expect:
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     explorers_with_sliders = re.search(r"\b(backend_explorer|routing_explorer|BackendExplorer|RoutingExplorer)\b", code)
     backend = re.search(r"\b(backend_explorer|BackendExplorer)\b", code)
-    return Expect(sliders=bool(explorers_with_sliders or re.search(r"Slider\(|\binteract\(", code)),
+    plots = re.search(r"moe_lab\.plots|from moe_lab import [^\n]*\bplots\b|\bplots\.|_explorer\(|_figure\(|_chart\(|"
+                      r"plotly|_heatmap\(|_histogram\(|_vs_tokens\(", code)
+    return Expect(widgets=bool(USES_WIDGETS.search(code)), plots=bool(plots), sliders=bool(explorers_with_sliders or re.search(r"Slider\(|\binteract\(", code)),
                   dropdowns=bool(explorers_with_sliders or re.search(r"Dropdown\(|\bcompile_explorer\b", code)),
                   top_k=bool(explorers_with_sliders), backend=bool(backend))
 
@@ -504,6 +522,69 @@ def change_dropdown(page, dropdown, name: str) -> str | None:
     return f"{label}: {old} -> {new}"
 
 
+def wait_for_plots(page, panel, timeout_s: float = RENDER_S) -> int:
+    """Wait until the number of drawn plots has stopped changing for a second; returns it."""
+    deadline, last, stable_since = time.monotonic() + timeout_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = panel.locator(f"{PLOTS} .main-svg").count()
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        elif time.monotonic() - stable_since > 1.0:
+            break
+        page.wait_for_timeout(250)
+    return last
+
+
+def plot_layout_problems(panel) -> list[str]:
+    """What a reader would see wrong in each drawn plot (tests/plot_layout_check.js)."""
+    problems = []
+    plots = panel.locator(PLOTS)
+    for i in range(plots.count()):
+        plot = plots.nth(i)
+        if plot.is_visible():
+            problems += plot.evaluate(PLOT_LAYOUT_JS)
+    return problems
+
+
+# A backend explorer's parts, read from its output area: the "measure on every change" checkbox, the
+# status line (a coloured word first: ok, info, refused, error, ...), the line on what auto runs, and
+# the names of the lines of its latency plot.
+EXPLORER_STATE_JS = """(output) => {
+    const auto = [...output.querySelectorAll('.widget-checkbox')]
+        .find(c => c.textContent.includes('measure on every change'));
+    const htmls = [...output.querySelectorAll('.widget-html-content')].map(h => h.textContent.trim());
+    const status = htmls.find(t => /^(ok|info|busy|refused|unsupported|oom|error|failed):/.test(t)) || '';
+    const autoLine = htmls.find(t => t.startsWith('auto ')) || '';
+    const plot = output.querySelector('.js-plotly-plot');
+    const lines = plot && plot.data ? plot.data.filter(t => t.meta && t.meta.kind === 'measured').map(t => t.name) : [];
+    return {measuring: !!(auto && auto.querySelector('input').checked), status, autoLine, lines};
+}"""
+
+
+def backend_explorers(panel):
+    """The output areas that hold a backend explorer (its "measure on every change" checkbox)."""
+    return panel.locator(".jp-OutputArea-output").filter(
+        has=panel.page.locator(".widget-checkbox", has_text="measure on every change"))
+
+
+def explorer_problems(panel, when: str) -> list[str]:
+    """A backend explorer must be left measuring, with an ok status, auto's line and one line per backend."""
+    problems = []
+    explorers = backend_explorers(panel)
+    for i in range(explorers.count()):
+        state = explorers.nth(i).evaluate(EXPLORER_STATE_JS)
+        where = f"backend explorer {i + 1} {when}"
+        if not state["measuring"]:
+            problems.append(f"{where}: 'measure on every change' is off")
+        if not state["status"].startswith(("ok:", "info:")):
+            problems.append(f"{where}: the status reads {state['status'][:200]!r}")
+        if "runs" not in state["autoLine"]:
+            problems.append(f"{where}: no line saying what auto runs ({state['autoLine']!r})")
+        if len(set(state["lines"])) != len(state["lines"]):
+            problems.append(f"{where}: a backend has several lines: {state['lines']}")
+    return problems
+
+
 def full_page_screenshot(page, name: str) -> Path:
     """The whole notebook in one PNG: JupyterLab scrolls inside its panel, so grow the viewport to fit."""
     scroller = "window.jupyterapp.shell.currentWidget.node.querySelector('.jp-WindowedPanel-outer')"
@@ -538,9 +619,11 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
         panel = page.locator(PANEL)
         assert panel.count() == 1, f"{name}: expected one notebook on show, found {panel.count()}"
         # Widgets render asynchronously after their output arrives: wait for what must be there.
-        panel.locator(".jupyter-widgets").first.wait_for(timeout=RENDER_S * 1000)
-        panel.locator(f"{PLOTS} .main-svg").first.wait_for(timeout=RENDER_S * 1000)
-        page.wait_for_timeout(500)
+        if expect.widgets:
+            panel.locator(".jupyter-widgets").first.wait_for(timeout=RENDER_S * 1000)
+        if expect.plots:
+            panel.locator(f"{PLOTS} .main-svg").first.wait_for(timeout=RENDER_S * 1000)
+        wait_for_plots(page, panel)
         body = panel.inner_text()
         for text in WIDGET_ERRORS:
             assert text not in body, (f"{name}: the page says {text!r}; browser console errors: "
@@ -551,8 +634,11 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
         sliders, dropdowns = panel.locator(SLIDERS), panel.locator(DROPDOWN_SELECTS)
         plots = panel.locator(f"{PLOTS} .main-svg")
         report.update(sliders=sliders.count(), dropdowns=dropdowns.count(), plots=panel.locator(PLOTS).count())
-        assert report["plots"] > 0, f"{name}: no plotly plot was drawn"
-        assert plots.count() > 0, f"{name}: plotly plots have no SVG"
+        if expect.plots:
+            assert report["plots"] > 0, f"{name}: no plotly plot was drawn"
+            assert plots.count() > 0, f"{name}: plotly plots have no SVG"
+        problems = plot_layout_problems(panel) + explorer_problems(panel, "after Run All")
+        assert not problems, f"{name}: after Run All:\n" + "\n".join(problems)
         if expect.sliders:
             assert report["sliders"] > 0, f"{name}: no ipywidgets slider was drawn"
         if expect.dropdowns:
@@ -591,6 +677,9 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
         report["other_dropdowns"] = [s for s in others if s]
         errors = unexpected_errors(page)
         assert not errors, f"{name}: after interacting, cells show errors:\n" + "\n---\n".join(errors)
+        wait_for_plots(page, panel)
+        problems = plot_layout_problems(panel) + explorer_problems(panel, "after the slider and dropdown moved")
+        assert not problems, f"{name}: after interacting:\n" + "\n".join(problems)
         for text in WIDGET_ERRORS:
             assert text not in panel.inner_text(), f"{name}: after interacting the page says {text!r}"
     finally:
@@ -613,26 +702,73 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
 @pytest.mark.timeout(300)
 def test_backend_explorer_in_a_small_notebook(browser, lab_smoke):
     """Always runs: backend_explorer with a fake measure_fn, independent of the curriculum notebooks."""
-    expect = Expect(sliders=True, dropdowns=True, top_k=True, backend=True)
+    expect = Expect(widgets=True, plots=True, sliders=True, dropdowns=True, top_k=True, backend=True)
     report = check_notebook(browser, lab_smoke, "browser_smoke.ipynb", expect)
     print(report)
     assert report["sliders"] >= 3 and report["dropdowns"] >= 2, report  # experts, top_k, tokens; backend, dtype
     assert report["plots"] == 2, report  # latency and memory
 
 
-def _widget_notebook_params():
-    found = widget_notebooks()
+def _notebook_params():
+    found = curriculum_notebooks()
     if not found:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="no notebooks/*.ipynb uses moe_lab.widgets yet"),
-                             id="none-yet")]
+        return [pytest.param(None, marks=pytest.mark.skip(reason="no notebooks/*.ipynb yet"), id="none-yet")]
     return [pytest.param(p, id=p.stem) for p in found]
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("notebook", _widget_notebook_params())
-def test_widget_notebook(browser, lab_notebooks, notebook):
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("notebook", _notebook_params())
+def test_notebook_in_the_browser(browser, lab_notebooks, notebook):
     report = check_notebook(browser, lab_notebooks, notebook.name, expectations(notebook))
     print(report)
+
+
+def test_every_widget_notebook_is_covered():
+    """The widget checks run wherever widgets are used (a notebook that starts using them is picked up)."""
+    widgets = {p.name for p in widget_notebooks()}
+    assert {"01_routing.ipynb", "06_playground.ipynb"} <= widgets
+    assert expectations(NOTEBOOKS / "06_playground.ipynb").backend  # the explorer's dropdown is driven
+
+
+@pytest.mark.timeout(120)
+def test_plot_layout_check_sees_what_a_reader_sees(browser, tmp_path):
+    """The layout check itself: a figure with plotly's defaults of the kind the issue listed (legend beside a
+    narrow plot with many long entries, a note under the axis, a log axis labelled by plotly) is caught;
+    the same data through moe_lab.plots reads well."""
+    go = pytest.importorskip("plotly.graph_objects")
+    import plotly.io as pio
+
+    from moe_lab import plots
+
+    import pandas as pd
+
+    rows = [dict(backend=f"a rather long backend name {i}", num_tokens=t, median_ms=0.1 * t * (i + 1), status="ok")
+            for i in range(14) for t in (1, 4, 16, 64, 256)]
+    bad = go.Figure([go.Scatter(x=[1, 4, 16, 64, 256], y=[0.1 * t * (i + 1) for t in (1, 4, 16, 64, 256)],
+                                name=f"a rather long backend name {i}") for i in range(14)])
+    bad.update_layout(width=520, height=420, xaxis=dict(type="log", title="tokens (T)"),
+                      yaxis=dict(type="log", title="median latency (ms)"), title="bad")
+    bad.add_annotation(text="x / hollow markers at the bottom: not measured", xref="paper", yref="paper", x=0,
+                       y=-0.18, showarrow=False)
+    good = plots.latency_vs_tokens(pd.DataFrame(rows[:15])).update_layout(width=600, title="good")
+    page_file = tmp_path / "figures.html"
+    page_file.write_text("".join(pio.to_html(f, include_plotlyjs=(i == 0), full_html=False, div_id=f"fig{i}")
+                                 for i, f in enumerate((bad, good))))
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        page = context.new_page()
+        page.goto(page_file.as_uri())
+        page.locator("#fig1 .main-svg").first.wait_for(timeout=RENDER_S * 1000)
+        page.wait_for_timeout(500)
+        found_bad = page.locator("#fig0").evaluate(PLOT_LAYOUT_JS)
+        found_good = page.locator("#fig1").evaluate(PLOT_LAYOUT_JS)
+    finally:
+        context.close()
+    assert any("legend scrolls" in p for p in found_bad), found_bad
+    assert any("plot area is" in p for p in found_bad), found_bad
+    assert any("is printed over" in p for p in found_bad), found_bad
+    assert any("(log) labels" in p for p in found_bad), found_bad
+    assert found_good == [], found_good
 
 
 def test_server_refuses_to_save(lab_smoke):

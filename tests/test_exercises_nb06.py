@@ -131,3 +131,35 @@ def test_unfilled_and_malformed_answers():
     assert not ex.check_fastest_qwen3({1: (None, None), 8192: (None, None)})
     assert "expected a dict" in ex.check_fastest_qwen3(None).message
     assert "no backend 'bmm'" in ex.check_fastest_qwen3({1: ("bmm", 0.15), 8192: ("grouped_mm", 0.27)}).message
+
+
+# --- the sentences written from the data: they follow it (a planted change in the table moves them) -------
+
+
+def test_reading_guide_follows_the_data(recorded):
+    text = nb06.reading_guide(recorded)
+    ours = recorded[recorded["backend"].isin(nb06.MOE_LAB_BACKENDS) & (recorded["status"] == "ok")]
+    best = ours[ours["num_tokens"] == 1]["fraction_of_roofline"].max()
+    assert f"reaches {best:.2f} of the roofline" in text
+    later = ours[(ours["num_tokens"] >= 16) & (ours["backend"] == "grouped_mm")]["fraction_of_roofline"]
+    assert f"grouped_mm {later.min():.2f}–{later.max():.2f}" in text
+    # plant: one grouped_mm point twice as close to the roof, and a ratio whose rounds now straddle 1.0
+    planted = recorded.copy()
+    row = later.idxmax()
+    planted.loc[row, "fraction_of_roofline"] = later.max() * 2
+    tie = ours[ours["backend"] == "eager"].index[0]
+    planted.loc[tie, ["speedup_lowest_round", "speedup_highest_round"]] = [0.9, 1.1]
+    moved = nb06.reading_guide(planted)
+    assert f"grouped_mm {later.min():.2f}–{later.max() * 2:.2f}" in moved and moved != text
+    assert f"eager on {recorded.loc[tie, 'preset']} at T={recorded.loc[tie, 'num_tokens']}: 0.90–1.10x" in moved
+
+
+def test_replay_summary_says_when_moe_lab_is_not_faster(recorded):
+    from moe_lab.bench import best_paths
+
+    best = best_paths(load_recorded("presets", execution=None)[0])
+    assert "faster at every recorded point" in nb06.replay_summary(best, recorded)
+    slower = best.copy()
+    slower.loc[slower.index[0], "speedup"] = 0.8  # plant: transformers ahead at one point
+    text = nb06.replay_summary(slower, recorded)
+    assert f"faster at {len(best) - 1} of {len(best)} recorded points" in text and "0.80–" in text

@@ -5,14 +5,16 @@ The committed state (HEAD) is cloned into a temporary folder, with nothing but t
 user's (Jupyter's config/data/runtime folders point into the temporary folder). Then every
 command of the README's "Set up" code block runs there:
 
-* `make lab` runs as written, headless (`LAB_ARGS`, the Makefile's documented knob, adds
-  --no-browser, a port and a token): it must create `.venv/`, install everything and serve
-  JupyterLab, which must answer on its REST API; then it is stopped.
-* `make test` would run this very file again inside the clone (and that clone's test would clone
-  again...), and the full suite is what CI already runs on its own fresh clone. So here it runs
-  as `make test PYTEST_ARGS=--collect-only`: the README's command through the Makefile, which
-  proves that the environment `make lab` built needs no further installing (`make -q install`)
-  and that every test module and notebook is collected (imports resolve) in the new venv.
+* `make lab` runs exactly as written, no arguments added (as root too: CI runs as root, and
+  JupyterLab refuses root unless the Makefile says --allow-root): it must create `.venv/`, install
+  everything and serve JupyterLab, which must answer on its REST API at the address and token it
+  prints; then it is stopped. No browser is opened: the machine has no display.
+* `make test`, also exactly as written, would run this very file again inside the clone (and that
+  clone's test would clone again...), and the full suite is what CI already runs on its own fresh
+  clone. So the environment (not the command line) sets `PYTEST_ARGS=--collect-only -q`, the
+  Makefile's documented knob: the README's command through the Makefile proves that the
+  environment `make lab` built needs no further installing (`make -q install`) and that every test
+  module and notebook is collected (imports resolve) in the new venv.
 * In the new venv, a kernel starts through jupyter_client under the kernelspec name the
   notebooks use (`python3`), imports moe_lab from the clone, and runs a tiny MoE block.
 * Set-up leaves `git status` clean: everything it writes is git-ignored.
@@ -28,10 +30,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -109,12 +109,6 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float, what: str) -> str
     return proc.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _log_tail(path: Path, chars: int = 6000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no output)"
 
@@ -137,16 +131,17 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+#: What JupyterLab prints when it serves: "http://127.0.0.1:8888/lab?token=..." (or localhost).
+SERVING_URL = re.compile(r"(http://(?:127\.0\.0\.1|localhost):(\d+))/lab\?token=([0-9a-f]+)")
+
+
 def run_make_lab(clone: Path, env: dict, log: Path) -> None:
-    """README: `make lab`. Install from nothing, then JupyterLab must answer; always stopped afterwards."""
-    port, token = _free_port(), secrets.token_hex(16)
-    lab_args = f"--no-browser --ip=127.0.0.1 --port={port} --port-retries=0 --IdentityProvider.token={token}"
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        lab_args += " --allow-root"  # CI runs as root
+    """README: `make lab`, exactly. Install from nothing, then JupyterLab must answer at the address
+    it printed; always stopped afterwards."""
     start = time.monotonic()
     with log.open("wb") as out:
-        proc = subprocess.Popen(["make", "lab", f"LAB_ARGS={lab_args}"], cwd=clone, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(["make", "lab"], cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             installed_at = None
             while True:
@@ -160,17 +155,21 @@ def run_make_lab(clone: Path, env: dict, log: Path) -> None:
                 if time.monotonic() - (installed_at or start) > limit:
                     pytest.fail(f"`make lab` did not {'finish installing' if installed_at is None else 'serve'} "
                                 f"within {limit} s:\n{_log_tail(log)}")
-                try:
-                    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/kernelspecs",
-                                                 headers={"Authorization": f"token {token}"})
-                    with urllib.request.urlopen(req, timeout=5) as resp:
-                        specs = json.load(resp)
-                    break
-                except (urllib.error.URLError, ConnectionError, OSError):
-                    time.sleep(1)
-            print(f"[fresh machine] make lab: JupyterLab answered after {time.monotonic() - start:.0f} s")
+                serving = SERVING_URL.search(log.read_text(errors="replace")) if installed_at else None
+                if serving:
+                    url, token = serving.group(1), serving.group(3)
+                    try:
+                        req = urllib.request.Request(f"{url}/api/kernelspecs",
+                                                     headers={"Authorization": f"token {token}"})
+                        with urllib.request.urlopen(req, timeout=5) as resp:
+                            specs = json.load(resp)
+                        break
+                    except (urllib.error.URLError, ConnectionError, OSError):
+                        pass
+                time.sleep(1)
+            print(f"[fresh machine] make lab: JupyterLab answered at {url} after {time.monotonic() - start:.0f} s")
             assert "python3" in specs["kernelspecs"], f"JupyterLab has no python3 kernel: {specs}"
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab?token={token}", timeout=10) as resp:
+            with urllib.request.urlopen(f"{url}/lab?token={token}", timeout=10) as resp:
                 assert resp.status == 200 and b"JupyterLab" in resp.read()
         finally:
             _stop(proc)
@@ -236,10 +235,10 @@ def _set_up_and_check(clone: Path, tmp_path: Path, env: dict, commands: list[str
             if (clone / ".venv" / ".installed").exists():
                 # After `make lab` nothing is left to install: `make test` goes straight to pytest ...
                 _run(["make", "-q", "install"], clone, env, 60, "make -q install (set-up up to date)")
-            # ... which collects every test module and notebook in the new venv (see the docstring
-            # for why it does not run them here).
-            out = _run(["make", "test", "PYTEST_ARGS=--collect-only -q"], clone, env, 600,
-                       "make test PYTEST_ARGS=--collect-only")
+            # ... which collects every test module and notebook in the new venv
+            # (see the docstring for why it does not run them here).
+            out = _run(["make", "test"], clone, {**env, "PYTEST_ARGS": "--collect-only -q"}, 600,
+                       "make test (PYTEST_ARGS=--collect-only -q in the environment)")
             assert re.search(r"\d+ tests? collected", out), out[-3000:]  # exit 0: no collection error
 
     venv_python = clone / ".venv" / "bin" / "python"

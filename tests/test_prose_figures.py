@@ -24,8 +24,7 @@ def markdown_cells(path):
 
 #: Notebooks another session is changing in parallel (issue 12 part B); the xfail is strict, so this
 #: test says when the entry can go.
-OWNED_ELSEWHERE = {"06_playground": "notebook 06 is helper B's (issue 12, part B): its prose quotes stale and "
-                                    "uncited figures (52-91 %, 1.1-3.2x, the exercise solution's times)"}
+OWNED_ELSEWHERE: dict[str, str] = {}  # 06 follows the rule now (issue 12, part B)
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from ._common import backend_sort_key, fmt_num, is_missing, provenance_title, require_columns, wrap
+from ._common import backend_sort_key, colorbar_ticks, fmt_num, is_missing, provenance_title, require_columns, wrap
 
 # Same order as moe_lab.bench.COMPILE_MODES (kept here so plotting never imports the bench).
 MODE_ORDER = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -17,8 +17,9 @@ def _column_labels(df):
     extra = [c for c in ("num_tokens", "dtype", "device") if c in df.columns and df[c].nunique() > 1]
     short = {"num_tokens": "T=", "dtype": "", "device": ""}
 
-    def label(row):
-        return "<br>".join([str(row["backend"])] + [f"{short[c]}{row[c]}" for c in extra])
+    def label(row):  # "transformers:grouped_mm" on two lines: the columns stay narrow, labels upright
+        return "<br>".join(str(row["backend"]).replace(":", ":<br>").split("<br>")
+                           + [f"{short[c]}{row[c]}" for c in extra])
 
     return label, extra
 
@@ -83,7 +84,7 @@ def compile_matrix_chart(df, *, title=None) -> go.Figure:
             text[i][j] = status
     finite = z_speed[np.isfinite(z_speed)]
     zmax = max(1.0, math.ceil(float(np.abs(finite).max()))) if finite.size else 1.0
-    ticks = list(range(-int(zmax), int(zmax) + 1))
+    ticks = colorbar_ticks(zmax)
     common = dict(x=cols, y=modes, texttemplate="%{text}", hovertemplate="%{hovertext}<extra></extra>",
                   hoverongaps=False, xgap=2, ygap=2)
 
@@ -104,10 +105,11 @@ def compile_matrix_chart(df, *, title=None) -> go.Figure:
                    zmin=0, zmax=1, showscale=False, text=fail_text, hovertext=fail_hover, **common),
     ])
     prov = provenance_title(df)
-    main = "torch.compile: mode x backend (speedup over uncompiled; red failed, grey refused, ≠ wrong output)"
+    main = ("torch.compile: mode x backend<br><sup>speedup over uncompiled; red failed, grey refused, "
+            "≠ wrong output</sup>")
     fig.update_layout(
-        title=title or (f"{main}<br><sup>{prov}</sup>" if prov else main),
-        xaxis=dict(type="category", title="backend", side="bottom"),
+        title=title or (f"{main}<br><sup>{prov}</sup>" if prov else main), margin=dict(t=100),
+        xaxis=dict(type="category", title="backend", side="bottom", tickangle=0, tickfont=dict(size=10)),
         yaxis=dict(type="category", title="torch.compile mode", autorange="reversed"),
         template="plotly_white",
     )

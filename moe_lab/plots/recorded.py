@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from ._common import is_missing, provenance_title, require_columns, status_of, varying_fields
-from .latency import latency_traces
+from ._common import is_missing, provenance_title, require_columns, varying_fields
+from .latency import latency_figure, latency_traces
 
 
 def _group_label(row, by_device: bool) -> str:
@@ -20,28 +20,27 @@ def recorded_explorer(df, *, title_prefix: str = "Recorded results") -> go.Figur
     """Latency vs tokens per backend, with a dropdown over the presets (configs) in `df`.
 
     Each dropdown entry shows only that preset's lines and puts its card and date (from the
-    provenance columns `device_name` and `date`) in the title. Rows not measured are shown as x
-    markers with their reason, as in `latency_vs_tokens`.
+    provenance columns `device_name` and `date`) in the title. Rows not measured are marked in a
+    strip under the plot with their reason, as in `latency_vs_tokens`; another library's backend
+    ("transformers:grouped_mm") is dashed in the colour of moe_lab's backend of that name.
     """
     require_columns(df, ["backend", "num_tokens", "median_ms"], "recorded_explorer")
     by_device = "device_name" in df.columns and df["device_name"].nunique() > 1
     d = df.copy()
     d["_group"] = [_group_label(r, by_device) for _, r in d.iterrows()]
     groups = list(dict.fromkeys(d["_group"]))
-    fig = go.Figure()
-    spans, titles = [], []
+    traces, spans, titles = [], [], []
     for g in groups:
         sub = d[d["_group"] == g]
         fields = [f for f in varying_fields(sub) if f != "preset"]
-        ok = (status_of(sub) == "ok") & sub["median_ms"].notna()
-        floor = float(sub.loc[ok, "median_ms"].min()) / 2 if ok.any() else 1.0
-        start = len(fig.data)
-        fig.add_traces(latency_traces(sub, label_fields=fields, floor_ms=floor))
-        spans.append((start, len(fig.data)))
+        start = len(traces)
+        traces += latency_traces(sub, label_fields=fields)
+        spans.append((start, len(traces)))
         prov = provenance_title(sub)
         dtypes = ", ".join(sorted(sub["dtype"].astype(str).unique())) if "dtype" in sub.columns else ""
         sup = ", ".join(x for x in (dtypes, prov) if x)
         titles.append(f"{title_prefix}: {g}" + (f"<br><sup>{sup}</sup>" if sup else ""))
+    fig = latency_figure([traces], height=520)
     n = len(fig.data)
     for t, trace in enumerate(fig.data):
         trace.visible = spans[0][0] <= t < spans[0][1] if spans else True
@@ -52,9 +51,8 @@ def recorded_explorer(df, *, title_prefix: str = "Recorded results") -> go.Figur
     ]
     fig.update_layout(
         title=dict(text=titles[0] if titles else title_prefix),
-        xaxis=dict(type="log", title="tokens (T)"), yaxis=dict(type="log", title="median latency (ms)"),
-        updatemenus=[dict(type="dropdown", buttons=buttons, active=0, x=1.0, xanchor="right", y=1.15,
-                          yanchor="top", showactive=True)],
-        template="plotly_white", legend_title_text="backend", hovermode="closest", margin=dict(t=110),
+        updatemenus=[dict(type="dropdown", buttons=buttons, active=0, x=1.0, xanchor="right", y=1.02,
+                          yanchor="bottom", showactive=True)],
+        margin=dict(t=110),
     )
     return fig

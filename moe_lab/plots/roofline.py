@@ -5,8 +5,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ._common import (
-    backend_color, backend_sort_key, fmt_bytes, fmt_num, is_missing, require_columns, series_label, status_of,
-    varying_fields,
+    backend_sort_key, backend_style, fmt_bytes, fmt_num, is_missing, legend_below, log_ticks, require_columns,
+    series_label, status_of, varying_fields,
 )
 
 
@@ -24,7 +24,7 @@ def roofline_chart(df, ceilings, *, label_fields=None, title=None) -> go.Figure:
     memory roof is intensity * bandwidth, the compute roof is the matmul rate; they meet at the
     ridge point. `min_bytes` counts only the weights of experts actually hit plus hidden in/out,
     so a point under the sloped roof is bandwidth-bound even with perfect reuse.
-    Rows that were not measured are left out and counted in a note under the plot.
+    Rows that were not measured are left out and counted in the subtitle.
     """
     require_columns(df, ["backend", "num_tokens", "flops", "min_bytes"], "roofline_chart")
     if "tflops" not in df.columns and "median_ms" not in df.columns:
@@ -44,13 +44,13 @@ def roofline_chart(df, ceilings, *, label_fields=None, title=None) -> go.Figure:
     ok = d[ok_mask]
     if label_fields is None:
         label_fields = varying_fields(d)
-    order = sorted(d["backend"].astype(str).unique())
+    order = sorted(d["backend"].astype(str).unique(), key=backend_sort_key)
     traces = []
     groups = [sub for _, sub in ok.groupby(["backend", *label_fields], sort=True, dropna=False)]
     for sub in sorted(groups, key=lambda g: backend_sort_key(g["backend"].iloc[0])):
         first = sub.iloc[0]
         label = series_label(first, label_fields)
-        color = backend_color(str(first["backend"]), order)
+        style = backend_style(str(first["backend"]), order)
         hover = []
         for _, r in sub.iterrows():
             roof = min(peak, r["intensity"] * bw / 1e3)
@@ -66,7 +66,8 @@ def roofline_chart(df, ceilings, *, label_fields=None, title=None) -> go.Figure:
             hover.append("<br>".join(lines))
         traces.append(go.Scatter(
             x=sub["intensity"].tolist(), y=sub["achieved"].tolist(), mode="markers+lines",
-            name=label, marker=dict(color=color, size=8), line=dict(color=color, width=1, dash="dot"),
+            name=label, marker=dict(color=style["color"], size=8),
+            line=dict(color=style["color"], width=1, dash="dash" if style["dash"] == "dash" else "dot"),
             hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
         ))
     xs = d.loc[d["intensity"] > 0, "intensity"]
@@ -88,18 +89,22 @@ def roofline_chart(df, ceilings, *, label_fields=None, title=None) -> go.Figure:
     fig.add_annotation(x=np.log10(ridge), y=np.log10(peak), text=f"ridge: {ridge:.3g} FLOP/byte",
                        showarrow=True, arrowhead=2, ax=40, ay=30)
     skipped = int((~ok_mask).sum())
-    if skipped:
-        fig.add_annotation(text=f"{skipped} row(s) not measured (status != ok) are not plotted",
-                           xref="paper", yref="paper", x=0, y=-0.18, showarrow=False, font=dict(size=11))
     where = ", ".join(str(v) for v in (
         ceilings.get("device") if isinstance(ceilings, dict) else getattr(ceilings, "device", None),
         ceilings.get("dtype") if isinstance(ceilings, dict) else getattr(ceilings, "dtype", None),
     ) if v is not None)
+    notes = ([f"ceilings measured on {where}"] if where else []) + (
+        [f"{skipped} row(s) that did not run are not drawn"] if skipped else [])
     main = "Roofline: achieved TFLOP/s vs arithmetic intensity"
+    if title is None:
+        title = f"{main}<br><sup>{'; '.join(notes)}</sup>" if notes else main
+    elif skipped:
+        title += f"<br><sup>{notes[-1]}</sup>"
     fig.update_layout(
-        title=title or (f"{main}<br><sup>ceilings measured on {where}</sup>" if where else main),
-        xaxis=dict(type="log", title="arithmetic intensity (FLOP / min byte)"),
-        yaxis=dict(type="log", title="achieved throughput (TFLOP/s)"),
-        template="plotly_white", hovermode="closest",
+        title=title,
+        xaxis=dict(type="log", title="arithmetic intensity (FLOP / min byte)", **log_ticks([lo * 2, hi / 2])),
+        yaxis=dict(type="log", title="achieved throughput (TFLOP/s)",
+                   **log_ticks([*ok["achieved"].tolist(), peak, float(mem_x[0] * bw / 1e3)])),
+        template="plotly_white", hovermode="closest", height=480,
     )
-    return fig
+    return legend_below(fig, y=-0.16)

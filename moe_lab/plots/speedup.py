@@ -6,7 +6,9 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from ._common import SERIES_FIELDS, fmt_num, provenance_title, reason_of, require_columns, status_of, wrap
+from ._common import (
+    SERIES_FIELDS, colorbar_ticks, fmt_num, legend_below, provenance_title, reason_of, require_columns, status_of, wrap,
+)
 
 AXIS_LABELS = {
     "num_tokens": "tokens (T)", "num_experts": "experts (E)", "top_k": "experts per token (top_k)",
@@ -87,13 +89,13 @@ def speedup_heatmap(df, baseline: str = "eager", backend: str = "grouped_mm", x:
                                      "<b>no speedup</b><br>" + "<br>".join(reasons))
     finite = z[np.isfinite(z)]
     zmax = max(1.0, math.ceil(float(np.abs(finite).max()))) if finite.size else 1.0
-    ticks = list(range(-int(zmax), int(zmax) + 1))
+    ticks = colorbar_ticks(zmax, max_ticks=5 if len(ys) <= 3 else 7)  # a short bar carries fewer labels
     fig = go.Figure(go.Heatmap(
         x=[str(v) for v in xs], y=[str(v) for v in ys], z=z, zmin=-zmax, zmax=zmax, zmid=0,
         colorscale="RdBu", text=text, texttemplate="%{text}", hovertext=hover,
         hovertemplate="%{hovertext}<extra></extra>", hoverongaps=False, name=f"{backend} vs {baseline}",
         colorbar=dict(title=dict(text=f"speedup<br>({baseline} ms /<br>{backend} ms)"), tickvals=ticks,
-                      ticktext=[_ratio_label(t) for t in ticks]),
+                      ticktext=[_ratio_label(t) for t in ticks], len=1.0, lenmode="fraction"),
     ))
     if missing_x:
         fig.add_trace(go.Scatter(
@@ -107,6 +109,8 @@ def speedup_heatmap(df, baseline: str = "eager", backend: str = "grouped_mm", x:
         title=title or (f"{main}<br><sup>{prov}</sup>" if prov else main),
         xaxis=dict(type="category", title=AXIS_LABELS.get(x, x)),
         yaxis=dict(type="category", title=AXIS_LABELS.get(y, y)),
-        template="plotly_white", showlegend=bool(missing_x),
+        template="plotly_white", showlegend=bool(missing_x), height=max(380, 170 + 50 * len(ys)),
     )
+    if missing_x:
+        legend_below(fig, y=-0.2)
     return fig

@@ -46,7 +46,12 @@ def sync_figure(fw: go.FigureWidget, fig: go.Figure) -> None:
     layout = fig.layout.to_plotly_json()
     layout.pop("template", None)
     size = {"height": fw.layout.height, "width": fw.layout.width}
+    # Parts of the old layout the new figure does not have (a second axis that went away with the
+    # last refusal, a note): an update alone would leave them drawn, so unset them first.
+    stale = [key for key in fw.layout.to_plotly_json() if key not in layout and key not in ("template", *size)]
     with fw.batch_update():
+        for key in stale:
+            fw.layout[key] = None
         if same:
             for old, new in zip(fw.data, fig.data):
                 props = new.to_plotly_json()
