@@ -581,5 +581,5 @@ def test_transformers_backends_compared_in_the_bench_share_the_layers_weights():
     assert registered and not any(":" in name for name in registered)
     with pytest.raises(ValueError, match="transformers' experts backends compared here"):
         implementation("transformers:sonicmoe")
-    with pytest.raises(ValueError, match="unknown library 'liger'"):
-        implementation("liger:fused_moe")
+    with pytest.raises(ValueError, match="unknown library 'flash'"):
+        implementation("flash:fused_moe")

@@ -237,14 +237,18 @@ def autograd_probe(backends=None, device="cpu"):
     difference of the float64 reference. The answer is one of "gradients match the float64 reference",
     "refuses: <its error>" (a backend that cannot differentiate and says so), "detaches: ..." (it runs but
     the gradients are lost), "drops the gradient of <tensor>" or "wrong gradient for <tensor>: ...".
-    `backends` default: every moe_lab backend that runs on `device` (triton interpreted on a CPU)."""
+    `backends` default: every moe_lab backend that runs on `device` (triton interpreted on a CPU).
+    Beside each answer, what the backend's spec declares (`declares autograd`): the probe checks the
+    declaration, it does not replace it."""
     import pandas as pd
 
-    from ..backends import runnable_backends
+    from ..backends import Where, get_spec, runnable_backends
 
     device = torch.device(device)
-    names = tuple(backends or [b for b in runnable_backends(device) if b != "auto"])
-    rows = [{"backend": b, "supports training": answer == "gradients match the float64 reference", "result": answer}
+    names = tuple(backends or [b for b in runnable_backends(device) if not get_spec(b).dispatcher])
+    where = Where(device, _probe_config().dtype)
+    rows = [{"backend": b, "declares autograd": get_spec(b).supports("autograd", where).word,
+             "supports training": answer == "gradients match the float64 reference", "result": answer}
             for b, answer in _probe_cached(names, str(device))]
     return pd.DataFrame(rows).set_index("backend")
 
@@ -268,23 +272,24 @@ def decision_markdown(with_triton, without_triton, probe, label: str) -> str:
                  "under \"CUDA graph\" already leaves it out.")
     lines.append(f"- **Training**: only backends whose gradients are right may run the step: {', '.join(train)}"
                  + (f"; not {', '.join(lost)}" if lost else "") + ". Among those, the fastest forward in the tables "
-                 "above is the starting point; backward times are not recorded yet.")
+                 "above is the starting point; the forward+backward times on a GPU are in notebook 09.")
     lines.append("- **Not an H100, or not these shapes**: measure — `moe-lab calibrate` writes the crossovers of "
                  "this machine where `auto` reads them.")
     return "\n".join(lines)
 
 
 def auto_training_note(probe, tokens=(1, 8192)) -> str:
-    """Markdown: which backends trained in `probe`, and whether what uncalibrated `auto` runs on a CUDA GPU
-    (bf16) at `tokens` is among them."""
+    """Markdown: which backends trained in `probe`, and what uncalibrated `auto` runs on a CUDA GPU (bf16) at
+    `tokens` for a training step (it only chooses backends that declare autograd) and whether that trained here."""
     from ..backends import choose_backend
 
     trains = trainable(probe)
-    on_gpu = {t: choose_backend(t, "cuda", "bfloat16")[0] for t in tokens}
+    on_gpu = {t: choose_backend(t, "cuda", "bfloat16", grad=True)[0] for t in tokens}
     picks = ", ".join(f"{b} at T={t}" for t, b in on_gpu.items())
     if set(on_gpu.values()) <= set(trains):
         verdict = "which trains correctly here too"
     else:
         verdict = "which does **not** train correctly here: for training, name a backend from this list"
-    return (f"Trains correctly here: **{', '.join(trains) or 'none'}**. On a CUDA GPU, uncalibrated `auto` runs "
-            f"{picks}, {verdict}.")
+    return (f"Trains correctly here: **{', '.join(trains) or 'none'}**. For a step that needs gradients, `auto` "
+            f"chooses only among backends that declare autograd; on a CUDA GPU, uncalibrated, it runs {picks}, "
+            f"{verdict}.")
