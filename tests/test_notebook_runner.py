@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,25 +13,17 @@ from moe_lab.cli import main  # noqa: E402
 from moe_lab.notebook_runner import NotebookParameterError, check_parameters, parse_value  # noqa: E402
 from moe_lab.record import MIME_TYPE, read_records  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # notebook_cases, also under --import-mode=importlib
+from notebook_cases import write_notebook  # noqa: E402
+
 
 @pytest.fixture
 def notebook(tmp_path):
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("top_k = 2\nnum_tokens = 16\nlabel = 'x'")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [
-        params,
-        nbformat.v4.new_code_cell(
-            "from moe_lab.record import record\n"
-            "record('pairs', top_k * num_tokens)\n"
-            "record('label_seen', label)\n"
-            "assert top_k != 99, 'top_k 99 is refused by this notebook'"
-        ),
-    ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "tiny.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(tmp_path / "tiny.ipynb", "top_k = 2\nnum_tokens = 16\nlabel = 'x'",
+                          "from moe_lab.record import record\n"
+                          "record('pairs', top_k * num_tokens)\n"
+                          "record('label_seen', label)\n"
+                          "assert top_k != 99, 'top_k 99 is refused by this notebook'")
 
 
 def test_parse_value():
@@ -93,22 +86,12 @@ def test_a_bool_for_an_int_parameter_is_refused(notebook, tmp_path):
 @pytest.fixture
 def checked_notebook(tmp_path):
     """A notebook whose second cell checks its parameters with moe_lab.parameters, as the lessons do."""
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("top_k = 2\nsweep_tokens = [1, 16]")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [
-        params,
-        nbformat.v4.new_code_cell(
-            "from moe_lab.parameters import Int, IntList, Parameters, check_parameters\n"
-            "from moe_lab.record import record\n"
-            "SPEC = Parameters(top_k=Int(min=1, max=8), sweep_tokens=IntList(min=1, max=4096))\n"
-            "record('parameters', check_parameters(globals(), SPEC))"),
-        nbformat.v4.new_code_cell("record('total', sum(sweep_tokens) * top_k)"),
-    ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "checked.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(tmp_path / "checked.ipynb", "top_k = 2\nsweep_tokens = [1, 16]",
+                          "from moe_lab.parameters import Int, IntList, Parameters, check_parameters\n"
+                          "from moe_lab.record import record\n"
+                          "SPEC = Parameters(top_k=Int(min=1, max=8), sweep_tokens=IntList(min=1, max=4096))\n"
+                          "record('parameters', check_parameters(globals(), SPEC))",
+                          "record('total', sum(sweep_tokens) * top_k)")
 
 
 def test_papermill_lists_as_text_and_misspelled_names_are_handled_in_the_notebook(checked_notebook, tmp_path):
