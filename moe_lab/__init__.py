@@ -31,7 +31,7 @@ from .backends import (
     triton_status,
     unregister,
 )
-from . import record  # moe_lab.record.record(name, value): notebooks record values for `moe-lab sweep`
+from . import notebook_values  # moe_lab.notebook_values.record(name, value): notebooks hand values to `moe-lab sweep`
 from .capabilities import capabilities, default_device, format_capabilities
 from .cuda_graph import GraphCaptureError, GraphedExperts
 from .config import ACTIVATIONS, MoEConfig, resolve_dtype

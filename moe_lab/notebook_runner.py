@@ -100,7 +100,7 @@ def sweep_notebook(path: str | Path, grid: dict[str, list], output_dir: str | Pa
     """
     import pandas as pd
 
-    from .record import read_records
+    from .notebook_values import read_records
 
     path = Path(path)
     combos = parameter_grid(grid)

@@ -372,7 +372,7 @@ def check_parameters(namespace: dict, spec: Parameters) -> dict:
     Raises NotebookParameterError, in the notebook's first cells, for an undeclared name (see the
     module docstring), a wrong type, a value out of range or a broken rule. Writes the converted
     values back into `namespace` (a list given as text becomes a list; device "auto" becomes a
-    torch.device) and returns them as plain values for `moe_lab.record.record("parameters", ...)`.
+    torch.device) and returns them as plain values for `moe_lab.notebook_values.record("parameters", ...)`.
     """
     unknown = undeclared_names(namespace.get("In") or namespace.get("_ih"), spec)
     if unknown:

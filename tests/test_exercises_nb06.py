@@ -3,7 +3,7 @@ import pytest
 
 from moe_lab.exercises import nb06_playground as ex
 from moe_lab.lessons import nb06_playground as nb06
-from moe_lab.recorded import load_recorded
+from moe_lab.recorded_tables import load_recorded
 
 
 @pytest.fixture(scope="module")

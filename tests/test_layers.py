@@ -17,13 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moe_lab"
 #: Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS = (
     ("foundation", ("moe_lab._triton_setup", "moe_lab.errors", "moe_lab.devices", "moe_lab.config",
-                    "moe_lab.presets", "moe_lab.record", "moe_lab.parameters")),
+                    "moe_lab.presets", "moe_lab.notebook_values", "moe_lab.parameters")),
     ("routing", ("moe_lab.routing",)),
     ("backends", ("moe_lab.backends", "moe_lab.reference")),
     ("modules", ("moe_lab.modules", "moe_lab.model", "moe_lab.cuda_graph", "moe_lab.capabilities")),
     ("parallel", ("moe_lab.parallel",)),
     ("hf", ("moe_lab.hf", "moe_lab.liger")),  # other libraries' code: transformers, Liger
-    ("bench", ("moe_lab.bench", "moe_lab.recorded")),
+    ("bench", ("moe_lab.bench", "moe_lab.recorded_tables")),
     ("plots", ("moe_lab.plots", "moe_lab.display")),
     ("widgets", ("moe_lab.widgets",)),
     ("lessons", ("moe_lab.lessons", "moe_lab.exercises", "moe_lab.notebook_runner")),

@@ -13,7 +13,7 @@ from moe_lab.lessons import (nb00_start_here, nb01_routing, nb02_eager_loop, nb0
                              nb07_own_backend, nb08_real_models)
 from moe_lab.lessons.figures import figure
 from moe_lab.parameters import NotebookParameterError, check_values
-from moe_lab.recorded import load_recorded
+from moe_lab.recorded_tables import load_recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"00_start_here": nb00_start_here, "01_routing": nb01_routing, "02_eager_loop": nb02_eager_loop,

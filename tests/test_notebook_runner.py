@@ -11,7 +11,7 @@ pytest.importorskip("papermill")
 
 from moe_lab.cli import main  # noqa: E402
 from moe_lab.notebook_runner import NotebookParameterError, check_parameters, parse_value  # noqa: E402
-from moe_lab.record import MIME_TYPE, read_records  # noqa: E402
+from moe_lab.notebook_values import MIME_TYPE, read_records  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # notebook_cases, also under --import-mode=importlib
 from notebook_cases import write_notebook  # noqa: E402
@@ -20,7 +20,7 @@ from notebook_cases import write_notebook  # noqa: E402
 @pytest.fixture
 def notebook(tmp_path):
     return write_notebook(tmp_path / "tiny.ipynb", "top_k = 2\nnum_tokens = 16\nlabel = 'x'",
-                          "from moe_lab.record import record\n"
+                          "from moe_lab.notebook_values import record\n"
                           "record('pairs', top_k * num_tokens)\n"
                           "record('label_seen', label)\n"
                           "assert top_k != 99, 'top_k 99 is refused by this notebook'")
@@ -88,7 +88,7 @@ def checked_notebook(tmp_path):
     """A notebook whose second cell checks its parameters with moe_lab.parameters, as the lessons do."""
     return write_notebook(tmp_path / "checked.ipynb", "top_k = 2\nsweep_tokens = [1, 16]",
                           "from moe_lab.parameters import Int, IntList, Parameters, check_parameters\n"
-                          "from moe_lab.record import record\n"
+                          "from moe_lab.notebook_values import record\n"
                           "SPEC = Parameters(top_k=Int(min=1, max=8), sweep_tokens=IntList(min=1, max=4096))\n"
                           "record('parameters', check_parameters(globals(), SPEC))",
                           "record('total', sum(sweep_tokens) * top_k)")

@@ -74,14 +74,14 @@ def test_notebooks_are_clean():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_with_other_parameters(path, tmp_path):
     from moe_lab.notebook_runner import run_notebook
-    from moe_lab.record import read_records
+    from moe_lab.notebook_values import read_records
 
     parameters = _load(path)["metadata"]["moe_lab"]["test_parameters"]
     output = run_notebook(path, tmp_path, parameters, kernel_name="python3")
     executed = _load(output)
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    # Each notebook records the parameters it ran with (moe_lab.record("parameters", {...})), so
+    # Each notebook records the parameters it ran with (moe_lab.notebook_values("parameters", {...})), so
     # the values must show that papermill's injection took effect rather than the defaults.
     recorded = read_records(output).get("parameters", {})
     for name, value in parameters.items():

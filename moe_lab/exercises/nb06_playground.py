@@ -13,7 +13,7 @@ FRACTION_TOLERANCE = 0.01  # absolute: two decimals are enough
 
 def _rows():
     """qwen3's recorded rows, `auto` left out: it runs one of the others (as in bench.best_paths)."""
-    from ..recorded import load_recorded
+    from ..recorded_tables import load_recorded
 
     df, _ = load_recorded("presets")
     return df[(df["preset"] == PRESET) & (df["backend"] != "auto")]

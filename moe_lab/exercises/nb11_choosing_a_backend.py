@@ -20,7 +20,7 @@ TIE_MARGIN = 0.05
 
 
 def _recorded():
-    from ..recorded import load_recorded
+    from ..recorded_tables import load_recorded
 
     return load_recorded("presets", execution=None)[0]
 

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ..recorded import RECORDED, data_dir, load_recorded, recorded_label
+from ..recorded_tables import RECORDED, data_dir, load_recorded, recorded_label
 
 
 @dataclass(frozen=True)

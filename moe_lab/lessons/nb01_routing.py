@@ -60,7 +60,7 @@ def expected_experts_hit(num_experts: int, top_k: int, num_tokens: int) -> float
 def experts_hit_table(recorded, backend: str = "grouped_mm") -> str:
     """Recorded experts hit per preset and token count, with the uniform expectation beside it.
 
-    `recorded`: the DataFrame of `moe_lab.recorded.load_recorded("presets")`. The last column is
+    `recorded`: the DataFrame of `moe_lab.recorded_tables.load_recorded("presets")`. The last column is
     columns say how many bytes of weights one expert, and all E experts, hold in bf16: each
     expert hit is one expert's weights read from memory.
     """

@@ -14,7 +14,7 @@ from ..bench.compile_matrix import COMPILE_MODES
 from ..bench.live import DEFAULT_MARGIN
 from ..bench.rounds import parse_round_medians
 from ..parameters import Device, Dtype, Float, Int, Parameters, Rule, Str, StrList
-from ..recorded import data_dir
+from ..recorded_tables import data_dir
 from .figures import Prose
 
 FULLGRAPH_BACKENDS = ("aot_eager", "inductor", "eager")

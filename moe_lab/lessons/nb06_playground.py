@@ -1,4 +1,4 @@
-"""Notebook 06: its parameters, and reading the recorded GPU tables (`moe_lab.recorded.load_recorded("presets")`).
+"""Notebook 06: its parameters, and reading the recorded GPU tables (`moe_lab.recorded_tables.load_recorded("presets")`).
 
 Every recorded row carries the ceilings its roofline used (`ceiling_copy_GBps`,
 `ceiling_matmul_TFLOPs`, measured on the same card in the same run) and moe_lab rows carry

@@ -7,7 +7,7 @@ plotly; `import moe_lab` does not.
 """
 from .compile import compile_matrix_chart
 from .latency import latency_traces, latency_vs_tokens, memory_traces, memory_vs_tokens
-from .recorded import recorded_explorer
+from .recorded_explorer import recorded_explorer
 from .roofline import roofline_chart
 from .routing import routing_heatmap, routing_histogram, routing_summary
 from .speedup import speedup_heatmap
