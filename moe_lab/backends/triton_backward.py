@@ -8,7 +8,8 @@ sorted by expert:
 
 `sorted_rows(dout or x, ...)` gathers a [T, H] operand into sorted row order ([S, H]) once; the
 launchers take it in place of the token rows (the plan's sorted_grad_out / sorted_hidden_states),
-and then load its tiles through TMA where the config asks.
+and then load its tiles through TMA where the config asks. `launch_down_backward_split` gives
+launch_down_backward's results in two kernels from the sorted dout (the plan's split_down_backward).
 
 Every grid comes from E and the shapes; like the forward, nothing reads a GPU number on the host,
 so a training step is capturable in a CUDA graph. triton_autograd.py calls them, only for the
@@ -27,6 +28,7 @@ from .triton_launch import (
     kernels,
     launch_sum_over_top_k,
     max_row_blocks,
+    next_power_of_two,
     precision_constexprs,
     tile_descriptor,
 )
@@ -75,6 +77,41 @@ def launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, co
                 ACTIVATION=activation, USE_TMA=use_tma, DOUT_SORTED=grad_out_sorted is not None, DOUT_TMA=dout_tma,
                 **precision_constexprs(grad_out.dtype, num_experts))
     return d_pre, weighted_h, dw_partial.sum(dim=1)
+
+
+def launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
+                               config: KernelConfig):
+    """launch_down_backward's results in two kernels, from dout's rows in sorted order [S, H]: the
+    GEMM grad_out_sorted @ down[e] into a float32 [S, I] buffer (down_kernel, tiles from `config`),
+    then activation_backward_kernel streaming it with `saved` into d_pre, weighted_h and the
+    routing-weight gradient, whole rows per program (no partial sums)."""
+    num_experts, hidden, inter = down.shape
+    num_pairs = sorted_pair.numel()
+    acc = grad_out_sorted.new_empty(num_pairs, inter, dtype=torch.float32)  # [S, I] sorted rows
+    use_tma = (can_use_tma(config, grad_out_sorted) and can_use_tma(config, down)
+               and hidden % config.block_k == 0)  # [E, H, I] = [E, K, N]: a tile never reaches the next expert
+    a = kernels().tile_descriptor(grad_out_sorted, [config.block_m, config.block_k]) if use_tma else grad_out_sorted
+    w = tile_descriptor(down, config.block_k, config.block_n) if use_tma else down
+    grid_launch(kernels().down_kernel, config, num_pairs, num_experts, inter,
+                a, w, None, None, acc, sorted_pair, counts,
+                num_experts, max_row_blocks(num_pairs, num_experts, config), inter, hidden,
+                grad_out_sorted.stride(0), grad_out_sorted.stride(1), down.stride(0), down.stride(2), down.stride(1),
+                0, 0, acc.stride(0), acc.stride(1),
+                HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=True, STORE_SORTED=True,
+                **precision_constexprs(grad_out_sorted.dtype, num_experts))
+    width = 2 * inter if activation != "none" else inter
+    d_pre = grad_out_sorted.new_empty(num_pairs, width)  # [S, 2I] sorted rows
+    weighted_h = grad_out_sorted.new_empty(num_pairs, inter)  # [S, I] sorted rows
+    # zeros: a pair whose expert id is out of range is in no expert's rows (as in the forward)
+    dw = torch.zeros(num_pairs, device=grad_out_sorted.device, dtype=torch.float32)
+    block_m, block_n = 8, min(512, next_power_of_two(inter))
+    if num_pairs:
+        backward_kernels().activation_backward_kernel[(-(-num_pairs // block_m),)](
+            acc, routing_weights, saved, d_pre, weighted_h, dw, sorted_pair,
+            num_pairs, inter, acc.stride(0), acc.stride(1), saved.stride(0), saved.stride(1),
+            d_pre.stride(0), d_pre.stride(1), weighted_h.stride(0), weighted_h.stride(1),
+            ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return d_pre, weighted_h, dw
 
 
 def launch_input_grad(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, config: KernelConfig):

@@ -20,6 +20,9 @@ Given dout [T, H]:
   expert's sorted rows, so the grid is E x tiles, known on the host without reading the counts):
       dW_gate_up[e] = sum over e's rows of d_pre[r]^T x[token(r)]      [2I, H]   (+ d bias = row sums)
       dW_down[e]    = sum over e's rows of dout[token(r)]^T weighted_h[r]   [H, I]   (+ d bias)
+  split_down_backward (plan): the same in two kernels, down_kernel's GEMM of dout's sorted rows
+  into a float32 [S, I] buffer, then activation_backward_kernel streaming it with the saved
+  pre-activation; the fused kernel's epilogue holds five [BM, BN] tiles besides the accumulator.
   With the plan's sorted_grad_out / sorted_hidden_states the launchers first gather dout / x into
   sorted row order ([S, H]); down_backward and the weight gradients then read row tiles that are
   contiguous, through TMA descriptors where the config asks, instead of gathering rows themselves.
@@ -106,8 +109,21 @@ def down_backward_kernel(
         if not USE_TMA:
             w_ptrs += BLOCK_K * stride_wk
 
+    weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
+    row_sums = _activation_backward_tile(
+        acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n, n_mask, N,
+        stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn, ACTIVATION)
+    tl.store(dw_partial_ptr + pair * stride_dwp + pid_n * stride_dwn, row_sums, mask=row_mask)
+
+
+@triton.jit
+def _activation_backward_tile(acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n,
+                              n_mask, N, stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn,
+                              ACTIVATION: tl.constexpr):
+    """From acc = dout @ down[e] [BM, BN] (float32) of sorted rows: store d_pre's (and weighted_h's)
+    tile, return the rows' sums of acc * h [BM] (their part of d top_k_weights)."""
     tile_mask = row_mask[:, None] & n_mask[None, :]
-    weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]  # [BM, 1]
+    weight = weight[:, None]  # [BM, 1]
     saved_ptrs = saved_ptr + sorted_rows[:, None] * stride_sm + offs_n[None, :] * stride_sn
     d_pre_ptrs = d_pre_ptr + sorted_rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
     out_dtype = d_pre_ptr.dtype.element_ty
@@ -125,8 +141,34 @@ def down_backward_kernel(
         tl.store(d_pre_ptrs, (acc * weight).to(out_dtype), mask=tile_mask)
     weighted_h_ptrs = weighted_h_ptr + sorted_rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
     tl.store(weighted_h_ptrs, (h * weight).to(weighted_h_ptr.dtype.element_ty), mask=tile_mask)
-    # h is zero outside the tile's rows and columns (and acc outside its columns), so the row sums need no mask
-    tl.store(dw_partial_ptr + pair * stride_dwp + pid_n * stride_dwn, tl.sum(acc * h, axis=1), mask=row_mask)
+    # h is zero outside the tile's rows and columns, so the row sums need no mask (and acc, which may
+    # hold other experts' rows there when its dout rows came through TMA, does not count)
+    return tl.sum(acc * h, axis=1)
+
+
+@triton.jit
+def activation_backward_kernel(
+    acc_ptr, routing_weight_ptr, saved_ptr, d_pre_ptr, weighted_h_ptr, dw_ptr, sorted_pair_ptr,
+    num_pairs, N, stride_am, stride_an, stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The split down_backward's second half: acc [S, N=I] float32 (dout's sorted rows @ down[e],
+    from down_kernel) -> d_pre, weighted_h, and dw [S] in pair order: each program streams BLOCK_M
+    whole rows, so a row's sum over its columns needs no partial buffer."""
+    sorted_rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    row_mask = sorted_rows < num_pairs
+    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0).to(tl.int64)
+    weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
+    row_sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.load(acc_ptr + sorted_rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+                      mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        row_sums += _activation_backward_tile(
+            acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n, n_mask, N,
+            stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn, ACTIVATION)
+    tl.store(dw_ptr + pair, row_sums, mask=row_mask)
 
 
 @triton.jit

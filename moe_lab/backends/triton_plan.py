@@ -17,6 +17,8 @@ choice are in docs/performance_notes.md and the data/ files it names, not here.
       sorted_grad_out, sorted_hidden_states   gather dout / x into sorted row order once in the
                                           backward, so the kernels that read them per sorted row
                                           load contiguous (TMA) tiles instead of gathering rows
+      split_down_backward                 down_backward as a GEMM into a float32 [S, I] buffer and a
+                                          streaming activation-backward kernel (needs sorted_grad_out)
 """
 from __future__ import annotations
 
@@ -79,6 +81,12 @@ class LaunchPlan:
     save_pre_activation: bool = True
     sorted_grad_out: bool = False  # dout [T, H] -> [S, H] in sorted order for down_backward and dW_down
     sorted_hidden_states: bool = False  # x [T, H] -> [S, H] in sorted order for dW_gate_up
+    split_down_backward: bool = False  # down_backward's GEMM and activation backward as two kernels
+
+    def __post_init__(self):
+        if self.split_down_backward and not self.sorted_grad_out:
+            raise ValueError("split_down_backward runs its GEMM over dout's rows in sorted order: "
+                             "set sorted_grad_out=True with it")
 
     def as_ints(self) -> list[int]:
         """The plan as a flat list of ints: how it crosses into the torch custom ops.
@@ -92,7 +100,7 @@ class LaunchPlan:
 
     def _flags(self) -> tuple[bool, ...]:
         return (self.decode, self.one_program_sort, self.save_pre_activation, self.sorted_grad_out,
-                self.sorted_hidden_states)
+                self.sorted_hidden_states, self.split_down_backward)
 
     def _kernel_configs(self) -> tuple[KernelConfig, ...]:
         return (self.gate_up, self.down, self.down_backward, self.gate_up_input_grad, self.gate_up_weight_grad,
@@ -105,13 +113,14 @@ class LaunchPlan:
 
 @functools.lru_cache(maxsize=256)
 def _plan_from_ints(ints: tuple[int, ...]) -> LaunchPlan:
-    flags = 5
-    decode, one_program_sort, save, sorted_grad_out, sorted_hidden_states = (bool(value) for value in ints[:flags])
+    flags = 6
+    decode, one_program_sort, save, sorted_grad_out, sorted_hidden_states, split = (bool(v) for v in ints[:flags])
     kernels = [KernelConfig.from_ints(ints[i:i + 7]) for i in range(flags, flags + 6 * 7, 7)]
     first_decode = flags + 6 * 7
     decodes = [DecodeConfig(*ints[i:i + 4]) for i in (first_decode, first_decode + 4)]
     return LaunchPlan(decode=decode, one_program_sort=one_program_sort, save_pre_activation=save,
                       sorted_grad_out=sorted_grad_out, sorted_hidden_states=sorted_hidden_states,
+                      split_down_backward=split,
                       gate_up=kernels[0], down=kernels[1], down_backward=kernels[2], gate_up_input_grad=kernels[3],
                       gate_up_weight_grad=kernels[4], down_weight_grad=kernels[5],
                       decode_gate_up=decodes[0], decode_down=decodes[1])
@@ -152,6 +161,7 @@ class BackwardConfigs:
     down_weight_grad: KernelConfig
     sorted_grad_out: bool = False
     sorted_hidden_states: bool = False
+    split_down_backward: bool = False
 
 
 def backward_configs(rows_per_expert: float, hidden_size: int, intermediate_size: int, interpreted: bool,
@@ -272,7 +282,7 @@ def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsi
         down_backward=backward.down_backward, gate_up_input_grad=backward.gate_up_input_grad,
         gate_up_weight_grad=backward.gate_up_weight_grad, down_weight_grad=backward.down_weight_grad,
         save_pre_activation=save_pre_activation, sorted_grad_out=backward.sorted_grad_out,
-        sorted_hidden_states=backward.sorted_hidden_states,
+        sorted_hidden_states=backward.sorted_hidden_states, split_down_backward=backward.split_down_backward,
     )
 
 
