@@ -100,23 +100,21 @@ CROSSOVER_TOKENS = [1, 2, 4, 8, 16, 32]
 # Weight-gradient tiles cover the weight, block_k steps through an expert's rows; tma=True loads
 # every operand in sorted order (d_pre, weighted_h, the sorted copies) through TMA descriptors.
 BACKWARD_CANDIDATES = {
-    ("down_backward", "gathered"): [K(64, 64, 64, 4, 3), K(64, 64, 64, 4, 4), K(64, 128, 64, 4, 3),
-                                    K(64, 128, 64, 4, 3, tma=True), K(128, 128, 64, 8, 4, tma=True),
-                                    K(128, 128, 64, 8, 3, tma=True)],
+    ("down_backward", "gathered"): [K(64, 64, 64, 4, 3), K(64, 128, 64, 4, 3, tma=True),
+                                    K(128, 128, 64, 8, 4, tma=True)],
     ("down_backward", "sorted"): [K(64, 64, 64, 4, 3, tma=True), K(64, 64, 64, 4, 4, tma=True),
-                                  K(64, 128, 64, 4, 3, tma=True), K(128, 64, 64, 4, 3, tma=True),
-                                  K(128, 128, 64, 8, 4, tma=True), K(128, 128, 64, 8, 3, tma=True)],
+                                  K(128, 128, 64, 8, 4, tma=True)],
     ("down_backward", "split"): [K(128, 128, 64, 8, 4, tma=True), K(128, 128, 64, 8, 3, tma=True),
                                  K(128, 256, 64, 8, 4, tma=True), K(128, 256, 64, 8, 3, tma=True),
                                  K(64, 128, 64, 4, 4, tma=True)],
     ("gate_up_input_grad", "sorted"): [K(128, 256, 64, 8, 4, tma=True), K(128, 256, 64, 8, 3, tma=True),
                                        K(128, 128, 64, 8, 4, tma=True)],
-    ("weight_grad", "gathered"): [K(128, 128, 64, 8, 4), K(128, 128, 64, 8, 3), K(128, 128, 32, 8, 4),
-                                  K(64, 128, 32, 4, 3), K(128, 128, 64, 8, 4, tma=True)],
+    ("weight_grad", "gathered"): [K(128, 128, 64, 8, 4), K(128, 128, 32, 8, 4), K(64, 128, 32, 4, 3),
+                                  K(128, 128, 64, 8, 4, tma=True)],
     ("weight_grad", "sorted"): [K(128, 128, 64, 8, 4, tma=True), K(128, 128, 64, 8, 3, tma=True),
                                 K(128, 256, 64, 8, 3, tma=True), K(128, 256, 64, 8, 4, tma=True),
                                 K(256, 128, 64, 8, 3, tma=True), K(128, 128, 128, 8, 3, tma=True),
-                                K(128, 128, 32, 8, 5, tma=True), K(128, 128, 64, 8, 4)],
+                                K(128, 128, 32, 8, 5, tma=True), K(128, 128, 64, 8, 2, tma=True)],
 }
 BACKWARD_POINTS = [(preset, T) for T in (8192, 1024)
                    for preset in ("qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "mixtral-8x7b")]

@@ -268,11 +268,13 @@ def _rows_tile(ptr, sorted_rows, token, r_mask, offs_c, c_mask, first_row, pid_c
     """One operand's [BLOCK_K, BLOCK_C] tile of the weight-gradient loop: a TMA tile of a sorted
     tensor (rows past the expert's included), or a pointer load of sorted or token rows."""
     if TMA:
-        return ptr.load([first_row, pid_c * BLOCK_C])
-    rows = sorted_rows
-    if BY_TOKEN:
-        rows = token
-    mask = c_mask[None, :]
-    if MASK_ROWS:
-        mask = r_mask[:, None] & c_mask[None, :]
-    return tl.load(ptr + rows[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+        tile = ptr.load([first_row, pid_c * BLOCK_C])
+    else:
+        rows = sorted_rows
+        if BY_TOKEN:
+            rows = token
+        mask = c_mask[None, :]
+        if MASK_ROWS:
+            mask = r_mask[:, None] & c_mask[None, :]
+        tile = tl.load(ptr + rows[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+    return tile
