@@ -258,12 +258,13 @@ def test_experts_without_tokens_get_zero_gradients_and_zero_tokens_still_connect
     _check_gradients(layer, hidden, index, weights, grad_out)
     unused = sorted(set(range(6)) - set(index.unique().tolist()))
     assert unused and not layer.gate_up_proj.grad[unused].any() and not layer.down_proj.grad[unused].any()
-    layer.zero_grad(set_to_none=True)
-    x = hidden[:0].clone().requires_grad_(True)
-    out = moe_lab.experts_forward("triton", layer, x, index[:0], weights[:0])
-    out.sum().backward()
-    assert out.shape == (0, 32) and x.grad.shape == (0, 32)
-    assert not layer.gate_up_proj.grad.any() and not layer.down_proj.grad.any()
+    for plan in (None, _variant_plan(layer, 0, 2, torch.float32, sorted_operands=True, tma=True, split=True)):
+        layer.zero_grad(set_to_none=True)
+        x = hidden[:0].clone().requires_grad_(True)
+        out = triton_experts_forward(layer, x, index[:0], weights[:0], plan=plan)
+        out.sum().backward()
+        assert out.shape == (0, 32) and x.grad.shape == (0, 32)
+        assert not layer.gate_up_proj.grad.any() and not layer.down_proj.grad.any()
 
 
 def test_router_learns_through_the_routing_weights_in_a_sparse_moe_block():

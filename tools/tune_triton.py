@@ -20,10 +20,12 @@ Parts (--parts, comma-separated; each bounded by --budget-seconds in all):
              layout's best (--recompute: each also recomputing the pre-activation): time (CUDA
              events, launched), TFLOP/s counting 3x the forward's FLOPs, peak memory, beside
              moe_lab's grouped_mm in the same process. A summary table ends the part, with the
-             winners' plan fields to copy into backward_configs.
+             winners' plan fields to copy into backward_configs. --points preset:T,... measures
+             those points instead of the eight.
 Every row is written to the JSON (with provenance) as it is measured, so a run cut short keeps what
 it has; the printed lines are the summary. Plans are values: nothing in the package is patched.
 
+    python tools/tune_triton.py --summarize triton_backward_tuning.json   # its backward summary again, anywhere
     python tools/tune_triton.py --smoke --parts backward,decode   # CPU, triton's interpreter: checks the tool runs
 (--smoke: one point, its preset scaled down to H=64, T <= 8, one candidate per kernel besides the
 plan's, one timing each; the parts
@@ -128,6 +130,7 @@ class Run:
     deadline: float  # time.monotonic() after which no new measurement starts
     smoke: bool = False
     recompute: bool = False  # training steps also recompute the pre-activation (save won everywhere so far)
+    backward_points: list = dataclasses.field(default_factory=list)  # --points: instead of BACKWARD_POINTS
 
     def spent(self) -> bool:
         return time.monotonic() > self.deadline
@@ -314,7 +317,7 @@ def tune_backward(results, run: Run):
     """Each backward kernel alone over its candidates, in both operand layouts; the gathers of dout
     and x into sorted order; then whole training steps with the plan's configs, the winners' and the
     sorted layout's best, beside grouped_mm. A summary table at the end."""
-    for preset, T in run.points(BACKWARD_POINTS):
+    for preset, T in run.points(run.backward_points or BACKWARD_POINTS):
         if run.spent():
             print("backward: budget spent before", preset, T, flush=True)
             break
@@ -480,7 +483,7 @@ def _print_backward_summary(results):
         print(f"\n{preset} T={T}")
         print(f"  {'kernel':<22}{'plan':>16}{'best gathered':>18}{'best sorted':>18}{'best split':>18}  best config")
         for kernel in ("down_backward", "gate_up_input_grad", "gate_up_weight_grad", "down_weight_grad"):
-            sweeps = {row.get("variant"): row for row in rows if row["kind"] == "backward" and row["kernel"] == kernel}
+            sweeps = {_layout_of(row): row for row in rows if row["kind"] == "backward" and row["kernel"] == kernel}
             if not sweeps:
                 continue
             current = next((row for row in sweeps.values() if row["current"]), None)
@@ -490,7 +493,7 @@ def _print_backward_summary(results):
                                                   for v in ("gathered", "sorted", "split")]
             fastest = min(sweeps.values(), key=lambda row: row["best_ms"])
             print(f"  {kernel:<22}{cells[0]:>16}{cells[1]:>18}{cells[2]:>18}{cells[3]:>18}  "
-                  f"{fastest.get('variant')}: {tuple(fastest['best'].values())}")
+                  f"{_layout_of(fastest)}: {_config_text(fastest['best'])}")
         gathers = {row["operand"]: row["ms"] for row in rows if row["kind"] == "backward_gather"}
         if gathers:
             print("  gather into sorted order: " + ", ".join(
@@ -504,9 +507,14 @@ def _print_backward_summary(results):
             if winners:
                 fields = ("sorted_grad_out", "sorted_hidden_states", "split_down_backward", "down_backward",
                           "gate_up_input_grad", "gate_up_weight_grad", "down_weight_grad")
-                print("  winners: " + ", ".join(
-                    f"{name}={winners[name] if isinstance(winners[name], bool) else _config_text(winners[name])}"
-                    for name in fields))
+                values = {name: winners.get(name) for name in fields}  # None: a field the run's plan did not have
+                print("  winners: " + ", ".join(f"{name}={_config_text(value) if isinstance(value, dict) else value}"
+                                                for name, value in values.items()))
+
+
+def _layout_of(row) -> str:
+    """A sweep row's operand layout; rows written before the layouts existed are the plan's of then."""
+    return row.get("variant") or ("sorted" if row["kernel"] == "gate_up_input_grad" else "gathered")
 
 
 def _ms_cell(ms, flops):
@@ -537,6 +545,18 @@ class _SavedResults(list):
 PARTS = {"decode": tune_decode, "crossover": crossover, "sorted": tune_sorted, "backward": tune_backward}
 
 
+def _points(text: str) -> list[tuple[str, int]]:
+    """"preset:T,preset:T" -> [(preset, T)], with the presets checked against moe_lab's."""
+    points = []
+    for item in filter(None, text.split(",")):
+        preset, _, tokens = item.partition(":")
+        if preset not in moe_lab.PRESETS or not tokens.isdigit() or int(tokens) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not preset:T with a preset of {sorted(moe_lab.PRESETS)} "
+                                             "and T a positive number of tokens")
+        points.append((preset, int(tokens)))
+    return points
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="triton_tuning.json")
@@ -546,7 +566,16 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device, to check the tool")
     parser.add_argument("--recompute", action="store_true",
                         help="backward: also time each training-step plan recomputing the pre-activation")
+    parser.add_argument("--summarize", metavar="JSON",
+                        help="print the backward summary of a JSON this tool wrote, and exit (no GPU needed)")
+    parser.add_argument("--points", default="", type=_points,
+                        help="backward: comma-separated preset:T to measure instead of the default eight, "
+                             "e.g. qwen3-30b-a3b:8192,mixtral-8x7b:8192")
     args = parser.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            _print_backward_summary(json.load(f)["results"])
+        return
     parts = args.parts.split(",")
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -554,7 +583,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         parser.error("measuring needs a CUDA GPU; --smoke runs the tool on tiny shapes here")
-    run = Run(device, time.monotonic() + args.budget_seconds, smoke=args.smoke, recompute=args.recompute)
+    run = Run(device, time.monotonic() + args.budget_seconds, smoke=args.smoke, recompute=args.recompute,
+              backward_points=args.points)
     results = _SavedResults(args.output, device)
     for part in parts:
         PARTS[part](results, run)
