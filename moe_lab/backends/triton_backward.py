@@ -107,10 +107,11 @@ def launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, so
     block_m, block_n = 8, min(512, next_power_of_two(inter))
     if num_pairs:
         backward_kernels().activation_backward_kernel[(-(-num_pairs // block_m),)](
-            acc, routing_weights, saved, d_pre, weighted_h, dw, sorted_pair,
-            num_pairs, inter, acc.stride(0), acc.stride(1), saved.stride(0), saved.stride(1),
+            acc, routing_weights, saved, d_pre, weighted_h, dw, sorted_pair, counts,
+            num_experts, inter, acc.stride(0), acc.stride(1), saved.stride(0), saved.stride(1),
             d_pre.stride(0), d_pre.stride(1), weighted_h.stride(0), weighted_h.stride(1),
-            ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+            ACTIVATION=activation, NUM_EXPERTS_POW2=next_power_of_two(num_experts), BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=4)
     return d_pre, weighted_h, dw
 
 
