@@ -108,7 +108,7 @@ BACKWARD_CANDIDATES = {
                                   K(128, 128, 64, 8, 4, tma=True)],
     ("down_backward", "split"): [K(128, 128, 64, 8, 4, tma=True), K(128, 128, 64, 8, 3, tma=True),
                                  K(128, 256, 64, 8, 4, tma=True), K(128, 256, 64, 8, 3, tma=True),
-                                 K(64, 128, 64, 4, 4, tma=True)],
+                                 K(64, 128, 64, 4, 4, tma=True), K(64, 64, 64, 4, 3, tma=True)],
     ("gate_up_input_grad", "sorted"): [K(128, 256, 64, 8, 4, tma=True), K(128, 256, 64, 8, 3, tma=True),
                                        K(128, 128, 64, 8, 4, tma=True)],
     ("weight_grad", "gathered"): [K(128, 128, 64, 8, 4), K(128, 128, 32, 8, 4), K(64, 128, 32, 4, 3),
