@@ -463,8 +463,8 @@ def _training_row(run, layer, preset, T, x, index, weights, grad_out, plans):
             peak = measure_peak_memory(step, run.device, warmup=0).peak_bytes
             row[label] = dict(ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
                               TFLOPs=flops / timing.median_ms / 1e9, peak_bytes=peak)
-        except torch.cuda.OutOfMemoryError as error:
-            row[label] = f"OutOfMemoryError: {str(error).splitlines()[0][:80]}"
+        except Exception as error:  # out of memory, or a variant that does not compile here: record it, go on
+            row[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''}"
             run.release()
     print("training_step", preset, T, {label: (f"{v['ms']:.3f} ms {v['TFLOPs']:.0f} TFLOP/s "
                                                f"{v['peak_bytes'] / 2**30:.2f} GiB" if isinstance(v, dict) else v)
