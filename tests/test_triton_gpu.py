@@ -162,13 +162,16 @@ def test_save_and_recompute_agree(save_pre_activation):
         assert moe_lab.relative_error(a, b) < 1e-2  # bf16; the recomputed pre-activation may round apart
 
 
-def test_fullgraph_compile_of_forward_and_backward():
+@pytest.mark.parametrize("variants", [False, True], ids=["plan", "sorted+tma+split"])
+def test_fullgraph_compile_of_forward_and_backward(variants):
     torch._dynamo.reset()
     layer = _scaled_layer("qwen3-30b-a3b")
     hidden, index, weights, grad_out = _inputs(layer, 512)
+    plan = _variant_plan(layer, 512, split=True) if variants else None
 
     def loss(x, w):
-        return (layer(x, index, w).float() * grad_out.float()).sum()
+        out = layer(x, index, w) if plan is None else triton_experts_forward(layer, x, index, w, plan=plan)
+        return (out.float() * grad_out.float()).sum()
 
     x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
     assert torch._dynamo.explain(loss)(x, w).graph_break_count == 0
