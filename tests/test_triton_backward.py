@@ -6,6 +6,7 @@ bfloat16 with tolerances derived from the dtype and the reduction length (triton
 — tight enough that a low-precision computation of the same sums fails them. Tiny sizes: the
 interpreter runs every program in numpy.
 """
+import contextlib
 import dataclasses
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import moe_lab
-from moe_lab.backends.triton_fused import launch_plan, triton_experts_forward, triton_path
+from moe_lab.backends.common import expert_weights
+from moe_lab.backends.triton_fused import LaunchPlan, backward_configs, launch_plan, triton_experts_forward, triton_path
 from moe_lab.backends.triton_launch import interpreting
 
 from triton_device import triton_device_or_skip
@@ -39,10 +41,10 @@ def _inputs(layer, T, seed=0, distribution="uniform"):
     return hidden, index, weights, grad_out
 
 
-def _check_gradients(experts, hidden, index, weights, grad_out, *, own_gate=False):
+def _check_gradients(experts, hidden, index, weights, grad_out, *, own_gate=False, plan=None):
     """Every gradient of the triton backend within its tolerance of the float64 one; returns the errors."""
     expected = reference_gradients(experts, hidden, index, weights, grad_out)
-    out, got = backend_gradients("triton", experts, hidden, index, weights, grad_out)
+    out, got = backend_gradients("triton", experts, hidden, index, weights, grad_out, plan=plan)
     assert out.grad_fn is not None
     num_pairs, hidden_size = index.numel(), hidden.shape[1]
     reduction = max(num_pairs, hidden_size, experts.gate_up_proj.shape[-2], experts.gate_up_proj.shape[-1])
@@ -82,6 +84,75 @@ def test_long_reductions_on_one_expert(dtype):
     _check_gradients(layer, hidden, index, weights, grad_out)
 
 
+BACKWARD_KERNELS = ("down_backward", "gate_up_input_grad", "gate_up_weight_grad", "down_weight_grad")
+
+
+def _variant_plan(experts, num_tokens, top_k, dtype, *, sorted_operands: bool, tma: bool, split: bool = False):
+    """The plan the backend would choose, with the backward's operand layout, TMA and the split
+    down_backward switched as asked."""
+    weights = expert_weights(experts)
+    plan = launch_plan(num_tokens, top_k, weights.num_experts, weights.gate_up.shape[-1], weights.intermediate_size,
+                       dtype, interpreted=interpreting(), needs_grad=True)
+    configs = {name: dataclasses.replace(getattr(plan, name), tma=tma) for name in BACKWARD_KERNELS}
+    return dataclasses.replace(plan, sorted_grad_out=sorted_operands, sorted_hidden_states=sorted_operands,
+                               split_down_backward=split, **configs)
+
+
+def test_backward_plan_crosses_into_the_ops_and_back_and_refuses_a_split_without_sorted_dout():
+    plan = launch_plan(8192, 8, 128, 2048, 768, torch.bfloat16, interpreted=False, needs_grad=True)
+    variant = dataclasses.replace(plan, sorted_grad_out=True, sorted_hidden_states=True, split_down_backward=True,
+                                  down_backward=dataclasses.replace(plan.down_backward, tma=True))
+    for value in (plan, variant):
+        assert LaunchPlan.from_ints(value.as_ints()) == value
+    with pytest.raises(ValueError, match="split_down_backward .* sorted_grad_out=True"):
+        dataclasses.replace(plan, split_down_backward=True)
+
+
+def test_backward_configs_tell_wide_experts_from_fine_grained_ones():
+    # Measured on an H200 (docs/performance_notes.md): mixtral-wide layers (I = 14336) kept 128-row
+    # TMA tiles in down_backward, fine-grained ones (I = 768) ran fastest with 64 x 64 tiles.
+    wide = backward_configs(2048, 4096, 14336, interpreted=False)
+    fine = backward_configs(512, 2048, 768, interpreted=False)
+    assert wide.down_backward.block_m == 128 and wide.down_backward.tma
+    assert (fine.down_backward.block_m, fine.down_backward.block_n, fine.down_backward.tma) == (64, 64, False)
+    assert wide.gate_up_input_grad.num_stages == 3 and fine.gate_up_input_grad.num_stages == 4
+    # float32 halves BLOCK_K, every other field kept
+    halved = backward_configs(512, 2048, 768, interpreted=False, itemsize=4)
+    assert halved.gate_up_weight_grad.block_k == fine.gate_up_weight_grad.block_k // 2
+    assert halved.sorted_grad_out == fine.sorted_grad_out
+
+
+@pytest.fixture
+def described(monkeypatch):
+    """The shapes of the tensors the launchers read through TMA descriptors during the test."""
+    from moe_lab.backends import triton_kernels
+
+    shapes = []
+    real = triton_kernels.tile_descriptor
+    monkeypatch.setattr(triton_kernels, "tile_descriptor",
+                        lambda tensor, block: shapes.append(tuple(tensor.shape)) or real(tensor, block))
+    return shapes
+
+
+# Expert 0 gets 150 rows (4 whole blocks of the weight gradients' 32 and a tail of 22), the others a
+# few each (a tail only), one none: TMA tiles past an expert's last row hold the next expert's rows.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sorted_operands, tma, split", [(True, True, False), (True, False, False),
+                                                         (False, True, False), (True, True, True)],
+                         ids=["sorted+tma", "sorted", "tma", "sorted+tma+split"])
+def test_sorted_operands_and_tma_tiles_match_float64(dtype, sorted_operands, tma, split, described):
+    layer = _layer(H=64, I=32, E=6, k=2, dtype=dtype)
+    hidden, index, weights, grad_out = _inputs(layer, 150, distribution="single")
+    plan = _variant_plan(layer, 150, 2, dtype, sorted_operands=sorted_operands, tma=tma, split=split)
+    _check_gradients(layer, hidden, index, weights, grad_out, plan=plan)
+    S, H, I = 300, 64, 32
+    if tma:  # each operand in sorted order through TMA, besides the weights and the forward's h
+        expected = {(S, 2 * I), (S, I)} | ({(S, H)} if sorted_operands else set())
+        assert expected <= set(described), described
+    else:
+        assert (S, 2 * I) not in described and (S, H) not in described
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T", [1, 7])  # T=1: the decode kernels without grad, the sorted ones with
 def test_transformers_module_with_bias_transposed_layout_and_own_gate(dtype, T):
@@ -99,6 +170,12 @@ def test_transformers_module_with_bias_transposed_layout_and_own_gate(dtype, T):
     # The gradients of the transposed [E, H, 2I] / [E, I, H] parameters keep their layout.
     assert experts.gate_up_proj.grad.stride() == experts.gate_up_proj.stride()
     assert experts.down_proj.grad.stride() == experts.down_proj.stride()
+    # The same through the sorted operands and TMA tiles (the bias sums read the TMA tiles' rows),
+    # with the fused and the split down_backward
+    for split in (False, True):
+        plan = _variant_plan(experts, T, config.num_experts_per_tok, dtype, sorted_operands=True, tma=True,
+                             split=split)
+        _check_gradients(experts, hidden, index, weights, grad_out, own_gate=True, plan=plan)
 
 
 @pytest.mark.parametrize("save_pre_activation", [True, False])
@@ -181,12 +258,13 @@ def test_experts_without_tokens_get_zero_gradients_and_zero_tokens_still_connect
     _check_gradients(layer, hidden, index, weights, grad_out)
     unused = sorted(set(range(6)) - set(index.unique().tolist()))
     assert unused and not layer.gate_up_proj.grad[unused].any() and not layer.down_proj.grad[unused].any()
-    layer.zero_grad(set_to_none=True)
-    x = hidden[:0].clone().requires_grad_(True)
-    out = moe_lab.experts_forward("triton", layer, x, index[:0], weights[:0])
-    out.sum().backward()
-    assert out.shape == (0, 32) and x.grad.shape == (0, 32)
-    assert not layer.gate_up_proj.grad.any() and not layer.down_proj.grad.any()
+    for plan in (None, _variant_plan(layer, 0, 2, torch.float32, sorted_operands=True, tma=True, split=True)):
+        layer.zero_grad(set_to_none=True)
+        x = hidden[:0].clone().requires_grad_(True)
+        out = triton_experts_forward(layer, x, index[:0], weights[:0], plan=plan)
+        out.sum().backward()
+        assert out.shape == (0, 32) and x.grad.shape == (0, 32)
+        assert not layer.gate_up_proj.grad.any() and not layer.down_proj.grad.any()
 
 
 def test_router_learns_through_the_routing_weights_in_a_sparse_moe_block():
@@ -242,6 +320,48 @@ def test_fullgraph_compile_of_forward_and_backward_has_no_graph_breaks():
     loss(x2, w2).backward()
     for a, b in zip(got, (x2.grad, w2.grad, layer.gate_up_proj.grad, layer.down_proj.grad)):
         assert torch.equal(a, b)
+
+
+def test_backward_compiles_where_is_compiling_is_false_while_aot_traces_it(monkeypatch):
+    # torch before ~2.12 (the GPU machine's 2.11) says is_compiling() only while dynamo traces, not
+    # while AOTAutograd traces the backward formula with fake tensors: the backward then ran the
+    # ops' bodies on tensors without data ("Error detected in GeneratedBackwardFor_moe_lab_triton_
+    # experts_defaultBackward"). Newer torch holds the flag for the whole compile; take that away.
+    monkeypatch.setattr(torch.compiler, "_compile_session_context", contextlib.nullcontext, raising=False)
+    torch._dynamo.reset()
+    layer = _layer(H=32, I=16)
+    hidden, index, weights, grad_out = _inputs(layer, 8)
+    plan = _variant_plan(layer, 8, 2, torch.float32, sorted_operands=True, tma=True, split=True)
+
+    def loss(x, w):
+        return (triton_experts_forward(layer, x, index, w, plan=plan) * grad_out).sum()
+
+    try:
+        x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(x, w).backward()
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+    _, expected = backend_gradients("triton", layer, hidden, index, weights, grad_out, plan=plan)
+    assert torch.equal(x.grad, expected["hidden_states"]) and torch.equal(w.grad, expected["top_k_weights"])
+
+
+def test_backward_steps_on_fake_tensors_go_through_the_ops():
+    # What AOTAutograd hands a backward formula while tracing: tensors without data. The step must
+    # reach the op's fake (shapes only), never a kernel launch.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_lab.backends import triton_autograd
+
+    layer = _layer(H=32, I=16)
+    hidden, index, weights, grad_out = _inputs(layer, 8)
+    sorted_pair, counts = triton_autograd._sort_pairs(index.reshape(-1), 4, True)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [mode.from_tensor(t) for t in (grad_out, layer.down_proj.detach(), weights.reshape(-1),
+                                               torch.empty(16, 32), sorted_pair, counts)]
+        d_pre, weighted_h, dw = triton_autograd._call(triton_autograd.down_backward_op, *fakes, 2, "silu",
+                                                      [16, 64, 64, 1, 1, 8, 0], None, False)
+    assert (d_pre.shape, weighted_h.shape, dw.shape) == ((16, 32), (16, 16), (16,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -9,6 +9,9 @@ CUDA graphs. Skipped without CUDA (conftest.py); run with `pytest tests/test_tri
   graph and replayed on new inputs, equal to the same step launched; no host sync anywhere in it.
 """
 import copy
+import dataclasses
+import traceback
+from collections import Counter
 
 import pytest
 import torch
@@ -70,21 +73,75 @@ def test_float32_gradients_stay_float32():
         assert moe_lab.relative_error(got[name], reference) < tolerance, name
 
 
+BACKWARD_KERNELS = ("down_backward", "gate_up_input_grad", "gate_up_weight_grad", "down_weight_grad")
+
+
+def _training_plan(layer, num_tokens):
+    c = layer.config
+    return launch_plan(num_tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype,
+                       interpreted=False, needs_grad=True)
+
+
+def _variant_plan(layer, num_tokens, *, sorted_operands=True, tma=True, split=False):
+    """The plan the backend would choose, with the backward's operand layout, TMA and the split
+    down_backward switched as asked."""
+    plan = _training_plan(layer, num_tokens)
+    configs = {name: dataclasses.replace(getattr(plan, name), tma=tma) for name in BACKWARD_KERNELS}
+    return dataclasses.replace(plan, sorted_grad_out=sorted_operands, sorted_hidden_states=sorted_operands,
+                               split_down_backward=split, **configs)
+
+
+@pytest.mark.parametrize("preset", list(moe_lab.PRESETS))
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_sorted_operands_and_tma_tiles_on_every_preset_shape(preset, split):
+    # The backward's variants that gather dout and x into sorted order once and read every row
+    # operand through TMA tiles, with down_backward fused or split in two (tools/tune_triton.py
+    # measures them against the default)
+    layer = _scaled_layer(preset)
+    config = layer.config
+    T = _tokens_for_rows_per_expert(config, 256) + 5  # + 5: experts' rows not a multiple of any block
+    hidden, index, weights, grad_out = _inputs(layer, T)
+    expected = reference_gradients(layer, hidden, index, weights, grad_out)
+    plan = _variant_plan(layer, T, split=split)
+    _, got = backend_gradients("triton", layer, hidden, index, weights, grad_out, plan=plan)
+    reduction = max(index.numel(), config.hidden_size, 2 * config.intermediate_size)
+    for name, reference in expected.items():
+        error = moe_lab.relative_error(got[name], reference)
+        tolerance = gradient_tolerance(name, torch.bfloat16, reduction, truncating=False)
+        assert error < tolerance, f"{preset} T={T} {name}: {error:.3g} > {tolerance:.3g}"
+
+
 def test_backward_kernels_take_tma_tiles_where_the_plan_asks(monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA tiles need Hopper or later")
     layer = _scaled_layer("qwen3-30b-a3b")
-    hidden, index, weights, grad_out = _inputs(layer, _tokens_for_rows_per_expert(layer.config, 256))
-    used = []
+    c = layer.config
+    T = _tokens_for_rows_per_expert(c, 256)
+    hidden, index, weights, grad_out = _inputs(layer, T)
+    used, described = [], []
     real_launch = triton_launch.grid_launch
     monkeypatch.setattr(triton_launch, "grid_launch", lambda kernel, *args, **kwargs: used.append(
-        (kernel.fn.__name__, kwargs["USE_TMA"])) or real_launch(kernel, *args, **kwargs))
-    from moe_lab.backends import triton_backward
+        (kernel.fn.__name__, kwargs["USE_TMA"], kwargs.get("DOUT_TMA"))) or real_launch(kernel, *args, **kwargs))
+    from moe_lab.backends import triton_backward, triton_kernels
     monkeypatch.setattr(triton_backward, "grid_launch", triton_launch.grid_launch)
-    backend_gradients("triton", layer, hidden, index, weights, grad_out)
-    # forward gate_up and down, down_backward, and the input gradient (down_kernel, K-major weights)
-    assert [name for name, _ in used] == ["gate_up_kernel", "down_kernel", "down_backward_kernel", "down_kernel"]
-    assert all(tma for _, tma in used), used
+    real_descriptor = triton_kernels.tile_descriptor
+    monkeypatch.setattr(triton_kernels, "tile_descriptor", lambda tensor, block: described.append(
+        tuple(tensor.shape)) or real_descriptor(tensor, block))
+    for plan in (_training_plan(layer, T), _variant_plan(layer, T)):
+        used.clear()
+        described.clear()
+        backend_gradients("triton", layer, hidden, index, weights, grad_out, plan=plan)
+        # forward gate_up and down, down_backward, and the input gradient (down_kernel, K-major weights)
+        assert [name for name, *_ in used] == ["gate_up_kernel", "down_kernel", "down_backward_kernel", "down_kernel"]
+        asked = [plan.gate_up.tma, plan.down.tma, plan.down_backward.tma, plan.gate_up_input_grad.tma]
+        assert [tma for _, tma, _ in used] == asked, used
+        assert used[2][2] == (plan.down_backward.tma and plan.sorted_grad_out), used  # dout's tiles
+    # The variant: the sorted dout (down_backward, dW_down) and x (dW_gate_up), d_pre (dX, dW_gate_up)
+    # and weight * h (dW_down), each [S, *], described for TMA
+    S, H, I = T * c.top_k, c.hidden_size, c.intermediate_size
+    counted = Counter(described)
+    assert counted[S, H] == 3 and counted[S, 2 * I] == 2, counted
+    assert counted[S, I] == 1 + plan.down.tma, counted  # and the forward's h [S, I] when its down kernel takes TMA
 
 
 @pytest.mark.parametrize("save_pre_activation", [True, False])
@@ -105,13 +162,16 @@ def test_save_and_recompute_agree(save_pre_activation):
         assert moe_lab.relative_error(a, b) < 1e-2  # bf16; the recomputed pre-activation may round apart
 
 
-def test_fullgraph_compile_of_forward_and_backward():
+@pytest.mark.parametrize("variants", [False, True], ids=["plan", "sorted+tma+split"])
+def test_fullgraph_compile_of_forward_and_backward(variants):
     torch._dynamo.reset()
     layer = _scaled_layer("qwen3-30b-a3b")
     hidden, index, weights, grad_out = _inputs(layer, 512)
+    plan = _variant_plan(layer, 512, split=True) if variants else None
 
     def loss(x, w):
-        return (layer(x, index, w).float() * grad_out.float()).sum()
+        out = layer(x, index, w) if plan is None else triton_experts_forward(layer, x, index, w, plan=plan)
+        return (out.float() * grad_out.float()).sum()
 
     x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
     assert torch._dynamo.explain(loss)(x, w).graph_break_count == 0
@@ -119,6 +179,8 @@ def test_fullgraph_compile_of_forward_and_backward():
     try:
         torch.compile(loss, fullgraph=True)(x, w).backward()
         got = [x.grad, w.grad, layer.gate_up_proj.grad, layer.down_proj.grad]
+    except Exception as error:  # noqa: BLE001 - inductor's messages are long: say all of it, first
+        pytest.fail(_whole_error(error))
     finally:
         torch._dynamo.reset()
     x2, w2 = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
@@ -176,3 +238,17 @@ def test_training_step_is_sync_free_and_capturable_in_a_cuda_graph():
     for (name, replayed), stepped in zip(block.named_parameters(), launched.parameters()):
         assert moe_lab.relative_error(replayed.grad, stepped.grad) < 2e-2, name
         assert moe_lab.relative_error(replayed, stepped) < 1e-2, name
+
+
+def _whole_error(error: BaseException, frames: int = 12) -> str:
+    """Every exception in the chain (type and full message), then the innermost one's last frames:
+    a compile failure's cause sits at the bottom of a very long report that tools cut off."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    lines = [f"{type(e).__module__}.{type(e).__qualname__}: {e}" for e in chain]
+    innermost = chain[-1]
+    lines += ["innermost traceback:"] + [f"  {frame.filename}:{frame.lineno} in {frame.name}: {frame.line}"
+                                         for frame in traceback.extract_tb(innermost.__traceback__)[-frames:]]
+    return "\n".join(lines)

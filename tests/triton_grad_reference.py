@@ -82,13 +82,20 @@ def reference_gradients(experts, hidden_states, top_k_index, top_k_weights, grad
     return {name: leaf.grad for name, leaf in leaves.items()}
 
 
-def backend_gradients(backend: str, experts, hidden_states, top_k_index, top_k_weights, grad_out):
-    """(output, {name: gradient}) of `backend` for <out, grad_out>, every input a fresh leaf."""
+def backend_gradients(backend: str, experts, hidden_states, top_k_index, top_k_weights, grad_out, *, plan=None):
+    """(output, {name: gradient}) of `backend` for <out, grad_out>, every input a fresh leaf.
+    `plan`: the triton backend's launch plan instead of the one it would choose."""
     for parameter in experts.parameters():
         parameter.grad = None
     hidden = hidden_states.detach().clone().requires_grad_(True)
     weights = top_k_weights.detach().clone().requires_grad_(True)
-    out = moe_lab.experts_forward(backend, experts, hidden, top_k_index, weights)
+    if plan is None:
+        out = moe_lab.experts_forward(backend, experts, hidden, top_k_index, weights)
+    else:
+        from moe_lab.backends.triton_fused import triton_experts_forward
+
+        assert backend == "triton", "only the triton backend takes a launch plan"
+        out = triton_experts_forward(experts, hidden, top_k_index, weights, plan=plan)
     (out.float() * grad_out.float()).sum().backward()
     grads = {"hidden_states": hidden.grad, "top_k_weights": weights.grad}
     for name in GRADIENT_NAMES[2:]:

@@ -15,8 +15,11 @@ nothing here could test it, and the GEMMs are all in our kernels anyway.)
         sort -> triton_gate_up_projection -> the gate, in torch -> triton_down_projection -> out
         torch differentiates the gate between the two ops' backward formulas.
 
-Launched from Python (not compiling), the ops that carry no autograd formula run their Python
+Launched from Python on plain tensors, the ops that carry no autograd formula run their Python
 bodies directly: the dispatcher's host time per call (docs/performance_notes.md) buys nothing there.
+Whenever a tracer is watching — dynamo, or AOTAutograd tracing a backward formula with fake and
+functional tensors (on torch versions where `torch.compiler.is_compiling()` is False by then) — they
+go through the op, whose fake gives the shapes: a body would launch kernels on tensors without data.
 Only first derivatives are implemented: a double backward raises instead of being silently wrong.
 """
 from __future__ import annotations
@@ -25,8 +28,17 @@ from typing import Optional
 
 import torch
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 from .common import ExpertWeights, apply_gate
-from .triton_backward import launch_down_backward, launch_input_grad, launch_weight_grad, routing_weight_grad
+from .triton_backward import (
+    launch_down_backward,
+    launch_down_backward_split,
+    launch_input_grad,
+    launch_weight_grad,
+    routing_weight_grad,
+    sorted_rows,
+)
 from .triton_launch import launch_down, launch_gate_up, launch_sum_over_top_k, sort_pairs
 from .triton_plan import KernelConfig, LaunchPlan
 
@@ -53,8 +65,20 @@ def experts_forward_with_grad(experts, weights: ExpertWeights, hidden_states, to
 
 
 def _call(op, *args):
-    """The custom op under torch.compile (opaque, with a fake for the shapes), its Python body otherwise."""
-    return op(*args) if torch.compiler.is_compiling() else _BODIES[op](*args)
+    """The custom op while anything traces (opaque, with a fake for the shapes), its Python body otherwise."""
+    return op(*args) if _tracing(args) else _BODIES[op](*args)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _tracing(args) -> bool:
+    """Whether these arguments are being traced rather than computed: dynamo (is_compiling), a
+    dispatch mode such as make_fx's proxy or fake mode, or tensors that are not plain ones (the
+    fake and functional tensors AOTAutograd hands a backward formula while it traces it)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    return any(isinstance(arg, torch.Tensor) and type(arg) not in _PLAIN_TENSORS for arg in args)
 
 
 def _refuse_double_backward():
@@ -128,15 +152,21 @@ def _experts_backward(ctx, grad_out, _grad_pre):
         ctx.saved_tensors
     needs_x, needs_gate_up, needs_down, needs_gate_up_bias, needs_down_bias, needs_routing = ctx.needs_input_grad[:6]
     plan, top_k = LaunchPlan.from_ints(ctx.plan), ctx.top_k
+    grad_out = grad_out.contiguous()  # whatever layout the graph hands over: the kernels index rows and TMA tiles
     if not plan.save_pre_activation:  # recompute: the gate_up GEMM again, without the activation
         pre = _call(gate_up_projection_op, x, gate_up, gate_up_bias, sorted_pair, counts, top_k,
                     plan.gate_up.as_ints(), ctx.plan)
+    grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k) if plan.sorted_grad_out else None  # [S, H]
     d_pre, weighted_h, dw = _call(down_backward_op, grad_out, down, routing_weights, pre, sorted_pair, counts, top_k,
-                                  ctx.activation, plan.down_backward.as_ints())
+                                  ctx.activation, plan.down_backward.as_ints(), grad_out_sorted,
+                                  plan.split_down_backward)
+    del pre
+    # dW_down first, so the sorted dout is released before dX and dW_gate_up allocate theirs
+    d_down, d_down_bias = _down_grads(grad_out, grad_out_sorted, weighted_h, routing_weights, down, down_bias,
+                                      sorted_pair, counts, top_k, plan, needs_down, needs_down_bias)
+    del grad_out_sorted, weighted_h
     dx, d_gate_up, d_gate_up_bias = _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, plan,
                                                    needs_x, needs_gate_up, needs_gate_up_bias)
-    d_down, d_down_bias = _down_grads(grad_out, weighted_h, routing_weights, down, down_bias, sorted_pair, counts,
-                                      top_k, plan, needs_down, needs_down_bias)
     d_routing = (routing_weight_grad(dw, grad_out, down_bias, expert_of_pair, top_k, routing_weights.dtype)
                  if needs_routing else None)
     return (dx, d_gate_up, d_down, d_gate_up_bias, d_down_bias, d_routing) + (None,) * 6
@@ -173,7 +203,7 @@ def _gate_up_projection_backward(ctx, d_pre):
     _refuse_double_backward()
     x, gate_up, gate_up_bias, sorted_pair, counts = ctx.saved_tensors
     needs_x, needs_gate_up, needs_bias = ctx.needs_input_grad[:3]
-    grads = _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, ctx.top_k,
+    grads = _gate_up_grads(d_pre.contiguous(), x, gate_up, gate_up_bias, sorted_pair, counts, ctx.top_k,
                            LaunchPlan.from_ints(ctx.plan), needs_x, needs_gate_up, needs_bias)
     return grads + (None,) * 5
 
@@ -207,10 +237,12 @@ def _down_projection_backward(ctx, grad_out):
     h, down, down_bias, routing_weights, expert_of_pair, sorted_pair, counts = ctx.saved_tensors
     needs_h, needs_down, needs_bias, needs_routing = ctx.needs_input_grad[:4]
     plan, top_k = LaunchPlan.from_ints(ctx.plan), ctx.top_k
+    grad_out = grad_out.contiguous()
+    grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k) if plan.sorted_grad_out else None  # [S, H]
     dh, weighted_h, dw = _call(down_backward_op, grad_out, down, routing_weights, h, sorted_pair, counts, top_k, "none",
-                               plan.down_backward.as_ints())
-    d_down, d_bias = _down_grads(grad_out, weighted_h, routing_weights, down, down_bias, sorted_pair, counts, top_k,
-                                 plan, needs_down, needs_bias)
+                               plan.down_backward.as_ints(), grad_out_sorted, plan.split_down_backward)
+    d_down, d_bias = _down_grads(grad_out, grad_out_sorted, weighted_h, routing_weights, down, down_bias, sorted_pair,
+                                 counts, top_k, plan, needs_down, needs_bias)
     d_routing = (routing_weight_grad(dw, grad_out, down_bias, expert_of_pair, top_k, routing_weights.dtype)
                  if needs_routing else None)
     return (dh if needs_h else None, d_down, d_bias, d_routing) + (None,) * 6
@@ -224,16 +256,23 @@ down_projection_op.register_autograd(_down_projection_backward, setup_context=_d
 # ---------------------------------------------------------------------------------------------
 
 def _down_backward(grad_out: Tensor, down: Tensor, routing_weights: Tensor, saved: Tensor, sorted_pair: Tensor,
-                   counts: Tensor, top_k: int, activation: str, config: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                   counts: Tensor, top_k: int, activation: str, config: list[int],
+                   grad_out_sorted: Optional[Tensor], split: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (d_pre, weighted_h, d top_k_weights without the down bias's term); `split` (with
+    grad_out_sorted) runs it as the GEMM and the streaming activation backward."""
+    config = KernelConfig.from_ints(config)
+    if split:
+        return launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, sorted_pair, counts, top_k,
+                                          activation, config)
     return launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
-                                KernelConfig.from_ints(config))
+                                config, grad_out_sorted=grad_out_sorted)
 
 
 down_backward_op = torch.library.custom_op("moe_lab::triton_down_backward", _down_backward, mutates_args=())
 
 
 @down_backward_op.register_fake
-def _(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation, config):
+def _(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation, config, grad_out_sorted, split):
     num_pairs, inter = sorted_pair.shape[0], down.shape[2]
     width = 2 * inter if activation != "none" else inter
     return (grad_out.new_empty(num_pairs, width), grad_out.new_empty(num_pairs, inter),
@@ -282,17 +321,21 @@ def _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, 
                 plan.gate_up_input_grad.as_ints()) if needs_x else None)
     if not (needs_weight or needs_bias):
         return dx, None, None
-    d_weight, d_bias = _call(weight_grad_op, d_pre, x, gate_up, gate_up_bias if needs_bias else None, None,
-                             sorted_pair, counts, top_k, False, True, plan.gate_up_weight_grad.as_ints())
+    x_rows, by_token = x, True  # [T, H] read at each sorted row's token, or gathered once: [S, H]
+    if plan.sorted_hidden_states:
+        x_rows, by_token = sorted_rows(x, sorted_pair, top_k), False
+    d_weight, d_bias = _call(weight_grad_op, d_pre, x_rows, gate_up, gate_up_bias if needs_bias else None, None,
+                             sorted_pair, counts, top_k, False, by_token, plan.gate_up_weight_grad.as_ints())
     return dx, (d_weight if needs_weight else None), (d_bias if needs_bias else None)
 
 
-def _down_grads(grad_out, weighted_h, routing_weights, down, down_bias, sorted_pair, counts, top_k, plan: LaunchPlan,
-                needs_weight, needs_bias):
-    """dout [T, H], weighted_h [S, I] -> (dW_down, d down_bias), None where not needed."""
+def _down_grads(grad_out, grad_out_sorted, weighted_h, routing_weights, down, down_bias, sorted_pair, counts, top_k,
+                plan: LaunchPlan, needs_weight, needs_bias):
+    """dout [T, H] (or its sorted rows [S, H]), weighted_h [S, I] -> (dW_down, d down_bias), None where not needed."""
     if not (needs_weight or needs_bias):
         return None, None
-    d_weight, d_bias = _call(weight_grad_op, grad_out, weighted_h, down, down_bias if needs_bias else None,
-                             routing_weights if needs_bias else None, sorted_pair, counts, top_k, True, False,
-                             plan.down_weight_grad.as_ints())
+    by_token = grad_out_sorted is None
+    d_weight, d_bias = _call(weight_grad_op, grad_out if by_token else grad_out_sorted, weighted_h, down,
+                             down_bias if needs_bias else None, routing_weights if needs_bias else None, sorted_pair,
+                             counts, top_k, by_token, False, plan.down_weight_grad.as_ints())
     return (d_weight if needs_weight else None), (d_bias if needs_bias else None)

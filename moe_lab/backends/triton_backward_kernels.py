@@ -20,6 +20,12 @@ Given dout [T, H]:
   expert's sorted rows, so the grid is E x tiles, known on the host without reading the counts):
       dW_gate_up[e] = sum over e's rows of d_pre[r]^T x[token(r)]      [2I, H]   (+ d bias = row sums)
       dW_down[e]    = sum over e's rows of dout[token(r)]^T weighted_h[r]   [H, I]   (+ d bias)
+  split_down_backward (plan): the same in two kernels, down_kernel's GEMM of dout's sorted rows
+  into a float32 [S, I] buffer, then activation_backward_kernel streaming it with the saved
+  pre-activation; the fused kernel's epilogue holds five [BM, BN] tiles besides the accumulator.
+  With the plan's sorted_grad_out / sorted_hidden_states the launchers first gather dout / x into
+  sorted row order ([S, H]); down_backward and the weight gradients then read row tiles that are
+  contiguous, through TMA descriptors where the config asks, instead of gathering rows themselves.
 """
 from __future__ import annotations
 
@@ -58,11 +64,14 @@ def down_backward_kernel(
     stride_hm, stride_hn, stride_dwp, stride_dwn,
     ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, DOUT_SORTED: tl.constexpr = False, DOUT_TMA: tl.constexpr = False,
 ):
     """dout [T, K=H], w = down [E, H, I] read as [E, K, N=I] -> d_pre, weighted_h, dw_partial.
     saved is pre [S, 2I] for a fused ACTIVATION, h [S, I] for "none". With USE_TMA, w_ptr is a
-    descriptor over down viewed [E*H, I] in [BLOCK_K, BLOCK_N] tiles (K a multiple of BLOCK_K)."""
+    descriptor over down viewed [E*H, I] in [BLOCK_K, BLOCK_N] tiles (K a multiple of BLOCK_K).
+    DOUT_SORTED: dout is already gathered into sorted row order, [S, H], read at the sorted rows;
+    with DOUT_TMA through a descriptor in [BLOCK_M, BLOCK_K] tiles (rows past the expert's only
+    reach accumulator rows that are masked at every store, and h is zero there)."""
     expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
         counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:
@@ -72,7 +81,11 @@ def down_backward_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
 
-    a_ptrs = dout_ptr + token[:, None] * stride_dt + offs_k[None, :] * stride_dk  # [BM, BK] gathered rows
+    if not DOUT_TMA:
+        dout_rows = token
+        if DOUT_SORTED:
+            dout_rows = sorted_rows
+        a_ptrs = dout_ptr + dout_rows[:, None] * stride_dt + offs_k[None, :] * stride_dk  # [BM, BK] (gathered) rows
     if USE_TMA:
         w_row = expert * K  # this expert's first row in [E*H, I]
     else:
@@ -80,7 +93,10 @@ def down_backward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOUT_TMA:
+            a = dout_ptr.load([first_row, k0])  # [BM, BK]
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_TMA:
             w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
         else:
@@ -88,12 +104,26 @@ def down_backward_kernel(
         if DOT_IN_FP32:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_dk
+        if not DOUT_TMA:
+            a_ptrs += BLOCK_K * stride_dk
         if not USE_TMA:
             w_ptrs += BLOCK_K * stride_wk
 
+    weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
+    row_sums = _activation_backward_tile(
+        acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n, n_mask, N,
+        stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn, ACTIVATION)
+    tl.store(dw_partial_ptr + pair * stride_dwp + pid_n * stride_dwn, row_sums, mask=row_mask)
+
+
+@triton.jit
+def _activation_backward_tile(acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n,
+                              n_mask, N, stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn,
+                              ACTIVATION: tl.constexpr):
+    """From acc = dout @ down[e] [BM, BN] (float32) of sorted rows: store d_pre's (and weighted_h's)
+    tile, return the rows' sums of acc * h [BM] (their part of d top_k_weights)."""
     tile_mask = row_mask[:, None] & n_mask[None, :]
-    weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]  # [BM, 1]
+    weight = weight[:, None]  # [BM, 1]
     saved_ptrs = saved_ptr + sorted_rows[:, None] * stride_sm + offs_n[None, :] * stride_sn
     d_pre_ptrs = d_pre_ptr + sorted_rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
     out_dtype = d_pre_ptr.dtype.element_ty
@@ -111,8 +141,37 @@ def down_backward_kernel(
         tl.store(d_pre_ptrs, (acc * weight).to(out_dtype), mask=tile_mask)
     weighted_h_ptrs = weighted_h_ptr + sorted_rows[:, None] * stride_hm + offs_n[None, :] * stride_hn
     tl.store(weighted_h_ptrs, (h * weight).to(weighted_h_ptr.dtype.element_ty), mask=tile_mask)
-    # acc and h are zero outside the tile's rows and columns, so the row sums need no mask
-    tl.store(dw_partial_ptr + pair * stride_dwp + pid_n * stride_dwn, tl.sum(acc * h, axis=1), mask=row_mask)
+    # h is zero outside the tile's rows and columns, so the row sums need no mask (and acc, which may
+    # hold other experts' rows there when its dout rows came through TMA, does not count)
+    return tl.sum(acc * h, axis=1)
+
+
+@triton.jit
+def activation_backward_kernel(
+    acc_ptr, routing_weight_ptr, saved_ptr, d_pre_ptr, weighted_h_ptr, dw_ptr, sorted_pair_ptr, counts_ptr,
+    num_experts, N, stride_am, stride_an, stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn,
+    ACTIVATION: tl.constexpr, NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The split down_backward's second half: acc [S, N=I] float32 (dout's sorted rows @ down[e],
+    from down_kernel) -> d_pre, weighted_h, and dw [S] in pair order: each program streams BLOCK_M
+    whole rows, so a row's sum over its columns needs no partial buffer. Only the experts' rows
+    (the counts' sum): a pair with an out-of-range expert id has no acc row, and its dw stays zero."""
+    expert_ids = tl.arange(0, NUM_EXPERTS_POW2)
+    counted_rows = tl.sum(tl.load(counts_ptr + expert_ids, mask=expert_ids < num_experts, other=0).to(tl.int32))
+    sorted_rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    row_mask = sorted_rows < counted_rows
+    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0).to(tl.int64)
+    weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
+    row_sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.load(acc_ptr + sorted_rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+                      mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        row_sums += _activation_backward_tile(
+            acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n, n_mask, N,
+            stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn, ACTIVATION)
+    tl.store(dw_ptr + pair, row_sums, mask=row_mask)
 
 
 @triton.jit
@@ -123,12 +182,17 @@ def expert_weight_grad_kernel(
     LEFT_BY_TOKEN: tl.constexpr, RIGHT_BY_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_ROW_SCALED: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, LEFT_TMA: tl.constexpr = False, RIGHT_TMA: tl.constexpr = False,
 ):
     """out[e] [M, N] = sum over expert e's sorted rows r of left[row]^T right[row], where a
     *_BY_TOKEN operand is a [T, *] tensor read at token(r) and the other a [S, *] one read at r.
     HAS_BIAS: bias_out[e] [M] = the sum of the left rows (times row_scale[pair(r)] if
-    BIAS_ROW_SCALED), by the programs of the first column block. An expert without rows gets zeros."""
+    BIAS_ROW_SCALED), by the programs of the first column block. An expert without rows gets zeros.
+
+    *_TMA (only for an operand in sorted order): its pointer is a descriptor over [S, M] (or
+    [S, N]) in [BLOCK_K, BLOCK_M] ([BLOCK_K, BLOCK_N]) tiles. The loop runs over the expert's whole
+    row blocks without masks, then one masked block for the rest: a TMA tile past the expert's
+    last row holds the next expert's rows, which must not enter the sum, so the tail zeroes them."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     tiles_per_expert = num_m_blocks * tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -142,32 +206,21 @@ def expert_weight_grad_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     m_mask, n_mask = offs_m < M, offs_n < N
-    offs_r = tl.arange(0, BLOCK_K)  # [BK] rows of this expert per step
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for r0 in range(0, num_rows, BLOCK_K):
-        r_mask = offs_r < num_rows - r0
-        sorted_rows = (first_row + r0 + offs_r).to(tl.int64)  # [BK]
-        pair = tl.load(sorted_pair_ptr + sorted_rows, mask=r_mask, other=0).to(tl.int64)
-        left_rows = sorted_rows
-        if LEFT_BY_TOKEN:
-            left_rows = pair // top_k
-        right_rows = sorted_rows
-        if RIGHT_BY_TOKEN:
-            right_rows = pair // top_k
-        left = tl.load(left_ptr + left_rows[:, None] * stride_lr + offs_m[None, :] * stride_lm,
-                       mask=r_mask[:, None] & m_mask[None, :], other=0.0)  # [BK, BM]
-        right = tl.load(right_ptr + right_rows[:, None] * stride_rr + offs_n[None, :] * stride_rn,
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BK, BN]
-        if HAS_BIAS:
-            if pid_n == 0:
-                rows = left.to(tl.float32)
-                if BIAS_ROW_SCALED:
-                    rows = rows * tl.load(row_scale_ptr + pair, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-                bias_acc += tl.sum(rows, axis=0)
-        if DOT_IN_FP32:
-            left, right = left.to(tl.float32), right.to(tl.float32)
-        acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
+    whole_rows = num_rows - num_rows % BLOCK_K
+    for r0 in range(0, whole_rows, BLOCK_K):
+        acc, bias_acc = _weight_grad_step(
+            acc, bias_acc, left_ptr, right_ptr, row_scale_ptr, sorted_pair_ptr, first_row + r0, BLOCK_K, top_k,
+            pid_m, pid_n, offs_m, offs_n, m_mask, n_mask, stride_lr, stride_lm, stride_rr, stride_rn,
+            LEFT_BY_TOKEN, RIGHT_BY_TOKEN, HAS_BIAS, BIAS_ROW_SCALED, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N,
+            BLOCK_K, LEFT_TMA, RIGHT_TMA, MASK_ROWS=False)
+    if whole_rows < num_rows:
+        acc, bias_acc = _weight_grad_step(
+            acc, bias_acc, left_ptr, right_ptr, row_scale_ptr, sorted_pair_ptr, first_row + whole_rows,
+            num_rows - whole_rows, top_k, pid_m, pid_n, offs_m, offs_n, m_mask, n_mask, stride_lr, stride_lm, stride_rr,
+            stride_rn, LEFT_BY_TOKEN, RIGHT_BY_TOKEN, HAS_BIAS, BIAS_ROW_SCALED, INPUT_PRECISION, DOT_IN_FP32,
+            BLOCK_M, BLOCK_N, BLOCK_K, LEFT_TMA, RIGHT_TMA, MASK_ROWS=True)
 
     out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + offs_m[:, None].to(tl.int64) * stride_om
                 + offs_n[None, :] * stride_on)
@@ -176,3 +229,55 @@ def expert_weight_grad_kernel(
         if pid_n == 0:
             bias_ptrs = bias_out_ptr + expert.to(tl.int64) * stride_be + offs_m * stride_bm
             tl.store(bias_ptrs, bias_acc.to(bias_out_ptr.dtype.element_ty), mask=m_mask)
+
+
+@triton.jit
+def _weight_grad_step(
+    acc, bias_acc, left_ptr, right_ptr, row_scale_ptr, sorted_pair_ptr, first_row, rows_left, top_k,
+    pid_m, pid_n, offs_m, offs_n, m_mask, n_mask, stride_lr, stride_lm, stride_rr, stride_rn,
+    LEFT_BY_TOKEN: tl.constexpr, RIGHT_BY_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROW_SCALED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, LEFT_TMA: tl.constexpr, RIGHT_TMA: tl.constexpr, MASK_ROWS: tl.constexpr,
+):
+    """acc += left[rows]^T right[rows] for the BLOCK_K sorted rows from first_row (only the first
+    rows_left of them with MASK_ROWS); bias_acc += the left rows' (scaled) sum on column block 0."""
+    offs_r = tl.arange(0, BLOCK_K)
+    r_mask = offs_r < rows_left  # [BK]; all true without MASK_ROWS
+    sorted_rows = (first_row + offs_r).to(tl.int64)  # [BK]
+    pair = sorted_rows
+    if LEFT_BY_TOKEN or RIGHT_BY_TOKEN or BIAS_ROW_SCALED:
+        pair = tl.load(sorted_pair_ptr + sorted_rows, mask=r_mask, other=0).to(tl.int64)
+    left = _rows_tile(left_ptr, sorted_rows, pair // top_k, r_mask, offs_m, m_mask, first_row, pid_m,
+                      stride_lr, stride_lm, LEFT_BY_TOKEN, LEFT_TMA, MASK_ROWS, BLOCK_M)  # [BK, BM]
+    right = _rows_tile(right_ptr, sorted_rows, pair // top_k, r_mask, offs_n, n_mask, first_row, pid_n,
+                       stride_rr, stride_rn, RIGHT_BY_TOKEN, RIGHT_TMA, MASK_ROWS, BLOCK_N)  # [BK, BN]
+    if MASK_ROWS and LEFT_TMA and RIGHT_TMA:  # both tiles hold rows past the expert's: zero one side
+        left = tl.where(r_mask[:, None], left, 0.0).to(left.dtype)
+    if HAS_BIAS:
+        if pid_n == 0:
+            rows = tl.where(r_mask[:, None], left.to(tl.float32), 0.0)
+            if BIAS_ROW_SCALED:
+                rows = rows * tl.load(row_scale_ptr + pair, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+            bias_acc += tl.sum(rows, axis=0)
+    if DOT_IN_FP32:
+        left, right = left.to(tl.float32), right.to(tl.float32)
+    acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
+    return acc, bias_acc
+
+
+@triton.jit
+def _rows_tile(ptr, sorted_rows, token, r_mask, offs_c, c_mask, first_row, pid_c, stride_r, stride_c,
+               BY_TOKEN: tl.constexpr, TMA: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One operand's [BLOCK_K, BLOCK_C] tile of the weight-gradient loop: a TMA tile of a sorted
+    tensor (rows past the expert's included), or a pointer load of sorted or token rows."""
+    if TMA:
+        tile = ptr.load([first_row, pid_c * BLOCK_C])
+    else:
+        rows = sorted_rows
+        if BY_TOKEN:
+            rows = token
+        mask = c_mask[None, :]
+        if MASK_ROWS:
+            mask = r_mask[:, None] & c_mask[None, :]
+        tile = tl.load(ptr + rows[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+    return tile

@@ -184,6 +184,7 @@ def down_kernel(
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, SCALE_ROWS: tl.constexpr = True, W_TILE_KN: tl.constexpr = False,
+    STORE_SORTED: tl.constexpr = False,
 ):
     """h [S, K=I] (sorted rows), w [E, H, I] -> out [S, N=H] in (token, slot) order, times the routing weight.
     With USE_TMA, h_ptr and w_ptr are descriptors: h [S, I] in [BLOCK_M, BLOCK_K] tiles, w viewed
@@ -193,7 +194,9 @@ def down_kernel(
     [E, N=H, K=2I]), without the routing weight (SCALE_ROWS=False). There the weight is K-major,
     so with TMA (W_TILE_KN) its descriptor is over gate_up viewed [E*2I, H] in [BLOCK_K, BLOCK_N]
     tiles, and the launcher takes TMA only when K is a multiple of BLOCK_K (a tile never reaches
-    into the next expert along the reduction)."""
+    into the next expert along the reduction). The split down_backward runs it too: dout's sorted
+    rows [S, K=H] times down [E, H, I] (W_TILE_KN), unscaled, stored at the sorted rows
+    (STORE_SORTED) of a float32 [S, N=I] buffer."""
     expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
         counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:
@@ -235,7 +238,10 @@ def down_kernel(
     if SCALE_ROWS:
         routing_weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
         acc = acc * routing_weight[:, None]
-    out_ptrs = out_ptr + pair[:, None] * stride_op + offs_n[None, :] * stride_on
+    out_rows = pair
+    if STORE_SORTED:
+        out_rows = sorted_rows
+    out_ptrs = out_ptr + out_rows[:, None] * stride_op + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 

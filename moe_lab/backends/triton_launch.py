@@ -212,9 +212,9 @@ def precision_constexprs(dtype, num_experts) -> dict:
 
 def can_use_tma(config: KernelConfig, w: torch.Tensor) -> bool:
     """TMA tiles need the config to ask for them, a Hopper-or-later GPU (or the interpreter, which
-    emulates them), and a contiguous [..., K] tensor (weights [E, rows, K], h [S, K]) whose rows
-    are a multiple of 16 bytes."""
-    if not config.tma or not w.is_contiguous() or (w.shape[-1] * w.element_size()) % 16:
+    emulates them), and a non-empty contiguous [..., K] tensor (weights [E, rows, K], h [S, K])
+    whose rows are a multiple of 16 bytes (a descriptor cannot describe zero rows)."""
+    if not config.tma or w.numel() == 0 or not w.is_contiguous() or (w.shape[-1] * w.element_size()) % 16:
         return False
     # The base address too; torch.compile cannot trace data_ptr(), and there w is a module's own
     # parameter or a fresh buffer, both allocator-aligned (256 bytes).

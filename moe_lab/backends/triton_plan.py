@@ -14,6 +14,11 @@ choice are in docs/performance_notes.md and the data/ files it names, not here.
       gate_up_weight_grad, down_weight_grad   per-expert sums over its sorted rows -> dW
       save_pre_activation                 keep the [S, 2I] pre-activation for the backward, or rerun
                                           the gate_up GEMM there
+      sorted_grad_out, sorted_hidden_states   gather dout / x into sorted row order once in the
+                                          backward, so the kernels that read them per sorted row
+                                          load contiguous (TMA) tiles instead of gathering rows
+      split_down_backward                 down_backward as a GEMM into a float32 [S, I] buffer and a
+                                          streaming activation-backward kernel (needs sorted_grad_out)
 """
 from __future__ import annotations
 
@@ -35,7 +40,9 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
-    tma: bool = False  # weight tiles (and down's h tiles) through TMA descriptors where the GPU has TMA
+    # Operands that are contiguous tiles (weights; rows already in sorted order) through TMA
+    # descriptors where the GPU has TMA; rows gathered by token stay pointer loads.
+    tma: bool = False
 
     def as_ints(self) -> list[int]:
         """The config as ints, as torch custom ops take it (their schema has no Python objects)."""
@@ -72,16 +79,28 @@ class LaunchPlan:
     gate_up_weight_grad: KernelConfig
     down_weight_grad: KernelConfig
     save_pre_activation: bool = True
+    sorted_grad_out: bool = False  # dout [T, H] -> [S, H] in sorted order for down_backward and dW_down
+    sorted_hidden_states: bool = False  # x [T, H] -> [S, H] in sorted order for dW_gate_up
+    split_down_backward: bool = False  # down_backward's GEMM and activation backward as two kernels
+
+    def __post_init__(self):
+        if self.split_down_backward and not self.sorted_grad_out:
+            raise ValueError("split_down_backward runs its GEMM over dout's rows in sorted order: "
+                             "set sorted_grad_out=True with it")
 
     def as_ints(self) -> list[int]:
         """The plan as a flat list of ints: how it crosses into the torch custom ops.
         `LaunchPlan.from_ints` reads it back."""
-        ints = [int(self.decode), int(self.one_program_sort), int(self.save_pre_activation)]
+        ints = [int(flag) for flag in self._flags()]
         for config in self._kernel_configs():
             ints += config.as_ints()
         for config in (self.decode_gate_up, self.decode_down):
             ints += [config.block_n, config.block_k, config.num_warps, config.num_stages]
         return ints
+
+    def _flags(self) -> tuple[bool, ...]:
+        return (self.decode, self.one_program_sort, self.save_pre_activation, self.sorted_grad_out,
+                self.sorted_hidden_states, self.split_down_backward)
 
     def _kernel_configs(self) -> tuple[KernelConfig, ...]:
         return (self.gate_up, self.down, self.down_backward, self.gate_up_input_grad, self.gate_up_weight_grad,
@@ -94,11 +113,14 @@ class LaunchPlan:
 
 @functools.lru_cache(maxsize=256)
 def _plan_from_ints(ints: tuple[int, ...]) -> LaunchPlan:
-    decode, one_program_sort, save = (bool(value) for value in ints[:3])
-    kernels = [KernelConfig.from_ints(ints[i:i + 7]) for i in range(3, 3 + 6 * 7, 7)]
-    first_decode = 3 + 6 * 7
+    flags = 6
+    decode, one_program_sort, save, sorted_grad_out, sorted_hidden_states, split = (bool(v) for v in ints[:flags])
+    kernels = [KernelConfig.from_ints(ints[i:i + 7]) for i in range(flags, flags + 6 * 7, 7)]
+    first_decode = flags + 6 * 7
     decodes = [DecodeConfig(*ints[i:i + 4]) for i in (first_decode, first_decode + 4)]
     return LaunchPlan(decode=decode, one_program_sort=one_program_sort, save_pre_activation=save,
+                      sorted_grad_out=sorted_grad_out, sorted_hidden_states=sorted_hidden_states,
+                      split_down_backward=split,
                       gate_up=kernels[0], down=kernels[1], down_backward=kernels[2], gate_up_input_grad=kernels[3],
                       gate_up_weight_grad=kernels[4], down_weight_grad=kernels[5],
                       decode_gate_up=decodes[0], decode_down=decodes[1])
@@ -137,34 +159,54 @@ class BackwardConfigs:
     gate_up_input_grad: KernelConfig
     gate_up_weight_grad: KernelConfig
     down_weight_grad: KernelConfig
+    sorted_grad_out: bool = False
+    sorted_hidden_states: bool = False
+    split_down_backward: bool = False
 
 
-def backward_configs(rows_per_expert: float, interpreted: bool, itemsize: int = 2) -> BackwardConfigs:
-    """Tile sizes for the four backward kernels, by the mean rows per expert hit.
+def backward_configs(rows_per_expert: float, hidden_size: int, intermediate_size: int, interpreted: bool,
+                     itemsize: int = 2) -> BackwardConfigs:
+    """Tile sizes for the four backward kernels, by the mean rows per expert hit and the layer's width.
 
-    Not yet measured (tools/tune_triton.py --parts backward sweeps them): they follow the forward's
-    regimes. down_backward has gate_up's shape (token rows gathered, K = H, N = I) and the input
-    gradient down's (sorted rows, K = 2I, N = H, rows stored at their pairs), so each starts from
-    that kernel's tiles. The weight gradients reduce over an expert's rows: their tile covers the
-    weight ([block_m, block_n] of [2I, H] or [H, I]) and block_k rows are summed per step; with few
-    rows per expert they are bound by writing the gradient (every expert's, hit or not).
+    down_backward has gate_up's shape (token rows gathered, K = H, N = I) and the input gradient
+    down's (sorted rows, K = 2I, N = H, rows stored at their pairs). The weight gradients reduce
+    over an expert's rows: their tile covers the weight ([block_m, block_n] of [2I, H] or [H, I])
+    and block_k rows are summed per step; with few rows per expert they are bound by writing the
+    gradient (every expert's, hit or not). Experts as wide as a dense FFN (I >= 4096, mixtral-like)
+    want big tiles where fine-grained ones (I <= ~2K) want many programs. Chosen from the bfloat16
+    kernel sweeps of tools/tune_triton.py --parts backward (docs/performance_notes.md, training
+    section) at 64-128 and 512-2048 rows per expert; fewer rows are not measured yet.
     """
     if itemsize > 2 and not interpreted:
-        configs = backward_configs(rows_per_expert, interpreted)
-        return BackwardConfigs(*_halve_block_k([getattr(configs, field.name) for field in dataclasses.fields(configs)],
-                                               itemsize))
+        configs = backward_configs(rows_per_expert, hidden_size, intermediate_size, interpreted)
+        kernels = _halve_block_k([configs.down_backward, configs.gate_up_input_grad, configs.gate_up_weight_grad,
+                                  configs.down_weight_grad], itemsize)
+        return dataclasses.replace(configs, **dict(zip(
+            ("down_backward", "gate_up_input_grad", "gate_up_weight_grad", "down_weight_grad"), kernels)))
     if interpreted:
         small = KernelConfig(16, 64, 64, 1, 1)
         return BackwardConfigs(small, small, KernelConfig(64, 64, 32, 1, 1), KernelConfig(64, 64, 32, 1, 1))
-    gate_up, down = kernel_configs(rows_per_expert, interpreted)
-    if rows_per_expert <= 32:
+    coarse = intermediate_size >= 4096
+    if rows_per_expert <= 32:  # not measured: the forward's small tiles, and the weight gradients' guess
+        gate_up, down = kernel_configs(rows_per_expert, interpreted)
         weight_grad = KernelConfig(64, 64, 16 if rows_per_expert <= 8 else 32, 4, 2)
-    elif rows_per_expert < 256:
-        weight_grad = KernelConfig(64, 128, 32, 4, 3)
-    else:
-        weight_grad = KernelConfig(128, 128, 64, 8, 3)
-    return BackwardConfigs(down_backward=dataclasses.replace(gate_up, num_stages=min(gate_up.num_stages, 3)),
-                           gate_up_input_grad=down, gate_up_weight_grad=weight_grad, down_weight_grad=weight_grad)
+        return BackwardConfigs(down_backward=gate_up, gate_up_input_grad=down, gate_up_weight_grad=weight_grad,
+                               down_weight_grad=weight_grad)
+    fine_down_backward = KernelConfig(64, 64, 64, 4, 3)
+    if rows_per_expert < 256:
+        return BackwardConfigs(
+            down_backward=KernelConfig(128, 128, 64, 8, 4, tma=True) if coarse else fine_down_backward,
+            gate_up_input_grad=KernelConfig(128, 256, 64, 8, 4, tma=True),
+            gate_up_weight_grad=KernelConfig(128, 128, 32, 8, 4),
+            down_weight_grad=KernelConfig(128, 128, 64, 8, 4) if coarse else KernelConfig(64, 128, 32, 4, 3))
+    # Long reductions (2I = 28672 on mixtral) fill the pipeline with three stages at 2048 rows per
+    # expert; at 256 rows four were faster.
+    long_input_grad = coarse and rows_per_expert >= 1024
+    return BackwardConfigs(
+        down_backward=KernelConfig(128, 128, 64, 8, 4, tma=True) if coarse else fine_down_backward,
+        gate_up_input_grad=KernelConfig(128, 256, 64, 8, 3 if long_input_grad else 4, tma=True),
+        gate_up_weight_grad=KernelConfig(128, 128, 64, 8, 4),
+        down_weight_grad=KernelConfig(128, 128, 64, 8, 4))
 
 
 def _halve_block_k(configs, itemsize: int):
@@ -232,14 +274,15 @@ def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsi
     rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     gate_up, down = kernel_configs(rows_per_expert, interpreted, wide_output=hidden_size >= 4096, itemsize=itemsize)
     decode_gate_up, decode_down = decode_configs(interpreted)
-    backward = backward_configs(rows_per_expert, interpreted, itemsize=itemsize)
+    backward = backward_configs(rows_per_expert, hidden_size, intermediate_size, interpreted, itemsize=itemsize)
     return LaunchPlan(
         decode=not needs_grad and uses_decode_path(num_tokens, top_k, num_experts),
         one_program_sort=num_pairs <= ONE_PROGRAM_SORT_MAX_PAIRS and fits_one_program_sort(num_pairs, num_experts),
         gate_up=gate_up, down=down, decode_gate_up=decode_gate_up, decode_down=decode_down,
         down_backward=backward.down_backward, gate_up_input_grad=backward.gate_up_input_grad,
         gate_up_weight_grad=backward.gate_up_weight_grad, down_weight_grad=backward.down_weight_grad,
-        save_pre_activation=save_pre_activation,
+        save_pre_activation=save_pre_activation, sorted_grad_out=backward.sorted_grad_out,
+        sorted_hidden_states=backward.sorted_hidden_states, split_down_backward=backward.split_down_backward,
     )
 
 
