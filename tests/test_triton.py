@@ -204,3 +204,24 @@ def test_transformers_default_gate_is_fused(family):
         grouped = moe_lab.experts_forward("grouped_mm", experts, hidden, index, weights)
     reference = moe_lab.reference_experts_forward(experts, hidden, index, weights)
     assert moe_lab.relative_error(out, reference) <= 1.5 * moe_lab.relative_error(grouped, reference) + 1e-3
+
+
+@pytest.mark.parametrize("T", [1, 16])  # the decode kernels, then the sorted ones
+def test_compiled_inference_traces_no_triton_launch(T):
+    """Under torch.compile the forward without gradients runs its launches inside custom ops: dynamo and
+    Inductor trace none of them (Inductor's max-autotune modes failed on traced launches on an H200)."""
+    layer, hidden, index, weights = _case(64, 32, 16, 2, T, torch.bfloat16)
+    layer.set_experts_implementation("triton")
+    with torch.no_grad():
+        expected = layer(hidden, index, weights)
+        torch._dynamo.reset()
+        try:
+            explained = torch._dynamo.explain(layer)(hidden, index, weights)
+            compiled = torch.compile(layer, fullgraph=True)(hidden, index, weights)
+            graph = explained.graphs[0].code
+        finally:
+            torch._dynamo.reset()
+    assert explained.graph_break_count == 0
+    assert "moe_lab.triton_decode" in graph if T == 1 else "moe_lab.triton_experts" in graph
+    assert "triton_kernel_wrapper" not in graph
+    assert moe_lab.relative_error(compiled, expected) == 0.0

@@ -24,6 +24,7 @@ Only first derivatives are implemented: a double backward raises instead of bein
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -39,7 +40,9 @@ from .triton_backward import (
     routing_weight_grad,
     sorted_rows,
 )
-from .triton_launch import launch_down, launch_gate_up, launch_sum_over_top_k, sort_pairs
+from .triton_launch import (
+    launch_decode_down, launch_decode_gate_up, launch_down, launch_gate_up, launch_sum_over_top_k, sort_pairs,
+)
 from .triton_plan import KernelConfig, LaunchPlan
 
 Tensor = torch.Tensor
@@ -62,6 +65,36 @@ def experts_forward_with_grad(experts, weights: ExpertWeights, hidden_states, to
     h = apply_gate(experts, pre)  # [S, I]
     return down_projection_op(h, weights.down, weights.down_bias, routing_weights, expert_of_pair, sorted_pair,
                               counts, num_tokens, top_k, plan_ints)
+
+
+def compiled_inference_forward(weights: ExpertWeights, hidden_states, top_k_index, top_k_weights, activation: str,
+                               plan: LaunchPlan) -> Tensor:
+    """The forward without gradients, for torch.compile: every Triton launch inside a custom op, so dynamo and
+    Inductor never trace one (Inductor's max-autotune modes failed on the traced launches: the H200 compile
+    matrix in data/). The decode path is one op; the sorted one the same ops as training, nothing saved.
+    For a fused activation only (a module's own gate runs in torch between launches)."""
+    top_k = top_k_index.shape[1]
+    if plan.decode:
+        return decode_op(hidden_states, weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias,
+                         top_k_index.reshape(-1), top_k_weights.reshape(-1), top_k, activation, plan.as_ints())
+    plan = dataclasses.replace(plan, save_pre_activation=False)
+    return experts_forward_with_grad(None, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
+
+
+def _decode(x: Tensor, gate_up: Tensor, down: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor],
+            expert_of_pair: Tensor, routing_weights: Tensor, top_k: int, activation: str, plan: list[int]) -> Tensor:
+    """x [T, H] -> [T, H] through the two token-major decode kernels (no sort)."""
+    launch = LaunchPlan.from_ints(plan)
+    h = launch_decode_gate_up(x, gate_up, gate_up_bias, expert_of_pair, top_k, activation, launch.decode_gate_up)
+    return launch_decode_down(h, down, down_bias, expert_of_pair, routing_weights, top_k, launch.decode_down)
+
+
+decode_op = torch.library.custom_op("moe_lab::triton_decode", _decode, mutates_args=())
+
+
+@decode_op.register_fake
+def _(x, gate_up, down, gate_up_bias, down_bias, expert_of_pair, routing_weights, top_k, activation, plan):
+    return x.new_empty(x.shape)
 
 
 def _call(op, *args):

@@ -43,7 +43,7 @@ import torch
 from ..errors import BackendInputError
 from .common import expert_weights, needs_grad
 from .spec import BackendSpec, Support, Where, no, yes
-from .triton_autograd import experts_forward_with_grad
+from .triton_autograd import compiled_inference_forward, experts_forward_with_grad
 from .triton_launch import (
     decode_forward,
     interpreting,
@@ -149,6 +149,8 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *
                                          plan)
     if num_tokens * top_k == 0:
         return hidden_states.new_zeros(num_tokens, hidden)
+    if torch.compiler.is_compiling() and activation != "none":
+        return compiled_inference_forward(weights, hidden_states, top_k_index, top_k_weights, activation, plan)
     if plan.decode:
         return decode_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
     return sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
