@@ -105,17 +105,22 @@ def test_backward_plan_crosses_into_the_ops_and_back_and_refuses_a_split_without
     for value in (plan, variant):
         assert LaunchPlan.from_ints(value.as_ints()) == value
     with pytest.raises(ValueError, match="split_down_backward .* sorted_grad_out=True"):
-        dataclasses.replace(plan, split_down_backward=True)
+        dataclasses.replace(plan, split_down_backward=True, sorted_grad_out=False)
 
 
 def test_backward_configs_tell_wide_experts_from_fine_grained_ones():
-    # Measured on an H200 (docs/performance_notes.md): mixtral-wide layers (I = 14336) kept 128-row
-    # TMA tiles in down_backward, fine-grained ones (I = 768) ran fastest with 64 x 64 tiles.
+    # Measured on an H200 (run 2, docs/performance_notes.md): from 64 rows per expert on, sorted operands
+    # through TMA tiles and the split down_backward won; mixtral-wide layers (I = 14336) at 2048 rows
+    # take 256-column weight-gradient tiles and three stages for the long dX reduction.
     wide = backward_configs(2048, 4096, 14336, interpreted=False)
     fine = backward_configs(512, 2048, 768, interpreted=False)
-    assert wide.down_backward.block_m == 128 and wide.down_backward.tma
-    assert (fine.down_backward.block_m, fine.down_backward.block_n, fine.down_backward.tma) == (64, 64, False)
+    for configs in (wide, fine, backward_configs(64, 2048, 768, interpreted=False)):
+        assert configs.sorted_grad_out and configs.sorted_hidden_states and configs.split_down_backward
+        assert configs.gate_up_weight_grad.tma and configs.down_weight_grad.tma
+    assert wide.gate_up_weight_grad.block_n == 256 and fine.gate_up_weight_grad.block_n == 128
     assert wide.gate_up_input_grad.num_stages == 3 and fine.gate_up_input_grad.num_stages == 4
+    few = backward_configs(16, 2048, 768, interpreted=False)  # not measured: the old layout
+    assert not few.sorted_grad_out and not few.split_down_backward
     # float32 halves BLOCK_K, every other field kept
     halved = backward_configs(512, 2048, 768, interpreted=False, itemsize=4)
     assert halved.gate_up_weight_grad.block_k == fine.gate_up_weight_grad.block_k // 2

@@ -192,21 +192,30 @@ def backward_configs(rows_per_expert: float, hidden_size: int, intermediate_size
         weight_grad = KernelConfig(64, 64, 16 if rows_per_expert <= 8 else 32, 4, 2)
         return BackwardConfigs(down_backward=gate_up, gate_up_input_grad=down, gate_up_weight_grad=weight_grad,
                                down_weight_grad=weight_grad)
-    fine_down_backward = KernelConfig(64, 64, 64, 4, 3)
+    # From 64 rows per expert on, H200 run 2 (data/h200_triton_backward_tuning_run2.json): dout and x
+    # gathered into sorted order once, so both weight-gradient operands and down_backward's read TMA tiles,
+    # and down_backward split into a GEMM and a streaming activation backward, won every measured point.
+    sorted_split = dict(sorted_grad_out=True, sorted_hidden_states=True, split_down_backward=True)
     if rows_per_expert < 256:
         return BackwardConfigs(
-            down_backward=KernelConfig(128, 128, 64, 8, 4, tma=True) if coarse else fine_down_backward,
+            down_backward=KernelConfig(128, 128, 64, 8, 3, tma=True),
             gate_up_input_grad=KernelConfig(128, 256, 64, 8, 4, tma=True),
-            gate_up_weight_grad=KernelConfig(128, 128, 32, 8, 4),
-            down_weight_grad=KernelConfig(128, 128, 64, 8, 4) if coarse else KernelConfig(64, 128, 32, 4, 3))
-    # Long reductions (2I = 28672 on mixtral) fill the pipeline with three stages at 2048 rows per
-    # expert; at 256 rows four were faster.
-    long_input_grad = coarse and rows_per_expert >= 1024
+            gate_up_weight_grad=KernelConfig(128, 128, 64, 8, 2, tma=True),
+            down_weight_grad=KernelConfig(128, 128, 64, 8, 2, tma=True), **sorted_split)
+    if coarse:  # mixtral: 256 rows per expert at T=1024, 2048 at T=8192
+        long = rows_per_expert >= 1024
+        weight_grad = KernelConfig(128, 256, 64, 8, 4, tma=True) if long else KernelConfig(128, 128, 64, 8, 3, tma=True)
+        return BackwardConfigs(
+            down_backward=KernelConfig(128, 256, 64, 8, 4, tma=True),
+            gate_up_input_grad=KernelConfig(128, 256, 64, 8, 3, tma=True) if long
+            else KernelConfig(128, 128, 64, 8, 4, tma=True),
+            gate_up_weight_grad=weight_grad,
+            down_weight_grad=weight_grad if long else KernelConfig(128, 128, 32, 8, 5, tma=True), **sorted_split)
     return BackwardConfigs(
-        down_backward=KernelConfig(128, 128, 64, 8, 4, tma=True) if coarse else fine_down_backward,
-        gate_up_input_grad=KernelConfig(128, 256, 64, 8, 3 if long_input_grad else 4, tma=True),
-        gate_up_weight_grad=KernelConfig(128, 128, 64, 8, 4),
-        down_weight_grad=KernelConfig(128, 128, 64, 8, 4))
+        down_backward=KernelConfig(128, 256, 64, 8, 4, tma=True),
+        gate_up_input_grad=KernelConfig(128, 256, 64, 8, 4, tma=True),
+        gate_up_weight_grad=KernelConfig(128, 128, 32, 8, 5, tma=True),
+        down_weight_grad=KernelConfig(128, 128, 64, 8, 3, tma=True), **sorted_split)
 
 
 def _halve_block_k(configs, itemsize: int):
