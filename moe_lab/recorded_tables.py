@@ -8,6 +8,8 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 RECORDED = {
     "presets": ["h100_bf16_compare_hf_finegrained", "h100_bf16_compare_hf_coarse"],
     "compile": ["h100_bf16_compare_hf_compile_qwen3-30b-a3b"],
+    # the two max-autotune modes, recorded later on another card (an H200): moe_lab's backends only
+    "compile_autotune": ["h200_bf16_compile_autotune_qwen3-30b-a3b"],
 }
 #: How a "presets" row was issued (the `execution` column): see moe_lab.bench.measure.EXECUTIONS.
 EXECUTIONS = ("eager", "cuda_graph")
@@ -26,7 +28,8 @@ def data_dir() -> Path:
 
 def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     """(DataFrame, provenance) of a recorded table set: "presets" (six models x five token
-    counts, moe_lab and transformers backends) or "compile" (the torch.compile matrix, both libraries).
+    counts, moe_lab and transformers backends), "compile" (the torch.compile matrix, both libraries)
+    or "compile_autotune" (the max-autotune modes for moe_lab's backends, on another card).
 
     "presets" holds each measurement twice: kernels launched from Python (execution "eager", the
     default here: one row per backend and point) and replayed from a CUDA graph ("cuda_graph");

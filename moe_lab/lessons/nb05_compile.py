@@ -178,3 +178,25 @@ def compile_reading(recorded, provenance: dict, presets_table=None) -> Prose:
             f"`moe_lab.GraphedExperts` at {ok} of {len(graphed)} recorded points (`load_recorded(\"presets\", "
             f"execution=None)`, execution \"cuda_graph\").")
     return Prose("\n".join(lines))
+
+
+def autotune_reading(autotune, provenance: dict) -> Prose:
+    """The max-autotune modes, recorded on their own card: per mode and backend whether it compiled and
+    stayed right after the routing changed, and its time against the same backend uncompiled — in words
+    computed from the rows."""
+    lines = [f"- **Recorded separately**, on {provenance.get('device_name', '?')} (another card than the matrix "
+             f"above: compare only within it): modes {', '.join(sorted(set(autotune['mode'])))}, backends "
+             f"{', '.join(sorted(set(autotune['backend'])))}."]
+    for (mode, backend), rows in autotune.groupby(["mode", "backend"], sort=True):
+        compiled = rows[rows["status"] == "compiled"]
+        parts = [_cell(rows)]
+        if len(compiled):
+            parts.append("compiled / uncompiled time " + ", ".join(
+                f"{r['speedup']:.2f}× faster at T={int(r['num_tokens'])}" if r["speedup"] >= 1 else
+                f"{1 / r['speedup']:.2f}× slower at T={int(r['num_tokens'])}" for _, r in compiled.iterrows()))
+        lines.append(f"- `{mode}`, {backend}: " + "; ".join(parts) + ".")
+    missing = sorted({(m, b) for m in set(autotune["mode"]) for b in set(autotune["backend"])}
+                     - set(zip(autotune["mode"], autotune["backend"])))
+    if missing:
+        lines.append("- **Not recorded** there: " + ", ".join(f"{b} under `{m}`" for m, b in missing) + ".")
+    return Prose("\n".join(lines))

@@ -138,3 +138,33 @@ def train(backend: str, corpus: torch.Tensor, *, steps: int = 200, batch_size: i
         history.usage.append((counts / counts.sum()).tolist())
     history.seconds = time.perf_counter() - started
     return history
+
+
+#: The recorded GPU training steps (tools/tune_triton.py --parts backward, H200 run 2: data/README.md).
+RECORDED_STEPS = "h200_triton_backward_tuning_run2.json"
+
+
+def recorded_training_steps():
+    """(DataFrame, label): one row per recorded (preset, T) training step of one MoE layer — forward and
+    the backward of the hidden states, both weights and the routing weights, launched, bf16 — for moe_lab's
+    grouped_mm and the triton backend's plan (sorted operands, split down_backward: what it runs now), with
+    TFLOP/s counting 3x the forward's FLOPs and the peak memory above the step's start; `label` names
+    the card, torch and date."""
+    import json
+
+    import pandas as pd
+
+    from ..recorded_tables import data_dir, recorded_label
+
+    data = json.loads((data_dir() / RECORDED_STEPS).read_text())
+    rows = []
+    for result in data["results"]:
+        if result.get("kind") != "training_step":
+            continue
+        ours, theirs = result["winners_save"], result["grouped_mm"]
+        rows.append({"preset": result["preset"], "T": result["T"],
+                     "grouped_mm ms": theirs["ms"], "grouped_mm TFLOP/s": theirs["TFLOPs"],
+                     "grouped_mm peak MiB": theirs["peak_bytes"] / 2**20,
+                     "triton ms": ours["ms"], "triton TFLOP/s": ours["TFLOPs"], "triton peak MiB": ours["peak_bytes"] / 2**20,
+                     "triton speed-up": theirs["ms"] / ours["ms"]})
+    return pd.DataFrame(rows), recorded_label(data["provenance"])
