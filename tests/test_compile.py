@@ -218,3 +218,16 @@ def test_eager_compiles_with_graph_breaks_and_stays_correct():
             out = compiled(x, idx, w)
             assert_matches_reference(out, experts, x, idx, w, torch.float32, f"eager compiled, routing #{step}")
     assert counters["stats"]["unique_graphs"] >= 2  # at least one break: more than one graph
+
+
+def test_grouped_mm_with_one_expert_compiles_with_dynamic_shapes():
+    # A one-expert layer's offsets are its count: Inductor's cumsum rewrite failed on a one-element
+    # cumsum of a symbolic size ("int() argument ... not 'Node'") under dynamic=True.
+    experts = Experts(MoEConfig(32, 16, num_experts=1, top_k=1, dtype=torch.bfloat16), "grouped_mm")
+    compiled = torch.compile(experts, dynamic=True)
+    with torch.no_grad():
+        for tokens in (5, 9):  # two sizes, one graph with a symbolic T
+            x = torch.randn(tokens, 32).to(torch.bfloat16)
+            index, weights = moe_lab.synthetic_routing(tokens, 1, 1)
+            assert_matches_reference(compiled(x, index, weights), experts, x, index, weights, torch.bfloat16,
+                                     f"E=1, T={tokens}")

@@ -119,7 +119,10 @@ def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     x_sorted = hidden_states[pair_order // top_k]  # [S, H], rows grouped by expert
     # Offsets from a fixed-size histogram, not bincount: bincount sizes its output from the data
     # (a host sync on CUDA).
-    offsets = torch.cumsum(expert_counts(expert_sorted, weights.num_experts), dim=0, dtype=torch.int32)  # [E]
+    counts = expert_counts(expert_sorted, weights.num_experts)  # [E]
+    # One expert: its count is the offset. (Inductor's cumsum rewrite fails on a one-element cumsum of
+    # a symbolic size: grouped_mm with E=1 under torch.compile(dynamic=True).)
+    offsets = counts.int() if weights.num_experts == 1 else torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
 
     gate_up = grouped_matmul(x_sorted, weights.gate_up.transpose(-2, -1), offsets, path)  # [S, 2I]
     if weights.gate_up_bias is not None:
