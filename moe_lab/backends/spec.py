@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import resolve_dtype
 from ..devices import cuda_device_facts
 
 CAPABILITIES = ("runs", "autograd", "cuda_graph", "fullgraph", "sync_free")
@@ -80,7 +81,8 @@ class Where:
 
     @classmethod
     def of(cls, device, dtype, hidden_size: int | None = None, intermediate_size: int | None = None) -> "Where":
-        return cls(torch.device(device), dtype, hidden_size, intermediate_size)
+        """From a device or its name and a dtype or its name ("bfloat16", "bf16", torch.bfloat16)."""
+        return cls(torch.device(device), resolve_dtype(dtype), hidden_size, intermediate_size)
 
 
 Declared = Support | Callable[[Where], Support]
