@@ -5,6 +5,9 @@
 #   bash tools/gpu_record.sh finegrained coarse anchor  (about 5 minutes)
 #   bash tools/gpu_record.sh backward-finegrained       (forward + backward, transformers and Liger beside)
 #   bash tools/gpu_record.sh ab-forward                 (this tree's forward against the commit in .ab_old/)
+#   bash tools/gpu_record.sh backward:qwen3-30b-a3b     (one preset's forward + backward table, one process per
+#                                                        token count, so that a slow point costs only itself)
+# tools/gpu_parallel.sh runs several parts' lists at once, one GPU each, on a machine of several GPUs.
 # Liger-Kernel, where wanted, travels as a wheel in .whl/ (installed into /tmp/site below).
 # Every table is measured in interleaved rounds (ROUNDS, default 3: moe_lab.bench.rounds),
 # transformers beside moe_lab.
@@ -21,7 +24,7 @@ fi
 # The card in file names: "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200.
 CARD=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 ROUNDS=${ROUNDS:-3}
-R=/tmp/record; mkdir -p $R
+R=${R:-/tmp/record}; mkdir -p $R
 BENCH="python -m moe_lab.cli bench --dtype bfloat16 --quiet --rounds $ROUNDS"
 TABLE="--tokens 1,16,128,1024,8192 --compare-hf --cuda-graph --max-seconds 0.1"
 
@@ -54,7 +57,7 @@ while [ $# -gt 0 ]; do
   case $part in
   tests)
     # correctness: every backend x dtype, CUDA-graph replay and torch.compile, routing changed after capture
-    timeout 250 python -m pytest tests/test_gpu.py tests/test_triton.py -q -p no:cacheprovider 2>&1 | tail -3 ;;
+    timeout 250 python -m pytest tests/test_gpu.py tests/test_triton.py tests/test_triton_gpu.py -q -p no:cacheprovider 2>&1 | tail -3 ;;
   finegrained)
     # three presets x T, eager launches and CUDA-graph replay, transformers beside
     timeout 280 $BENCH --preset qwen3-30b-a3b --preset olmoe-1b-7b --preset qwen1.5-moe-a2.7b $TABLE \
@@ -92,6 +95,15 @@ while [ $# -gt 0 ]; do
       tree=$PWD; [ "${run#old}" != "$run" ] && tree=$PWD/.ab_old
       (cd $tree && PYTHONPATH=$tree timeout 150 $AB --output $R/ab_forward_$run 2>&1 | tail -2)
     done ;;
+  backward:*)
+    # one preset: moe_lab beside transformers' grouped_mm and Liger's fused MoE, interleaved rounds in one
+    # process per token count (Liger autotunes per shape on its first call: minutes at the large counts)
+    preset=${part#backward:}
+    for T in 128 1024 8192 32768; do
+      echo "-- $preset T=$T $(date -u +%T)"
+      timeout ${BACKWARD_TIMEOUT:-150} $BENCH --backward --preset $preset --tokens $T --backends grouped_mm,triton \
+        --compare-hf --compare-liger --max-seconds 0.2 --output $R/${CARD}_bf16_backward_${preset}_T$T 2>&1 | tail -8
+    done ;;
   graph-breaks)
     graph_breaks ;;
   anchor)
@@ -104,5 +116,5 @@ while [ $# -gt 0 ]; do
 done
 echo "== done $(date -u +%T)"
 } > $OUT/log.txt 2>&1
-tar czf $OUT/record.tar.gz -C $R .
+[ -n "$NO_TAR" ] || tar czf $OUT/record.tar.gz -C $R .
 tail -60 $OUT/log.txt
