@@ -15,7 +15,9 @@
 # local checkout (the device's copy of .git can lag behind the working tree it measures).
 # Output: $OUT/record.tar.gz (the tables) + $OUT/log.txt.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -n "${WHEELS_INSTALLED:-}" ]; then  # tools/gpu_parallel.sh installed them
+  export PYTHONPATH=$PWD:/tmp/site
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
 fi
@@ -97,11 +99,11 @@ while [ $# -gt 0 ]; do
     done ;;
   backward:*)
     # one preset: moe_lab beside transformers' grouped_mm and Liger's fused MoE, interleaved rounds in one
-    # process per token count (Liger autotunes per shape on its first call: minutes at the large counts)
+    # process per token count (Liger autotunes per token count: its first call took over 150 s on an H200)
     preset=${part#backward:}
-    for T in 128 1024 8192 32768; do
+    for T in ${BACKWARD_TOKENS:-128 1024 8192 32768}; do
       echo "-- $preset T=$T $(date -u +%T)"
-      timeout ${BACKWARD_TIMEOUT:-150} $BENCH --backward --preset $preset --tokens $T --backends grouped_mm,triton \
+      timeout ${BACKWARD_TIMEOUT:-240} $BENCH --backward --preset $preset --tokens $T --backends grouped_mm,triton \
         --compare-hf --compare-liger --max-seconds 0.2 --output $R/${CARD}_bf16_backward_${preset}_T$T 2>&1 | tail -8
     done ;;
   graph-breaks)
