@@ -8,12 +8,9 @@ import platform
 import torch
 
 from .backends.grouped_mm import _TORCH_GROUPED_MM, grouped_mm_path
+from .devices import default_device
 
 _PROBE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> dict:

@@ -9,6 +9,16 @@ from pathlib import Path
 import torch
 
 
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU: where every "device=None" in the package runs."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bfloat16 on CUDA (what MoE models run in), float32 elsewhere (CPUs' bf16 matmuls are slow or emulated)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def device_name(device) -> str:
     """The GPU's name, the CPU model from /proc/cpuinfo (else platform's answer), or the device type."""
     return _device_name(str(torch.device(device)))

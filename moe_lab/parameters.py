@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from .config import DTYPES, resolve_dtype
+from .devices import default_device
 from .errors import ConfigError
 
 #: How papermill marks the cell it injects (papermill.translators: "# Parameters" then one line per value).
@@ -241,7 +242,7 @@ class Device(Parameter):
         if not isinstance(value, str):
             self._fail(name, value, '"auto", "cpu" or "cuda"')
         if value == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = default_device()
         else:
             try:
                 device = torch.device(value)

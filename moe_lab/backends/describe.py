@@ -3,21 +3,17 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import default_device, default_dtype
 from . import registry
 from .spec import CAPABILITIES, CAPABILITY_MEANING, Where
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def backend_capabilities(device=None, dtype=None, hidden_size=None, intermediate_size=None) -> list[dict]:
     """One dict per registered backend: name, summary, builtin, and per capability
     {"ok": True/False/None, "reason": str} (plus "slow" for "runs": only through an interpreter).
     `device` defaults to the GPU when there is one; `dtype` to bfloat16 on CUDA, float32 elsewhere."""
-    device = torch.device(device) if device is not None else _default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
     where = Where(device, dtype, hidden_size, intermediate_size)
     rows = []
     for name in registry.available_backends():
@@ -35,8 +31,8 @@ def describe_backends(device=None, dtype=None, hidden_size=None, intermediate_si
     """A text table for a terminal or a notebook: backend x capability (yes / no / unknown), then the
     reason for every answer that is not a plain yes, and what each capability means."""
     rows = backend_capabilities(device, dtype, hidden_size, intermediate_size)
-    device = torch.device(device) if device is not None else _default_device()
-    dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
     words = {True: "yes", False: "no", None: "unknown"}
 
     def cell(row, capability):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import default_dtype
 from .timing import resolve_device, time_fn
 
 
@@ -77,7 +78,7 @@ def measure_ceilings(device=None, dtype=None, size: int | None = None, *, copy_b
     `size` x `size` matrices in `dtype`, default bfloat16 on CUDA, float32 on CPU), medians of
     `time_fn`. Defaults take well under a second on CUDA and a few seconds at most on a laptop CPU."""
     device = resolve_device(device)
-    dtype = _dtype(dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    dtype = _dtype(dtype if dtype is not None else default_dtype(device))
     n = size or _DEFAULT_SIZE.get(device.type, 512)
     nbytes = copy_bytes or _DEFAULT_COPY_BYTES.get(device.type, 64 * 2**20)
     generator = torch.Generator(device=device).manual_seed(0)

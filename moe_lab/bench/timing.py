@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import default_device
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -51,7 +53,7 @@ def percentile(values, q: float) -> float:
 def resolve_device(device) -> torch.device:
     """None -> CUDA when available, else CPU; strings and torch.device pass through."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     return torch.device(device)
 
 
