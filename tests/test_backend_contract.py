@@ -207,7 +207,9 @@ def test_auto_chooses_only_backends_that_can_give_gradients(registered, tmp_path
         moe_lab.reload_calibration()
 
 
-def test_graphed_experts_asks_the_spec_before_anything_runs():
+def test_graphed_experts_holds_the_backends_spec_and_refuses_cpu_tensors():
+    # The refusal of a backend whose spec says "no capture" needs CUDA tensors to be reached:
+    # tests/test_gpu.py::test_eager_cannot_be_captured_and_says_why.
     experts, x, idx, w = make_case()
     graphed = moe_lab.GraphedExperts(experts, "eager")
     assert graphed.spec is moe_lab.get_spec("eager")
