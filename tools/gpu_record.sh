@@ -6,7 +6,8 @@
 #   bash tools/gpu_record.sh backward-finegrained       (forward + backward, transformers and Liger beside)
 #   bash tools/gpu_record.sh ab-forward                 (this tree's forward against the commit in .ab_old/)
 #   bash tools/gpu_record.sh backward:qwen3-30b-a3b     (one preset's forward + backward table, one process per
-#                                                        token count, so that a slow point costs only itself)
+#                                                        token count; backward:<preset>:8192,1024 some counts;
+#                                                        backward-hf:<preset> without Liger)
 # tools/gpu_parallel.sh runs several parts' lists at once, one GPU each, on a machine of several GPUs.
 # Liger-Kernel, where wanted, travels as a wheel in .whl/ (installed into /tmp/site below).
 # Every table is measured in interleaved rounds (ROUNDS, default 3: moe_lab.bench.rounds),
@@ -97,14 +98,18 @@ while [ $# -gt 0 ]; do
       tree=$PWD; [ "${run#old}" != "$run" ] && tree=$PWD/.ab_old
       (cd $tree && PYTHONPATH=$tree timeout 150 $AB --output $R/ab_forward_$run 2>&1 | tail -2)
     done ;;
-  backward:*)
-    # one preset: moe_lab beside transformers' grouped_mm and Liger's fused MoE, interleaved rounds in one
-    # process per token count (Liger autotunes per token count: its first call took over 150 s on an H200)
-    preset=${part#backward:}
-    for T in ${BACKWARD_TOKENS:-128 1024 8192 32768}; do
-      echo "-- $preset T=$T $(date -u +%T)"
+  backward:*|backward-hf:*)
+    # one preset, one process per token count (a slow point costs only itself): moe_lab beside
+    # transformers' grouped_mm and, for backward:, Liger's fused MoE, interleaved rounds in each process.
+    # Liger autotunes per token count: its first call took over 150 s on an H200.
+    # backward:<preset>[:<T,T,...>] (default 128,1024,8192,32768); backward-hf: without Liger
+    spec=${part#*:}; preset=${spec%%:*}; tokens=128,1024,8192,32768
+    [ "$spec" != "$preset" ] && tokens=${spec#*:}
+    liger=--compare-liger; [ "${part%%:*}" = backward-hf ] && liger=
+    for T in ${tokens//,/ }; do
+      echo "-- $preset T=$T $liger $(date -u +%T)"
       timeout ${BACKWARD_TIMEOUT:-240} $BENCH --backward --preset $preset --tokens $T --backends grouped_mm,triton \
-        --compare-hf --compare-liger --max-seconds 0.2 --output $R/${CARD}_bf16_backward_${preset}_T$T 2>&1 | tail -8
+        --compare-hf $liger --max-seconds 0.2 --output $R/${CARD}_bf16_backward_${preset}_T$T 2>&1 | tail -8
     done ;;
   graph-breaks)
     graph_breaks ;;
