@@ -12,7 +12,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site WHEELS_INSTALLED=1
 fi
-gpu=0
+gpu=${FIRST_GPU:-0}  # FIRST_GPU leaves the GPUs below it to another program
+first=$gpu
 for parts in "$@"; do
   mkdir -p /tmp/out_gpu$gpu
   # a GPU past the deadline is stopped so that the others' tables still come back
@@ -21,6 +22,6 @@ for parts in "$@"; do
   gpu=$((gpu + 1))
 done
 wait
-for ((i = 0; i < gpu; i++)); do cp /tmp/out_gpu$i/log.txt $OUT/log_gpu$i.txt; done
+for ((i = first; i < gpu; i++)); do cp /tmp/out_gpu$i/log.txt $OUT/log_gpu$i.txt; done
 tar czf $OUT/record.tar.gz -C $R .
 tail -n 25 $OUT/log_gpu*.txt

@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
   case $part in
   tests)
     # correctness: every backend x dtype, CUDA-graph replay and torch.compile, routing changed after capture
-    timeout 250 python -m pytest tests/test_gpu.py tests/test_triton.py tests/test_triton_gpu.py -q -p no:cacheprovider 2>&1 | tail -3 ;;
+    timeout 360 python -m pytest tests/test_gpu.py tests/test_triton.py tests/test_triton_gpu.py -q -p no:cacheprovider 2>&1 | tail -3 ;;
   finegrained)
     # three presets x T, eager launches and CUDA-graph replay, transformers beside
     timeout 280 $BENCH --preset qwen3-30b-a3b --preset olmoe-1b-7b --preset qwen1.5-moe-a2.7b $TABLE \
