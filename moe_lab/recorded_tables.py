@@ -10,6 +10,8 @@ RECORDED = {
     "compile": ["h100_bf16_compare_hf_compile_qwen3-30b-a3b"],
     # the two max-autotune modes, recorded later on another card (an H200): moe_lab's backends only
     "compile_autotune": ["h200_bf16_compile_autotune_qwen3-30b-a3b"],
+    # forward + backward of one layer (a training step's), moe_lab beside transformers and Liger, on an H200
+    "backward": ["h200_bf16_backward"],
 }
 #: How a "presets" row was issued (the `execution` column): see moe_lab.bench.measure.EXECUTIONS.
 EXECUTIONS = ("eager", "cuda_graph")
@@ -29,7 +31,8 @@ def data_dir() -> Path:
 def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     """(DataFrame, provenance) of a recorded table set: "presets" (six models x five token
     counts, moe_lab and transformers backends), "compile" (the torch.compile matrix, both libraries)
-    or "compile_autotune" (the max-autotune modes for moe_lab's backends, on another card).
+    "compile_autotune" (the max-autotune modes for moe_lab's backends, on another card) or "backward" (forward
+    + backward of one layer: moe_lab's, transformers' grouped_mm and Liger's fused MoE, on another card).
 
     "presets" holds each measurement twice: kernels launched from Python (execution "eager", the
     default here: one row per backend and point) and replayed from a CUDA graph ("cuda_graph");

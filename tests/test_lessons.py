@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import moe_lab
-from moe_lab.lessons import (nb00_start_here, nb01_routing, nb02_eager_loop, nb03_bmm, nb04_grouped, nb05_compile,
+from moe_lab.lessons import (nb00_start_here, nb01_routing, nb02_eager_loop, nb03_bmm, nb04_grouped, nb05_compile, nb09_training,
                              nb07_own_backend, nb08_real_models)
 from moe_lab.lessons.figures import figure
 from moe_lab.parameters import NotebookParameterError, check_values
@@ -132,6 +132,29 @@ def test_recorded_readings_quote_the_tables():
     assert f"{ratio:.2f}× on mixtral-8x7b" in reading
     assert "batched_mm was faster than grouped_mm on" in nb03_bmm.recorded_t1_reading(recorded)
     assert "0.69 GiB" in nb01_routing.recorded_reading(recorded)
+
+
+def test_recorded_training_steps_quote_the_same_run_table():
+    recorded, provenance = load_recorded("backward")
+    steps, label = nb09_training.recorded_training_steps()
+    assert provenance["device_name"] in label
+    ok = recorded[recorded["status"] == "ok"].set_index(["preset", "num_tokens", "backend"])["median_ms"]
+    for _, row in steps.iterrows():
+        point = (row["preset"], row["T"])
+        best = min(ok[(*point, "triton")], ok[(*point, "grouped_mm")])
+        assert row["× transformers"] == pytest.approx(ok[(*point, "transformers:grouped_mm")] / best)
+        assert row["best moe_lab"] == ("triton" if ok[(*point, "triton")] == best else "grouped_mm")
+    text = nb09_training.describe_recorded_training_steps(steps)
+    wins = int((steps["× transformers"] > 1).sum())
+    assert f"faster than transformers' grouped_mm at {wins} of {len(steps)} points" in text
+    # a point where triton's peak is above transformers' is named; one made equal is not
+    over = steps[steps["triton peak GiB"] > steps["transformers peak GiB"]]
+    if len(over):
+        first = over.iloc[0]
+        assert f"{first['preset']} T={first['T']}" in text
+        evened = steps.copy()
+        evened.loc[over.index, "triton peak GiB"] = evened.loc[over.index, "transformers peak GiB"]
+        assert "at or below transformers' at every point" in nb09_training.describe_recorded_training_steps(evened)
 
 
 def test_compile_reading_lists_what_was_not_recorded_and_follows_new_modes():

@@ -140,31 +140,58 @@ def train(backend: str, corpus: torch.Tensor, *, steps: int = 200, batch_size: i
     return history
 
 
-#: The recorded GPU training steps (tools/tune_triton.py --parts backward, H200 run 2: data/README.md).
-RECORDED_STEPS = "h200_triton_backward_tuning_run2.json"
+#: What the recorded same-run table names each implementation, and its column here.
+RECORDED_IMPLEMENTATIONS = {"triton": "moe_lab triton", "grouped_mm": "moe_lab grouped_mm",
+                            "transformers:grouped_mm": "transformers grouped_mm", "liger:fused_moe": "Liger fused_moe"}
 
 
 def recorded_training_steps():
     """(DataFrame, label): one row per recorded (preset, T) training step of one MoE layer — forward and
-    the backward of the hidden states, both weights and the routing weights, launched, bf16 — for moe_lab's
-    grouped_mm and the triton backend's plan (sorted operands, split down_backward: what it runs now), with
-    TFLOP/s counting 3x the forward's FLOPs and the peak memory above the step's start; `label` names
-    the card, torch and date."""
-    import json
-
+    the backward of the hidden states, both weights and the routing weights, launched, bf16 — with the ms of
+    moe_lab's triton and grouped_mm, transformers' grouped_mm and Liger's fused MoE (NaN where Liger was not
+    run or refused the layer), all timed in interleaved rounds in one process on one card; then the best
+    moe_lab path's TFLOP/s (3x the forward's FLOPs), its speed-up over transformers and over Liger, and the peak
+    memory (GiB, weights and gradients included) of triton and transformers. `label` names the card, torch, date."""
     import pandas as pd
 
-    from ..recorded_tables import data_dir, recorded_label
+    from ..recorded_tables import load_recorded, recorded_label
 
-    data = json.loads((data_dir() / RECORDED_STEPS).read_text())
-    rows = []
-    for result in data["results"]:
-        if result.get("kind") != "training_step":
-            continue
-        ours, theirs = result["winners_save"], result["grouped_mm"]
-        rows.append({"preset": result["preset"], "T": result["T"],
-                     "grouped_mm ms": theirs["ms"], "grouped_mm TFLOP/s": theirs["TFLOPs"],
-                     "grouped_mm peak MiB": theirs["peak_bytes"] / 2**20,
-                     "triton ms": ours["ms"], "triton TFLOP/s": ours["TFLOPs"], "triton peak MiB": ours["peak_bytes"] / 2**20,
-                     "triton speed-up": theirs["ms"] / ours["ms"]})
-    return pd.DataFrame(rows), recorded_label(data["provenance"])
+    frame, provenance = load_recorded("backward")
+    frame = frame[frame["status"] == "ok"]
+    ms = frame.pivot_table(index=["preset", "num_tokens"], columns="backend", values="median_ms")
+    tflops = frame.pivot_table(index=["preset", "num_tokens"], columns="backend", values="tflops")
+    peak = frame.pivot_table(index=["preset", "num_tokens"], columns="backend", values="peak_bytes") / 2**30
+    table = pd.DataFrame(index=ms.index)
+    for backend, column in RECORDED_IMPLEMENTATIONS.items():
+        table[f"{column} ms"] = ms[backend] if backend in ms else float("nan")
+    ours = ms[["triton", "grouped_mm"]]
+    best = ours.idxmin(axis=1)
+    table["best moe_lab"] = best
+    table["its TFLOP/s"] = [tflops.loc[key, name] for key, name in best.items()]
+    table["× transformers"] = ms["transformers:grouped_mm"] / ours.min(axis=1)
+    table["× Liger"] = (ms["liger:fused_moe"] / ours.min(axis=1)) if "liger:fused_moe" in ms else float("nan")
+    table["triton peak GiB"] = peak["triton"]
+    table["transformers peak GiB"] = peak["transformers:grouped_mm"]
+    table = table.reset_index().rename(columns={"num_tokens": "T"})
+    return table, recorded_label(provenance)
+
+
+def describe_recorded_training_steps(steps) -> str:
+    """What the recorded table says, in a sentence per comparison, computed from it: how often and by how much
+    the best moe_lab path beats transformers' grouped_mm and Liger, and where triton's peak memory is above
+    transformers'."""
+    def ratio_sentence(column, other):
+        ran = steps[steps[column].notna()]
+        if ran.empty:
+            return f"{other} was not run."
+        wins = ran[ran[column] > 1]
+        return (f"The best moe_lab path was faster than {other} at {len(wins)} of {len(ran)} points "
+                f"({ran[column].min():.2f}–{ran[column].max():.2f}×).")
+
+    over = steps[steps["triton peak GiB"] > steps["transformers peak GiB"]]
+    memory = ("triton's peak memory was at or below transformers' at every point." if over.empty else
+              f"triton's peak memory was above transformers' at {len(over)} of {len(steps)} points: " + ", ".join(
+                  f"{r['preset']} T={r['T']} (+{(r['triton peak GiB'] - r['transformers peak GiB']) * 1024:.0f} MiB)"
+                  for _, r in over.iterrows()) + ".")
+    return " ".join([ratio_sentence("× transformers", "transformers' grouped_mm"),
+                     ratio_sentence("× Liger", "Liger's fused MoE"), memory])
