@@ -1,0 +1,105 @@
+"""One rank's check of the expert-parallel layer against the single-process float64 reference.
+
+Every rank builds the same whole layer and every rank's tokens from seeds, so it can compute the
+reference for the whole batch itself; it then runs the expert-parallel layer on its own tokens
+and its own block of experts, backpropagates a seeded upstream gradient, and reports relative
+errors of the output and of every gradient against its share of the reference. Used by the tests
+and by notebook 10, through `run_on_ranks(check_against_reference, world_size, case)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..config import MoEConfig
+from ..modules import Experts
+from ..reference import reference_experts_forward, reference_gradients, relative_error
+from ..routing import synthetic_routing
+
+
+@dataclass(frozen=True)
+class EPCase:
+    """A layer, each rank's token count and a routing shape: everything a rank needs to rebuild the batch."""
+
+    config: MoEConfig
+    tokens_per_rank: tuple[int, ...]  # [world] T of each rank (0 allowed)
+    distribution: str = "uniform"  # moe_lab.synthetic_routing's: uniform, zipf, single
+    skew: float = 1.0
+    backend: str = "grouped_mm"
+    variant: str = "exact"  # "exact" (ExpertParallelExperts) or "padded" (PaddedExpertParallelExperts)
+    capacity: int | None = None  # padded only: rows per (source, destination) pair; None = the worst case
+    backward: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def whole_batch(case: EPCase):
+    """(the whole layer, [hidden_r], [top_k_index_r], [top_k_weights_r], [grad_output_r]) for every rank r."""
+    config = case.config
+    generator = torch.Generator().manual_seed(case.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(case.seed)
+        experts = Experts(config, case.backend)
+    hidden, index, weights, upstream = [], [], [], []
+    for rank, T in enumerate(case.tokens_per_rank):
+        hidden.append(torch.randn(T, config.hidden_size, generator=generator).to(config.dtype))
+        upstream.append(torch.randn(T, config.hidden_size, generator=generator).to(config.dtype))
+        i, w = synthetic_routing(T, config.num_experts, config.top_k, distribution=case.distribution, skew=case.skew,
+                                 seed=case.seed + 1000 * (rank + 1))
+        index.append(i)
+        weights.append(w)
+    return experts, hidden, index, weights, upstream
+
+
+def build_layer(case: EPCase, experts: Experts):
+    if case.variant == "exact":
+        from .layer import ExpertParallelExperts
+
+        return ExpertParallelExperts.from_experts(experts, experts_implementation=case.backend)
+    if case.variant == "padded":
+        from .padded import PaddedExpertParallelExperts
+
+        return PaddedExpertParallelExperts.from_experts(experts, experts_implementation=case.backend,
+                                                        tokens_per_rank=max(case.tokens_per_rank),
+                                                        capacity=case.capacity)
+    raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'padded'")
+
+
+def check_against_reference(case: EPCase) -> dict:
+    """Run on every rank of a group of len(case.tokens_per_rank): relative errors against float64, and counts."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != len(case.tokens_per_rank):
+        raise ValueError(f"the case has tokens for {len(case.tokens_per_rank)} ranks, the group has {world}")
+    experts, hidden, index, weights, upstream = whole_batch(case)
+    layer = build_layer(case, experts)
+    x = hidden[rank].clone().requires_grad_(case.backward)
+    w = weights[rank].clone().requires_grad_(case.backward)
+    output = layer(x, index[rank], w)
+    result = {"rank": rank, "tokens": case.tokens_per_rank[rank], "experts": list(layer.shard.experts)}
+    result["output_error"] = relative_error(output, _reference_output(experts, hidden, index, weights)[rank])
+    result["dropped_pairs"] = int(getattr(layer, "last_dropped_pairs", torch.zeros(())).sum())
+    if case.backward:
+        (output * upstream[rank]).sum().backward()
+        reference = reference_gradients(experts, torch.cat(hidden), torch.cat(index), torch.cat(weights),
+                                        torch.cat(upstream))
+        mine = slice(sum(case.tokens_per_rank[:rank]), sum(case.tokens_per_rank[:rank + 1]))
+        block = slice(layer.shard.first, layer.shard.first + layer.shard.count)
+        result["hidden_states_grad_error"] = _grad_error(x.grad, reference["hidden_states"][mine])
+        result["top_k_weights_grad_error"] = _grad_error(w.grad, reference["top_k_weights"][mine])
+        result["gate_up_proj_grad_error"] = _grad_error(layer.local.gate_up_proj.grad, reference["gate_up_proj"][block])
+        result["down_proj_grad_error"] = _grad_error(layer.local.down_proj.grad, reference["down_proj"][block])
+    return result
+
+
+def _reference_output(experts, hidden, index, weights) -> list[torch.Tensor]:
+    whole = reference_experts_forward(experts, torch.cat(hidden), torch.cat(index), torch.cat(weights))
+    return list(whole.split([h.shape[0] for h in hidden]))
+
+
+def _grad_error(actual, expected) -> float:
+    """relative_error, with a missing gradient counted as wrong (inf) unless the reference's is zero too."""
+    if actual is None:
+        return 0.0 if expected.numel() == 0 or not bool(expected.abs().max()) else float("inf")
+    return relative_error(actual, expected)

@@ -1,0 +1,111 @@
+"""Run a function on several local processes joined in a gloo group, and get each rank's result back.
+
+For tests and notebooks on a CPU: `run_on_ranks(fn, 4, *args)` starts 4 processes, joins them in a
+gloo process group (a FileStore in a temporary folder: no port to pick, nothing to collide with),
+calls `fn(*args)` on each, and returns the 4 return values in rank order. On GPUs launch with
+`torchrun` instead (moe-lab bench --ep).
+
+Processes come from a "forkserver" that imported torch and moe_lab once, so a launch costs a fork,
+not a fresh interpreter importing torch (seconds per rank on a small machine). A rank that raises
+stops the others at once and its traceback is raised here as `RankFailedError`; a launch that runs
+past `timeout_s` is stopped and raises `TimeoutError`. `fn` must be importable by name (a function
+defined in a module, not in a notebook cell), as for any multiprocessing start method but fork.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+#: Where a spawned rank learns its place: set in the child before `fn` runs.
+_RANK_ENV = "MOE_LAB_RANK"
+
+
+class RankFailedError(RuntimeError):
+    """A rank raised: carries its rank and traceback text."""
+
+    def __init__(self, rank: int, text: str):
+        self.rank, self.text = rank, text
+        super().__init__(f"rank {rank} failed:\n{text}")
+
+
+def _context():
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" not in methods:  # Windows: only spawn
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "moe_lab", "moe_lab.parallel"])
+    return context
+
+
+def _rank_main(fn, args, rank: int, world_size: int, folder: str, threads: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    os.environ[_RANK_ENV] = str(rank)
+    result_path, error_path = Path(folder, f"result{rank}.pt"), Path(folder, f"error{rank}.txt")
+    try:
+        store = dist.FileStore(str(Path(folder, "store")), world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        try:
+            result = fn(*args)
+            dist.barrier()  # no rank tears the group down while another is still inside a collective
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, result_path)
+    except BaseException:  # noqa: BLE001 (everything goes back to the parent, then the process exits 1)
+        error_path.write_text(traceback.format_exc())
+        os._exit(1)
+
+
+def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, threads_per_rank: int = 1) -> list:
+    """[fn(*args) on rank 0, ..., on rank world_size - 1], each run inside a gloo process group of
+    `world_size` CPU processes (torch.distributed.get_rank() says which rank a call is)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    context = _context()
+    with tempfile.TemporaryDirectory(prefix="moe_lab_ranks_") as folder:
+        processes = [context.Process(target=_rank_main, args=(fn, args, rank, world_size, folder, threads_per_rank),
+                                     daemon=True) for rank in range(world_size)]
+        for process in processes:
+            process.start()
+        try:
+            _wait_for(processes, folder, timeout_s)
+        finally:
+            for process in processes:  # only ours, by handle; no-op for those that finished
+                if process.is_alive():
+                    process.terminate()
+                process.join(timeout=5)
+        return [torch.load(Path(folder, f"result{rank}.pt"), weights_only=False) for rank in range(world_size)]
+
+
+def _wait_for(processes, folder: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if any(process.exitcode not in (None, 0) for process in processes):
+            raise _first_failure(processes, folder)
+        if all(process.exitcode == 0 for process in processes):
+            return
+        if time.monotonic() > deadline:
+            waiting = [rank for rank, process in enumerate(processes) if process.exitcode is None]
+            raise TimeoutError(f"ranks {waiting} of {len(processes)} were still running after {timeout_s:.0f} s "
+                               "(a rank stuck in a collective another rank never joined?); they were stopped")
+        time.sleep(0.02)
+
+
+def _first_failure(processes, folder: str) -> RankFailedError:
+    """The rank that failed first (its traceback file is the oldest): the others usually fail only
+    because their peer left in the middle of a collective."""
+    time.sleep(0.2)  # let a rank that is failing right now finish writing its traceback
+    written = sorted((path.stat().st_mtime, int(path.stem.removeprefix("error")), path)
+                     for path in Path(folder).glob("error*.txt"))
+    if written:
+        _, rank, path = written[0]
+        return RankFailedError(rank, path.read_text())
+    rank = next(rank for rank, process in enumerate(processes) if process.exitcode not in (None, 0))
+    return RankFailedError(rank, f"exited with code {processes[rank].exitcode} (killed? out of memory?)")
