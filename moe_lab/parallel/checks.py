@@ -8,7 +8,7 @@ and by notebook 10, through `run_on_ranks(check_against_reference, world_size, c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -42,12 +42,14 @@ def whole_batch(case: EPCase):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(case.seed)
         experts = Experts(config, case.backend)
+    # Routing weights in float32 as a router gives them, float64 for a float64 layer (else their gradient rounds to float32).
+    weights_dtype = torch.float64 if config.dtype == torch.float64 else torch.float32
     hidden, index, weights, upstream = [], [], [], []
     for rank, T in enumerate(case.tokens_per_rank):
         hidden.append(torch.randn(T, config.hidden_size, generator=generator).to(config.dtype))
         upstream.append(torch.randn(T, config.hidden_size, generator=generator).to(config.dtype))
         i, w = synthetic_routing(T, config.num_experts, config.top_k, distribution=case.distribution, skew=case.skew,
-                                 seed=case.seed + 1000 * (rank + 1))
+                                 seed=case.seed + 1000 * (rank + 1), weights_dtype=weights_dtype)
         index.append(i)
         weights.append(w)
     return experts, hidden, index, weights, upstream
@@ -77,7 +79,10 @@ def check_against_reference(case: EPCase) -> dict:
     x = hidden[rank].clone().requires_grad_(case.backward)
     w = weights[rank].clone().requires_grad_(case.backward)
     output = layer(x, index[rank], w)
-    result = {"rank": rank, "tokens": case.tokens_per_rank[rank], "experts": list(layer.shard.experts)}
+    block = slice(layer.shard.first, layer.shard.first + layer.shard.count)
+    every_pair = torch.cat([i.reshape(-1) for i in index])  # [sum(T) * k] all ranks' pairs
+    result = {"rank": rank, "tokens": case.tokens_per_rank[rank], "experts": list(layer.shard.experts),
+              "received_pairs": int(((every_pair >= block.start) & (every_pair < block.stop)).sum())}
     result["output_error"] = relative_error(output, _reference_output(experts, hidden, index, weights)[rank])
     result["dropped_pairs"] = int(getattr(layer, "last_dropped_pairs", torch.zeros(())).sum())
     if case.backward:
@@ -85,7 +90,6 @@ def check_against_reference(case: EPCase) -> dict:
         reference = reference_gradients(experts, torch.cat(hidden), torch.cat(index), torch.cat(weights),
                                         torch.cat(upstream))
         mine = slice(sum(case.tokens_per_rank[:rank]), sum(case.tokens_per_rank[:rank + 1]))
-        block = slice(layer.shard.first, layer.shard.first + layer.shard.count)
         result["hidden_states_grad_error"] = _grad_error(x.grad, reference["hidden_states"][mine])
         result["top_k_weights_grad_error"] = _grad_error(w.grad, reference["top_k_weights"][mine])
         result["gate_up_proj_grad_error"] = _grad_error(layer.local.gate_up_proj.grad, reference["gate_up_proj"][block])
@@ -103,3 +107,19 @@ def _grad_error(actual, expected) -> float:
     if actual is None:
         return 0.0 if expected.numel() == 0 or not bool(expected.abs().max()) else float("inf")
     return relative_error(actual, expected)
+
+
+def compare_variants(case: EPCase) -> dict:
+    """Run on every rank: the exact and the padded layer on the same tokens; the largest relative
+    difference between their outputs and between each of their gradients."""
+    experts, hidden, index, weights, upstream = whole_batch(case)
+    rank = dist.get_rank()
+    results = {}
+    for variant in ("exact", "padded"):
+        layer = build_layer(replace(case, variant=variant), experts)
+        x = hidden[rank].clone().requires_grad_()
+        w = weights[rank].clone().requires_grad_()
+        output = layer(x, index[rank], w)
+        (output * upstream[rank]).sum().backward()
+        results[variant] = [output, x.grad, w.grad, layer.local.gate_up_proj.grad, layer.local.down_proj.grad]
+    return {"max_difference": max(relative_error(p, e) for p, e in zip(results["padded"], results["exact"]))}

@@ -33,6 +33,7 @@ class SortedPairs:
     order: torch.Tensor  # [S] int64: sorted position -> pair index (pair = token * k + slot)
     position: torch.Tensor  # [S] int64: pair index -> sorted position (the inverse of `order`)
     counts: torch.Tensor  # [E] int64 pairs per global expert
+    sorted_experts: torch.Tensor  # [S] global expert id of each sorted pair
     top_k: int
 
     @property
@@ -44,7 +45,7 @@ def sort_pairs(top_k_index: torch.Tensor, num_experts: int) -> SortedPairs:
     flat = top_k_index.reshape(-1)  # [S]
     order = torch.argsort(flat, stable=True)  # [S]
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return SortedPairs(order, position, tokens_per_expert(flat, num_experts), top_k_index.shape[1])
+    return SortedPairs(order, position, tokens_per_expert(flat, num_experts), flat[order], top_k_index.shape[1])
 
 
 @dataclass
