@@ -52,15 +52,15 @@ def _rank_main(fn, args, rank: int, world_size: int, folder: str, threads: int) 
     try:
         store = dist.FileStore(str(Path(folder, "store")), world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-        try:
-            result = fn(*args)
-            dist.barrier()  # no rank tears the group down while another is still inside a collective
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, result_path)
+        result = fn(*args)
+        dist.barrier()  # no rank tears the group down while another is still inside a collective
     except BaseException:  # noqa: BLE001 (everything goes back to the parent, then the process exits 1)
+        # Written before anything else happens: the peers fail only after this rank's exit, so the
+        # first traceback on disk is the cause.
         error_path.write_text(traceback.format_exc())
         os._exit(1)
+    dist.destroy_process_group()
+    torch.save(result, result_path)
 
 
 def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, threads_per_rank: int = 1) -> list:
@@ -102,7 +102,7 @@ def _first_failure(processes, folder: str) -> RankFailedError:
     """The rank that failed first (its traceback file is the oldest): the others usually fail only
     because their peer left in the middle of a collective."""
     time.sleep(0.2)  # let a rank that is failing right now finish writing its traceback
-    written = sorted((path.stat().st_mtime, int(path.stem.removeprefix("error")), path)
+    written = sorted((path.stat().st_mtime_ns, int(path.stem.removeprefix("error")), path)
                      for path in Path(folder).glob("error*.txt"))
     if written:
         _, rank, path = written[0]
