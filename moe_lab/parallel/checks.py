@@ -123,3 +123,17 @@ def compare_variants(case: EPCase) -> dict:
         (output * upstream[rank]).sum().backward()
         results[variant] = [output, x.grad, w.grad, layer.local.gate_up_proj.grad, layer.local.down_proj.grad]
     return {"max_difference": max(relative_error(p, e) for p, e in zip(results["padded"], results["exact"]))}
+
+
+def compare_pipelined(case: EPCase, chunks: int) -> dict:
+    """Run on every rank: the chunked, overlapped forward against the plain one (no gradients)."""
+    from .pipelined import pipelined_forward
+
+    experts, hidden, index, weights, _ = whole_batch(case)
+    rank = dist.get_rank()
+    layer = build_layer(replace(case, variant="exact"), experts)
+    with torch.no_grad():
+        plain = layer(hidden[rank], index[rank], weights[rank])
+        chunked = pipelined_forward(layer, hidden[rank], index[rank], weights[rank], chunks=chunks)
+    reference = _reference_output(experts, hidden, index, weights)[rank]
+    return {"difference": relative_error(chunked, plain), "output_error": relative_error(chunked, reference)}
