@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
+from ..errors import ConfigError
 from ..modules import DEFAULT_IMPLEMENTATION, Experts
 from .collectives import group_rank_and_size
 from .dispatch import dispatch_exact, plan_exact, return_exact, sort_pairs, weighted_sum
 from .local import check_routed_inputs, run_local_experts
-from .sharding import ExpertShard, copy_shard, local_experts
+from .sharding import ExpertShard, copy_shard, local_config, local_experts
 
 PHASES = ("count_exchange", "dispatch", "expert_compute", "combine")
 
@@ -34,13 +35,17 @@ class ExpertParallelExperts(nn.Module):
     """E experts over `group` (default: the whole world); this rank's block lives in `self.local`."""
 
     def __init__(self, config: MoEConfig, group=None, experts_implementation: str = DEFAULT_IMPLEMENTATION, *,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, local: Experts | None = None):
+        """`local`: an `Experts` already holding this rank's block, shared rather than allocated
+        (two variants of the layer over one set of weights); else a fresh block on `device`."""
         super().__init__()
         rank, world_size = group_rank_and_size(group)
         self.config = config
         self.group = group
         self.shard = ExpertShard(rank, world_size, config.num_experts)
-        self.local = local_experts(config, self.shard, experts_implementation, device)
+        if local is not None and local.config != local_config(config, self.shard):
+            raise ConfigError(f"local experts {local.config} are not rank {rank}'s block of {config}")
+        self.local = local if local is not None else local_experts(config, self.shard, experts_implementation, device)
         #: Called with each phase's name as it ends (the bench records CUDA events here); None: nothing.
         self.phase_hook: Callable[[str], None] | None = None
 

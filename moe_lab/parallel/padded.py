@@ -105,8 +105,9 @@ class PaddedExpertParallelExperts(ExpertParallelExperts):
     (with a sync-free backend and NCCL). Every rank must use the same `tokens_per_rank` and capacity."""
 
     def __init__(self, config: MoEConfig, group=None, experts_implementation: str = DEFAULT_IMPLEMENTATION, *,
-                 tokens_per_rank: int, capacity: int | None = None, device: torch.device | str | None = None):
-        super().__init__(config, group, experts_implementation, device=device)
+                 tokens_per_rank: int, capacity: int | None = None, device: torch.device | str | None = None,
+                 local=None):
+        super().__init__(config, group, experts_implementation, device=device, local=local)
         if isinstance(tokens_per_rank, bool) or not isinstance(tokens_per_rank, int) or tokens_per_rank < 1:
             raise ConfigError(f"tokens_per_rank must be a positive integer (the most tokens a rank sends), "
                               f"got {tokens_per_rank!r}")
@@ -116,7 +117,8 @@ class PaddedExpertParallelExperts(ExpertParallelExperts):
                               f"{worst} never drops) or None for that worst case, got {capacity!r}")
         self.tokens_per_rank = tokens_per_rank
         self.capacity = worst if capacity is None else capacity
-        self.register_buffer("last_dropped_pairs", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("last_dropped_pairs", torch.zeros((), dtype=torch.int64, device=self.local.down_proj.device),
+                             persistent=False)
 
     def dispatch_bytes(self) -> DispatchBytes:
         return dispatch_bytes(self.config, self.tokens_per_rank, self.shard.world_size, self.capacity)
