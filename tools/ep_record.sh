@@ -9,6 +9,7 @@
 #
 # Writes under $OUT (default out/ep_record): ep<N>.csv + ep<N>.json (provenance) per EP size,
 # ep_summary.csv (one line per preset, T, routing, EP size and variant) and ep_record.log: 8 files.
+# Then, in the time left, tests/test_expert_parallel_gpu.py (NCCL on 2 GPUs) into the same log.
 # MOE_LAB_GIT_COMMIT = the commit measured (the device's copy of .git can lag behind its working tree).
 # Every launch is bounded (EP_LAUNCH_SECONDS, default 100) and the whole script by EP_TOTAL_SECONDS
 # (default 330): a launch that would start past it is skipped and says so in the log.
@@ -60,6 +61,15 @@ for EP in $EP_SIZES; do
   echo "=== EP=$EP exit $STATUS after ${SECONDS}s" | tee -a "$LOG"
   [ -f "$OUT/ep$EP.csv" ] && TABLES+=("$OUT/ep$EP")
 done
+
+# The NCCL correctness tests (2 GPUs), in what time is left: they cannot spoil the tables above.
+LEFT=$((TOTAL_SECONDS - SECONDS))
+if [ -z "${MOE_LAB_EP_TINY:-}" ] && [ "$GPUS" -ge 2 ] && [ "$LEFT" -ge 45 ]; then
+  echo "=== pytest tests/test_expert_parallel_gpu.py (limit ${LEFT}s)" | tee -a "$LOG"
+  timeout --kill-after=10 "$LEFT" $PYTHON -m pytest tests/test_expert_parallel_gpu.py -q -p no:cacheprovider -x \
+    >> "$LOG" 2>&1
+  echo "=== pytest exit $? after ${SECONDS}s" | tee -a "$LOG"
+fi
 
 if [ ${#TABLES[@]} -gt 0 ]; then
   $PYTHON - "$OUT/ep_summary.csv" "${TABLES[@]}" >> "$LOG" 2>&1 <<'PY'

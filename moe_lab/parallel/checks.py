@@ -32,6 +32,7 @@ class EPCase:
     capacity: int | None = None  # padded only: rows per (source, destination) pair; None = the worst case
     backward: bool = True
     seed: int = 0
+    device: str = "cpu"  # "cuda": this rank's current GPU (run_on_ranks(..., backend="nccl"))
     extra: dict = field(default_factory=dict)
 
 
@@ -55,17 +56,22 @@ def whole_batch(case: EPCase):
     return experts, hidden, index, weights, upstream
 
 
-def build_layer(case: EPCase, experts: Experts):
+def _device(case: EPCase) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if case.device == "cuda" else torch.device(case.device)
+
+
+def build_layer(case: EPCase, experts: Experts, device: torch.device | None = None):
+    """This rank's block of `experts` (built on CPU from seeds) on `device`, as `case.variant` says."""
     if case.variant == "exact":
         from .layer import ExpertParallelExperts
 
-        return ExpertParallelExperts.from_experts(experts, experts_implementation=case.backend)
+        return ExpertParallelExperts.from_experts(experts, experts_implementation=case.backend, device=device)
     if case.variant == "padded":
         from .padded import PaddedExpertParallelExperts
 
         return PaddedExpertParallelExperts.from_experts(experts, experts_implementation=case.backend,
                                                         tokens_per_rank=max(case.tokens_per_rank),
-                                                        capacity=case.capacity)
+                                                        capacity=case.capacity, device=device)
     raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'padded'")
 
 
@@ -75,18 +81,19 @@ def check_against_reference(case: EPCase) -> dict:
     if world != len(case.tokens_per_rank):
         raise ValueError(f"the case has tokens for {len(case.tokens_per_rank)} ranks, the group has {world}")
     experts, hidden, index, weights, upstream = whole_batch(case)
-    layer = build_layer(case, experts)
-    x = hidden[rank].clone().requires_grad_(case.backward)
-    w = weights[rank].clone().requires_grad_(case.backward)
-    output = layer(x, index[rank], w)
+    device = _device(case)
+    layer = build_layer(case, experts, device)
+    x = hidden[rank].to(device).requires_grad_(case.backward)
+    w = weights[rank].to(device).requires_grad_(case.backward)
+    output = layer(x, index[rank].to(device), w)
     block = slice(layer.shard.first, layer.shard.first + layer.shard.count)
     every_pair = torch.cat([i.reshape(-1) for i in index])  # [sum(T) * k] all ranks' pairs
     result = {"rank": rank, "tokens": case.tokens_per_rank[rank], "experts": list(layer.shard.experts),
               "received_pairs": int(((every_pair >= block.start) & (every_pair < block.stop)).sum())}
-    result["output_error"] = relative_error(output, _reference_output(experts, hidden, index, weights)[rank])
+    result["output_error"] = relative_error(output.cpu(), _reference_output(experts, hidden, index, weights)[rank])
     result["dropped_pairs"] = int(getattr(layer, "last_dropped_pairs", torch.zeros(())).sum())
     if case.backward:
-        (output * upstream[rank]).sum().backward()
+        (output * upstream[rank].to(device)).sum().backward()
         reference = reference_gradients(experts, torch.cat(hidden), torch.cat(index), torch.cat(weights),
                                         torch.cat(upstream))
         mine = slice(sum(case.tokens_per_rank[:rank]), sum(case.tokens_per_rank[:rank + 1]))
@@ -106,21 +113,21 @@ def _grad_error(actual, expected) -> float:
     """relative_error, with a missing gradient counted as wrong (inf) unless the reference's is zero too."""
     if actual is None:
         return 0.0 if expected.numel() == 0 or not bool(expected.abs().max()) else float("inf")
-    return relative_error(actual, expected)
+    return relative_error(actual.cpu(), expected)
 
 
 def compare_variants(case: EPCase) -> dict:
     """Run on every rank: the exact and the padded layer on the same tokens; the largest relative
     difference between their outputs and between each of their gradients."""
     experts, hidden, index, weights, upstream = whole_batch(case)
-    rank = dist.get_rank()
+    rank, device = dist.get_rank(), _device(case)
     results = {}
     for variant in ("exact", "padded"):
-        layer = build_layer(replace(case, variant=variant), experts)
-        x = hidden[rank].clone().requires_grad_()
-        w = weights[rank].clone().requires_grad_()
-        output = layer(x, index[rank], w)
-        (output * upstream[rank]).sum().backward()
+        layer = build_layer(replace(case, variant=variant), experts, device)
+        x = hidden[rank].to(device).requires_grad_()
+        w = weights[rank].to(device).requires_grad_()
+        output = layer(x, index[rank].to(device), w)
+        (output * upstream[rank].to(device)).sum().backward()
         results[variant] = [output, x.grad, w.grad, layer.local.gate_up_proj.grad, layer.local.down_proj.grad]
     return {"max_difference": max(relative_error(p, e) for p, e in zip(results["padded"], results["exact"]))}
 
@@ -130,10 +137,40 @@ def compare_pipelined(case: EPCase, chunks: int) -> dict:
     from .pipelined import pipelined_forward
 
     experts, hidden, index, weights, _ = whole_batch(case)
-    rank = dist.get_rank()
-    layer = build_layer(replace(case, variant="exact"), experts)
+    rank, device = dist.get_rank(), _device(case)
+    layer = build_layer(replace(case, variant="exact"), experts, device)
+    x, i, w = hidden[rank].to(device), index[rank].to(device), weights[rank].to(device)
     with torch.no_grad():
-        plain = layer(hidden[rank], index[rank], weights[rank])
-        chunked = pipelined_forward(layer, hidden[rank], index[rank], weights[rank], chunks=chunks)
+        plain = layer(x, i, w)
+        chunked = pipelined_forward(layer, x, i, w, chunks=chunks)
     reference = _reference_output(experts, hidden, index, weights)[rank]
-    return {"difference": relative_error(chunked, plain), "output_error": relative_error(chunked, reference)}
+    return {"difference": relative_error(chunked, plain), "output_error": relative_error(chunked.cpu(), reference)}
+
+
+def replay_padded_from_cuda_graph(case: EPCase) -> dict:
+    """Run on every rank (NCCL): capture the padded layer once, then replay it on new tokens and new
+    routing copied into the captured inputs; the replay against the layer called eagerly."""
+    from .padded import PaddedExpertParallelExperts
+
+    experts, hidden, index, weights, _ = whole_batch(case)
+    rank, device = dist.get_rank(), _device(case)
+    layer = PaddedExpertParallelExperts.from_experts(experts, experts_implementation=case.backend, device=device,
+                                                     tokens_per_rank=max(case.tokens_per_rank))
+    x, i, w = hidden[rank].to(device), index[rank].to(device), weights[rank].to(device)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x, i, w)  # warm-up outside the capture: NCCL communicators, allocator, lazy init
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x, i, w)
+        _, new_hidden, new_index, new_weights, _ = whole_batch(replace(case, seed=case.seed + 1))
+        for captured_input, new in ((x, new_hidden), (i, new_index), (w, new_weights)):
+            captured_input.copy_(new[rank])
+        graph.replay()
+        eager = layer(x, i, w)
+    torch.cuda.synchronize()
+    reference = _reference_output(experts, new_hidden, new_index, new_weights)[rank]
+    return {"replay_vs_eager": relative_error(captured, eager), "output_error": relative_error(captured.cpu(), reference)}

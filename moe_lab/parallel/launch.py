@@ -43,7 +43,7 @@ def _context():
     return context
 
 
-def _rank_main(fn, args, rank: int, world_size: int, folder: str, threads: int) -> None:
+def _rank_main(fn, args, rank: int, world_size: int, folder: str, threads: int, backend: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
@@ -51,7 +51,11 @@ def _rank_main(fn, args, rank: int, world_size: int, folder: str, threads: int) 
     result_path, error_path = Path(folder, f"result{rank}.pt"), Path(folder, f"error{rank}.txt")
     try:
         store = dist.FileStore(str(Path(folder, "store")), world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        device = None
+        if backend == "nccl":  # rank r on GPU r
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device)
         result = fn(*args)
         dist.barrier()  # no rank tears the group down while another is still inside a collective
     except BaseException:  # noqa: BLE001 (everything goes back to the parent, then the process exits 1)
@@ -63,14 +67,21 @@ def _rank_main(fn, args, rank: int, world_size: int, folder: str, threads: int) 
     torch.save(result, result_path)
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, threads_per_rank: int = 1) -> list:
-    """[fn(*args) on rank 0, ..., on rank world_size - 1], each run inside a gloo process group of
-    `world_size` CPU processes (torch.distributed.get_rank() says which rank a call is)."""
+def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, threads_per_rank: int = 1,
+                 backend: str = "gloo") -> list:
+    """[fn(*args) on rank 0, ..., on rank world_size - 1], each run inside a process group of
+    `world_size` local processes (torch.distributed.get_rank() says which rank a call is).
+    backend "gloo": CPU processes; "nccl": rank r on GPU r (the GPU tests)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (one GPU per rank), got {backend!r}")
+    if backend == "nccl" and world_size > torch.cuda.device_count():
+        raise ValueError(f"nccl with {world_size} ranks needs {world_size} GPUs; this machine has "
+                         f"{torch.cuda.device_count()}")
     context = _context()
     with tempfile.TemporaryDirectory(prefix="moe_lab_ranks_") as folder:
-        processes = [context.Process(target=_rank_main, args=(fn, args, rank, world_size, folder, threads_per_rank),
+        processes = [context.Process(target=_rank_main, args=(fn, args, rank, world_size, folder, threads_per_rank, backend),
                                      daemon=True) for rank in range(world_size)]
         for process in processes:
             process.start()

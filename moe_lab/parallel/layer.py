@@ -50,10 +50,13 @@ class ExpertParallelExperts(nn.Module):
         self.phase_hook: Callable[[str], None] | None = None
 
     @classmethod
-    def from_experts(cls, experts: Experts, group=None, experts_implementation: str | None = None, **kwargs):
-        """This rank's block of a single-process `Experts` (same values), e.g. to check against it."""
+    def from_experts(cls, experts: Experts, group=None, experts_implementation: str | None = None, *,
+                     device: torch.device | str | None = None, **kwargs):
+        """This rank's block of a single-process `Experts` (same values), on `device` (default: the
+        experts' own), e.g. to check against it."""
         implementation = experts_implementation or experts.get_experts_implementation()
-        layer = cls(experts.config, group, implementation, device=experts.gate_up_proj.device, **kwargs)
+        device = device if device is not None else experts.gate_up_proj.device
+        layer = cls(experts.config, group, implementation, device=device, **kwargs)
         copy_shard(experts, layer.local, layer.shard)
         return layer
 
