@@ -59,7 +59,7 @@ def test_ranks_that_receive_no_tokens(backend):
     # still join every all-to-all, forward and backward (a rank that skipped one would hang the others).
     case = EPCase(_config(), tokens_per_rank=(4, 3, 5, 2), distribution="single", backend=backend)
     results = _run(case)
-    assert [r["received_pairs"] for r in results] == [28, 0, 0, 0]
+    assert [r["pairs_received"] for r in results] == [28, 0, 0, 0]
     _assert_close(results, torch.float32)
     for result in results[1:]:
         assert result["gate_up_proj_grad_error"] == 0.0 and result["down_proj_grad_error"] == 0.0
@@ -75,7 +75,7 @@ def test_ranks_that_send_no_tokens():
 def test_skewed_routing_sends_most_tokens_to_one_rank():
     case = EPCase(_config(), tokens_per_rank=(24, 24), distribution="zipf", skew=3.0, backend="grouped_mm")
     results = _run(case)
-    received = [r["received_pairs"] for r in results]
+    received = [r["pairs_received"] for r in results]
     assert received[0] > 0.85 * sum(received), received
     _assert_close(results, torch.float32)
 

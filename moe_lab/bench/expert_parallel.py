@@ -64,6 +64,7 @@ class EPBenchSettings:
     cuda_graph: bool = True
     baseline: bool = True
     seed: int = 0
+    progress: bool = True  # rank 0 prints a line per measurement (a long GPU run's log)
 
 
 def start_process_group(device: str | None = None) -> torch.device:
@@ -119,7 +120,8 @@ def _bench_preset(name, config, settings, device) -> list[dict]:
             inputs = _inputs(config, T, distribution, settings, device, rank)
             with torch.no_grad():
                 rows += _bench_point(layer, whole, inputs, base, settings, device)
-            _report(rows, base)
+            if settings.progress:
+                _report(rows, base)
     del layer, whole
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -199,7 +201,8 @@ def _graph_preset(name, config, settings, device) -> list[dict]:
                     row = row | {"status": "error", "reason": first_line(error)}
             _derive(row, layer)
             rows.append(row)
-            _report(rows, base)
+            if settings.progress:
+                _report(rows, base)
     return rows
 
 
@@ -376,3 +379,22 @@ def summarize_tables(paths) -> "pandas.DataFrame":  # noqa: F821
     cards = whole.groupby("world_size")["device_name"].first()
     summary.insert(0, "device_name", summary["world_size"].map(cards).fillna(whole["device_name"].iloc[0]))
     return summary
+
+
+def measure_on_local_ranks(config: MoEConfig, tokens_per_rank: int, world_size: int, *, skew: float = 0.0,
+                           backend: str = "grouped_mm", reps: int = 5):
+    """The exact layer's phases on `world_size` local gloo processes (moe_lab.parallel.run_on_ranks), with
+    the whole layer on rank 0 alone beside it: a DataFrame of every rank's rows (notebook 10, its widget)."""
+    import pandas as pd
+
+    from ..parallel import run_on_ranks
+
+    settings = EPBenchSettings(tokens=(tokens_per_rank,), distributions=("zipf" if skew > 0 else "uniform",),
+                               skew=skew, backend=backend, warmup=1, reps=reps, chunks=(), padded_max_tokens=0,
+                               progress=False)
+    every_rank = run_on_ranks(_run_on_cpu_rank, world_size, {"live": config}, settings)
+    return pd.DataFrame(every_rank[0])  # every rank holds all ranks' rows
+
+
+def _run_on_cpu_rank(configs, settings):
+    return run_ep_bench(configs, settings, torch.device("cpu"))

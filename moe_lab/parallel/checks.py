@@ -89,7 +89,7 @@ def check_against_reference(case: EPCase) -> dict:
     block = slice(layer.shard.first, layer.shard.first + layer.shard.count)
     every_pair = torch.cat([i.reshape(-1) for i in index])  # [sum(T) * k] all ranks' pairs
     result = {"rank": rank, "tokens": case.tokens_per_rank[rank], "experts": list(layer.shard.experts),
-              "received_pairs": int(((every_pair >= block.start) & (every_pair < block.stop)).sum())}
+              "pairs_received": int(((every_pair >= block.start) & (every_pair < block.stop)).sum())}
     result["output_error"] = relative_error(output.cpu(), _reference_output(experts, hidden, index, weights)[rank])
     result["dropped_pairs"] = int(getattr(layer, "last_dropped_pairs", torch.zeros(())).sum())
     if case.backward:
