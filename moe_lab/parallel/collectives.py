@@ -36,10 +36,7 @@ def all_to_all(rows: torch.Tensor, output_splits: list[int] | None, input_splits
                group) -> torch.Tensor:
     """[sum(input_splits), ...] -> [sum(output_splits), ...]; None splits mean equal blocks of dim 0.
     Differentiable in `rows`."""
-    group = group if group is not None else dist.group.WORLD
-    received = functional_collectives.all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits,
-                                                                 group)
-    return received.wait() if isinstance(received, functional_collectives.AsyncCollectiveTensor) else received
+    return waited(all_to_all_async(rows, output_splits, input_splits, group))
 
 
 def all_to_all_async(rows: torch.Tensor, output_splits: list[int] | None, input_splits: list[int] | None,
@@ -48,6 +45,15 @@ def all_to_all_async(rows: torch.Tensor, output_splits: list[int] | None, input_
     work queued before that use (another chunk's expert matmuls) overlaps the transfer."""
     group = group if group is not None else dist.group.WORLD
     return functional_collectives.all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits, group)
+
+
+def waited(received: torch.Tensor) -> torch.Tensor:
+    """The all-to-all's result as a plain tensor, once the device has it: work queued after this waits for
+    the collective on the device (the host does not block). Kernels that take raw pointers (a Triton launch)
+    must get this, not the pending result, whose storage is not there yet."""
+    if isinstance(received, functional_collectives.AsyncCollectiveTensor):
+        return received.wait()
+    return received
 
 
 def exchange_counts(counts_by_rank: torch.Tensor, group) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import BackendCapabilityError, ConfigError
 from ..backends.common import needs_grad
-from .collectives import all_to_all_async, exchange_counts
+from .collectives import all_to_all_async, exchange_counts, waited
 from .dispatch import sort_pairs, weighted_sum
 from .local import check_routed_inputs, run_local_experts
 
@@ -55,9 +55,9 @@ def pipelined_forward(layer, hidden_states, top_k_index, top_k_weights, chunks: 
     for c in range(chunks):
         if c + 1 < chunks:  # queued before chunk c's experts: it moves while they run
             received[c + 1] = all_to_all_async(rows[c + 1], receive[c + 1], send[c + 1], group)
-        expert_rows = run_local_experts(layer.local, received[c], ids[c])  # waits for chunk c's rows only
+        expert_rows = run_local_experts(layer.local, waited(received[c]), ids[c])  # waits for chunk c's rows only
         returned.append(all_to_all_async(expert_rows, send[c], receive[c], group))
-    outputs = [weighted_sum(r, p, w) for r, p, w in zip(returned, pairs, weight_chunks)]  # n x [T_c, H]
+    outputs = [weighted_sum(waited(r), p, w) for r, p, w in zip(returned, pairs, weight_chunks)]  # n x [T_c, H]
     output = torch.cat(outputs)  # [T, H]
     layer._phase_done("combine")
     return output
