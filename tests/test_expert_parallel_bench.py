@@ -67,7 +67,7 @@ def test_flops_pairs_and_bandwidth(rows):
 def test_summary(rows):
     summary = ep_summary(rows)
     one = summary[summary["variant"] == "one_device"]
-    assert (one["fraction_of_one_device"] == 1.0).all() and (one["world_size"] == 1).all()
+    assert (one["fraction_of_one_device"] == 1.0).all() and (one["world_size"] == 2).all() and (one["ranks"] == 1).all()
     exact = summary[summary["variant"] == "exact"]
     assert (exact["ranks"] == 2).all() and (exact["fraction_of_one_device"] > 0).all()
     dispatch = summary[summary["variant"] == "dispatch_all_to_all"]

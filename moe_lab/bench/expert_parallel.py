@@ -10,6 +10,7 @@ most pairs), each rank records one row per variant:
     dispatch_all_to_all  the exact layer's dispatch all-to-all alone, its real split sizes
     nccl_all_to_all  an all-to-all of the same bytes in equal blocks: what the library does on this machine
     one_device       rank 0 only: the whole layer (all E experts) on one GPU, rank 0's T tokens and routing
+                     (its world_size is the launch's, so each launch is compared with its own baseline)
 
 Times are medians over `reps` calls after `warmup`, every call started together on all ranks (a
 device sync and a barrier first); a rank's time includes waiting for slower ranks inside the
@@ -253,7 +254,7 @@ def _all_to_all_rows(layer, rows_sorted, plan, base, settings, device) -> list[d
 
 def _one_device_row(whole, inputs, base, settings, device) -> dict:
     """Rank 0 times the whole layer alone (the other ranks wait); a row on rank 0 only."""
-    row = base | {"variant": "one_device", "world_size": 1}
+    row = base | {"variant": "one_device"}  # world_size stays the launch's: the baseline of THIS launch
     if whole is not None:
         x, index, weights = inputs
         row = _measure(row, lambda timer: whole(x, index, weights), settings, device, together=False)
@@ -350,12 +351,12 @@ def ep_summary(frame):
     summary["tflops_per_gpu"] = summary["flops"] / (summary["slowest_ms"] * 1e9)
     summary["tokens_per_s"] = summary["num_tokens"] * summary["ranks"] / (summary["slowest_ms"] * 1e-3)
     summary["receive_imbalance"] = summary["pairs_received_max"] / summary["pairs_received_mean"]
-    point = ["preset", "num_tokens", "distribution"]
+    point = ["preset", "num_tokens", "distribution", "world_size"]  # world_size: the launch (one_device: its rank 0)
     single = summary[summary["variant"] == "one_device"].set_index(point)["tflops_per_gpu"]
     baseline = [single.get(tuple(key), math.nan) for key in summary[point].itertuples(index=False)]
     summary["fraction_of_one_device"] = summary["tflops_per_gpu"] / pd.Series(baseline, index=summary.index)
     library = summary[summary["variant"].isin(["nccl_all_to_all", "gloo_all_to_all"])]
-    library = library.set_index(point + ["world_size"])["a2a_GBps"]
+    library = library.set_index(point)["a2a_GBps"]
     summary["a2a_fraction_of_library"] = [
         row.a2a_GBps / library.get((row.preset, row.num_tokens, row.distribution, row.world_size), math.nan)
         if row.variant == "dispatch_all_to_all" else math.nan for row in summary.itertuples(index=False)]
