@@ -140,29 +140,16 @@ def _inputs(config, T, distribution, settings, device, rank):
 def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
     x, index, weights = inputs
     T = x.shape[0]
-    world = layer.shard.world_size
-    rows = []
-
-    def exact(timer):
-        layer.phase_hook = timer.mark
-        try:
-            layer(x, index, weights)
-        finally:
-            layer.phase_hook = None
-
     pairs = sort_pairs(index, layer.num_experts)
     plan = plan_exact(pairs, layer.shard, layer.group)  # split sizes of this point, for the all-to-all rows
-    rows.append(_measure(base | {"variant": "exact"}, exact, settings, device))
+    rows = [_measure(base | {"variant": "exact"}, lambda timer: _with_hook(layer, timer, lambda: layer(x, index, weights)),
+                     settings, device)]
     for chunks in settings.chunks:
-        def chunked(timer, chunks=chunks):
-            layer.phase_hook = timer.mark
-            try:
-                pipelined_forward(layer, x, index, weights, chunks=chunks)
-            finally:
-                layer.phase_hook = None
+        def chunked(timer, n=chunks):
+            _with_hook(layer, timer, lambda: pipelined_forward(layer, x, index, weights, chunks=n))
         rows.append(_measure(base | {"variant": f"pipelined_{chunks}"}, chunked, settings, device))
     if T <= settings.padded_max_tokens:
-        rows += _padded_rows(layer, inputs, base, settings, device)
+        rows.append(_padded_row(layer, inputs, base, settings, device))
     rows += _all_to_all_rows(layer, x[pairs.token_of_sorted], plan, base, settings, device)
     if settings.baseline:
         rows.append(_one_device_row(whole, inputs, base, settings, device))
@@ -173,13 +160,13 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
     return rows
 
 
-def _padded_rows(layer, inputs, base, settings, device) -> list[dict]:
+def _padded_row(layer, inputs, base, settings, device) -> dict:
+    """The sync-free layer over the same weights, launched (its CUDA-graph replay: _graph_preset)."""
     x, index, weights = inputs
     padded = PaddedExpertParallelExperts(layer.config, layer.group, settings.backend, tokens_per_rank=x.shape[0],
                                          local=layer.local)
-    row = _measure(base | {"variant": "padded", "capacity": padded.capacity},
-                   lambda timer: _with_hook(padded, timer, lambda: padded(x, index, weights)), settings, device)
-    return [row]
+    return _measure(base | {"variant": "padded", "capacity": padded.capacity},
+                    lambda timer: _with_hook(padded, timer, lambda: padded(x, index, weights)), settings, device)
 
 
 def _graph_preset(name, config, settings, device) -> list[dict]:
@@ -365,7 +352,7 @@ def ep_summary(frame):
     return pd.DataFrame(summary)
 
 
-def summarize_tables(paths) -> "pandas.DataFrame":  # noqa: F821
+def summarize_tables(paths):
     """ep_summary of several saved --ep tables (one per EP size) as one table, with each table's card."""
     import pandas as pd
 

@@ -8,7 +8,7 @@ and by notebook 10, through `run_on_ranks(check_against_reference, world_size, c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,6 @@ class EPCase:
     backward: bool = True
     seed: int = 0
     device: str = "cpu"  # "cuda": this rank's current GPU (run_on_ranks(..., backend="nccl"))
-    extra: dict = field(default_factory=dict)
 
 
 def whole_batch(case: EPCase):
