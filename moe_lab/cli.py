@@ -150,20 +150,7 @@ def _bench_ep(args) -> int:
     )
     configs = _bench_configs(args)
     device = start_process_group(args.device)
-    save = None
-    if args.output:
-        import pandas  # noqa: F401  (needed to write the table: fail before measuring, not after)
-
-        from .bench.results import save_results
-
-        def save(rows):
-            import pandas as pd
-            import torch
-
-            extra = {"world_size": dist.get_world_size(), "ep_settings": repr(settings),
-                     "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-                     "env": {key: os.environ.get(key) for key in EP_ENVIRONMENT}}
-            save_results(pd.DataFrame(rows), args.output, extra)
+    save = _ep_saver(args.output, settings, device)
     try:
         rows = run_ep_bench(configs, settings, device, on_rows=save)
         if dist.get_rank() == 0:
@@ -176,6 +163,23 @@ def _bench_ep(args) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _ep_saver(output, settings, device):
+    """None without --output; else a function writing the rows so far (rank 0 calls it after each preset,
+    so a launch stopped part-way keeps what it measured), with the launch's size, NCCL and environment."""
+    if not output:
+        return None
+    import pandas as pd  # needed to write the table: fail before measuring, not after
+    import torch
+    import torch.distributed as dist
+
+    from .bench.results import save_results
+
+    extra = {"world_size": dist.get_world_size(), "ep_settings": repr(settings),
+             "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+             "env": {key: os.environ.get(key) for key in EP_ENVIRONMENT}}
+    return lambda rows: save_results(pd.DataFrame(rows), output, extra)
 
 
 #: Environment recorded with an --ep table: NCCL/symmetric-memory switches change what is measured.
