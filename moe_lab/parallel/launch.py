@@ -6,7 +6,8 @@ calls `fn(*args)` on each, and returns the 4 return values in rank order. On GPU
 `torchrun` instead (moe-lab bench --ep).
 
 Processes come from a "forkserver" that imported torch and moe_lab once, so a launch costs a fork,
-not a fresh interpreter importing torch (seconds per rank on a small machine). A rank that raises
+not a fresh interpreter importing torch (seconds per rank on a small machine); NCCL ranks (one GPU
+each, for the GPU tests) start fresh interpreters instead, since CUDA does not survive a fork. A rank that raises
 stops the others at once and its traceback is raised here as `RankFailedError`; a launch that runs
 past `timeout_s` is stopped and raises `TimeoutError`. `fn` must be importable by name (a function
 defined in a module, not in a notebook cell), as for any multiprocessing start method but fork.
@@ -34,9 +35,11 @@ class RankFailedError(RuntimeError):
         super().__init__(f"rank {rank} failed:\n{text}")
 
 
-def _context():
+def _context(backend: str):
     methods = multiprocessing.get_all_start_methods()
-    if "forkserver" not in methods:  # Windows: only spawn
+    # NCCL ranks start fresh interpreters: `import moe_lab` asks torch.cuda.is_available(), which initialises
+    # the CUDA driver, and a process forked after that cannot use CUDA.
+    if backend == "nccl" or "forkserver" not in methods:  # also Windows: only spawn
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "moe_lab", "moe_lab.parallel"])
@@ -79,7 +82,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, threads_p
     if backend == "nccl" and world_size > torch.cuda.device_count():
         raise ValueError(f"nccl with {world_size} ranks needs {world_size} GPUs; this machine has "
                          f"{torch.cuda.device_count()}")
-    context = _context()
+    context = _context(backend)
     with tempfile.TemporaryDirectory(prefix="moe_lab_ranks_") as folder:
         processes = [context.Process(target=_rank_main, args=(fn, args, rank, world_size, folder, threads_per_rank, backend),
                                      daemon=True) for rank in range(world_size)]
