@@ -20,6 +20,7 @@ Inputs are random (never zeros), weights built on the device, each rank only its
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -36,7 +37,6 @@ from ..parallel.layer import PHASES, ExpertParallelExperts
 from ..parallel.padded import PaddedExpertParallelExperts
 from ..parallel.pipelined import pipelined_forward
 from ..routing import synthetic_routing
-from .inputs import seeded
 from .phase_timer import PhaseTimer
 from .provenance import ROW_PROVENANCE, provenance
 from .roofline import expert_flops
@@ -66,6 +66,16 @@ class EPBenchSettings:
     baseline: bool = True
     seed: int = 0
     progress: bool = True  # rank 0 prints a line per measurement (a long GPU run's log)
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """torch.manual_seed(seed) inside, the RNG state of the CPU and of THIS rank's GPU restored after
+    (bench.inputs.seeded forks every visible GPU's: from each of N ranks, a context on every GPU)."""
+    with torch.random.fork_rng(devices=[device.index if device.index is not None else 0] if device.type == "cuda"
+                               else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def start_process_group(device: str | None = None) -> torch.device:
