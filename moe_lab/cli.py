@@ -135,7 +135,8 @@ def _bench_ep(args) -> int:
     import torch.distributed as dist
 
     from .backends import get_backend
-    from .bench.expert_parallel import EPBenchSettings, ep_summary, run_ep_bench, start_process_group
+    from .bench.ep_summary import ep_summary
+    from .bench.expert_parallel import EPBenchSettings, run_ep_bench, start_process_group
     from .config import resolve_dtype
 
     distributions = tuple(_csv(args.distribution)) if args.distribution else ("uniform", "zipf")

@@ -65,7 +65,7 @@ EP_RECORD = "ep_record"
 
 def load_ep_record(directory: Path | str | None = None):
     """(summary DataFrame, provenance) of the recorded expert-parallel run — ep_summary.csv (one line per
-    preset, T, routing, EP size and variant: moe_lab.bench.expert_parallel.ep_summary) and the provenance of
+    preset, T, routing, EP size and variant: moe_lab.bench.ep_summary.ep_summary) and the provenance of
     its first ep<N>.json — or None when it has not been recorded into data/ yet."""
     import json
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import moe_lab
-from moe_lab.bench.expert_parallel import EPBenchSettings, ep_summary, run_ep_bench
+from moe_lab.bench.ep_summary import ep_summary
+from moe_lab.bench.expert_parallel import EPBenchSettings, run_ep_bench
 from moe_lab.bench.roofline import expert_flops
 from moe_lab.parallel import run_on_ranks
 

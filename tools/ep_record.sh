@@ -75,7 +75,7 @@ if [ ${#TABLES[@]} -gt 0 ]; then
   $PYTHON - "$OUT/ep_summary.csv" "${TABLES[@]}" >> "$LOG" 2>&1 <<'PY'
 import sys
 import pandas as pd
-from moe_lab.bench.expert_parallel import summarize_tables
+from moe_lab.bench.ep_summary import summarize_tables
 summary = summarize_tables(sys.argv[2:])
 summary.to_csv(sys.argv[1], index=False)
 pd.set_option("display.width", 250)

@@ -36,8 +36,9 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, config: MoEConfig, group=None, experts_implementation: str = DEFAULT_IMPLEMENTATION, *,
                  device: torch.device | str | None = None, local: Experts | None = None):
-        """`local`: an `Experts` already holding this rank's block, shared rather than allocated
-        (two variants of the layer over one set of weights); else a fresh block on `device`."""
+        """`local`: an `Experts` already holding this rank's block, shared rather than allocated (two
+        variants of the layer over one set of weights; it keeps its own backend, and `experts_implementation`
+        is not applied to it); else a fresh block on `device`, running `experts_implementation`."""
         super().__init__()
         rank, world_size = group_rank_and_size(group)
         self.config = config
