@@ -3,6 +3,7 @@
     moe-lab info                                   what this machine supports
     moe-lab bench --preset qwen3-30b-a3b --tokens 1,16,128 [--compare-hf] [--cuda-graph] [--output data/x]
     moe-lab bench --preset qwen3-30b-a3b --tokens 8192 --backward --compare-hf --compare-liger
+    torchrun --nproc-per-node 2 -m moe_lab.cli bench --ep --preset qwen3-30b-a3b --tokens 128,8192 --output data/ep2
     moe-lab run notebooks/01_routing.ipynb -p top_k 4 --output-dir runs
     moe-lab sweep notebooks/03_bmm.ipynb --grid top_k=1,2 --grid num_tokens=16,64
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -61,6 +63,8 @@ def _bench_configs(args) -> dict:
 
 
 def _bench(args) -> int:
+    if args.ep:
+        return _bench_ep(args)
     from . import bench
     from .backends import runnable_backends
     from .bench import implementations
@@ -84,7 +88,7 @@ def _bench(args) -> int:
                   "(pip install 'moe-lab[compare]')", file=sys.stderr)
         backends += liger
     frame = bench.sweep(configs, args.tokens, backends, [dtype] if dtype else None, device=device,
-                        progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution],
+                        progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution or "uniform"],
                         measure_kwargs={"max_seconds": args.max_seconds},
                         executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"], rounds=args.rounds,
                         passes=["forward_backward"] if args.backward else ["forward"])
@@ -124,6 +128,63 @@ def _bench(args) -> int:
         if compile_frame is not None:
             print("wrote", *bench.save_results(compile_frame, f"{args.output}_compile", ceilings=ceilings))
     return 0
+
+
+def _bench_ep(args) -> int:
+    """Every rank of a torchrun launch runs this; rank 0 prints and writes the table."""
+    import torch.distributed as dist
+
+    from .backends import get_backend
+    from .bench.ep_summary import ep_summary
+    from .bench.expert_parallel import EPBenchSettings, run_ep_bench, start_process_group
+    from .config import resolve_dtype
+
+    distributions = tuple(_csv(args.distribution)) if args.distribution else ("uniform", "zipf")
+    if args.backends and len(args.backends) != 1:
+        raise ValueError("--ep times one backend for the local experts: give one name to --backends")
+    backend = args.backends[0] if args.backends else "grouped_mm"
+    get_backend(backend)  # a typo is a usage error before any process group exists
+    settings = EPBenchSettings(
+        tokens=tuple(args.tokens), distributions=distributions, skew=args.skew, backend=backend,
+        dtype=resolve_dtype(args.dtype) if args.dtype else None, warmup=args.ep_warmup, reps=args.ep_reps,
+        chunks=tuple(args.ep_chunks), padded_max_tokens=args.ep_padded_max_tokens, baseline=args.ep_baseline,
+    )
+    configs = _bench_configs(args)
+    device = start_process_group(args.device)
+    save = _ep_saver(args.output, settings, device)
+    try:
+        rows = run_ep_bench(configs, settings, device, on_rows=save)
+        if dist.get_rank() == 0:
+            import pandas as pd
+
+            summary = ep_summary(pd.DataFrame(rows))
+            print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            if args.output:
+                print("wrote", args.output)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _ep_saver(output, settings, device):
+    """None without --output; else a function writing the rows so far (rank 0 calls it after each preset,
+    so a launch stopped part-way keeps what it measured), with the launch's size, NCCL and environment."""
+    if not output:
+        return None
+    import pandas as pd  # needed to write the table: fail before measuring, not after
+    import torch
+    import torch.distributed as dist
+
+    from .bench.results import save_results
+
+    extra = {"world_size": dist.get_world_size(), "ep_settings": repr(settings),
+             "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+             "env": {key: os.environ.get(key) for key in EP_ENVIRONMENT}}
+    return lambda rows: save_results(pd.DataFrame(rows), output, extra)
+
+
+#: Environment recorded with an --ep table: NCCL/symmetric-memory switches change what is measured.
+EP_ENVIRONMENT = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NCCL_ALGO", "NCCL_PROTO", "CUDA_VISIBLE_DEVICES")
 
 
 _ROUND_RATIOS = {False: (), True: ("speedup_lowest_round", "speedup_highest_round")}
@@ -237,7 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma list from {available_backends()} (default: all)")
     bench.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
     bench.add_argument("--device", default=None)
-    bench.add_argument("--distribution", default="uniform", help="routing: uniform, zipf or single")
+    bench.add_argument("--distribution", default=None,
+                       help="routing: uniform, zipf or single (default uniform; with --ep a comma list, default uniform,zipf)")
+    bench.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of --distribution zipf (--ep)")
+    bench.add_argument("--ep", action="store_true",
+                       help="expert parallelism: run under torchrun (torchrun --nproc-per-node N -m moe_lab.cli bench --ep ...); "
+                            "each rank holds E/N experts; per-rank phases, all-to-all bandwidth, a 1-GPU baseline")
+    bench.add_argument("--ep-chunks", type=lambda s: _csv(s, int), default=[2, 4],
+                       help="--ep: chunk counts of the overlapped (pipelined) forward, e.g. 2,4")
+    bench.add_argument("--ep-reps", type=_positive_int, default=10, help="--ep: timed calls per variant")
+    bench.add_argument("--ep-warmup", type=int, default=3, help="--ep: untimed calls first")
+    bench.add_argument("--ep-padded-max-tokens", type=int, default=1024,
+                       help="--ep: time the padded (sync-free) layer up to this many tokens per rank")
+    bench.add_argument("--no-ep-baseline", dest="ep_baseline", action="store_false",
+                       help="--ep: skip the single-GPU layer on rank 0")
     bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement (per round)")
     bench.add_argument("--rounds", type=_positive_int, default=1,
                        help="measure every point's backends this many times, interleaved (A B B A ...), "

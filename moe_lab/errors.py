@@ -53,3 +53,8 @@ class BackendCapabilityError(ValueError):
 
 class DetachedOutputError(BackendCapabilityError):
     """A backend returned an output whose autograd graph does not reach inputs that require grad."""
+
+
+class CapacityOverflowError(ValueError):
+    """A fixed-capacity expert-parallel dispatch had more (token, expert) pairs for one destination rank
+    than its capacity and dropped them (moe_lab.parallel.padded)."""

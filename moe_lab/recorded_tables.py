@@ -60,3 +60,24 @@ def recorded_label(provenance: dict) -> str:
     """"NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-26" — say where numbers come from."""
     return f"{provenance.get('device_name', '?')}, torch {provenance.get('torch_version', '?')}, " \
            f"{str(provenance.get('date', '?'))[:10]}"
+
+
+#: The expert-parallel recording (tools/ep_record.sh): its output folder, copied as it is into data/.
+EP_RECORD = "ep_record"
+
+
+def load_ep_record(directory: Path | str | None = None):
+    """(summary DataFrame, provenance) of the recorded expert-parallel run — ep_summary.csv (one line per
+    preset, T, routing, EP size and variant: moe_lab.bench.ep_summary.ep_summary) and the provenance of
+    its first ep<N>.json — or None when it has not been recorded into data/ yet."""
+    import json
+
+    import pandas as pd
+
+    folder = Path(directory) if directory is not None else data_dir() / EP_RECORD
+    summary_path = folder / "ep_summary.csv"
+    if not summary_path.exists():
+        return None
+    sidecars = sorted(folder.glob("ep[0-9]*.json"))
+    provenance = json.loads(sidecars[0].read_text())["provenance"] if sidecars else {}
+    return pd.read_csv(summary_path), provenance

@@ -25,6 +25,7 @@ transformers' own backends can also be timed beside moe_lab's on the same weight
     registry.py    moe_lab backends registered in transformers' experts registry
     models.py      tiny random-weight models, their experts modules, comparing implementations
     comparison.py  transformers' own backends as moe_lab specs, on a moe_lab layer's weights
+    expert_parallel.py  moe_lab.parallel's dispatch/combine as a transformers EPImplementation (import it explicitly)
 """
 from __future__ import annotations
 

@@ -30,6 +30,11 @@ def _default_apply_gate():
     return getattr(_tf_moe, "_default_apply_gate", None)
 
 
+#: Set on an expert-parallel experts module while moe_lab.hf.expert_parallel runs it: no sentinel ids, every
+#: row is for one of this rank's experts, so moe_lab's backends may run it.
+LOCAL_ROWS_ONLY = "_moe_lab_local_rows_only"
+
+
 def _check_supported(experts, transformers_name: str) -> None:
     """Raise a ValueError for a transformers experts module that moe_lab's backends would get wrong."""
     kind = type(experts).__name__
@@ -56,7 +61,8 @@ def _check_supported(experts, transformers_name: str) -> None:
             f"{kind} normalises each expert's output (has_post_expert_norm=True), which moe_lab backends "
             f"do not implement{advice}"
         )
-    if getattr(experts, "_is_expert_parallel", False):
+    # moe_lab.hf.expert_parallel hands the experts only rows for their own experts (and says so).
+    if getattr(experts, "_is_expert_parallel", False) and not getattr(experts, LOCAL_ROWS_ONLY, False):
         raise BackendInputError(
             f"{kind} is sharded for expert parallelism (expert ids >= num_experts mark other ranks' "
             f"experts), which moe_lab backends do not implement{advice}"

@@ -196,3 +196,37 @@ def cuda_graph_figure(num_kernels: int = 6) -> go.Figure:
     fig = _canvas(fig, title, end_launched + 1, 5.5, 330)
     fig.update_xaxes(range=[-2.2, end_launched + 1.2])
     return fig
+
+
+def expert_parallel_figure(send_matrix, experts_per_rank: int) -> go.Figure:
+    """Dispatch and combine over `world` ranks: each rank twice, on the left with its tokens (the pairs it
+    sends) and on the right with its block of experts (the pairs it receives); an arrow from s to d for
+    every non-empty entry of send_matrix [world, world], labelled with its rows. The combine runs the
+    same arrows backwards: each row returns to the rank that sent it, which does the weighted sum."""
+    matrix = [[int(n) for n in row] for row in send_matrix]
+    world = len(matrix)
+    colors = expert_colors(world)
+    height = 2 * world
+    fig = go.Figure()
+    y_of = [height - 2 * r - 1.5 for r in range(world)]
+    for r in range(world):
+        sent, received = sum(matrix[r]), sum(row[r] for row in matrix)
+        first = r * experts_per_rank
+        _box(fig, 0, y_of[r], 2.4, y_of[r] + 1, colors[r], f"rank {r}: tokens<br>{sent} pairs out")
+        _box(fig, 7.6, y_of[r], 10, y_of[r] + 1, colors[r],
+             f"rank {r}: experts {first}–{first + experts_per_rank - 1}<br>{received} pairs in")
+    for s in range(world):
+        for d in range(world):
+            if matrix[s][d]:
+                y0, y1 = y_of[s] + 0.5 + 0.08 * (d - world / 2), y_of[d] + 0.5 + 0.08 * (s - world / 2)
+                _arrow(fig, 2.4, y0, 7.6, y1, colors[s])
+                fig.add_annotation(x=3.3 + 0.35 * d, y=y0 + (y1 - y0) * (0.9 + 0.35 * d) / 5.2, text=str(matrix[s][d]),
+                                   showarrow=False, font=dict(size=10, color=colors[s]), bgcolor="white")
+    fig.add_annotation(x=1.2, y=height + 0.2, text="<b>dispatch: rows out</b>", showarrow=False)
+    fig.add_annotation(x=8.8, y=height + 0.2, text="<b>local experts</b>", showarrow=False)
+    total = sum(map(sum, matrix))
+    own = sum(matrix[r][r] for r in range(world))
+    title = (f"Expert parallelism over {world} ranks: {total} (token, expert) rows, {total - own} of them cross to "
+             f"another rank<br><sup>combine: the same arrows backwards; each rank then sums its tokens' k rows, "
+             f"weighted</sup>")
+    return _canvas(fig, title, 10, height + 0.5, 120 + 70 * world)

@@ -1,0 +1,18 @@
+"""Expert parallelism on torch.distributed: E experts spread over the ranks of a process group.
+
+    sharding.py     which experts live on which rank (contiguous blocks of E / world)
+    collectives.py  the differentiable all-to-all and the count exchange
+    dispatch.py     exact split sizes: sort pairs, exchange counts (one host sync), dispatch, return, weighted sum
+    padded.py       fixed capacity per (source, destination) pair: no host sync, CUDA-graph capturable
+    pipelined.py    the exact layer's forward in chunks, so one chunk's all-to-all overlaps another's experts
+    layer.py        `ExpertParallelExperts`, the exact layer
+    launch.py       `run_on_ranks`: a function on N local gloo processes (tests, notebooks)
+    checks.py       one rank's comparison against the single-process float64 reference
+
+Not imported by `import moe_lab`: `import moe_lab.parallel` when you need it.
+"""
+from .layer import PHASES, ExpertParallelExperts
+from .launch import RankFailedError, run_on_ranks
+from .sharding import ExpertShard
+
+__all__ = ["PHASES", "ExpertParallelExperts", "ExpertShard", "RankFailedError", "run_on_ranks"]

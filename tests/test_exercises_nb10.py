@@ -1,0 +1,137 @@
+"""Notebook 10's helpers, figures, widget and exercise checker."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import moe_lab
+from moe_lab.exercises.nb10_expert_parallelism import check_padded_rows, worst_case_rows
+from moe_lab.lessons import nb10_expert_parallelism as nb10
+from moe_lab.parallel.padded import worst_case_capacity
+from moe_lab.parameters import NotebookParameterError, check_values
+from moe_lab.plots.diagrams import expert_parallel_figure
+from moe_lab.plots.expert_parallel import phases_figure, receive_load_figure, pairs_received_figure
+
+CONFIG = moe_lab.MoEConfig(32, 16, num_experts=8, top_k=2)
+
+
+def test_memory_table_is_computed_from_the_presets():
+    table = nb10.expert_memory_table().set_index("preset")
+    deepseek = moe_lab.get_preset("deepseek-v3").config
+    assert table.loc["deepseek-v3", "EP=1 GiB/GPU"] == deepseek.expert_parameter_count() * 2 / 2**30
+    assert table.loc["deepseek-v3", "EP=8 GiB/GPU"] == pytest.approx(table.loc["deepseek-v3", "EP=1 GiB/GPU"] / 8)
+    assert math.isnan(table.loc["qwen1.5-moe-a2.7b", "EP=8 GiB/GPU"])  # 60 experts do not split over 8
+
+
+def test_send_matrix_counts_pairs_by_destination_rank():
+    index = [torch.tensor([[0, 3], [1, 2]]), torch.tensor([[3, 2]])]  # E=4 over 2 ranks: experts {0,1}, {2,3}
+    assert nb10.send_matrix(index, 4, 2).tolist() == [[2, 2], [0, 2]]
+
+
+def test_skew_moves_pairs_onto_the_first_rank():
+    loads = nb10.receive_loads(CONFIG, 64, 4, [0.0, 3.0])
+    share = loads.groupby("skew").apply(lambda g: g["pairs_received"].iloc[0] / g["pairs_received"].sum(),
+                                        include_groups=False)
+    assert share[3.0] > 0.8 > share[0.0]
+    assert (loads.groupby("skew")["pairs_received"].sum() == 64 * 4 * 2).all()
+    table = nb10.imbalance_table(CONFIG, 64, 4, [0.0, 3.0]).set_index("skew")
+    # A rank sums a block of experts: its imbalance is never larger than the experts' (max/mean of sums).
+    assert (table["rank imbalance"] <= table["expert imbalance"] + 1e-9).all()
+
+
+def test_padded_cost_table_uses_dispatch_bytes():
+    table = nb10.padded_cost_table(presets=("deepseek-v3",), tokens=(128,), world_size=8)
+    row = table.iloc[0]
+    assert row["never drops: capacity"] == worst_case_capacity(128, 8, 32) == 1024
+    assert row["x exact"] == 8.0 and row["x exact "] == 2.0
+
+
+def test_parameters_refuse_a_world_size_that_does_not_divide_the_experts():
+    values = dict(world_size=3, num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, tokens_per_rank=8,
+                  skew=0.0, backend="grouped_mm", seed=0)
+    with pytest.raises(NotebookParameterError, match="world_size=3 must divide num_experts=8"):
+        check_values(nb10.PARAMETERS, values)
+    assert check_values(nb10.PARAMETERS, values | {"world_size": 4})["world_size"] == 4
+
+
+def test_recorded_summary_says_when_nothing_is_recorded(tmp_path, monkeypatch):
+    from moe_lab import recorded_tables
+
+    monkeypatch.setattr(recorded_tables, "data_dir", lambda: tmp_path)
+    table, message = nb10.recorded_summary()
+    assert table is None and "not recorded yet" in message
+
+
+def test_recorded_summary_names_the_card(tmp_path, monkeypatch):
+    import json
+
+    from moe_lab import recorded_tables
+
+    folder = tmp_path / "ep_record"
+    folder.mkdir()
+    pd.DataFrame([{"preset": "qwen3-30b-a3b", "num_tokens": 8192, "distribution": "uniform", "world_size": 2,
+                   "variant": "exact", "slowest_ms": 1.0, "tflops_per_gpu": 500.0}]).to_csv(folder / "ep_summary.csv")
+    (folder / "ep2.json").write_text(json.dumps({"provenance": {"device_name": "NVIDIA H200", "torch_version": "2.11",
+                                                                "date": "2026-11-28T13:00:00"}}))
+    monkeypatch.setattr(recorded_tables, "data_dir", lambda: tmp_path)
+    table, label = nb10.recorded_summary()
+    assert label.startswith("NVIDIA H200") and table["tflops_per_gpu"].tolist() == [500.0]
+
+
+def test_dispatch_figure_draws_one_arrow_per_nonempty_route():
+    fig = expert_parallel_figure(torch.tensor([[3, 0], [2, 5]]), experts_per_rank=4)
+    labels = [a.text for a in fig.layout.annotations]
+    assert sorted(t for t in labels if t.isdigit()) == ["2", "3", "5"]
+    assert "rank 1: experts 4–7<br>5 pairs in" in labels and "2 of them cross" in fig.layout.title.text
+
+
+def _rows():
+    rows = []
+    for rank, received in enumerate([30, 10]):
+        rows.append({"variant": "exact", "rank": rank, "count_exchange_ms": 0.1, "dispatch_ms": 0.2,
+                     "expert_compute_ms": 0.3 + rank, "combine_ms": 0.2, "median_ms": 0.8 + rank, "p10_ms": 0.7,
+                     "p90_ms": 1.0 + rank, "pairs_received": received})
+    rows.append({"variant": "one_device", "rank": 0, "median_ms": 0.5})
+    return pd.DataFrame(rows)
+
+
+def test_phase_figures_and_table():
+    rows = _rows()
+    assert [trace.name for trace in phases_figure(rows).data] == ["count exchange", "dispatch", "experts", "combine"]
+    assert list(pairs_received_figure(rows).data[0].y) == [30, 10]
+    table = nb10.phase_table(rows)
+    assert table.loc[0, "all-to-all share"] == pytest.approx(0.5 / 0.8)
+    fig = receive_load_figure(nb10.receive_loads(CONFIG, 16, 2, [0.0, 1.0]))
+    assert [trace.name for trace in fig.data] == ["skew 0", "skew 1"]
+
+
+def test_explorer_measures_on_start_and_on_change():
+    from moe_lab.widgets.expert_parallel import expert_parallel_explorer
+
+    explorer = expert_parallel_explorer(CONFIG, tokens_per_rank=8, world_size=2, reps=1)
+    assert set(explorer.rows["rank"]) == {0, 1} and "ok" in explorer.status.value
+    assert list(explorer.controls["world_size"].options) == [1, 2, 4]
+    explorer.controls["world_size"].value = 4
+    assert set(explorer.rows["rank"]) == {0, 1, 2, 3}
+    assert len(explorer.figures["received"].data[0].y) == 4
+
+
+@pytest.mark.parametrize("answer,correct,hint", [
+    (None, False, "still None"),
+    (lambda T, k, E, w: w * T * k, False, "distinct"),
+    (lambda T, k, E, w: T * min(k, E // w), False, "every one of the"),
+    (lambda T, k, E, w: T * k // w, False, "average"),
+    (lambda T, k, E, w: 1 / 0, False, "ZeroDivisionError"),
+    (lambda T, k, E, w: "many", False, "whole number"),
+    (lambda T, k, E, w: w * T * min(k, E // w), True, "world · T · min(k, E/world)"),
+    (lambda T, k, E, w: torch.tensor(w * T * min(k, E // w)), True, "whatever the routing"),
+])
+def test_padded_rows_checker_names_the_mistake(answer, correct, hint):
+    result = check_padded_rows(answer)
+    assert bool(result) is correct and hint in result.message
+
+
+def test_worst_case_rows_is_what_the_padded_layer_allocates():
+    for T, k, E, w in [(128, 8, 256, 8), (16, 4, 8, 4), (10, 2, 8, 8)]:
+        assert worst_case_rows(T, k, E, w) == w * worst_case_capacity(T, k, E // w)

@@ -1,0 +1,115 @@
+"""`moe-lab bench --ep` on CPU with gloo: every variant measured on every rank, the derived columns,
+the summary, the command line, and tools/ep_record.sh's launches at tiny sizes."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import moe_lab
+from moe_lab.bench.ep_summary import ep_summary
+from moe_lab.bench.expert_parallel import EPBenchSettings, run_ep_bench
+from moe_lab.bench.roofline import expert_flops
+from moe_lab.parallel import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = moe_lab.MoEConfig(32, 16, num_experts=8, top_k=2)
+SETTINGS = EPBenchSettings(tokens=(8, 24), distributions=("uniform", "zipf"), warmup=1, reps=2, chunks=(2,),
+                           padded_max_tokens=8)
+
+
+def _bench_on_rank():
+    return run_ep_bench({"tiny": CONFIG}, SETTINGS, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    every_rank = run_on_ranks(_bench_on_rank, 2)
+    frame = pd.DataFrame(every_rank[0])
+    assert frame.equals(pd.DataFrame(every_rank[1]))  # all ranks' rows gathered on every rank
+    return frame
+
+
+def test_every_variant_on_every_rank(rows):
+    assert (rows["status"] == "ok").all(), rows[rows["status"] != "ok"][["variant", "reason"]]
+    for (T, distribution), point in rows.groupby(["num_tokens", "distribution"]):
+        expected = {"exact", "pipelined_2", "dispatch_all_to_all", "gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
+        for rank in (0, 1):
+            assert expected <= set(point[point["rank"] == rank]["variant"]), (T, distribution, rank)
+        assert list(point[point["variant"] == "one_device"]["rank"]) == [0]  # the baseline runs on rank 0 only
+
+
+def test_phases_add_up_to_the_total(rows):
+    exact = rows[rows["variant"] == "exact"]
+    phases = exact[["count_exchange_ms", "dispatch_ms", "expert_compute_ms", "combine_ms"]]
+    assert (phases > 0).all().all()
+    # Medians of parts need not add up to the median of the whole, but they come from the same calls.
+    assert (phases.sum(axis=1) <= exact["p90_ms"] * 1.5).all()
+    assert (phases.sum(axis=1) >= exact["p10_ms"] * 0.5).all()
+
+
+def test_flops_pairs_and_bandwidth(rows):
+    for row in rows.itertuples():
+        assert row.flops == expert_flops(row.num_tokens, 2, 32, 16)
+        if row.variant.endswith("all_to_all"):
+            assert math.isnan(row.tflops) and row.a2a_GBps > 0 and row.bytes_off_rank > 0
+        else:
+            assert row.tflops > 0 and row.tokens_per_s > 0
+    exact = rows[rows["variant"] == "exact"]
+    assert (exact["pairs_sent"] == exact["num_tokens"] * 2).all()
+    for _, point in exact.groupby(["num_tokens", "distribution"]):
+        assert point["pairs_received"].sum() == point["pairs_sent"].sum()  # every pair lands somewhere
+
+
+def test_summary(rows):
+    summary = ep_summary(rows)
+    one = summary[summary["variant"] == "one_device"]
+    assert (one["fraction_of_one_device"] == 1.0).all() and (one["world_size"] == 2).all() and (one["ranks"] == 1).all()
+    exact = summary[summary["variant"] == "exact"]
+    assert (exact["ranks"] == 2).all() and (exact["fraction_of_one_device"] > 0).all()
+    dispatch = summary[summary["variant"] == "dispatch_all_to_all"]
+    assert (dispatch["a2a_fraction_of_library"] > 0).all()
+    skewed = summary[(summary["distribution"] == "zipf") & (summary["variant"] == "exact")]
+    assert (skewed["receive_imbalance"] >= 1.0).all()
+
+
+def test_command_line_outside_torchrun_is_a_group_of_one(tmp_path):
+    from moe_lab.cli import main
+
+    output = tmp_path / "ep1"
+    code = main(["bench", "--ep", "--preset", "qwen3-30b-a3b", "--scale-down", "32", "--device", "cpu",
+                 "--tokens", "8", "--distribution", "uniform", "--ep-reps", "1", "--ep-warmup", "0",
+                 "--ep-chunks", "2", "--output", str(output)])
+    assert code == 0
+    frame, info = moe_lab.bench.load_results(output)
+    assert set(frame["world_size"]) == {1} and info["world_size"] == 1
+    assert {"exact", "pipelined_2", "padded", "one_device"} <= set(frame["variant"])
+
+
+def test_command_line_refuses_a_misspelled_backend_before_starting(capsys):
+    import torch.distributed as dist
+    from moe_lab.cli import main
+
+    assert main(["bench", "--ep", "--backends", "grouped_mn", "--device", "cpu"]) == 2
+    assert "unknown experts implementation 'grouped_mn'" in capsys.readouterr().err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_record_script_at_tiny_sizes(tmp_path):
+    # The GPU recording's exact launches (torchrun, gloo, CPU), so a typo fails here and not on the GPU machine.
+    # Slow: each torchrun launch starts fresh interpreters that import torch (~10 s each on a small machine).
+    env = os.environ | {"MOE_LAB_EP_TINY": "1", "OUT": str(tmp_path), "EP_SIZES": "1 2", "PYTHON": sys.executable,
+                        "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "tools" / "ep_record.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert files == ["ep1.csv", "ep1.json", "ep2.csv", "ep2.json", "ep_record.log", "ep_summary.csv"], files
+    summary = pd.read_csv(tmp_path / "ep_summary.csv")
+    assert set(summary["world_size"]) == {1, 2} and set(summary["preset"]) == {"qwen3-30b-a3b", "deepseek-v3"}
+    assert "exit 0" in (tmp_path / "ep_record.log").read_text()
