@@ -125,8 +125,16 @@ def test_backward_kernels_take_tma_tiles_where_the_plan_asks(monkeypatch):
     from moe_lab.backends import triton_backward, triton_kernels
     monkeypatch.setattr(triton_backward, "grid_launch", triton_launch.grid_launch)
     real_descriptor = triton_kernels.tile_descriptor
-    monkeypatch.setattr(triton_kernels, "tile_descriptor", lambda tensor, block: described.append(
-        tuple(tensor.shape)) or real_descriptor(tensor, block))
+    # Only activations are counted: a weight's descriptor views it as [E*rows, cols], which can have the shape
+    # of an activation (down_proj [E*H, I] is [S, I] when S = E*H, as at 256 rows per expert with H = 256).
+    weight_storages = {layer.gate_up_proj.untyped_storage().data_ptr(), layer.down_proj.untyped_storage().data_ptr()}
+
+    def counting_descriptor(tensor, block):
+        if tensor.untyped_storage().data_ptr() not in weight_storages:
+            described.append(tuple(tensor.shape))
+        return real_descriptor(tensor, block)
+
+    monkeypatch.setattr(triton_kernels, "tile_descriptor", counting_descriptor)
     # the fused down_backward, first with dout / x gathered by token, then in sorted order through TMA
     for plan in (_variant_plan(layer, T, sorted_operands=False, tma=False), _variant_plan(layer, T)):
         used.clear()
