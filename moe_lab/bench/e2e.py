@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..errors import first_line
+from ..errors import GatherBudgetError, first_line
 from ..reference import relative_error
 from .compile_matrix import TOLERANCE
 from .e2e_generate import EAGER, check_execution, random_prompt, timed_generate
@@ -94,6 +94,9 @@ class E2EPlan:
     new_tokens: int = 32
     executions: tuple = (EAGER, "compile:reduce-overhead")
     compiled_backends: list | None = None  # default: every backend except transformers' "eager"
+    decode_backends: list | None = None  # uncompiled decode; default: every backend (the loops are slow at B=64)
+    compiled_first: bool = False  # decode: every compiled group before the uncompiled ones (a tight budget)
+    priority_batches: tuple = ()  # decode: these batches' groups before the others (with compiled_first)
     rounds: int = 2
     reference: str = "grouped_mm:pinned"
     check_tokens: int = 64
@@ -123,7 +126,7 @@ class _Runner:
         self.started = time.monotonic()
         self.rows: list[dict] = []
         self.on_rows, self.progress = on_rows, progress
-        self.reference_tokens: dict = {}
+        self.tokens: dict = {}  # (execution, batch, backend) -> the last decode's new tokens [B, N]
         self.removal_steps: dict = {}
         self.compiled = set()
 
@@ -154,6 +157,7 @@ class _Runner:
         return row
 
     def publish(self) -> None:
+        self.compare_tokens()
         if self.on_rows is not None:
             self.on_rows(self.frame())
 
@@ -164,7 +168,8 @@ class _Runner:
 
     def fail(self, row: dict, error: BaseException) -> None:
         oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
-        row.update(status="oom" if oom else "error", reason=f"{type(error).__name__}: {first_line(error)}"[:300])
+        status = "refused" if isinstance(error, GatherBudgetError) else "oom" if oom else "error"
+        row.update(status=status, reason=f"{type(error).__name__}: {first_line(error)}"[:300])
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -222,11 +227,12 @@ class _Runner:
                 self.say(f"{phase} {execution} {backend} B={batch} P={prompt_tokens}: warm-up "
                          f"{time.monotonic() - began:.1f}s")
                 ready.append(backend)
+                row["reason"] = "warmed up, not timed yet"  # what a run stopped from outside leaves
             except Exception as error:  # noqa: BLE001 - a failure is a row, the run goes on
                 self.fail(row, error)
                 self.say(f"{phase} {execution} {backend} B={batch}: {row['status']} {row['reason'][:120]}")
+            self.publish()  # a run stopped from outside keeps what it has
         times = {backend: [] for backend in ready}
-        last_tokens = {}
         medians = {backend: [] for backend in ready}
         for round_index in range(self.plan.rounds):
             for backend in round_order(ready, round_index):
@@ -245,7 +251,8 @@ class _Runner:
                 medians[backend].append(percentile(sample, 50))
                 row.update(prefill_experts=timing.prefill_implementation, decode_experts=timing.decode_implementation)
                 row["peak_bytes"] = peak if math.isnan(row["peak_bytes"]) else max(row["peak_bytes"], peak)
-                last_tokens[backend] = tokens
+                if phase == "decode":
+                    self.tokens[(execution, batch, backend)] = tokens
         for backend in ready:
             row = rows[backend]
             if row["status"] != "ok" or not times[backend]:
@@ -253,7 +260,7 @@ class _Runner:
                     row.update(status="skipped", reason="time budget spent before timing")
                 continue
             median = percentile(times[backend], 50)
-            row.update(p10_ms=percentile(times[backend], 10), p90_ms=percentile(times[backend], 90),
+            row.update(reason="", p10_ms=percentile(times[backend], 10), p90_ms=percentile(times[backend], 90),
                        steps=len(times[backend]), rounds=len(medians[backend]),
                        round_medians_ms=format_round_medians(medians[backend]))
             if phase == "prefill":
@@ -261,21 +268,28 @@ class _Runner:
             else:
                 row.update(step_ms=median, tokens_per_s=batch * 1e3 / median)
         if phase == "decode":
-            self._compare_tokens(rows, last_tokens, execution, batch)
             self._shares_by_removal(rows, execution, batch)
         self.publish()
         return rows
 
-    def _compare_tokens(self, rows, last_tokens, execution, batch) -> None:
-        """Greedy tokens of each backend vs the reference's in this execution, else in the uncompiled run."""
-        if self.plan.reference in last_tokens:
-            self.reference_tokens[(execution, batch)] = last_tokens[self.plan.reference]
-        reference = self.reference_tokens.get((execution, batch), self.reference_tokens.get((EAGER, batch)))
-        if reference is None:
-            return
-        for backend, tokens in last_tokens.items():
-            if backend != NO_EXPERTS:
-                rows[backend]["tokens_equal"] = str(bool(torch.equal(tokens, reference)))
+    def compare_tokens(self) -> None:
+        """Greedy tokens of every decode row vs the reference's at the same batch: in the same execution
+        when the reference ran there, else in the uncompiled run."""
+        for row in self.rows:
+            key = (row["execution"], row["batch"], row["backend"])
+            if row["phase"] != "decode" or row["backend"] == NO_EXPERTS or key not in self.tokens:
+                continue
+            reference = self.tokens.get((row["execution"], row["batch"], self.plan.reference),
+                                        self.tokens.get((EAGER, row["batch"], self.plan.reference)))
+            if reference is not None:
+                row["tokens_equal"] = str(bool(torch.equal(self.tokens[key], reference)))
+
+    def skip_group(self, backends, execution, batch, reason) -> None:
+        for backend in backends:
+            row = self.new_row(backend, execution, "decode", batch, self.plan.decode_context, self.plan.new_tokens)
+            row.update(status="skipped", reason=reason)
+            self.rows.append(row)
+        self.publish()
 
     def _shares_by_removal(self, rows, execution, batch) -> None:
         baseline = rows.get(NO_EXPERTS)
@@ -323,20 +337,38 @@ def run_e2e(built, plan: E2EPlan, *, on_rows=None, progress: bool = True):
             measured = [b for b in plan.backends if b != NO_EXPERTS]
             for tokens in plan.prefill_tokens:
                 runner.run_group(measured, EAGER, "prefill", 1, tokens, 1, logits_check)
-            compiled = plan.compiled_backends
-            if compiled is None:
-                compiled = [b for b in plan.backends if b != "eager"]
-            for execution in plan.executions:
-                for batch in plan.decode_batches:
-                    backends = plan.backends if execution == EAGER else compiled
-                    runner.run_group(backends, execution, "decode", batch, plan.decode_context, plan.new_tokens,
-                                     logits_check)
-            if plan.profile:
+            groups, failed_everywhere = decode_groups(plan), set()
+            for index, (execution, batch) in enumerate(groups):
+                if plan.profile and execution == EAGER and (index == 0 or groups[index - 1][0] != EAGER):
+                    runner.profile(measured, plan.decode_batches[0])  # cheap: before the long uncompiled groups
+                if execution == EAGER:
+                    backends = plan.decode_backends or plan.backends
+                else:
+                    backends = plan.compiled_backends or [b for b in plan.backends if b != "eager"]
+                if execution in failed_everywhere:
+                    runner.skip_group(backends, execution, batch, f"{execution} failed for every backend at an "
+                                                                 "earlier batch")
+                    continue
+                rows = runner.run_group(backends, execution, "decode", batch, plan.decode_context,
+                                        plan.new_tokens, logits_check)
+                if all(row["status"] in ("error", "oom") for row in rows.values()):
+                    failed_everywhere.add(execution)  # e.g. a compile mode this model cannot take
+            if plan.profile and EAGER not in plan.executions:
                 runner.profile(measured, plan.decode_batches[0])
+            runner.publish()
     finally:
         built.model.set_experts_implementation(snapshot)
         _restore_recompile_limits(limits)
     return runner.frame()
+
+
+def decode_groups(plan: E2EPlan) -> list[tuple[str, int]]:
+    """(execution, batch) in the order they run: by execution then batch, compiled ones first if asked."""
+    groups = [(execution, batch) for execution in plan.executions for batch in plan.decode_batches]
+    if plan.compiled_first:  # stable sorts: executions and batches keep their order otherwise
+        groups.sort(key=lambda group: group[0] == EAGER)
+        groups.sort(key=lambda group: group[1] not in plan.priority_batches)
+    return groups
 
 
 def _raise_recompile_limits() -> dict:
