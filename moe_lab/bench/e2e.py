@@ -169,7 +169,7 @@ class _Runner:
     def fail(self, row: dict, error: BaseException) -> None:
         oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
         status = "refused" if isinstance(error, GatherBudgetError) else "oom" if oom else "error"
-        row.update(status=status, reason=f"{type(error).__name__}: {first_line(error)}"[:300])
+        row.update(status=status, reason=first_line(error)[:300])
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -199,7 +199,7 @@ class _Runner:
                         expected = logits
                     results[backend] = (relative_error(logits, expected), "")
                 except Exception as error:  # noqa: BLE001 - a backend that cannot run says why in its rows
-                    results[backend] = (math.nan, f"{type(error).__name__}: {first_line(error)}")
+                    results[backend] = (math.nan, first_line(error))
         return results
 
     # ---- groups of measurements --------------------------------------------------------------

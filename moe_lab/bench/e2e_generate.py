@@ -69,7 +69,9 @@ class StepClock(transformers.LogitsProcessor):
         return time.perf_counter()
 
     def start(self) -> None:
+        # generate runs the prefill before any switch for decoding: what is set now is what the prefill runs
         self.marks = [self._mark()]
+        self.implementations = [self.model.get_experts_implementation()]
 
     def __call__(self, input_ids, scores):
         self.marks.append(self._mark())
@@ -133,8 +135,9 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, execution: s
                                 logits_processor=transformers.LogitsProcessorList([clock]))
     times = clock.milliseconds()
     implementations = [_implementation_text(value) for value in clock.implementations]
+    # implementations: [at the start (the prefill's), after the prefill, after each decode step]
     timing = GenerateTiming(prefill_ms=times[0], step_ms=times[1:], prefill_implementation=implementations[0],
-                            decode_implementation=implementations[-1] if len(implementations) > 1 else "")
+                            decode_implementation=implementations[-1] if len(implementations) > 2 else "")
     return output[:, input_ids.shape[1]:], timing
 
 

@@ -8,12 +8,14 @@ directly on the target device, or a real checkpoint through the very same call.
 
 Random weights are created and initialised on `device` (`with torch.device(device)`): nothing is
 allocated on the host first, so a 60 GB model is built in seconds on a GPU. A checkpoint goes
-through `from_pretrained(name_or_path, experts_implementation=..., dtype=..., device_map=device)`;
+through `from_pretrained(name_or_path, experts_implementation=..., dtype=..., device_map=device)`
+(`device_map` needs the accelerate package; without it the checkpoint is read on the host, then moved);
 moe_lab's backends must be registered in transformers first (`register_with_transformers()`, which
 this function does when the name asks for one).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +81,10 @@ def build_model(name_or_path: str, *, device="cpu", dtype: torch.dtype = torch.b
     if pretrained:
         if num_layers is not None:
             raise ValueError("num_layers applies to random-weight models; a checkpoint is loaded with all its layers")
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, device_map=torch.device(device),
-                                                                  **config_overrides, **kwargs)
+        if importlib.util.find_spec("accelerate") is not None:  # transformers places weights with it
+            kwargs["device_map"] = torch.device(device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **config_overrides, **kwargs)
+        model = model.to(device)  # without accelerate: loaded on the host, then moved
         layers = model.config.get_text_config().num_hidden_layers
         return BuiltModel(model.eval(), name_or_path, layers, layers, "pretrained")
     if name_or_path not in real_config_names():

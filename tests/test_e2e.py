@@ -1,0 +1,320 @@
+"""End to end: real configs, models built from them, and `generate` through every experts backend.
+
+Everything runs on CPU in seconds: the real configs are built on the meta device (shapes, no memory),
+the generate runs use tiny fp32 models. fp32 backends differ only in the order of additions, so the
+greedy tokens are identical and the logits agree to ~1e-7 relative (the bench's fp32 tolerance,
+1e-5, leaves two orders of magnitude).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+
+import moe_lab  # noqa: E402
+import moe_lab.hf as hf  # noqa: E402
+from moe_lab.bench import e2e, e2e_run  # noqa: E402
+from moe_lab.bench.e2e_generate import check_execution, timed_generate  # noqa: E402
+from moe_lab.bench.e2e_profile import NO_EXPERTS  # noqa: E402
+from moe_lab.hf import real_configs  # noqa: E402
+from moe_lab.hf.build import BuiltModel, build_model  # noqa: E402
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# The presets' names are the shipped configs' names; Qwen3-VL-MoE's text backbone is Qwen3-30B-A3B's.
+PRESET_OF_CONFIG = {name: name for name in moe_lab.PRESETS} | {"qwen3-vl-30b-a3b": "qwen3-30b-a3b"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; a busy 2-core machine makes intra-op threads wait on each other
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    before = set(hf.registered_with_transformers())
+    hf.register_with_transformers()
+    yield
+    hf.unregister_from_transformers(set(hf.registered_with_transformers()) - before)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped configs
+# --------------------------------------------------------------------------------------------
+
+def test_every_preset_and_qwen3_vl_has_a_shipped_config():
+    assert set(real_configs.real_config_names()) == set(PRESET_OF_CONFIG)
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_OF_CONFIG))
+def test_shipped_config_agrees_with_its_preset(name):
+    preset = moe_lab.get_preset(PRESET_OF_CONFIG[name]).config
+    text = real_configs.real_config(name).get_text_config()
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or text.n_routed_experts
+    width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    assert (text.hidden_size, width, experts, text.num_experts_per_tok) == (
+        preset.hidden_size, preset.intermediate_size, preset.num_experts, preset.top_k)
+    if hasattr(text, "norm_topk_prob"):
+        assert text.norm_topk_prob == preset.norm_topk_prob
+    shared = getattr(text, "shared_expert_intermediate_size", None) or (
+        getattr(text, "n_shared_experts", 0) * width if getattr(text, "n_shared_experts", None) else 0)
+    assert shared == preset.shared_expert_intermediate_size
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_OF_CONFIG))
+def test_shipped_config_says_where_it_came_from(name):
+    source = real_configs.config_source(name)
+    assert source["url"].startswith("https://huggingface.co/") and source["url"].endswith("config.json")
+    assert source["licence"] and source["model"] in source["url"]
+
+
+def test_a_preset_names_the_file_its_config_came_from():
+    for name, preset in moe_lab.PRESETS.items():
+        assert preset.source.split("/config.json")[0] == real_configs.config_source(name)["model"]
+
+
+def test_quantised_checkpoints_become_plain_configs():
+    # DeepSeek-V3 (FP8) and gpt-oss (MXFP4) publish a quantization_config; random weights are built unquantised.
+    assert "quantization_config" in real_configs.real_config_dict("deepseek-v3")
+    assert getattr(real_configs.real_config("deepseek-v3"), "quantization_config", None) is None
+
+
+@pytest.mark.parametrize("bad", [0, 62, -1, 2.0, True])
+def test_layer_count_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="num_layers must be an integer from 1 to 61"):
+        real_configs.real_config("deepseek-v3", num_layers=bad)
+
+
+def test_unknown_config_names_the_shipped_ones():
+    with pytest.raises(ValueError, match="qwen3-30b-a3b"):
+        real_configs.real_config("qwen9-moe")
+
+
+# --------------------------------------------------------------------------------------------
+# Building models
+# --------------------------------------------------------------------------------------------
+
+def test_full_size_model_is_built_on_the_requested_device_with_all_layers():
+    built = build_model("qwen3-30b-a3b", device="meta")
+    assert {p.device.type for p in built.model.parameters()} == {"meta"}
+    assert built.layers == built.full_layers == 48 and not built.reduced
+    experts = next(hf.experts_modules(built.model))
+    assert tuple(experts.gate_up_proj.shape) == (128, 2 * 768, 2048)
+    assert "all 48 layers" in built.describe()
+
+
+def test_reduced_model_says_so():
+    built = build_model("deepseek-v3", device="meta", num_layers=4)
+    assert built.reduced and "4 of its 61 layers (reduced to fit)" in built.describe()
+    # layers_that_fit counts DeepSeek-V3's three dense layers as the small ones they are
+    base, layers = e2e_run.layer_bytes("deepseek-v3", torch.bfloat16)
+    assert layers[0] == layers[2] < layers[3] == layers[-1]
+    with mock.patch.object(e2e_run, "available_bytes", return_value=int((base + sum(layers[:5]) + 1) / 0.85)):
+        assert e2e_run.layers_that_fit("deepseek-v3", "cuda", torch.bfloat16) == 5
+
+
+def test_vision_language_config_builds_with_per_backbone_experts_implementations():
+    built = build_model("qwen3-vl-30b-a3b", device="meta", num_layers=2,
+                        experts_implementation={"text_config": "moe_lab_grouped_mm", "vision_config": "eager"})
+    assert built.model.get_experts_implementation()["text_config"] == "moe_lab_grouped_mm"
+
+
+def test_build_random_weights_with_a_checkpoint_flag_is_refused():
+    with pytest.raises(ValueError, match="a checkpoint is loaded with all its layers"):
+        build_model("Qwen/Qwen3-30B-A3B", pretrained=True, num_layers=2)
+    with pytest.raises(ValueError, match="pretrained=True"):
+        build_model("Qwen/Qwen3-30B-A3B")
+
+
+def test_pretrained_goes_through_from_pretrained_with_the_experts_implementation(tmp_path):
+    # The same call loads a checkpoint: save a tiny one, load it back through build_model.
+    tiny = hf.tiny_transformers_model("qwen3_moe", seed=3)
+    tiny.save_pretrained(tmp_path)
+    built = build_model(str(tmp_path), pretrained=True, device="cpu", dtype=torch.float32,
+                        experts_implementation="moe_lab_grouped_mm")
+    assert built.weights == "pretrained" and built.model.get_experts_implementation()[""] == "moe_lab_grouped_mm"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(built.model(ids).logits, tiny(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# generate, timed
+# --------------------------------------------------------------------------------------------
+
+def _tiny(family="qwen3_moe", **overrides) -> BuiltModel:
+    model = hf.tiny_transformers_model(family, seed=0, **overrides)
+    return BuiltModel(model, f"tiny:{family}", 2, 2, "random")
+
+
+MOE_LAB_CPU = [f"moe_lab_{name}" for name in moe_lab.runnable_backends("cpu", interpreted=False)]
+
+
+def _plan(**changes):
+    base = dict(backends=["grouped_mm:pinned", "eager", "batched_mm", *MOE_LAB_CPU, NO_EXPERTS],
+                prefill_tokens=(12,), decode_batches=(1, 3), decode_context=6, new_tokens=4, executions=("eager",),
+                rounds=1)
+    base.update(changes)
+    return e2e.E2EPlan(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_table():
+    return e2e.run_e2e(_tiny(), _plan(), progress=False)
+
+
+def test_every_backend_generates_the_reference_tokens_and_logits(tiny_table):
+    decode = tiny_table[(tiny_table.phase == "decode") & (tiny_table.backend != NO_EXPERTS)]
+    assert set(decode.backend) == {"grouped_mm:pinned", "eager", "batched_mm", *MOE_LAB_CPU}
+    assert (decode.status == "ok").all(), decode[["backend", "reason"]]
+    assert (decode.tokens_equal == "True").all()
+    assert (decode.logits_within_tolerance == "True").all() and (decode.logits_rel_err < 1e-5).all()
+
+
+def test_rows_carry_times_and_what_ran(tiny_table):
+    prefill = tiny_table[tiny_table.phase == "prefill"]
+    assert (prefill.prefill_ms > 0).all() and prefill.step_ms.isna().all()
+    decode = tiny_table[tiny_table.phase == "decode"]
+    assert (decode.step_ms > 0).all()
+    assert (decode.tokens_per_s - decode.batch * 1e3 / decode.step_ms).abs().max() < 1e-6
+    assert (decode.steps == 3).all()  # 4 new tokens: 3 steps between them
+    moe = decode[decode.backend == "moe_lab_grouped_mm"]
+    assert set(moe.decode_experts) == {"moe_lab_grouped_mm"}
+    assert set(tiny_table.model) == {"tiny:qwen3_moe"} and set(tiny_table.dtype) == {"float32"}
+
+
+def test_profile_splits_the_step(tiny_table):
+    profile = tiny_table[tiny_table.phase == "profile"]
+    assert len(profile) == len(_plan().backends) - 1 and (profile.status == "ok").all()
+    assert ((profile.experts_share > 0) & (profile.attention_share > 0)).all()
+    assert ((profile.experts_share + profile.attention_share) < 1).all()
+    decode = tiny_table[(tiny_table.phase == "decode") & (tiny_table.backend != NO_EXPERTS)]
+    assert decode.experts_share_by_removal.notna().all()
+
+
+def test_no_experts_baseline_is_removed_from_transformers_afterwards(tiny_table):
+    assert NO_EXPERTS not in ALL_EXPERTS_FUNCTIONS
+
+
+def test_decode_switch_is_labelled_and_pinned_keeps_grouped_mm():
+    # transformers' generate switches grouped_mm to batched_mm for decoding on GPUs; simulate it on CPU.
+    from transformers.generation.utils import GenerationMixin
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def always_switch(self):
+        before = self.get_experts_implementation()
+        self.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in before.items()})
+        try:
+            yield
+        finally:
+            self.set_experts_implementation(before)
+
+    with mock.patch.object(GenerationMixin, "_optimize_model_for_decode", always_switch):
+        table = e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm", "grouped_mm:pinned"], decode_batches=(1,),
+                                           profile=False), progress=False)
+    decode = table[table.phase == "decode"].set_index("backend")
+    assert decode.loc["grouped_mm", "decode_experts"] == "batched_mm"
+    assert decode.loc["grouped_mm", "prefill_experts"] == "grouped_mm"
+    assert decode.loc["grouped_mm:pinned", "decode_experts"] == "grouped_mm"
+
+
+def test_compiled_decode_generates_the_same_tokens():
+    table = e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm:pinned", "moe_lab_grouped_mm"], decode_batches=(1,),
+                                       executions=("eager", "compile:default"), prefill_tokens=(),
+                                       compiled_backends=["moe_lab_grouped_mm"], profile=False), progress=False)
+    compiled = table[table.execution == "compile:default"]
+    assert list(compiled.backend) == ["moe_lab_grouped_mm"] and (compiled.status == "ok").all(), compiled.reason
+    assert (compiled.tokens_equal == "True").all()  # against the uncompiled reference
+
+
+def test_spent_budget_skips_and_says_so():
+    table = e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm:pinned"], deadline_s=0.0, profile=False),
+                        progress=False)
+    assert (table.status == "skipped").all() and table.reason.str.contains("time budget").all()
+
+
+def test_an_execution_failing_everywhere_is_not_retried(monkeypatch):
+    import moe_lab.bench.e2e as module
+
+    def broken(model, input_ids, new_tokens, execution="eager", listeners=()):
+        if execution != "eager":
+            raise RuntimeError("this compile mode cannot take the model")
+        return timed_generate(model, input_ids, new_tokens, execution, listeners)
+
+    monkeypatch.setattr(module, "timed_generate", broken)
+    table = e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm:pinned"], executions=("compile:default",),
+                                       prefill_tokens=(), profile=False), progress=False)
+    assert list(table.status) == ["error", "skipped"]
+    assert "failed for every backend" in table.reason.iloc[1]
+
+
+def test_an_implementation_that_fails_is_a_row_not_a_crash():
+    table = e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm:pinned", "nonexistent_impl"], decode_batches=(1,),
+                                       profile=False), progress=False)
+    bad = table[table.backend == "nonexistent_impl"]
+    assert (bad.status == "error").all()
+    assert bad.reason.str.startswith("logits check: ValueError: ").all(), bad.reason.iloc[0]
+    assert (table[table.backend == "grouped_mm:pinned"].status == "ok").all()
+
+
+@pytest.mark.parametrize("execution", ["compiled", "compile:fast", ""])
+def test_unknown_execution_is_refused(execution):
+    with pytest.raises(ValueError, match="compile:reduce-overhead"):
+        check_execution(execution)
+
+
+def test_plan_refuses_one_new_token():
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        _plan(new_tokens=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line and the GPU recording script
+# --------------------------------------------------------------------------------------------
+
+def test_moe_lab_e2e_runs_end_to_end_and_writes_the_table(tmp_path, capsys):
+    from moe_lab.cli import main
+
+    output = tmp_path / "e2e_tiny"
+    status = main(["e2e", "--model", "tiny:mixtral", "--device", "cpu", "--prefill", "8", "--batches", "1",
+                   "--context", "4", "--new-tokens", "3", "--executions", "eager", "--rounds", "1", "--quiet",
+                   "--backends", "grouped_mm:pinned,moe_lab_grouped_mm,no_experts", "--output", str(output)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "moe_lab_grouped_mm" in printed and "wrote" in printed
+    table, provenance = moe_lab.bench.load_results(output)
+    assert set(table.phase) == {"prefill", "decode", "profile"} and (table.status == "ok").all()
+    assert provenance["e2e_plan"]["backends"] == ["grouped_mm:pinned", "moe_lab_grouped_mm", "no_experts"]
+
+
+def test_moe_lab_e2e_refuses_an_unknown_backend_before_building(capsys):
+    from moe_lab.cli import main
+
+    assert main(["e2e", "--model", "qwen3-30b-a3b", "--device", "cpu", "--backends", "grouped_nm"]) == 2
+    assert "unknown experts implementation(s) ['grouped_nm']" in capsys.readouterr().err
+
+
+def test_gpu_recording_script_runs_on_cpu_with_a_tiny_model(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), E2E_EXECUTIONS="eager", BUDGET_S="120",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    done = subprocess.run(["bash", "tools/e2e_record.sh", "--tiny", "tiny:qwen3_moe"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert files == ["e2e_cpu_qwen3_moe.csv", "e2e_cpu_qwen3_moe.json", "log.txt"]
+    assert len(files) <= 8  # the device returns at most 8 files
+    sidecar = json.loads((tmp_path / "e2e_cpu_qwen3_moe.json").read_text())
+    assert sidecar["rows"] > 0 and "exit 0" in (tmp_path / "log.txt").read_text()
