@@ -11,6 +11,9 @@ of 60+ modeling files to list them), builds each experts class on a tiny config,
     refusal_reason(entry)              -> None, or why moe_lab refuses it
     tiny_experts(entry, seed=0)        -> the experts module with random weights (hidden 64, 8 experts)
     experts_hidden_size(experts)       -> H, read from the weights (a config may name it differently)
+    tiny_causal_lm(family, seed=0)     -> a whole 2-layer causal LM of the family, where a generic shrink of its
+                                          default config builds one (about half the families: multimodal,
+                                          hybrid-attention and MLA configs need family-specific sizes)
 """
 from __future__ import annotations
 
@@ -87,21 +90,40 @@ def experts_families() -> dict[str, tuple[ExpertsClass, ...]]:
     return families
 
 
-def _tiny_text_config(model_type: str):
-    config = transformers.AutoConfig.for_model(model_type).get_text_config()
-    for name, value in _TINY_FIELDS.items():
+# Whole models: the experts fields above plus attention, layers and vocabulary (MLA sizes for DeepSeek-likes).
+_TINY_MODEL_FIELDS = dict(
+    _TINY_FIELDS, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+    max_position_embeddings=256, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=16,
+    v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, initializer_range=0.1,
+)
+_PER_LAYER_LISTS = ("layer_types", "mlp_layer_types")
+
+
+def _shrink(config, fields: dict) -> None:
+    layers_before = getattr(config, "num_hidden_layers", None)
+    for name, value in fields.items():
         try:
             current = getattr(config, name)
-        except Exception:  # noqa: BLE001 - absent, or a per-layer field some configs refuse to read globally
+        except Exception:  # noqa: BLE001 - absent, or a per-layer field read globally
             continue
         if isinstance(current, (list, tuple)) and current and all(isinstance(v, int) for v in current):
-            value = [value] * len(current)  # e.g. separate text and vision experts
-        elif current is not None and (not isinstance(current, int) or isinstance(current, bool)):
-            continue  # None: a width or count the family leaves unset by default (set it); other types: keep
+            value = [value] * len(current)
+        elif current is not None and not isinstance(current, (int, float)) or isinstance(current, bool):
+            continue
         try:
             setattr(config, name, value)
-        except Exception:  # noqa: BLE001 - a derived or read-only field: keep the default
+        except Exception:  # noqa: BLE001 - a derived or read-only field
             continue
+    for name in _PER_LAYER_LISTS:
+        current = getattr(config, name, None)
+        if isinstance(current, list) and layers_before and len(current) == layers_before:
+            setattr(config, name, current[: config.num_hidden_layers])
+
+
+def _tiny_text_config(model_type: str):
+    config = transformers.AutoConfig.for_model(model_type).get_text_config()
+    _shrink(config, _TINY_FIELDS)
     return config
 
 
@@ -121,6 +143,20 @@ def tiny_experts(entry: ExpertsClass, *, seed: int = 0, dtype: torch.dtype = tor
                 parameter.copy_(torch.randn_like(parameter) * 0.1)
     experts.config._experts_implementation = "eager"
     return experts.to(dtype).eval()
+
+
+def tiny_causal_lm(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer random causal LM of `family` (a key of `experts_families()`), in `.eval()`, built from
+    its default config shrunk field by field; raises what transformers raises where that does not build."""
+    entry = experts_families()[family][0]
+    config = transformers.AutoConfig.for_model(entry.model_type)
+    _shrink(config, _TINY_MODEL_FIELDS)
+    if config.get_text_config() is not config:
+        _shrink(config.get_text_config(), _TINY_MODEL_FIELDS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def experts_hidden_size(experts) -> int:
