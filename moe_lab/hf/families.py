@@ -118,7 +118,10 @@ def _shrink(config, fields: dict) -> None:
     for name in _PER_LAYER_LISTS:
         current = getattr(config, name, None)
         if isinstance(current, list) and layers_before and len(current) == layers_before:
-            setattr(config, name, current[: config.num_hidden_layers])
+            try:
+                setattr(config, name, current[: config.num_hidden_layers])
+            except AttributeError:  # derived from other fields (jamba): follows the layer count by itself
+                pass
 
 
 def _tiny_text_config(model_type: str):
