@@ -337,10 +337,10 @@ def run_e2e(built, plan: E2EPlan, *, on_rows=None, progress: bool = True):
             measured = [b for b in plan.backends if b != NO_EXPERTS]
             for tokens in plan.prefill_tokens:
                 runner.run_group(measured, EAGER, "prefill", 1, tokens, 1, logits_check)
-            groups, failed_everywhere = decode_groups(plan), set()
-            for index, (execution, batch) in enumerate(groups):
-                if plan.profile and execution == EAGER and (index == 0 or groups[index - 1][0] != EAGER):
-                    runner.profile(measured, plan.decode_batches[0])  # cheap: before the long uncompiled groups
+            if plan.profile:  # cheap (one uncompiled generate per backend): before the long decode groups
+                runner.profile(measured, plan.decode_batches[0])
+            failed_everywhere = set()
+            for execution, batch in decode_groups(plan):
                 if execution == EAGER:
                     backends = plan.decode_backends or plan.backends
                 else:
@@ -353,8 +353,6 @@ def run_e2e(built, plan: E2EPlan, *, on_rows=None, progress: bool = True):
                                         plan.new_tokens, logits_check)
                 if all(row["status"] in ("error", "oom") for row in rows.values()):
                     failed_everywhere.add(execution)  # e.g. a compile mode this model cannot take
-            if plan.profile and EAGER not in plan.executions:
-                runner.profile(measured, plan.decode_batches[0])
             runner.publish()
     finally:
         built.model.set_experts_implementation(snapshot)
