@@ -318,3 +318,73 @@ def test_gpu_recording_script_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert len(files) <= 8  # the device returns at most 8 files
     sidecar = json.loads((tmp_path / "e2e_cpu_qwen3_moe.json").read_text())
     assert sidecar["rows"] > 0 and "exit 0" in (tmp_path / "log.txt").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a table: goals, time split, the figure, the recorded runs, notebook 08's helpers
+# --------------------------------------------------------------------------------------------
+
+def _goal_table():
+    import pandas as pd
+
+    def row(backend, phase, batch, value, execution="compile:reduce-overhead", prompt=128, removal=float("nan")):
+        ms = value if phase == "prefill" else batch * 1e3 / value
+        return dict(backend=backend, library=e2e.library_of(backend), phase=phase, execution=execution, batch=batch,
+                    prompt_tokens=prompt, status="ok", prefill_ms=ms if phase == "prefill" else float("nan"),
+                    tokens_per_s=value if phase == "decode" else float("nan"), experts_share_by_removal=removal)
+
+    return pd.DataFrame([
+        row("batched_mm", "decode", 1, 100.0, removal=0.5), row("moe_lab_triton", "decode", 1, 140.0, removal=0.3),
+        row("moe_lab_grouped_mm", "decode", 1, 90.0),
+        row("grouped_mm", "prefill", 1, 20.0, "eager", 4096), row("moe_lab_triton", "prefill", 1, 16.0, "eager", 4096),
+        row("no_experts", "decode", 1, 200.0),
+    ])
+
+
+def test_goals_pick_each_librarys_best_and_the_ratio():
+    from moe_lab.bench.e2e_summary import e2e_goals
+
+    goals = e2e_goals(_goal_table()).set_index("phase")
+    decode, prefill = goals.loc["decode"], goals.loc["prefill"]
+    assert (decode.moe_lab_backend, decode.transformers_backend) == ("moe_lab_triton", "batched_mm")
+    assert decode.speedup == pytest.approx(1.4) and decode.meets_goal and decode.goal_case
+    assert (decode.transformers_experts_share, decode.moe_lab_experts_share) == (0.5, 0.3)
+    assert prefill.speedup == pytest.approx(20 / 16) and not prefill.meets_goal and prefill.goal_case
+
+
+def test_time_split_and_its_figure(tiny_table):
+    from moe_lab.bench.e2e_summary import time_split
+    from moe_lab.plots import time_split_bars
+
+    split = time_split(tiny_table)
+    assert (split[["experts_share", "attention_share", "rest_share"]].sum(axis=1) - 1).abs().max() < 1e-12
+    figure = time_split_bars(split)
+    assert [trace.name for trace in figure.data] == ["experts", "attention", "rest"]
+    stacked = sum(trace.x for trace in figure.data)
+    assert list(stacked) == pytest.approx(list(split.step_ms))  # the bars add up to the median step
+    with pytest.raises(ValueError, match="lacks column"):
+        time_split_bars(split.drop(columns="rest_share"))
+
+
+def test_recorded_e2e_says_not_recorded_yet_and_reads_a_recorded_table(tmp_path, tiny_table, monkeypatch):
+    from moe_lab import recorded_tables
+
+    monkeypatch.setattr(recorded_tables, "data_dir", lambda: tmp_path)
+    with pytest.raises(recorded_tables.NotRecordedYet, match="tools/e2e_record.sh"):
+        recorded_tables.load_recorded_e2e("qwen3-30b-a3b")
+    moe_lab.bench.save_results(tiny_table, tmp_path / "h200_bf16_e2e_qwen3-30b-a3b")
+    table, provenance = recorded_tables.load_recorded_e2e("qwen3-30b-a3b")
+    assert len(table) == len(tiny_table) and provenance["device"] == "cpu"
+
+
+def test_notebook_08_live_helpers():
+    from moe_lab.lessons.nb08_real_models import generate_verdict, live_generate_table, tokens_per_second_table
+
+    table = live_generate_table(hf.tiny_transformers_model("olmoe"), batches=(1,), new_tokens=3, rounds=3,
+                                backends=("grouped_mm:pinned", "moe_lab_grouped_mm"))
+    cells = tokens_per_second_table(table)
+    assert list(cells.index) == ["grouped_mm:pinned", "moe_lab_grouped_mm"] and list(cells.columns) == ["batch 1"]
+    assert all(" (" in cell and "–" in cell for cell in cells["batch 1"])
+    sentence = generate_verdict(table, "moe_lab_grouped_mm", "grouped_mm:pinned", 1)
+    assert sentence.startswith("moe_lab_grouped_mm vs grouped_mm:pinned, decode step at batch 1: ")
+    assert "rounds" in sentence
