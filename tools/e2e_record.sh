@@ -12,7 +12,7 @@
 # Everything is bounded: each model gets a share of BUDGET_S (default 440 s) and runs under `timeout`;
 # the table is rewritten after every case, so a model stopped by its timeout still returns its rows
 # (what did not run says "skipped" or "warmed up, not timed yet"). Output in $OUT (at most 5 files):
-#   e2e_<card>_<model>.csv / .json (provenance), log.txt
+#   <card>_<dtype>_e2e_<model>.csv / .json (provenance; the names data/ keeps), log.txt
 # A newer transformers travels as a wheel in .whl/ (installed into /tmp/site, as tools/gpu_record.sh does);
 # set MOE_LAB_GIT_COMMIT to the commit measured (the device's copy of .git can lag behind).
 set -u
@@ -37,7 +37,7 @@ done
 if [ $TINY = 1 ]; then
   [ ${#MODELS[@]} -gt 0 ] || MODELS=(tiny:qwen3_moe tiny:qwen2_moe)
   BUDGET_S=${BUDGET_S:-240}
-  DEVICE=cpu; CARD=cpu; PRIORITY=1,2
+  DEVICE=cpu; CARD=cpu; DTYPE=fp32; PRIORITY=1,2
   ARGS="--device cpu --prefill 32,64 --batches 1,2,4 --context 16 --new-tokens 4 --rounds 2"
   EXECUTIONS=${E2E_EXECUTIONS:-compile:cudagraphs,compile:default,eager}
   BACKENDS="grouped_mm,batched_mm,grouped_mm:pinned,eager,moe_lab_grouped_mm,moe_lab_auto,moe_lab_batched_mm,no_experts"
@@ -46,8 +46,11 @@ if [ $TINY = 1 ]; then
 else
   [ ${#MODELS[@]} -gt 0 ] || MODELS=(qwen3-30b-a3b qwen1.5-moe-a2.7b)
   BUDGET_S=${BUDGET_S:-440}
-  DEVICE=cuda; PRIORITY=1,8  # the goals' batches: compiled, then uncompiled, before batch 64
+  DEVICE=cuda; DTYPE=bf16; PRIORITY=1,8  # the goals' batches: compiled, then uncompiled, before batch 64
   CARD=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+  # moe_lab's batched_mm refuses gathers over 4 GiB by default; transformers' has no guard. Same room for both
+  # (Qwen3-30B-A3B's decode at batch 64 gathers 4.8 GB; the weights take 57 GiB of the card).
+  export MOE_LAB_BATCHED_MM_BUDGET=${MOE_LAB_BATCHED_MM_BUDGET:-48e9}
   ARGS="--device cuda --dtype bfloat16 --prefill 512,4096 --batches 1,8,64 --context 128 --new-tokens 16 --rounds 2"
   # compile:cudagraphs (dynamo + CUDA graphs, no Inductor) compiles fast; reduce-overhead is transformers' default.
   EXECUTIONS=${E2E_EXECUTIONS:-compile:cudagraphs,compile:reduce-overhead,eager}
@@ -77,7 +80,7 @@ for m in "${MODELS[@]}"; do
   timeout -k 5 $share python3 -m moe_lab.cli e2e --model "$m" $ARGS --executions "$EXECUTIONS" \
       --backends "$BACKENDS" --compiled-backends "$COMPILED" --decode-backends "$DECODE" --compiled-first \
       --priority-batches $PRIORITY \
-      --budget-s $inner --output "$OUT/e2e_${CARD}_${name}"
+      --budget-s $inner --output "$OUT/${CARD}_${DTYPE}_e2e_${name}"
   echo "== $m: exit $? $(date -u +%T)"
 done
 } 2>&1 | grep -v "Warning: \|warnings.warn" | tee "$OUT/log.txt"

@@ -40,7 +40,7 @@ class BuiltModel:
         return self.layers < self.full_layers
 
     def describe(self) -> str:
-        size = (f"{self.layers} of its {self.full_layers} layers (reduced to fit)" if self.reduced
+        size = (f"{self.layers} of its {self.full_layers} layers (reduced)" if self.reduced
                 else f"all {self.layers} layers")
         return f"{self.name}: {size}, {self.weights} weights, {parameter_bytes(self.model) / 2**30:.1f} GiB"
 
