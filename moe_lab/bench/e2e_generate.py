@@ -51,6 +51,22 @@ def compile_backend(execution: str) -> str:
     return name if name in COMPILE_BACKENDS else "inductor"
 
 
+def time_mark(device: torch.device):
+    """A point in time as the device sees it: a recorded CUDA event (no sync), or perf_counter on a CPU."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def elapsed_ms(start, end) -> float:
+    """Milliseconds between two `time_mark`s (CUDA events must have completed)."""
+    if isinstance(start, float):
+        return (end - start) * 1e3
+    return start.elapsed_time(end)
+
+
 class StepClock(transformers.LogitsProcessor):
     """Marks the time of every `generate` step without synchronising; read after generate returns."""
 
@@ -61,20 +77,14 @@ class StepClock(transformers.LogitsProcessor):
         self.implementations: list = []
         self.listeners: list = []  # called with the step index (0 = end of prefill), e.g. profile hooks
 
-    def _mark(self):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
 
     def start(self) -> None:
         # generate runs the prefill before any switch for decoding: what is set now is what the prefill runs
-        self.marks = [self._mark()]
+        self.marks = [time_mark(self.device)]
         self.implementations = [self.model.get_experts_implementation()]
 
     def __call__(self, input_ids, scores):
-        self.marks.append(self._mark())
+        self.marks.append(time_mark(self.device))
         self.implementations.append(self.model.get_experts_implementation())
         for listener in self.listeners:
             listener(len(self.marks) - 2)
@@ -84,8 +94,7 @@ class StepClock(transformers.LogitsProcessor):
         """[prefill, step 1, step 2, ...] in milliseconds (after the device finished)."""
         if self.device.type == "cuda":
             self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [elapsed_ms(a, b) for a, b in zip(self.marks, self.marks[1:])]
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..hf.models import named_experts_modules
+from .e2e_generate import elapsed_ms, time_mark
 
 NO_EXPERTS = "no_experts"
 
@@ -68,22 +68,15 @@ class PartTimer:
                 self._handles.append(module.register_forward_hook(self._leave(part)))
         self.counts = {part: len(found) for part, found in modules.items()}
 
-    def _mark(self):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def _enter(self, module, args):
         if self.active:
-            self._open[id(module)] = self._mark()
+            self._open[id(module)] = time_mark(self.device)
 
     def _leave(self, part):
         def hook(module, args, output):
             start = self._open.pop(id(module), None)
             if self.active and start is not None:
-                self.spans[part].append((start, self._mark()))
+                self.spans[part].append((start, time_mark(self.device)))
         return hook
 
     def on_step(self, step: int) -> None:
@@ -93,8 +86,7 @@ class PartTimer:
     def totals_ms(self) -> dict[str, float]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return {part: sum(a.elapsed_time(b) for a, b in spans) for part, spans in self.spans.items()}
-        return {part: sum((b - a) * 1e3 for a, b in spans) for part, spans in self.spans.items()}
+        return {part: sum(elapsed_ms(a, b) for a, b in spans) for part, spans in self.spans.items()}
 
     def remove(self) -> None:
         for handle in self._handles:
