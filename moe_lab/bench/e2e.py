@@ -127,7 +127,6 @@ class _Runner:
         self.rows: list[dict] = []
         self.on_rows, self.progress = on_rows, progress
         self.tokens: dict = {}  # (execution, batch, backend) -> the last decode's new tokens [B, N]
-        self.removal_steps: dict = {}
         self.compiled = set()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -206,70 +205,79 @@ class _Runner:
     def run_group(self, backends, execution, phase, batch, prompt_tokens, new_tokens, logits_check):
         """Warm up every backend at one shape (compiling there), then time them in interleaved rounds."""
         input_ids = random_prompt(self.model, batch, prompt_tokens, self.device, self.plan.seed)
-        rows, ready = {}, []
-        for backend in backends:
-            row = self.new_row(backend, execution, phase, batch, prompt_tokens, new_tokens)
-            rows[backend] = row
-            self.rows.append(row)
-            rel_err, error = logits_check.get(backend, (math.nan, ""))
-            row["logits_rel_err"] = rel_err
-            if not math.isnan(rel_err):
-                row["logits_within_tolerance"] = str(bool(rel_err <= TOLERANCE.get(self.dtype, 3e-2)))
-            if self.time_left() <= 0:
-                row.update(status="skipped", reason="time budget spent before this case")
-                continue
-            try:
-                began = time.monotonic()
-                self.generate(backend, input_ids, new_tokens, execution)
-                self.say(f"{phase} {execution} {backend} B={batch} P={prompt_tokens}: warm-up "
-                         f"{time.monotonic() - began:.1f}s")
-                ready.append(backend)
-                row["reason"] = "warmed up, not timed yet"  # what a run stopped from outside leaves
-            except Exception as error:  # noqa: BLE001 - a failure is a row, the run goes on
-                self.fail(row, error)
-                self.say(f"{phase} {execution} {backend} B={batch}: {row['status']} {row['reason'][:120]}")
-            self.publish()  # a run stopped from outside keeps what it has
+        rows = {backend: self.new_row(backend, execution, phase, batch, prompt_tokens, new_tokens)
+                for backend in backends}
+        self.rows.extend(rows.values())
+        ready = [backend for backend in backends if self._warm_up(rows[backend], input_ids, logits_check)]
+        times, medians = self._time_rounds(rows, ready, input_ids)
+        for backend in ready:
+            self._finish_row(rows[backend], times[backend], medians[backend], logits_check)
+        if phase == "decode":
+            self._shares_by_removal(rows)
+        self.publish()
+        return rows
+
+    def _warm_up(self, row, input_ids, logits_check) -> bool:
+        """One untimed generate (a compiled execution compiles here); False when the case cannot run."""
+        backend = row["backend"]
+        rel_err = logits_check.get(backend, (math.nan, ""))[0]
+        row["logits_rel_err"] = rel_err
+        if not math.isnan(rel_err):
+            row["logits_within_tolerance"] = str(bool(rel_err <= TOLERANCE.get(self.dtype, 3e-2)))
+        if self.time_left() <= 0:
+            row.update(status="skipped", reason="time budget spent before this case")
+            return False
+        began = time.monotonic()
+        try:
+            self.generate(backend, input_ids, row["new_tokens"], row["execution"])
+            row["reason"] = "warmed up, not timed yet"  # what a run stopped from outside leaves
+        except Exception as error:  # noqa: BLE001 - a failure is a row, the run goes on
+            self.fail(row, error)
+        self.say(f"{row['phase']} {row['execution']} {backend} B={row['batch']} P={row['prompt_tokens']}: "
+                 f"{'warm-up' if row['status'] == 'ok' else row['status']} {time.monotonic() - began:.1f}s "
+                 f"{row['reason'][:120] if row['status'] != 'ok' else ''}")
+        self.publish()  # a run stopped from outside keeps what it has
+        return row["status"] == "ok"
+
+    def _time_rounds(self, rows, ready, input_ids):
+        """Each ready backend once per round, in round_order; the samples (prefill or step ms) and round medians."""
         times = {backend: [] for backend in ready}
         medians = {backend: [] for backend in ready}
         for round_index in range(self.plan.rounds):
             for backend in round_order(ready, round_index):
                 row = rows[backend]
-                if row["status"] != "ok":
-                    continue
-                if round_index > 0 and self.time_left() <= 0:
-                    continue  # fewer rounds for everyone past the budget; `rounds` says how many
+                if row["status"] != "ok" or (round_index > 0 and self.time_left() <= 0):
+                    continue  # past the budget: fewer rounds for everyone; `rounds` says how many
                 try:
-                    tokens, timing, peak = self.generate(backend, input_ids, new_tokens, execution)
+                    tokens, timing, peak = self.generate(backend, input_ids, row["new_tokens"], row["execution"])
                 except Exception as error:  # noqa: BLE001
                     self.fail(row, error)
                     continue
-                sample = [timing.prefill_ms] if phase == "prefill" else timing.step_ms
+                sample = [timing.prefill_ms] if row["phase"] == "prefill" else timing.step_ms
                 times[backend] += sample
                 medians[backend].append(percentile(sample, 50))
-                row.update(prefill_experts=timing.prefill_implementation, decode_experts=timing.decode_implementation)
-                row["peak_bytes"] = peak if math.isnan(row["peak_bytes"]) else max(row["peak_bytes"], peak)
-                if phase == "decode":
-                    self.tokens[(execution, batch, backend)] = tokens
-        for backend in ready:
-            row = rows[backend]
-            if row["status"] != "ok" or not times[backend]:
-                if row["status"] == "ok":
-                    row.update(status="skipped", reason="time budget spent before timing")
-                continue
-            median = percentile(times[backend], 50)
-            # a backend refused on the check's prompt (a gather budget) can still run these shapes
-            logits_error = logits_check.get(backend, (math.nan, ""))[1]
-            row.update(reason=f"logits not checked: {logits_error}"[:300] if logits_error else "", p10_ms=percentile(times[backend], 10), p90_ms=percentile(times[backend], 90),
-                       steps=len(times[backend]), rounds=len(medians[backend]),
-                       round_medians_ms=format_round_medians(medians[backend]))
-            if phase == "prefill":
-                row["prefill_ms"] = median
-            else:
-                row.update(step_ms=median, tokens_per_s=batch * 1e3 / median)
-        if phase == "decode":
-            self._shares_by_removal(rows, execution, batch)
-        self.publish()
-        return rows
+                row.update(prefill_experts=timing.prefill_implementation, decode_experts=timing.decode_implementation,
+                           peak_bytes=peak if math.isnan(row["peak_bytes"]) else max(row["peak_bytes"], peak))
+                if row["phase"] == "decode":
+                    self.tokens[(row["execution"], row["batch"], backend)] = tokens
+        return times, medians
+
+    def _finish_row(self, row, times, medians, logits_check) -> None:
+        if row["status"] != "ok":
+            return
+        if not times:
+            row.update(status="skipped", reason="time budget spent before timing")
+            return
+        # a backend refused on the check's prompt (over a gather budget) can still run these shapes
+        logits_error = logits_check.get(row["backend"], (math.nan, ""))[1]
+        median = percentile(times, 50)
+        row.update(reason=f"logits not checked: {logits_error}"[:300] if logits_error else "",
+                   p10_ms=percentile(times, 10), p90_ms=percentile(times, 90), steps=len(times),
+                   rounds=len(medians), round_medians_ms=format_round_medians(medians))
+        if row["phase"] == "prefill":
+            row["prefill_ms"] = median
+        else:
+            row.update(step_ms=median, tokens_per_s=row["batch"] * 1e3 / median)
 
     def compare_tokens(self) -> None:
         """Greedy tokens of every decode row vs the reference's at the same batch: in the same execution
@@ -290,7 +298,7 @@ class _Runner:
             self.rows.append(row)
         self.publish()
 
-    def _shares_by_removal(self, rows, execution, batch) -> None:
+    def _shares_by_removal(self, rows) -> None:
         baseline = rows.get(NO_EXPERTS)
         if baseline is None or baseline["status"] != "ok" or math.isnan(baseline["step_ms"]):
             return
