@@ -400,3 +400,14 @@ def test_notebook_08_live_helpers():
     sentence = generate_verdict(table, "moe_lab_grouped_mm", "grouped_mm:pinned", 1)
     assert sentence.startswith("moe_lab_grouped_mm vs grouped_mm:pinned, decode step at batch 1: ")
     assert "rounds" in sentence
+
+
+def test_partial_tables_are_handed_out_while_the_run_goes_on():
+    # what tools/e2e_record.sh writes after every case, so that a run stopped by its timeout keeps its rows
+    seen = []
+    e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm:pinned", "moe_lab_grouped_mm"], decode_batches=(1,),
+                               profile=False), on_rows=lambda frame: seen.append(frame.copy()), progress=False)
+    assert len(seen) >= 4 and [len(frame) for frame in seen] == sorted(len(frame) for frame in seen)
+    first = seen[0]
+    assert first.reason.iloc[0] == "warmed up, not timed yet" and first.prefill_ms.isna().all()
+    assert seen[-1].status.eq("ok").all() and not seen[-1].reason.str.contains("not timed").any()
