@@ -230,7 +230,7 @@ def _e2e(args) -> int:
                        output=args.output, progress=not args.quiet)
     columns = ["backend", "execution", "phase", "batch", "prompt_tokens", "status", "prefill_ms", "step_ms",
                "tokens_per_s", "decode_experts", "tokens_equal", "logits_rel_err", "experts_share",
-               "experts_share_by_removal"]
+               "experts_share_by_removal", "cudagraph_skips"]
     print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.output:
         print("wrote", args.output)

@@ -233,11 +233,14 @@ def test_decode_switch_is_labelled_and_pinned_keeps_grouped_mm():
 
 def test_compiled_decode_generates_the_same_tokens():
     table = e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm:pinned", "moe_lab_grouped_mm"], decode_batches=(1,),
-                                       executions=("eager", "compile:default"), prefill_tokens=(),
+                                       executions=("eager", "compile:cudagraphs"), prefill_tokens=(),
                                        compiled_backends=["moe_lab_grouped_mm"], profile=False), progress=False)
-    compiled = table[table.execution == "compile:default"]
+    compiled = table[table.execution == "compile:cudagraphs"]
     assert list(compiled.backend) == ["moe_lab_grouped_mm"] and (compiled.status == "ok").all(), compiled.reason
     assert (compiled.tokens_equal == "True").all()  # against the uncompiled reference
+    # on a CPU there are no CUDA graphs: torch says it skipped them, and the rows say so; uncompiled runs have none
+    assert (compiled.cudagraph_skips > 0).all()
+    assert (table[table.execution == "eager"].cudagraph_skips == 0).all()
 
 
 def test_spent_budget_skips_and_says_so():
@@ -342,6 +345,7 @@ def _goal_table():
     def row(backend, phase, batch, value, execution="compile:reduce-overhead", prompt=128, removal=float("nan")):
         ms = value if phase == "prefill" else batch * 1e3 / value
         return dict(backend=backend, library=e2e.library_of(backend), phase=phase, execution=execution, batch=batch,
+                    cudagraph_skips=0.0 if execution != "eager" else float("nan"),
                     prompt_tokens=prompt, status="ok", prefill_ms=ms if phase == "prefill" else float("nan"),
                     tokens_per_s=value if phase == "decode" else float("nan"), experts_share_by_removal=removal)
 
@@ -359,9 +363,10 @@ def test_goals_pick_each_librarys_best_and_the_ratio():
     goals = e2e_goals(_goal_table()).set_index("phase")
     decode, prefill = goals.loc["decode"], goals.loc["prefill"]
     assert (decode.moe_lab_backend, decode.transformers_backend) == ("moe_lab_triton", "batched_mm")
-    assert decode.speedup == pytest.approx(1.4) and decode.meets_goal and decode.goal_case
+    assert decode.speedup == pytest.approx(1.4) and decode.meets_goal and decode.goal_case and decode.cuda_graphs
     assert (decode.transformers_experts_share, decode.moe_lab_experts_share) == (0.5, 0.3)
     assert prefill.speedup == pytest.approx(20 / 16) and not prefill.meets_goal and prefill.goal_case
+    assert not prefill.cuda_graphs
 
 
 def test_time_split_and_its_figure(tiny_table):

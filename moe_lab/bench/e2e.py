@@ -52,10 +52,10 @@ E2E_COLUMNS = (
     "prompt_tokens", "new_tokens", "status", "reason", "prefill_ms", "step_ms", "p10_ms", "p90_ms", "tokens_per_s",
     "steps", "rounds", "round_medians_ms", "peak_bytes", "prefill_experts", "decode_experts", "tokens_equal",
     "logits_rel_err", "logits_within_tolerance", "experts_share", "attention_share", "experts_share_by_removal",
-    "device", "device_name", "torch_version", "transformers_version", "moe_lab_version", "date", "git_commit",
+    "cudagraph_skips", "device", "device_name", "torch_version", "transformers_version", "moe_lab_version", "date", "git_commit",
 )
 _FLOATS = ("prefill_ms", "step_ms", "p10_ms", "p90_ms", "tokens_per_s", "steps", "rounds", "peak_bytes",
-           "logits_rel_err", "experts_share", "attention_share", "experts_share_by_removal")
+           "logits_rel_err", "experts_share", "attention_share", "experts_share_by_removal", "cudagraph_skips")
 _INTS = ("layers", "full_layers", "batch", "prompt_tokens", "new_tokens")
 
 
@@ -173,13 +173,21 @@ class _Runner:
             torch.cuda.empty_cache()
 
     # ---- one generate ------------------------------------------------------------------------
-    def generate(self, backend, input_ids, new_tokens, execution, listeners=()):
+    def generate(self, backend, input_ids, new_tokens, execution, listeners=(), row=None):
+        """One timed generate under `backend`; `row` (if given) counts the graphs torch ran without CUDA
+        graphs (`cudagraph_skips`: a compiled execution is only "with CUDA graphs" where that stays 0)."""
+        from torch._dynamo.utils import counters
+
         self.model.set_experts_implementation(implementation_of(backend))
+        skips_before = counters["inductor"]["cudagraph_skips"]
         with _decode_switch_disabled(self.model, backend):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             tokens, timing = timed_generate(self.model, input_ids, new_tokens, execution, listeners)
             peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else math.nan
+        if row is not None:
+            skipped = counters["inductor"]["cudagraph_skips"] - skips_before
+            row["cudagraph_skips"] = skipped + (0 if math.isnan(row["cudagraph_skips"]) else row["cudagraph_skips"])
         return tokens, timing, peak
 
     # ---- checks ------------------------------------------------------------------------------
@@ -229,7 +237,7 @@ class _Runner:
             return False
         began = time.monotonic()
         try:
-            self.generate(backend, input_ids, row["new_tokens"], row["execution"])
+            self.generate(backend, input_ids, row["new_tokens"], row["execution"], row=row)
             row["reason"] = "warmed up, not timed yet"  # what a run stopped from outside leaves
         except Exception as error:  # noqa: BLE001 - a failure is a row, the run goes on
             self.fail(row, error)
@@ -249,7 +257,8 @@ class _Runner:
                 if row["status"] != "ok" or (round_index > 0 and self.time_left() <= 0):
                     continue  # past the budget: fewer rounds for everyone; `rounds` says how many
                 try:
-                    tokens, timing, peak = self.generate(backend, input_ids, row["new_tokens"], row["execution"])
+                    tokens, timing, peak = self.generate(backend, input_ids, row["new_tokens"], row["execution"],
+                                                         row=row)
                 except Exception as error:  # noqa: BLE001
                     self.fail(row, error)
                     continue

@@ -28,7 +28,8 @@ def _best(rows, column: str, lower_is_better: bool):
 def e2e_goals(table, goal: float = GOAL):
     """A DataFrame: phase, execution, batch, prompt_tokens, moe_lab / transformers best backend and value
     (prefill ms, or decode tokens/s), speedup (>1: moe_lab faster), meets_goal, goal_case (one the issue
-    names), experts_share_* (by removal, decode only). Cases where either library has no ok row are left out."""
+    names), cuda_graphs (a compiled case where torch skipped no CUDA graph for either row), experts_share_*
+    (by removal, decode only). Cases where either library has no ok row are left out."""
     import pandas as pd
 
     rows = []
@@ -49,6 +50,9 @@ def e2e_goals(table, goal: float = GOAL):
             transformers_backend=theirs["backend"], transformers_value=float(theirs[column]),
             unit="ms" if lower else "tokens/s", speedup=float(speedup), meets_goal=bool(speedup >= goal),
             goal_case=bool(goal_case),
+            # compiled rows ran wholly from CUDA graphs only where torch skipped none (0, not NaN: measured)
+            cuda_graphs=bool(execution != "eager" and ours.get("cudagraph_skips", math.nan) == 0
+                             and theirs.get("cudagraph_skips", math.nan) == 0),
             transformers_experts_share=float(theirs.get("experts_share_by_removal", math.nan)),
             moe_lab_experts_share=float(ours.get("experts_share_by_removal", math.nan)),
         ))
