@@ -83,4 +83,4 @@ for m in "${MODELS[@]}"; do
       --budget-s $inner --output "$OUT/${CARD}_${DTYPE}_e2e_${name}"
   echo "== $m: exit $? $(date -u +%T)"
 done
-} 2>&1 | grep -v "Warning: \|warnings.warn" | tee "$OUT/log.txt"
+} 2>&1 | grep --line-buffered -v "Warning: \|warnings.warn" | tee "$OUT/log.txt"

@@ -22,7 +22,9 @@ same weights:
 Timing: the StepClock's CUDA events (perf_counter on CPU), one untimed warm-up generate per
 implementation and shape (compilation happens there), then `rounds` interleaved rounds (A B C,
 C B A, ...: bench.rounds). Peak memory: `torch.cuda.max_memory_allocated` during the timed
-generate, weights included (CPU: not measured). A time budget (`deadline_s`) skips what would not
+generate, weights included (CPU: not measured). `cudagraph_skips`: how many graphs torch compiled for that
+backend and execution (any batch: a dynamic-shape graph serves several) that it runs without CUDA graphs,
+by torch's own counter; 0 is "from CUDA graphs", NaN an uncompiled row. A time budget (`deadline_s`) skips what would not
 fit and says so in the rows ("skipped"); `on_rows` is called with the table after every group, so
 a caller can write partial results.
 """
@@ -127,6 +129,7 @@ class _Runner:
         self.rows: list[dict] = []
         self.on_rows, self.progress = on_rows, progress
         self.tokens: dict = {}  # (execution, batch, backend) -> the last decode's new tokens [B, N]
+        self.cudagraph_skips: dict = {}  # (execution, backend) -> graphs compiled to run without CUDA graphs
         self.compiled = set()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -157,6 +160,10 @@ class _Runner:
 
     def publish(self) -> None:
         self.compare_tokens()
+        for row in self.rows:  # a graph compiled at one batch serves others (dynamic shapes): count per backend
+            key = (row["execution"], row["backend"])
+            if key in self.cudagraph_skips:
+                row["cudagraph_skips"] = float(self.cudagraph_skips[key])
         if self.on_rows is not None:
             self.on_rows(self.frame())
 
@@ -173,9 +180,9 @@ class _Runner:
             torch.cuda.empty_cache()
 
     # ---- one generate ------------------------------------------------------------------------
-    def generate(self, backend, input_ids, new_tokens, execution, listeners=(), row=None):
-        """One timed generate under `backend`; `row` (if given) counts the graphs torch ran without CUDA
-        graphs (`cudagraph_skips`: a compiled execution is only "with CUDA graphs" where that stays 0)."""
+    def generate(self, backend, input_ids, new_tokens, execution, listeners=()):
+        """One timed generate under `backend`. torch counts each compiled graph it decides to run without
+        CUDA graphs (when it compiles it, not when it runs it); those counts are kept per (execution, backend)."""
         from torch._dynamo.utils import counters
 
         self.model.set_experts_implementation(implementation_of(backend))
@@ -185,9 +192,10 @@ class _Runner:
                 torch.cuda.reset_peak_memory_stats(self.device)
             tokens, timing = timed_generate(self.model, input_ids, new_tokens, execution, listeners)
             peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else math.nan
-        if row is not None:
-            skipped = counters["inductor"]["cudagraph_skips"] - skips_before
-            row["cudagraph_skips"] = skipped + (0 if math.isnan(row["cudagraph_skips"]) else row["cudagraph_skips"])
+        if execution != EAGER:
+            key = (execution, backend)
+            self.cudagraph_skips[key] = (self.cudagraph_skips.get(key, 0)
+                                         + counters["inductor"]["cudagraph_skips"] - skips_before)
         return tokens, timing, peak
 
     # ---- checks ------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ class _Runner:
             return False
         began = time.monotonic()
         try:
-            self.generate(backend, input_ids, row["new_tokens"], row["execution"], row=row)
+            self.generate(backend, input_ids, row["new_tokens"], row["execution"])
             row["reason"] = "warmed up, not timed yet"  # what a run stopped from outside leaves
         except Exception as error:  # noqa: BLE001 - a failure is a row, the run goes on
             self.fail(row, error)
@@ -257,8 +265,7 @@ class _Runner:
                 if row["status"] != "ok" or (round_index > 0 and self.time_left() <= 0):
                     continue  # past the budget: fewer rounds for everyone; `rounds` says how many
                 try:
-                    tokens, timing, peak = self.generate(backend, input_ids, row["new_tokens"], row["execution"],
-                                                         row=row)
+                    tokens, timing, peak = self.generate(backend, input_ids, row["new_tokens"], row["execution"])
                 except Exception as error:  # noqa: BLE001
                     self.fail(row, error)
                     continue

@@ -45,6 +45,12 @@ def compile_mode(execution: str) -> str | None:
     return None if mode in ("default", *COMPILE_BACKENDS) else mode
 
 
+def uses_cuda_graphs(execution: str) -> bool:
+    """Does this execution replay the compiled forward from CUDA graphs (where torch does not skip them)?"""
+    return execution in (COMPILE_PREFIX + "reduce-overhead", COMPILE_PREFIX + "max-autotune",
+                         COMPILE_PREFIX + "cudagraphs")
+
+
 def compile_backend(execution: str) -> str:
     """"compile:cudagraphs" -> "cudagraphs"; any other execution -> "inductor"."""
     name = check_execution(execution).removeprefix(COMPILE_PREFIX)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from .e2e_generate import uses_cuda_graphs
+
 GOAL = 1.3
 #: The cases the goals name: decode batches (compiled with CUDA graphs) and the prefill length.
 GOAL_DECODE_BATCHES = (1, 8)
@@ -42,7 +44,7 @@ def e2e_goals(table, goal: float = GOAL):
         if ours is None or theirs is None:
             continue
         speedup = theirs[column] / ours[column] if lower else ours[column] / theirs[column]
-        goal_case = (phase == "decode" and execution != "eager" and batch in GOAL_DECODE_BATCHES) or (
+        goal_case = (phase == "decode" and uses_cuda_graphs(execution) and batch in GOAL_DECODE_BATCHES) or (
             phase == "prefill" and prompt == GOAL_PREFILL_TOKENS)
         rows.append(dict(
             phase=phase, execution=execution, batch=int(batch), prompt_tokens=int(prompt),
@@ -51,7 +53,7 @@ def e2e_goals(table, goal: float = GOAL):
             unit="ms" if lower else "tokens/s", speedup=float(speedup), meets_goal=bool(speedup >= goal),
             goal_case=bool(goal_case),
             # compiled rows ran wholly from CUDA graphs only where torch skipped none (0, not NaN: measured)
-            cuda_graphs=bool(execution != "eager" and ours.get("cudagraph_skips", math.nan) == 0
+            cuda_graphs=bool(uses_cuda_graphs(execution) and ours.get("cudagraph_skips", math.nan) == 0
                              and theirs.get("cudagraph_skips", math.nan) == 0),
             transformers_experts_share=float(theirs.get("experts_share_by_removal", math.nan)),
             moe_lab_experts_share=float(ours.get("experts_share_by_removal", math.nan)),
