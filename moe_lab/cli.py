@@ -6,6 +6,7 @@
     torchrun --nproc-per-node 2 -m moe_lab.cli bench --ep --preset qwen3-30b-a3b --tokens 128,8192 --output data/ep2
     moe-lab run notebooks/01_routing.ipynb -p top_k 4 --output-dir runs
     moe-lab sweep notebooks/03_bmm.ipynb --grid top_k=1,2 --grid num_tokens=16,64
+    moe-lab e2e --model qwen3-30b-a3b [--layers auto] [--backends grouped_mm,moe_lab_triton] [--output data/x]
 """
 from __future__ import annotations
 
@@ -266,6 +267,37 @@ def _sweep(args) -> int:
     return 0 if (frame["status"] == "ok").all() else 1
 
 
+def _e2e(args) -> int:
+    from .bench.e2e import E2EPlan
+    from .bench.e2e_run import default_backends, record_e2e
+    from .bench.timing import resolve_device
+    from .config import resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    backends = args.backends or default_backends(device)
+    if any(name.startswith("moe_lab_") for name in backends):
+        from .hf import register_with_transformers
+
+        register_with_transformers()
+    plan = E2EPlan(backends=backends, prefill_tokens=tuple(args.prefill), decode_batches=tuple(args.batches),
+                   decode_context=args.context, new_tokens=args.new_tokens, executions=tuple(args.executions),
+                   compiled_backends=args.compiled_backends, decode_backends=args.decode_backends,
+                   compiled_first=args.compiled_first, priority_batches=tuple(args.priority_batches),
+                   rounds=args.rounds, reference=args.reference,
+                   profile=not args.no_profile, deadline_s=args.budget_s)
+    layers = args.layers if args.layers == "auto" else _positive_int(args.layers)
+    frame = record_e2e(args.model, plan, device=device, dtype=dtype, layers=layers, pretrained=args.pretrained,
+                       output=args.output, progress=not args.quiet)
+    columns = ["backend", "execution", "phase", "batch", "prompt_tokens", "status", "prefill_ms", "step_ms",
+               "tokens_per_s", "decode_experts", "tokens_equal", "logits_rel_err", "experts_share",
+               "experts_share_by_removal", "cudagraph_skips"]
+    print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.output:
+        print("wrote", args.output)
+    return 0 if frame["status"].isin(["ok", "skipped"]).all() else 1
+
+
 def _add_shape_arguments(command, preset_help: str) -> None:
     """--preset or an explicit --hidden/--intermediate/--experts/--top-k, and --scale-down (`_bench_configs`)."""
     command.add_argument("--preset", action="append", help=preset_help)
@@ -364,6 +396,42 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output-dir", default="runs/sweep")
     sweep.add_argument("--kernel", default=None)
     sweep.set_defaults(handler=_sweep)
+    e2e = commands.add_parser("e2e", help="a whole model through transformers' generate: prefill, decode tokens/s, "
+                                          "checks and profile, per experts backend")
+    e2e.add_argument("--model", required=True,
+                     help="a config shipped with moe_lab (qwen3-30b-a3b, qwen1.5-moe-a2.7b, olmoe-1b-7b, mixtral-8x7b, "
+                          "gpt-oss-20b, deepseek-v3, qwen3-vl-30b-a3b), tiny:<family> (e.g. tiny:qwen3_moe), or with "
+                          "--pretrained a checkpoint (Hub name or folder)")
+    e2e.add_argument("--pretrained", action="store_true", help="load the checkpoint's weights with from_pretrained")
+    e2e.add_argument("--layers", default="auto",
+                     help="decoder layers to build: auto (all if they fit, else as many as fit) or a number")
+    e2e.add_argument("--backends", type=_csv, default=None,
+                     help="transformers experts implementations: eager, grouped_mm, grouped_mm:pinned (no decode "
+                          "switch), batched_mm, moe_lab_<backend>, no_experts (default: all that run here)")
+    e2e.add_argument("--compiled-backends", type=_csv, default=None,
+                     help="the backends timed compiled (default: all but transformers' eager)")
+    e2e.add_argument("--decode-backends", type=_csv, default=None,
+                     help="the backends timed in uncompiled decode (default: all of --backends)")
+    e2e.add_argument("--compiled-first", action="store_true",
+                     help="run the compiled decode groups before the uncompiled ones (for a tight --budget-s)")
+    e2e.add_argument("--priority-batches", type=lambda s: _csv(s, int), default=[],
+                     help="with --compiled-first: these decode batches (compiled, then uncompiled) before the others")
+    e2e.add_argument("--reference", default="grouped_mm:pinned", help="the backend outputs are compared with")
+    e2e.add_argument("--prefill", type=lambda s: _csv(s, int), default=[512, 4096], help="prompt lengths (batch 1)")
+    e2e.add_argument("--batches", type=lambda s: _csv(s, int), default=[1, 8, 64], help="decode batch sizes")
+    e2e.add_argument("--context", type=int, default=128, help="prompt length before the decode steps")
+    e2e.add_argument("--new-tokens", type=int, default=32, help="decode steps per generate call")
+    e2e.add_argument("--executions", type=_csv, default=["eager", "compile:reduce-overhead"],
+                     help="eager and/or compile:<mode> (default, reduce-overhead, max-autotune, "
+                          "max-autotune-no-cudagraphs) or compile:cudagraphs (dynamo + CUDA graphs, no Inductor)")
+    e2e.add_argument("--rounds", type=_positive_int, default=2, help="interleaved timing rounds")
+    e2e.add_argument("--budget-s", type=float, default=None, help="skip (and say so) what would start after this")
+    e2e.add_argument("--no-profile", action="store_true", help="skip the hook profile of an uncompiled decode")
+    e2e.add_argument("--device", default=None)
+    e2e.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    e2e.add_argument("--output", help="write OUTPUT.csv + OUTPUT.json (provenance), also after every group")
+    e2e.add_argument("--quiet", action="store_true")
+    e2e.set_defaults(handler=_e2e)
     return parser
 
 

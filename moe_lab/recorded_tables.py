@@ -56,6 +56,28 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     return frame, provenance
 
 
+#: End-to-end runs (tools/e2e_record.sh): data/<card>_bf16_e2e_<model>.csv, one per model size.
+E2E_PATTERN = "*_e2e_{model}.csv"
+
+
+class NotRecordedYet(LookupError):
+    """No recorded table of that kind under data/ (yet)."""
+
+
+def load_recorded_e2e(model: str = "qwen3-30b-a3b"):
+    """(DataFrame, provenance) of the recorded end-to-end run of `model` (the newest file when several
+    cards recorded it), or NotRecordedYet saying which file is missing and how it is made."""
+    from .bench import load_results
+
+    found = sorted(data_dir().glob(E2E_PATTERN.format(model=model)))
+    if not found:
+        raise NotRecordedYet(
+            f"no end-to-end run of {model} recorded yet: data/<card>_bf16_e2e_{model}.csv comes from "
+            f"`bash tools/e2e_record.sh` on a GPU (README: Measuring)")
+    frames = [load_results(path) for path in found]
+    return max(frames, key=lambda pair: str(pair[1].get("date", "")))
+
+
 def recorded_label(provenance: dict) -> str:
     """"NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-26" — say where numbers come from."""
     return f"{provenance.get('device_name', '?')}, torch {provenance.get('torch_version', '?')}, " \

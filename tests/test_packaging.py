@@ -242,3 +242,25 @@ def test_makefile_torch_default_matches_pyproject(pyproject, makefile):
         f"Makefile installs {str(make_torch)!r} by default but pyproject.toml requires "
         f"{str(deps['torch'])!r}"
     )
+
+
+def test_every_data_file_in_the_package_ships_with_the_wheel(pyproject):
+    # A file under moe_lab/ that is not Python reaches a wheel only through package-data: the real
+    # models' configs (moe_lab/hf/configs/*.json) would be missing from an installed moe_lab without it.
+    from fnmatch import fnmatch
+
+    package_data = pyproject["tool"]["setuptools"].get("package-data", {})
+    data_files = [path for path in (ROOT / "moe_lab").rglob("*")
+                  if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts]
+    assert data_files, "expected the shipped configs under moe_lab/hf/configs"
+    missing = []
+    for path in data_files:
+        relative = path.relative_to(ROOT)
+        shipped = any(
+            fnmatch(str(relative.relative_to(Path(*package.split(".")))), pattern)
+            for package, patterns in package_data.items() if relative.is_relative_to(Path(*package.split(".")))
+            for pattern in patterns
+        )
+        if not shipped:
+            missing.append(str(relative))
+    assert not missing, f"not covered by [tool.setuptools.package-data] in pyproject.toml: {missing}"

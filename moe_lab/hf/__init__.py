@@ -22,9 +22,12 @@ transformers' own backends can also be timed beside moe_lab's on the same weight
 (`moe_lab.hf.comparison`, what `moe-lab bench --compare-hf` runs).
 
 `import moe_lab` never imports transformers; only `import moe_lab.hf` does. The package:
-    registry.py    moe_lab backends registered in transformers' experts registry
-    models.py      tiny random-weight models, their experts modules, comparing implementations
-    comparison.py  transformers' own backends as moe_lab specs, on a moe_lab layer's weights
+    registry.py         moe_lab backends registered in transformers' experts registry
+    models.py           tiny random-weight models, their experts modules, comparing implementations
+    comparison.py       transformers' own backends as moe_lab specs, on a moe_lab layer's weights
+    real_configs.py     the published config.json of real models, shipped in configs/ with source and licence
+    build.py            whole models from those configs (random weights, on the device) or from a checkpoint
+    families.py         every transformers family on the experts registry, and whether moe_lab runs it
     expert_parallel.py  moe_lab.parallel's dispatch/combine as a transformers EPImplementation (import it explicitly)
 """
 from __future__ import annotations
@@ -45,14 +48,17 @@ except ImportError as _error:  # transformers missing, or a 4.x without the expe
         f"(transformers.integrations.moe){_installed}. Install it with: pip install 'moe-lab[hf]'"
     ) from _error
 
+from .build import BuiltModel, build_model
 from .models import (
     EXTRA_FAMILIES, FAMILIES, compare_implementations, experts_modules, named_experts_modules,
     tiny_transformers_config, tiny_transformers_model, transformers_experts_forward,
 )
+from .real_configs import config_source, real_config, real_config_names
 from .registry import register_with_transformers, registered_with_transformers, unregister_from_transformers
 
 __all__ = [
-    "EXTRA_FAMILIES", "FAMILIES", "compare_implementations", "experts_modules", "named_experts_modules",
+    "BuiltModel", "EXTRA_FAMILIES", "FAMILIES", "build_model", "compare_implementations", "config_source",
+    "experts_modules", "named_experts_modules", "real_config", "real_config_names",
     "register_with_transformers", "registered_with_transformers", "tiny_transformers_config",
     "tiny_transformers_model", "transformers_experts_forward", "unregister_from_transformers",
 ]
