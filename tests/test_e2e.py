@@ -272,6 +272,20 @@ def test_an_implementation_that_fails_is_a_row_not_a_crash():
     assert (table[table.backend == "grouped_mm:pinned"].status == "ok").all()
 
 
+def test_a_failure_keeps_its_cause_when_the_first_line_is_only_a_preamble():
+    # torch's compile errors: "backend='cudagraphs' raised:" then the cause on the next line (the H200 run kept
+    # only the first line); a gather-budget refusal is "refused", not an "error"
+    from moe_lab.errors import GatherBudgetError
+
+    runner = type("Runner", (), {"device": torch.device("cpu")})()
+    row = {}
+    e2e._Runner.fail(runner, row, RuntimeError("backend='cudagraphs' raised:\nAssertionError: cannot extract sympy"))
+    assert row == {"status": "error", "reason": "RuntimeError: backend='cudagraphs' raised: AssertionError: "
+                                                "cannot extract sympy"}
+    e2e._Runner.fail(runner, row, GatherBudgetError(9 * 2**30, 4 * 2**30))
+    assert row["status"] == "refused" and "9.0 GiB" in row["reason"]
+
+
 def test_a_backend_refused_on_the_check_prompt_still_runs_the_shapes_it_can(monkeypatch):
     # moe_lab's batched_mm refuses a gather over its budget: the 24-token check is refused, the decode is not
     built = _tiny()
@@ -371,6 +385,44 @@ def test_goals_pick_each_librarys_best_and_the_ratio():
     assert (decode.transformers_experts_share, decode.moe_lab_experts_share) == (0.5, 0.3)
     assert prefill.speedup == pytest.approx(20 / 16) and not prefill.meets_goal and prefill.goal_case
     assert not prefill.cuda_graphs
+
+
+def test_goal_status_lists_every_goal_case_with_why_it_was_not_measured():
+    import pandas as pd
+
+    from moe_lab.bench.e2e_summary import goal_status
+
+    table = _goal_table().assign(reason="", round_medians_ms="")
+    table.loc[table.backend == "batched_mm", "round_medians_ms"] = "10 10.5"  # 100 tokens/s: 10 ms a step
+    table.loc[table.backend == "moe_lab_triton", "round_medians_ms"] = "7 7.2"  # 1.46x..1.5x: every round >= 1.3
+    table.loc[table.phase == "prefill", "round_medians_ms"] = ["19 21", "16 16"]  # 1.19x..1.31x: rounds disagree
+    failed = dict(table.iloc[1], batch=8, status="error", reason="BackendCompilerFailed: backend='cudagraphs' raised",
+                  tokens_per_s=float("nan"))
+    table = pd.concat([table, pd.DataFrame([failed, dict(failed, backend="batched_mm", library="transformers",
+                                                         status="skipped", reason="time budget spent")])])
+    status = goal_status(table).set_index(["phase", "batch"])
+    assert list(status.index) == [("decode", 1), ("decode", 8), ("prefill", 1)]
+    assert status.loc[("decode", 1), "status"] == "met"
+    assert status.loc[("decode", 1), "speedup_lowest"] == pytest.approx(10 / 7.2)
+    assert status.loc[("prefill", 1), "status"] == "unclear"  # the medians' 1.25x hides a round at 1.31x
+    eight = status.loc[("decode", 8)]
+    assert eight.status == "not measured" and "BackendCompilerFailed" in eight.reason
+    assert "batched_mm: skipped time budget" in eight.reason
+    # a table recorded before cudagraph_skips existed cannot show that a compiled case replayed graphs
+    unknown = goal_status(table.assign(cudagraph_skips=float("nan"))).set_index(["phase", "batch"])
+    assert unknown.loc[("decode", 1), "status"] == "not measured"
+    assert "replay not confirmed" in unknown.loc[("decode", 1), "reason"]
+
+
+def test_recorded_h200_tables_are_read_with_their_goal_cases_not_measured():
+    from moe_lab.bench.e2e_summary import goal_status
+    from moe_lab.recorded_tables import load_recorded_e2e
+
+    for model in ("qwen3-30b-a3b", "qwen1.5-moe-a2.7b"):
+        table, provenance = load_recorded_e2e(model)
+        assert provenance["device_name"] == "NVIDIA H200" and table.cudagraph_skips.isna().all()
+        decode = goal_status(table).query("phase == 'decode'")
+        assert (decode.status == "not measured").all()
 
 
 def test_time_split_and_its_figure(tiny_table):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..errors import GatherBudgetError, first_line
+from ..errors import GatherBudgetError
 from ..reference import relative_error
 from .compile_matrix import TOLERANCE
 from .e2e_generate import EAGER, check_execution, random_prompt, timed_generate
@@ -175,7 +175,7 @@ class _Runner:
     def fail(self, row: dict, error: BaseException) -> None:
         oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
         status = "refused" if isinstance(error, GatherBudgetError) else "oom" if oom else "error"
-        row.update(status=status, reason=first_line(error)[:300])
+        row.update(status=status, reason=error_text(error))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -214,7 +214,7 @@ class _Runner:
                         expected = logits
                     results[backend] = (relative_error(logits, expected), "")
                 except Exception as error:  # noqa: BLE001 - a backend that cannot run says why in its rows
-                    results[backend] = (math.nan, first_line(error))
+                    results[backend] = (math.nan, error_text(error))
         return results
 
     # ---- groups of measurements --------------------------------------------------------------
@@ -343,6 +343,13 @@ class _Runner:
             finally:
                 timer.remove()
         self.publish()
+
+
+def error_text(error: BaseException, limit: int = 300) -> str:
+    """"Type: message" on one line, as much of it as fits a CSV cell: torch's compile errors put the cause on
+    the second line ("backend='cudagraphs' raised:" / "AssertionError: ..."), which the first line alone loses."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (f"{type(error).__name__}: " + " ".join(lines) if lines else type(error).__name__)[:limit]
 
 
 def run_e2e(built, plan: E2EPlan, *, on_rows=None, progress: bool = True):
