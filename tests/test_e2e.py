@@ -299,6 +299,27 @@ def test_a_backend_refused_on_the_check_prompt_still_runs_the_shapes_it_can(monk
     assert row.reason.startswith("logits not checked: GatherBudgetError")
 
 
+def test_a_decode_whose_prompt_is_refused_prefills_as_the_reference_and_decodes_under_the_backend(monkeypatch):
+    # at the H200's 4 GiB budget moe_lab's batched_mm refused the 128-token prompt of every decode row, though a
+    # decode step (B tokens) gathers little; a prefill row over the budget stays refused
+    built = _tiny()
+    experts = next(hf.experts_modules(built.model))
+    per_pair = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 4
+    monkeypatch.setenv("MOE_LAB_BATCHED_MM_BUDGET", str(per_pair * 2 * 10))  # 10 tokens x top-2 fit
+    table = e2e.run_e2e(built, _plan(backends=["grouped_mm:pinned", "moe_lab_batched_mm"], prefill_tokens=(12,),
+                                       decode_batches=(8, 1), decode_context=6, check_tokens=8), progress=False)
+    ours = table[table.backend == "moe_lab_batched_mm"].set_index(["phase", "batch"])
+    assert ours.loc[("prefill", 1), "status"] == "refused"  # 12 tokens: over
+    one, eight = ours.loc[("decode", 1)], ours.loc[("decode", 8)]  # prompts of 6 and 48 tokens; steps of 1 and 8
+    assert one.status == "ok" and one.prefill_experts == "moe_lab_batched_mm" and one.reason == ""
+    assert eight.status == "ok" and eight.tokens_equal == "True", eight.reason
+    assert (eight.prefill_experts, eight.decode_experts) == ("grouped_mm", "moe_lab_batched_mm")
+    assert eight.reason.startswith("prompt's prefill under grouped_mm")
+    profile = ours.loc[("profile", 8)]  # the profile runs at the first batch: its 48-token prompt is over too
+    assert profile.status == "ok" and profile.experts_share > 0 and profile.reason.startswith("prompt's prefill")
+    assert "_optimize_model_for_decode" not in vars(built.model)  # transformers' own method again
+
+
 @pytest.mark.parametrize("execution", ["compiled", "compile:fast", ""])
 def test_unknown_execution_is_refused(execution):
     with pytest.raises(ValueError, match="compile:reduce-overhead"):
