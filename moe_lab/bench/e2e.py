@@ -107,12 +107,16 @@ def _prefill_under(model, implementation: str | None):
         finally:
             model.set_experts_implementation(implementation)
 
+    shadowed = vars(model).get("_optimize_model_for_decode")  # a ":pinned" backend's, if any
     model.set_experts_implementation(implementation)
     model._optimize_model_for_decode = switch_for_decode  # instance attribute shadows the method
     try:
         yield
     finally:
-        del model._optimize_model_for_decode
+        if shadowed is None:
+            del model._optimize_model_for_decode
+        else:
+            model._optimize_model_for_decode = shadowed
         model.set_experts_implementation(decode)
 
 
