@@ -493,3 +493,23 @@ def test_partial_tables_are_handed_out_while_the_run_goes_on():
     first = seen[0]
     assert first.reason.iloc[0] == "warmed up, not timed yet" and first.prefill_ms.isna().all()
     assert seen[-1].status.eq("ok").all() and not seen[-1].reason.str.contains("not timed").any()
+
+
+def test_notebook_08_recorded_helpers_show_what_ran_and_what_did_not():
+    from moe_lab.lessons.nb08_real_models import recorded_failures, recorded_run_summary, recorded_times
+    from moe_lab.recorded_tables import load_recorded_e2e
+
+    table, provenance = load_recorded_e2e("qwen3-30b-a3b")
+    summary = recorded_run_summary(table, provenance)
+    cases = table[table.phase != "profile"]
+    assert f"{(cases.status == 'ok').sum()} of {len(cases)} cases measured" in summary
+    assert "NVIDIA H200" in summary and "e3da1c6" in summary and "1 oom" in summary
+    times = recorded_times(table)
+    ok = table[(table.status == "ok") & (table.phase == "prefill") & (table.prompt_tokens == 4096)]
+    assert times["prefill B=1 P=4096"].dropna().to_dict() == dict(zip(ok.backend, ok.prefill_ms))
+    failures = recorded_failures(table).set_index(["backend", "status"])
+    assert failures.loc[("batched_mm", "oom"), "case"] == "prefill B=1 P=4096"
+    assert failures.loc[("moe_lab_triton", "error"), "reason"].startswith("BackendCompilerFailed")
+    # every failed row is in exactly one line
+    failed = table.status.isin(["error", "oom", "refused", "unsupported"]).sum()
+    assert sum(len(c.split(", ")) for c in failures["case"]) == failed
