@@ -75,7 +75,18 @@ def load_recorded_e2e(model: str = "qwen3-30b-a3b"):
             f"no end-to-end run of {model} recorded yet: data/<card>_bf16_e2e_{model}.csv comes from "
             f"`bash tools/e2e_record.sh` on a GPU (README: Measuring)")
     frames = [load_results(path) for path in found]
-    return max(frames, key=lambda pair: str(pair[1].get("date", "")))
+    table, provenance = max(frames, key=lambda pair: str(pair[1].get("date", "")))
+    return _with_columns_added_since(table), provenance
+
+
+def _with_columns_added_since(table):
+    """A table recorded before a column existed gets it empty (NaN: not counted then), never a made-up value.
+    `cudagraph_skips` came after the first H200 recording (e3da1c6): there, whether a compiled row replayed
+    CUDA graphs is unknown, and e2e_goals says so (cuda_graphs False)."""
+    from .bench.e2e import E2E_COLUMNS
+
+    missing = [name for name in E2E_COLUMNS if name not in table.columns]
+    return table.assign(**{name: float("nan") for name in missing}) if missing else table
 
 
 def recorded_label(provenance: dict) -> str:

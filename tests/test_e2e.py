@@ -272,6 +272,20 @@ def test_an_implementation_that_fails_is_a_row_not_a_crash():
     assert (table[table.backend == "grouped_mm:pinned"].status == "ok").all()
 
 
+def test_a_failure_keeps_its_cause_when_the_first_line_is_only_a_preamble():
+    # torch's compile errors: "backend='cudagraphs' raised:" then the cause on the next line (the H200 run kept
+    # only the first line); a gather-budget refusal is "refused", not an "error"
+    from moe_lab.errors import GatherBudgetError
+
+    runner = type("Runner", (), {"device": torch.device("cpu")})()
+    row = {}
+    e2e._Runner.fail(runner, row, RuntimeError("backend='cudagraphs' raised:\nAssertionError: cannot extract sympy"))
+    assert row == {"status": "error", "reason": "RuntimeError: backend='cudagraphs' raised: AssertionError: "
+                                                "cannot extract sympy"}
+    e2e._Runner.fail(runner, row, GatherBudgetError(9 * 2**30, 4 * 2**30))
+    assert row["status"] == "refused" and "9.0 GiB" in row["reason"]
+
+
 def test_a_backend_refused_on_the_check_prompt_still_runs_the_shapes_it_can(monkeypatch):
     # moe_lab's batched_mm refuses a gather over its budget: the 24-token check is refused, the decode is not
     built = _tiny()
@@ -283,6 +297,27 @@ def test_a_backend_refused_on_the_check_prompt_still_runs_the_shapes_it_can(monk
     row = table[table.backend == "moe_lab_batched_mm"].iloc[0]
     assert row.status == "ok" and row.tokens_equal == "True", row.reason
     assert row.reason.startswith("logits not checked: GatherBudgetError")
+
+
+def test_a_decode_whose_prompt_is_refused_prefills_as_the_reference_and_decodes_under_the_backend(monkeypatch):
+    # at the H200's 4 GiB budget moe_lab's batched_mm refused the 128-token prompt of every decode row, though a
+    # decode step (B tokens) gathers little; a prefill row over the budget stays refused
+    built = _tiny()
+    experts = next(hf.experts_modules(built.model))
+    per_pair = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 4
+    monkeypatch.setenv("MOE_LAB_BATCHED_MM_BUDGET", str(per_pair * 2 * 10))  # 10 tokens x top-2 fit
+    table = e2e.run_e2e(built, _plan(backends=["grouped_mm:pinned", "moe_lab_batched_mm"], prefill_tokens=(12,),
+                                       decode_batches=(8, 1), decode_context=6, check_tokens=8), progress=False)
+    ours = table[table.backend == "moe_lab_batched_mm"].set_index(["phase", "batch"])
+    assert ours.loc[("prefill", 1), "status"] == "refused"  # 12 tokens: over
+    one, eight = ours.loc[("decode", 1)], ours.loc[("decode", 8)]  # prompts of 6 and 48 tokens; steps of 1 and 8
+    assert one.status == "ok" and one.prefill_experts == "moe_lab_batched_mm" and one.reason == ""
+    assert eight.status == "ok" and eight.tokens_equal == "True", eight.reason
+    assert (eight.prefill_experts, eight.decode_experts) == ("grouped_mm", "moe_lab_batched_mm")
+    assert eight.reason.startswith("prompt's prefill under grouped_mm")
+    profile = ours.loc[("profile", 8)]  # the profile runs at the first batch: its 48-token prompt is over too
+    assert profile.status == "ok" and profile.experts_share > 0 and profile.reason.startswith("prompt's prefill")
+    assert "_optimize_model_for_decode" not in vars(built.model)  # transformers' own method again
 
 
 @pytest.mark.parametrize("execution", ["compiled", "compile:fast", ""])
@@ -373,6 +408,44 @@ def test_goals_pick_each_librarys_best_and_the_ratio():
     assert not prefill.cuda_graphs
 
 
+def test_goal_status_lists_every_goal_case_with_why_it_was_not_measured():
+    import pandas as pd
+
+    from moe_lab.bench.e2e_summary import goal_status
+
+    table = _goal_table().assign(reason="", round_medians_ms="")
+    table.loc[table.backend == "batched_mm", "round_medians_ms"] = "10 10.5"  # 100 tokens/s: 10 ms a step
+    table.loc[table.backend == "moe_lab_triton", "round_medians_ms"] = "7 7.2"  # 1.46x..1.5x: every round >= 1.3
+    table.loc[table.phase == "prefill", "round_medians_ms"] = ["19 21", "16 16"]  # 1.19x..1.31x: rounds disagree
+    failed = dict(table.iloc[1], batch=8, status="error", reason="BackendCompilerFailed: backend='cudagraphs' raised",
+                  tokens_per_s=float("nan"))
+    table = pd.concat([table, pd.DataFrame([failed, dict(failed, backend="batched_mm", library="transformers",
+                                                         status="skipped", reason="time budget spent")])])
+    status = goal_status(table).set_index(["phase", "batch"])
+    assert list(status.index) == [("decode", 1), ("decode", 8), ("prefill", 1)]
+    assert status.loc[("decode", 1), "status"] == "met"
+    assert status.loc[("decode", 1), "speedup_lowest"] == pytest.approx(10 / 7.2)
+    assert status.loc[("prefill", 1), "status"] == "unclear"  # the medians' 1.25x hides a round at 1.31x
+    eight = status.loc[("decode", 8)]
+    assert eight.status == "not measured" and "BackendCompilerFailed" in eight.reason
+    assert "batched_mm: skipped time budget" in eight.reason
+    # a table recorded before cudagraph_skips existed cannot show that a compiled case replayed graphs
+    unknown = goal_status(table.assign(cudagraph_skips=float("nan"))).set_index(["phase", "batch"])
+    assert unknown.loc[("decode", 1), "status"] == "not measured"
+    assert "replay not confirmed" in unknown.loc[("decode", 1), "reason"]
+
+
+def test_recorded_h200_tables_are_read_with_their_goal_cases_not_measured():
+    from moe_lab.bench.e2e_summary import goal_status
+    from moe_lab.recorded_tables import load_recorded_e2e
+
+    for model in ("qwen3-30b-a3b", "qwen1.5-moe-a2.7b"):
+        table, provenance = load_recorded_e2e(model)
+        assert provenance["device_name"] == "NVIDIA H200" and table.cudagraph_skips.isna().all()
+        decode = goal_status(table).query("phase == 'decode'")
+        assert (decode.status == "not measured").all()
+
+
 def test_time_split_and_its_figure(tiny_table):
     from moe_lab.bench.e2e_summary import time_split
     from moe_lab.plots import time_split_bars
@@ -420,3 +493,23 @@ def test_partial_tables_are_handed_out_while_the_run_goes_on():
     first = seen[0]
     assert first.reason.iloc[0] == "warmed up, not timed yet" and first.prefill_ms.isna().all()
     assert seen[-1].status.eq("ok").all() and not seen[-1].reason.str.contains("not timed").any()
+
+
+def test_notebook_08_recorded_helpers_show_what_ran_and_what_did_not():
+    from moe_lab.lessons.nb08_real_models import recorded_failures, recorded_run_summary, recorded_times
+    from moe_lab.recorded_tables import load_recorded_e2e
+
+    table, provenance = load_recorded_e2e("qwen3-30b-a3b")
+    summary = recorded_run_summary(table, provenance)
+    cases = table[table.phase != "profile"]
+    assert f"{(cases.status == 'ok').sum()} of {len(cases)} cases measured" in summary
+    assert "NVIDIA H200" in summary and "e3da1c6" in summary and "1 oom" in summary
+    times = recorded_times(table)
+    ok = table[(table.status == "ok") & (table.phase == "prefill") & (table.prompt_tokens == 4096)]
+    assert times["prefill B=1 P=4096"].dropna().to_dict() == dict(zip(ok.backend, ok.prefill_ms))
+    failures = recorded_failures(table).set_index(["backend", "status"])
+    assert failures.loc[("batched_mm", "oom"), "case"] == "prefill B=1 P=4096"
+    assert failures.loc[("moe_lab_triton", "error"), "reason"].startswith("BackendCompilerFailed")
+    # every failed row is in exactly one line
+    failed = table.status.isin(["error", "oom", "refused", "unsupported"]).sum()
+    assert sum(len(c.split(", ")) for c in failures["case"]) == failed

@@ -10,8 +10,12 @@ same weights:
     decode   tokens/s at batch B (B in `decode_batches`) after a `decode_context`-token prompt,
              uncompiled ("eager") and compiled (`executions`, e.g. "compile:reduce-overhead": CUDA
              graphs); the median step time over all steps of all rounds
+             (a backend that refuses the B x P-token prompt, batched_mm over its gather budget, has the
+             prompt's prefill run as the reference, the way transformers switches grouped_mm to batched_mm
+             for decoding; `prefill_experts` and `reason` say so)
     check    logits of one prompt under each implementation vs the reference (`reference`) and
-             the greedy tokens of the decode runs vs the reference's
+             the greedy tokens of the decode runs vs the reference's (a refusal on the check's prompt
+             leaves the other cases to run: "logits not checked")
     profile  the experts' and attention's share of an uncompiled decode step (module hooks), and
              the experts' share of any step by removal (the `no_experts` baseline row)
 
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..errors import GatherBudgetError, first_line
+from ..errors import GatherBudgetError
 from ..reference import relative_error
 from .compile_matrix import TOLERANCE
 from .e2e_generate import EAGER, check_execution, random_prompt, timed_generate
@@ -83,6 +87,37 @@ def _decode_switch_disabled(model, backend: str):
         yield
     finally:
         del model._optimize_model_for_decode
+
+
+@contextlib.contextmanager
+def _prefill_under(model, implementation: str | None):
+    """generate's prefill under `implementation`, its decode steps under the model's current one, through the
+    hook transformers' own grouped_mm -> batched_mm decode switch uses. For a decode row whose backend refuses the
+    prompt (batched_mm's gather budget at B x P tokens) but fits the steps; the row's prefill_experts says so."""
+    if implementation is None or not hasattr(model, "_optimize_model_for_decode"):
+        yield
+        return
+    decode = model.get_experts_implementation()
+
+    @contextlib.contextmanager
+    def switch_for_decode():
+        model.set_experts_implementation(decode)
+        try:
+            yield
+        finally:
+            model.set_experts_implementation(implementation)
+
+    shadowed = vars(model).get("_optimize_model_for_decode")  # a ":pinned" backend's, if any
+    model.set_experts_implementation(implementation)
+    model._optimize_model_for_decode = switch_for_decode  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del model._optimize_model_for_decode
+        else:
+            model._optimize_model_for_decode = shadowed
+        model.set_experts_implementation(decode)
 
 
 @dataclass
@@ -130,6 +165,7 @@ class _Runner:
         self.on_rows, self.progress = on_rows, progress
         self.tokens: dict = {}  # (execution, batch, backend) -> the last decode's new tokens [B, N]
         self.cudagraph_skips: dict = {}  # (execution, backend) -> graphs compiled to run without CUDA graphs
+        self.prefill_under: dict = {}  # (execution, batch, backend) -> the implementation its decode's prefill ran
         self.compiled = set()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -175,19 +211,20 @@ class _Runner:
     def fail(self, row: dict, error: BaseException) -> None:
         oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
         status = "refused" if isinstance(error, GatherBudgetError) else "oom" if oom else "error"
-        row.update(status=status, reason=first_line(error)[:300])
+        row.update(status=status, reason=error_text(error))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # ---- one generate ------------------------------------------------------------------------
-    def generate(self, backend, input_ids, new_tokens, execution, listeners=()):
-        """One timed generate under `backend`. torch counts each compiled graph it decides to run without
-        CUDA graphs (when it compiles it, not when it runs it); those counts are kept per (execution, backend)."""
+    def generate(self, backend, input_ids, new_tokens, execution, listeners=(), prefill_under=None):
+        """One timed generate under `backend` (its prefill under `prefill_under` when given). torch counts each
+        compiled graph it decides to run without CUDA graphs (when it compiles it, not when it runs it); those
+        counts are kept per (execution, backend)."""
         from torch._dynamo.utils import counters
 
         self.model.set_experts_implementation(implementation_of(backend))
         skips_before = counters["inductor"]["cudagraph_skips"]
-        with _decode_switch_disabled(self.model, backend):
+        with _decode_switch_disabled(self.model, backend), _prefill_under(self.model, prefill_under):
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             tokens, timing = timed_generate(self.model, input_ids, new_tokens, execution, listeners)
@@ -214,7 +251,7 @@ class _Runner:
                         expected = logits
                     results[backend] = (relative_error(logits, expected), "")
                 except Exception as error:  # noqa: BLE001 - a backend that cannot run says why in its rows
-                    results[backend] = (math.nan, first_line(error))
+                    results[backend] = (math.nan, error_text(error))
         return results
 
     # ---- groups of measurements --------------------------------------------------------------
@@ -244,8 +281,19 @@ class _Runner:
             row.update(status="skipped", reason="time budget spent before this case")
             return False
         began = time.monotonic()
+        key = (row["execution"], row["batch"], backend)
         try:
-            self.generate(backend, input_ids, row["new_tokens"], row["execution"])
+            try:
+                self.generate(backend, input_ids, row["new_tokens"], row["execution"])
+            except GatherBudgetError as refused:
+                if row["phase"] != "decode" or backend == self.plan.reference:
+                    raise
+                # the B x P-token prompt is over the budget, the decode steps may not be: prefill as the reference
+                self.prefill_under[key] = implementation_of(self.plan.reference)
+                self.generate(backend, input_ids, row["new_tokens"], row["execution"],
+                              prefill_under=self.prefill_under[key])
+                self.say(f"{backend} B={row['batch']}: the prompt's prefill under {self.prefill_under[key]} "
+                         f"({error_text(refused, 100)})")
             row["reason"] = "warmed up, not timed yet"  # what a run stopped from outside leaves
         except Exception as error:  # noqa: BLE001 - a failure is a row, the run goes on
             self.fail(row, error)
@@ -264,8 +312,10 @@ class _Runner:
                 row = rows[backend]
                 if row["status"] != "ok" or (round_index > 0 and self.time_left() <= 0):
                     continue  # past the budget: fewer rounds for everyone; `rounds` says how many
+                prefill_under = self.prefill_under.get((row["execution"], row["batch"], backend))
                 try:
-                    tokens, timing, peak = self.generate(backend, input_ids, row["new_tokens"], row["execution"])
+                    tokens, timing, peak = self.generate(backend, input_ids, row["new_tokens"], row["execution"],
+                                                         prefill_under=prefill_under)
                 except Exception as error:  # noqa: BLE001
                     self.fail(row, error)
                     continue
@@ -286,8 +336,11 @@ class _Runner:
             return
         # a backend refused on the check's prompt (over a gather budget) can still run these shapes
         logits_error = logits_check.get(row["backend"], (math.nan, ""))[1]
+        prefill_under = self.prefill_under.get((row["execution"], row["batch"], row["backend"]))
+        notes = [f"prompt's prefill under {prefill_under} (refused by this backend)"] if prefill_under else []
+        notes += [f"logits not checked: {logits_error}"] if logits_error else []
         median = percentile(times, 50)
-        row.update(reason=f"logits not checked: {logits_error}"[:300] if logits_error else "",
+        row.update(reason="; ".join(notes)[:300],
                    p10_ms=percentile(times, 10), p90_ms=percentile(times, 90), steps=len(times),
                    rounds=len(medians), round_medians_ms=format_round_medians(medians))
         if row["phase"] == "prefill":
@@ -332,7 +385,15 @@ class _Runner:
             self.rows.append(row)
             timer = PartTimer(self.model, self.device)
             try:
-                _, timing, _ = self.generate(backend, input_ids, self.plan.new_tokens, EAGER, [timer.on_step])
+                try:
+                    _, timing, _ = self.generate(backend, input_ids, self.plan.new_tokens, EAGER, [timer.on_step])
+                except GatherBudgetError:  # the prompt, not the steps: prefill as the reference (see _warm_up)
+                    timer.remove()
+                    timer = PartTimer(self.model, self.device)
+                    prefill_under = implementation_of(self.plan.reference)
+                    _, timing, _ = self.generate(backend, input_ids, self.plan.new_tokens, EAGER, [timer.on_step],
+                                                 prefill_under=prefill_under)
+                    row["reason"] = f"prompt's prefill under {prefill_under} (refused by this backend)"
                 totals, step_total = timer.totals_ms(), sum(timing.step_ms)
                 row.update(step_ms=percentile(timing.step_ms, 50), steps=len(timing.step_ms), rounds=1,
                            experts_share=totals["experts"] / step_total,
@@ -343,6 +404,13 @@ class _Runner:
             finally:
                 timer.remove()
         self.publish()
+
+
+def error_text(error: BaseException, limit: int = 300) -> str:
+    """"Type: message" on one line, as much of it as fits a CSV cell: torch's compile errors put the cause on
+    the second line ("backend='cudagraphs' raised:" / "AssertionError: ..."), which the first line alone loses."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (f"{type(error).__name__}: " + " ".join(lines) if lines else type(error).__name__)[:limit]
 
 
 def run_e2e(built, plan: E2EPlan, *, on_rows=None, progress: bool = True):

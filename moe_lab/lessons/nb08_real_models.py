@@ -67,3 +67,46 @@ def generate_verdict(table, a: str, b: str, batch: int) -> str:
         return {"backend": backend, "phase": "decode", "batch": batch, "execution": "eager"}
 
     return f"{a} vs {b}, decode step at batch {batch}: {compare(table, selector(a), selector(b)).summary()}"
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: a recorded run of a full-size model (data/<card>_bf16_e2e_<model>.*)
+# --------------------------------------------------------------------------------------------
+
+def recorded_run_summary(table, provenance: dict) -> str:
+    """Two sentences from the table itself: where and at which commit it ran, how many cases ran, failed
+    (by status) and were skipped by the time budget."""
+    from ..recorded_tables import recorded_label
+
+    cases = table[table["phase"] != "profile"]
+    counts = cases["status"].value_counts()
+    failed = ", ".join(f"{counts[s]} {s}" for s in ("error", "oom", "refused", "unsupported") if s in counts)
+    commit = str(provenance.get("git_commit", "?"))[:7]
+    return (f"{provenance.get('model', '?')}, recorded on {recorded_label(provenance)} at commit {commit}: "
+            f"{counts.get('ok', 0)} of {len(cases)} cases measured, {failed or 'none failed'}, "
+            f"{counts.get('skipped', 0)} skipped (time budget).")
+
+
+def _case_labels(rows) -> list[str]:
+    """"prefill B=1 P=4096", "decode compile:cudagraphs B=8 P=128", "decode(hooks) B=1 P=128" (the profile)."""
+    return [f"{phase} {execution} B={batch} P={prompt}".replace(" eager", "").replace("profile", "decode(hooks)")
+            for phase, execution, batch, prompt in
+            zip(rows["phase"], rows["execution"], rows["batch"], rows["prompt_tokens"])]
+
+
+def recorded_times(table):
+    """What ran: ms per prefill (uncompiled) or per decode step, backend (rows) x case (columns)."""
+    ran = table[(table["status"] == "ok")].copy()
+    ran["case"] = _case_labels(ran)
+    ran["ms"] = ran["prefill_ms"].where(ran["phase"] == "prefill", ran["step_ms"])
+    pivot = ran.pivot(index="backend", columns="case", values="ms")
+    return pivot.reindex([b for b in table["backend"].unique() if b in pivot.index])
+
+
+def recorded_failures(table, width: int = 110):
+    """What did not run, one line per (backend, status, reason): the cases it covers and the reason, cut to `width`."""
+    failed = table[table["status"].isin(["error", "oom", "refused", "unsupported"])].copy()
+    failed["case"] = _case_labels(failed)
+    failed["reason"] = failed["reason"].fillna("").str.slice(0, width)
+    grouped = failed.groupby(["backend", "status", "reason"], sort=False)["case"].agg(lambda c: ", ".join(c))
+    return grouped.reset_index()[["backend", "status", "case", "reason"]]
