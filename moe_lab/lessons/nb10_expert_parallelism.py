@@ -163,19 +163,13 @@ def show_code(*functions):
 def recorded_run():
     """(summary, per-rank rows, card label) of the recorded GPU run, or (None, None, a sentence saying it is not
     recorded). The label names the card: every number read from it is that card's."""
-    from ..recorded_tables import load_ep_rows
+    from ..recorded_tables import load_ep_record, load_ep_rows, recorded_label
 
-    summary, label = recorded_summary()
-    if summary is None:
-        return None, None, label
-    full, _ = _recorded_full_summary()
-    return full, load_ep_rows(), label
-
-
-def _recorded_full_summary():
-    from ..recorded_tables import load_ep_record
-
-    return load_ep_record()
+    record = load_ep_record()
+    if record is None:
+        return None, None, recorded_summary()[1]
+    summary, provenance = record
+    return summary, load_ep_rows(), recorded_label(provenance)
 
 
 def weak_scaling_view(summary, variant: str = "exact"):
