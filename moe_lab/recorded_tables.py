@@ -114,3 +114,17 @@ def load_ep_record(directory: Path | str | None = None):
     sidecars = sorted(folder.glob("ep[0-9]*.json"))
     provenance = json.loads(sidecars[0].read_text())["provenance"] if sidecars else {}
     return pd.read_csv(summary_path), provenance
+
+
+def load_ep_rows(directory: Path | str | None = None):
+    """The recorded expert-parallel run's per-rank rows (every ep<N>.csv, one per EP size, as one DataFrame),
+    or None when it has not been recorded into data/ yet."""
+    import pandas as pd
+
+    from .bench.results import load_results
+
+    folder = Path(directory) if directory is not None else data_dir() / EP_RECORD
+    tables = sorted(folder.glob("ep[0-9]*.csv"))
+    if not tables:
+        return None
+    return pd.concat([load_results(path)[0] for path in tables], ignore_index=True)

@@ -41,6 +41,29 @@ def test_forward_matches_float64_reference(backend, dtype, distribution):
     assert moe_lab.relative_error(out, ref) < tolerance(dtype, max(x.shape[1], 2 * experts.intermediate_size))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_one_matches_the_reference_and_trains(backend, dtype):
+    # top_k = 1 is how expert parallelism calls its local experts; the sum over one slot is a view there.
+    experts, x, idx, w = make_case(dtype, k=1)
+    experts.set_experts_implementation(backend)
+    x.requires_grad_(True)
+    out = experts(x, idx, w)
+    ref = moe_lab.reference_experts_forward(experts, x.detach(), idx, w)
+    assert out.shape == x.shape and moe_lab.relative_error(out, ref) < tolerance(dtype, 2 * experts.intermediate_size)
+    out.float().square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_sum_over_one_slot_is_a_view_of_the_rows():
+    from moe_lab.backends.common import sum_over_top_k
+
+    rows = torch.randn(5, 4, dtype=torch.bfloat16)
+    assert sum_over_top_k(rows, 5, 1).data_ptr() == rows.data_ptr()  # no copy of every row
+    assert torch.equal(sum_over_top_k(rows, 5, 1), rows.view(5, 1, 4).sum(dim=1))  # the values a sum gives
+    assert torch.equal(sum_over_top_k(rows, 1, 5), rows.sum(dim=0, keepdim=True))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unaligned_dims_zero_token_experts_and_shuffled_tokens(backend):
     # H=13, I=7: rows are not 16-byte multiples, so grouped_mm must take its fallback path;

@@ -101,17 +101,18 @@ def test_cpu_peak_memory_counts_the_output_and_not_what_existed_before():
     assert resident.numel()  # kept alive through the measurement
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("backend", ["batched_mm", "grouped_mm", "eager"])
-def test_predicted_memory_matches_measured_on_cpu_float32(backend):
+def test_predicted_memory_matches_measured_on_cpu_float32(backend, top_k):
     # The prediction replays the backend's allocations line by line, so on CPU in float32 (where
     # torch's kernels allocate no hidden scratch) it should match to the byte; 2% leaves room for
     # a small temporary added to a backend later. bfloat16 on CPU is NOT tested this tightly: its
     # matmul kernels allocate float32 copies of the operands, which the model leaves out.
-    config = moe_lab.MoEConfig(hidden_size=48, intermediate_size=32, num_experts=6, top_k=2)
+    config = moe_lab.MoEConfig(hidden_size=48, intermediate_size=32, num_experts=6, top_k=top_k)
     T = 40
     experts = moe_lab.Experts(config, experts_implementation=backend)
     x = torch.randn(T, config.hidden_size)
-    index, weights = moe_lab.synthetic_routing(T, 6, 2, distribution="zipf", skew=1.2)
+    index, weights = moe_lab.synthetic_routing(T, 6, top_k, distribution="zipf", skew=1.2)
     groups = moe_lab.tokens_per_expert(index, 6).tolist()
     with torch.no_grad():
         measured = bench.measure_peak_memory(lambda: experts(x, index, weights), "cpu").peak_bytes

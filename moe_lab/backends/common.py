@@ -84,7 +84,12 @@ def sum_over_top_k(y_by_pair: torch.Tensor, num_tokens: int, top_k: int) -> torc
 
     torch's sum of a bfloat16/float16 tensor accumulates in float32 and rounds once at the end
     (on CPU and CUDA), so the k terms stay in the model dtype — half the bytes of a float32 copy —
-    without a half-precision accumulation."""
+    without a half-precision accumulation.
+
+    With one slot per token the rows already are the output: a view, not a reduction that would copy
+    every row once more (expert parallelism's local experts always run with top_k = 1)."""
+    if top_k == 1:
+        return y_by_pair.view(num_tokens, y_by_pair.shape[-1])
     return y_by_pair.view(num_tokens, top_k, y_by_pair.shape[-1]).sum(dim=1)
 
 

@@ -54,3 +54,88 @@ def summarize_tables(paths):
     cards = whole.groupby("world_size")["device_name"].first()
     summary.insert(0, "device_name", summary["world_size"].map(cards).fillna(whole["device_name"].iloc[0]))
     return summary
+
+
+#: Issue 16's and 17's goals: (name, preset, T per rank, EP size, what is compared, target).
+EP_GOALS = (
+    ("EP=2 per-GPU TFLOP/s vs one GPU", "qwen3-30b-a3b", 8192, 2, "fraction_of_one_device", 0.85),
+    ("dispatch all-to-all vs NCCL, same bytes", "qwen3-30b-a3b", 8192, 2, "a2a_fraction_of_library", 0.80),
+    ("EP=8 per-GPU TFLOP/s vs EP=1", "deepseek-v3", 8192, 8, "fraction_of_ep1", 0.75),
+)
+
+
+def weak_scaling(summary, variant: str = "exact"):
+    """One line per (preset, T, routing, EP size): `variant`'s slowest-rank time and per-GPU TFLOP/s, as a
+    fraction of the one-GPU layer in the same launch and of the EP=1 launch (T per rank fixed: weak scaling)."""
+    keys = ["preset", "num_tokens", "distribution"]
+    rows = summary[summary["variant"] == variant]
+    table = rows[keys + ["world_size", "slowest_ms", "tflops_per_gpu", "fraction_of_one_device"]].copy()
+    ep1 = rows[rows["world_size"] == 1].set_index(keys)["tflops_per_gpu"]
+    table["fraction_of_ep1"] = [row.tflops_per_gpu / ep1.get((row.preset, row.num_tokens, row.distribution), math.nan)
+                                for row in table.itertuples(index=False)]
+    return table.sort_values(keys + ["world_size"]).reset_index(drop=True)
+
+
+def goal_status(summary, goals=EP_GOALS):
+    """Each goal's measured value at its (preset, T, EP size), uniform routing, exact layer (the all-to-all goal
+    reads the dispatch's row): 'met', 'missed' or 'not run' (no such EP size in the recording)."""
+    import pandas as pd
+
+    scaling = weak_scaling(summary)
+    rows = []
+    for name, preset, tokens, world, column, target in goals:
+        source = summary if column == "a2a_fraction_of_library" else scaling
+        variant = {"a2a_fraction_of_library": "dispatch_all_to_all"}.get(column)
+        match = source[(source["preset"] == preset) & (source["num_tokens"] == tokens)
+                       & (source["distribution"] == "uniform") & (source["world_size"] == world)]
+        if variant is not None:
+            match = match[match["variant"] == variant]
+        value = float(match[column].iloc[0]) if len(match) else math.nan
+        status = "not run" if math.isnan(value) else ("met" if value >= target else "missed")
+        rows.append({"goal": name, "preset": preset, "T per rank": tokens, "EP": world, "target": target,
+                     "measured": value, "status": status})
+    return pd.DataFrame(rows)
+
+
+def variants_against_exact(summary):
+    """Per (preset, T, routing, EP size): each other variant's slowest-rank time over the exact layer's
+    (< 1: faster than the plain forward)."""
+    point = ["preset", "num_tokens", "distribution", "world_size"]
+    exact = summary[summary["variant"] == "exact"].set_index(point)["slowest_ms"]
+    others = summary[summary["variant"].isin(["pipelined_2", "pipelined_4", "padded", "padded_graph"])]
+    table = others.pivot_table(index=point, columns="variant", values="slowest_ms")
+    return table.div(exact, axis=0).reset_index()
+
+
+def busiest_receiver(rows):
+    """Per (preset, T, routing, EP size > 1): the rank that receives the most rows from other ranks, and the
+    rate at which they arrive in the dispatch all-to-all against the equal-block all-to-all's per-rank rate.
+    Under skew every rank sends as much as under uniform routing, but one rank receives most of it: its
+    incoming links, not the all-to-all's efficiency, set the time. rows: the per-rank --ep rows."""
+    import pandas as pd
+
+    ok = rows[(rows["status"] == "ok") & (rows["world_size"] > 1)]
+    point = ["preset", "num_tokens", "distribution", "world_size"]
+    out = []
+    for key, group in ok.groupby(point, sort=False):
+        dispatch = group[group["variant"] == "dispatch_all_to_all"]
+        library = group[group["variant"].isin(["nccl_all_to_all", "gloo_all_to_all"])]
+        if dispatch.empty or library.empty:
+            continue
+        row_bytes = dispatch["hidden_size"] * dispatch["dtype"].map(_dtype_bytes)  # bytes per [H] row
+        to_self = dispatch["pairs_sent"] - dispatch["bytes_off_rank"] / row_bytes  # rows a rank keeps
+        incoming = (dispatch["pairs_received"] - to_self) * row_bytes  # bytes arriving from other ranks
+        busiest = incoming.idxmax()
+        dispatch_GBps = incoming[busiest] / (dispatch.loc[busiest, "median_ms"] * 1e6)
+        library_GBps = library["a2a_GBps"].min()  # equal blocks: every rank receives what it sends off-rank
+        out.append(dict(zip(point, key)) | {
+            "busiest rank": int(dispatch.loc[busiest, "rank"]), "its incoming GB": incoming[busiest] / 1e9,
+            "incoming GB/s": dispatch_GBps, "NCCL equal-block GB/s": library_GBps,
+            "fraction": dispatch_GBps / library_GBps})
+    return pd.DataFrame(out)
+
+
+def _dtype_bytes(name: str) -> int:
+    import torch
+
+    return getattr(torch, str(name).replace("torch.", "")).itemsize

@@ -137,7 +137,8 @@ def _weight_and_sum(t: _Timeline, T, S, H, b) -> None:
         t.new("w_cast", S * b)  # float32 routing weights cast to the model dtype
     t.new("y", S * H * b)
     t.drop("w_cast")
-    t.new("sum", T * H * b)
+    if S != T:  # top_k = 1: the weighted rows are the output (a view), nothing is summed
+        t.new("sum", T * H * b)
 
 
 _MODELS = {"eager": _eager, "batched_mm": _batched_mm, "grouped_mm": _grouped_mm}

@@ -1,0 +1,90 @@
+"""Reading an expert-parallel recording: weak scaling, the goals' status, the chunked and padded variants against
+the plain forward, the busiest receiver's incoming rate; and notebook 10's reading of data/ep_record."""
+import math
+
+import pandas as pd
+import pytest
+
+from moe_lab.bench.ep_summary import busiest_receiver, goal_status, variants_against_exact, weak_scaling
+
+POINT = {"preset": "p", "num_tokens": 8192, "distribution": "uniform"}
+
+
+def _summary(lines):
+    return pd.DataFrame([POINT | line for line in lines])
+
+
+def test_weak_scaling_compares_each_ep_size_with_ep1():
+    summary = _summary([
+        {"world_size": 1, "variant": "exact", "slowest_ms": 2.0, "tflops_per_gpu": 100.0, "fraction_of_one_device": 0.5},
+        {"world_size": 4, "variant": "exact", "slowest_ms": 2.5, "tflops_per_gpu": 80.0, "fraction_of_one_device": 0.4},
+        {"world_size": 4, "variant": "one_device", "slowest_ms": 1.0, "tflops_per_gpu": 200.0,
+         "fraction_of_one_device": 1.0}])
+    table = weak_scaling(summary)
+    assert table["world_size"].tolist() == [1, 4] and table["fraction_of_ep1"].tolist() == [1.0, 0.8]
+
+
+def test_goal_status_says_met_missed_and_not_run():
+    goals = (("fast", "p", 8192, 2, "fraction_of_one_device", 0.85),
+             ("a2a", "p", 8192, 2, "a2a_fraction_of_library", 0.8),
+             ("wide", "p", 8192, 8, "fraction_of_ep1", 0.75))
+    summary = _summary([
+        {"world_size": 1, "variant": "exact", "slowest_ms": 1.0, "tflops_per_gpu": 100.0, "fraction_of_one_device": 0.9},
+        {"world_size": 2, "variant": "exact", "slowest_ms": 1.1, "tflops_per_gpu": 90.0, "fraction_of_one_device": 0.84},
+        {"world_size": 2, "variant": "dispatch_all_to_all", "a2a_fraction_of_library": 0.8}])
+    status = goal_status(summary, goals).set_index("goal")
+    assert status.loc["fast", "status"] == "missed" and status.loc["fast", "measured"] == 0.84
+    assert status.loc["a2a", "status"] == "met"  # the target itself meets it
+    assert status.loc["wide", "status"] == "not run" and math.isnan(status.loc["wide", "measured"])
+
+
+def test_variants_against_exact_is_a_time_ratio():
+    summary = _summary([{"world_size": 2, "variant": "exact", "slowest_ms": 4.0},
+                        {"world_size": 2, "variant": "pipelined_2", "slowest_ms": 3.0},
+                        {"world_size": 2, "variant": "padded_graph", "slowest_ms": 1.0}])
+    table = variants_against_exact(summary).iloc[0]
+    assert table["pipelined_2"] == 0.75 and table["padded_graph"] == 0.25
+
+
+def test_busiest_receiver_counts_only_rows_from_other_ranks():
+    # Two ranks, H = 4 bf16 (8-byte rows), 10 pairs each. Rank 0 keeps 6 and sends 4 to rank 1; rank 1 keeps 2
+    # and sends 8 to rank 0. So rank 0 receives 14 rows, 8 of them from rank 1: 64 bytes in 1e-6 ms.
+    base = POINT | {"world_size": 2, "status": "ok", "hidden_size": 4, "dtype": "bfloat16", "pairs_sent": 10}
+    rows = pd.DataFrame([
+        base | {"rank": 0, "variant": "dispatch_all_to_all", "pairs_received": 14, "bytes_off_rank": 32,
+                "median_ms": 1e-6, "a2a_GBps": 32e-3},
+        base | {"rank": 1, "variant": "dispatch_all_to_all", "pairs_received": 6, "bytes_off_rank": 64,
+                "median_ms": 1e-6, "a2a_GBps": 64e-3},
+        base | {"rank": 0, "variant": "nccl_all_to_all", "pairs_received": 14, "bytes_off_rank": 40,
+                "median_ms": 1e-6, "a2a_GBps": 40.0},
+        base | {"rank": 1, "variant": "nccl_all_to_all", "pairs_received": 6, "bytes_off_rank": 40,
+                "median_ms": 1e-6, "a2a_GBps": 32.0}])
+    line = busiest_receiver(rows).iloc[0]
+    assert line["busiest rank"] == 0 and line["its incoming GB"] == pytest.approx(64e-9)
+    assert line["incoming GB/s"] == pytest.approx(64.0) and line["NCCL equal-block GB/s"] == 32.0
+    assert line["fraction"] == pytest.approx(2.0)
+
+
+def test_notebook_10_reads_the_recorded_run():
+    from moe_lab.lessons import nb10_expert_parallelism as nb10
+
+    summary, rows, label = nb10.recorded_run()
+    assert label.startswith("NVIDIA H200")
+    assert set(summary["world_size"]) == {1, 2, 4} and set(rows["world_size"]) == {1, 2, 4}
+    assert goal_status(summary)["status"].tolist() == ["missed", "met", "not run"]
+    findings = nb10.recorded_findings(summary, rows)
+    assert "— missed.**" in findings and "— not run:** no 8-GPU machine was lent" in findings
+    split = nb10.ep1_time_split(rows)
+    phases = split[["count_exchange_ms", "dispatch_ms", "expert_compute_ms", "combine_ms"]].sum(axis=1)
+    assert ((phases - split["exact_ms"]).abs() < 0.05 * split["exact_ms"]).all()  # the phases make up the forward
+    assert (split["exact - one_device"] > 0).all()
+
+
+def test_notebook_10_says_when_nothing_is_recorded(tmp_path, monkeypatch):
+    from moe_lab import recorded_tables
+    from moe_lab.lessons import nb10_expert_parallelism as nb10
+
+    monkeypatch.setattr(recorded_tables, "data_dir", lambda: tmp_path)
+    summary, rows, label = nb10.recorded_run()
+    assert summary is None and rows is None and "not recorded yet" in label
+    assert recorded_tables.load_ep_rows() is None
