@@ -28,7 +28,7 @@ class EPCase:
     distribution: str = "uniform"  # moe_lab.synthetic_routing's: uniform, zipf, single
     skew: float = 1.0
     backend: str = "grouped_mm"
-    variant: str = "exact"  # "exact" (ExpertParallelExperts) or "padded" (PaddedExpertParallelExperts)
+    variant: str = "exact"  # "exact" (ExpertParallelExperts), "dedup" (DedupExpertParallelExperts) or "padded"
     capacity: int | None = None  # padded only: rows per (source, destination) pair; None = the worst case
     backward: bool = True
     seed: int = 0
@@ -65,13 +65,17 @@ def build_layer(case: EPCase, experts: Experts, device: torch.device | None = No
         from .layer import ExpertParallelExperts
 
         return ExpertParallelExperts.from_experts(experts, experts_implementation=case.backend, device=device)
+    if case.variant == "dedup":
+        from .dedup import DedupExpertParallelExperts
+
+        return DedupExpertParallelExperts.from_experts(experts, experts_implementation=case.backend, device=device)
     if case.variant == "padded":
         from .padded import PaddedExpertParallelExperts
 
         return PaddedExpertParallelExperts.from_experts(experts, experts_implementation=case.backend,
                                                         tokens_per_rank=max(case.tokens_per_rank),
                                                         capacity=case.capacity, device=device)
-    raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'padded'")
+    raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'dedup', 'padded'")
 
 
 def check_against_reference(case: EPCase) -> dict:
