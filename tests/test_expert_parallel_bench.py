@@ -37,14 +37,16 @@ def rows():
 def test_every_variant_on_every_rank(rows):
     assert (rows["status"] == "ok").all(), rows[rows["status"] != "ok"][["variant", "reason"]]
     for (T, distribution), point in rows.groupby(["num_tokens", "distribution"]):
-        expected = {"exact", "pipelined_2", "dispatch_all_to_all", "gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
+        expected = {"exact", "dedup", "pipelined_2", "dispatch_all_to_all", "gloo_all_to_all", "dedup_dispatch_all_to_all",
+                    "dedup_gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
         for rank in (0, 1):
             assert expected <= set(point[point["rank"] == rank]["variant"]), (T, distribution, rank)
         assert list(point[point["variant"] == "one_device"]["rank"]) == [0]  # the baseline runs on rank 0 only
 
 
-def test_phases_add_up_to_the_total(rows):
-    exact = rows[rows["variant"] == "exact"]
+@pytest.mark.parametrize("variant", ["exact", "dedup"])
+def test_phases_add_up_to_the_total(rows, variant):
+    exact = rows[rows["variant"] == variant]
     phases = exact[["count_exchange_ms", "dispatch_ms", "expert_compute_ms", "combine_ms"]]
     assert (phases > 0).all().all()
     # Medians of parts need not add up to the median of the whole, but they come from the same calls.
@@ -60,9 +62,17 @@ def test_flops_pairs_and_bandwidth(rows):
         else:
             assert row.tflops > 0 and row.tokens_per_s > 0
     exact = rows[rows["variant"] == "exact"]
-    assert (exact["pairs_sent"] == exact["num_tokens"] * 2).all()
+    assert (exact["pairs_sent"] == exact["num_tokens"] * 2).all() and (exact["rows_sent"] == exact["pairs_sent"]).all()
     for _, point in exact.groupby(["num_tokens", "distribution"]):
         assert point["pairs_received"].sum() == point["pairs_sent"].sum()  # every pair lands somewhere
+    dedup = rows[rows["variant"] == "dedup"]
+    # One row per (token, rank it visits): at least T (every token goes somewhere), at most T*min(k, world) = 2T,
+    # and every row sent is received.
+    assert (dedup["rows_sent"] >= dedup["num_tokens"]).all() and (dedup["rows_sent"] <= 2 * dedup["num_tokens"]).all()
+    for _, point in dedup.groupby(["num_tokens", "distribution"]):
+        assert point["rows_received"].sum() == point["rows_sent"].sum()
+    a2a = rows[rows["variant"] == "dedup_dispatch_all_to_all"].set_index(["num_tokens", "distribution", "rank"])
+    assert (a2a["rows_sent"] == dedup.set_index(["num_tokens", "distribution", "rank"])["rows_sent"]).all()
 
 
 def test_summary(rows):
@@ -71,8 +81,9 @@ def test_summary(rows):
     assert (one["fraction_of_one_device"] == 1.0).all() and (one["world_size"] == 2).all() and (one["ranks"] == 1).all()
     exact = summary[summary["variant"] == "exact"]
     assert (exact["ranks"] == 2).all() and (exact["fraction_of_one_device"] > 0).all()
-    dispatch = summary[summary["variant"] == "dispatch_all_to_all"]
-    assert (dispatch["a2a_fraction_of_library"] > 0).all()
+    for name in ("dispatch_all_to_all", "dedup_dispatch_all_to_all"):
+        dispatch = summary[summary["variant"] == name]
+        assert len(dispatch) == 4 and (dispatch["a2a_fraction_of_library"] > 0).all()
     skewed = summary[(summary["distribution"] == "zipf") & (summary["variant"] == "exact")]
     assert (skewed["receive_imbalance"] >= 1.0).all()
 
@@ -87,7 +98,7 @@ def test_command_line_outside_torchrun_is_a_group_of_one(tmp_path):
     assert code == 0
     frame, info = moe_lab.bench.load_results(output)
     assert set(frame["world_size"]) == {1} and info["world_size"] == 1
-    assert {"exact", "pipelined_2", "padded", "one_device"} <= set(frame["variant"])
+    assert {"exact", "dedup", "pipelined_2", "padded", "one_device"} <= set(frame["variant"])
 
 
 def test_command_line_refuses_a_misspelled_backend_before_starting(capsys):
