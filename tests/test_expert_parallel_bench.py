@@ -120,7 +120,33 @@ def test_record_script_at_tiny_sizes(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = sorted(path.name for path in tmp_path.iterdir())
-    assert files == ["ep1.csv", "ep1.json", "ep2.csv", "ep2.json", "ep_record.log", "ep_summary.csv"], files
+    assert files == ["ep1.csv", "ep1.json", "ep2.csv", "ep2.json", "ep_profile.txt", "ep_record.log",
+                     "ep_summary.csv"], files
     summary = pd.read_csv(tmp_path / "ep_summary.csv")
-    assert set(summary["world_size"]) == {1, 2} and set(summary["preset"]) == {"qwen3-30b-a3b", "deepseek-v3"}
-    assert "exit 0" in (tmp_path / "ep_record.log").read_text()
+    assert set(summary["world_size"]) == {1, 2} and set(summary["preset"]) == {"qwen3-30b-a3b"}
+    assert {"exact", "dedup", "dedup_dispatch_all_to_all", "one_device"} <= set(summary["variant"])
+    log = (tmp_path / "ep_record.log").read_text()
+    assert log.count("exit 0") == 3 and "goals, dedup layer:" in log  # EP=1, EP=2, the profile
+    profile = (tmp_path / "ep_profile.txt").read_text()
+    assert "=== rank 0 of 2" in profile and "=== rank 1 of 2" in profile and "--- dedup" in profile
+
+
+def test_profile_summary_finds_busy_time_idle_gaps_and_top_kernels():
+    from moe_lab.bench.ep_profile import summarize_trace
+
+    # Two streams: a GEMM 0-100 us, an NCCL kernel 50-150 overlapping it, then nothing until a gather at 400-450
+    # (a 250 us gap: the host was waiting), and a host sync of 240 us.
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_SendRecv", "ts": 50, "dur": 100},
+        {"ph": "X", "cat": "kernel", "name": "gather", "ts": 400, "dur": 50},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 455, "dur": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 150, "dur": 240},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::index", "ts": 390, "dur": 8},
+    ]
+    text = summarize_trace(events, top=4)
+    assert "GPU window 460 us: busy 205 us, idle 255 us (55%) in 2 gaps" in text
+    assert "250.0  ncclDevKernel_SendRecv  ->  gather" in text
+    assert text.index("gemm") < text.index("gather")  # 100 us before 50 us
+    assert "240.0     1x  cudaStreamSynchronize" in text
+    assert summarize_trace([]) == "no GPU activity in the trace"
