@@ -94,7 +94,7 @@ def _rows_sent(case: EPCase) -> dict:
     experts, hidden, index, weights, _ = whole_batch(case)
     rank = dist.get_rank()
     layer = build_layer(case, experts)
-    plan, rows, routing = plan_token_dispatch(hidden[rank], index[rank], weights[rank], layer.shard, layer.group)
+    [(plan, rows, routing)] = plan_token_dispatch(hidden[rank], index[rank], weights[rank], layer.shard, layer.group)
     visited = sum(len({int(e) // layer.shard.count for e in token}) for token in index[rank])  # (token, rank) pairs
     return {"send_rows": plan.send_rows, "rows": rows.shape[0], "routing": tuple(routing.shape), "visited": visited}
 

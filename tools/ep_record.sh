@@ -14,7 +14,8 @@
 # size, ep_summary.csv (one line per preset, T, routing, EP size and variant), ep_profile.txt, ep_record.log.
 # Then, in the time left, tests/test_expert_parallel_gpu.py (NCCL on 2 GPUs) into the same log.
 # Knobs: EP_SIZES ("1 2"), EP_PRESETS ("qwen3-30b-a3b"; "qwen3-30b-a3b deepseek-v3" adds deepseek), EP_CHUNKS
-# ("" = no pipelined rows; "2,4" adds them), EP_PROFILE (1; 0 skips the profile), EP_PYTEST (1).
+# ("2": the chunked, overlapped forward of both layers in 2 chunks; "" none, "2,4" more), EP_PROFILE (1; 0 skips
+# the profile), EP_PYTEST (1; 0 skips the NCCL tests).
 # MOE_LAB_GIT_COMMIT = the commit measured (the device's copy of .git can lag behind its working tree).
 # Every launch is bounded (EP_LAUNCH_SECONDS, default 90) and the whole script by EP_TOTAL_SECONDS
 # (default 200): a launch that would start past it is skipped and says so in the log.
@@ -70,7 +71,7 @@ for EP in $EP_SIZES; do
   echo "=== EP=$EP (limit ${LIMIT}s, ${SECONDS}s so far)" | tee -a "$LOG"
   timeout --kill-after=10 "$LIMIT" $PYTHON -m torch.distributed.run --standalone --nproc-per-node "$EP" \
     -m moe_lab.cli bench --ep $SHAPE --tokens $TOKENS $REPS --distribution uniform,zipf --skew 1.0 \
-    --ep-chunks "${EP_CHUNKS:-}" --output "$OUT/ep$EP" >> "$LOG" 2>&1
+    --ep-chunks "${EP_CHUNKS-2}" --output "$OUT/ep$EP" >> "$LOG" 2>&1
   echo "=== EP=$EP exit $? after ${SECONDS}s" | tee -a "$LOG"
   [ -f "$OUT/ep$EP.csv" ] && TABLES+=("$OUT/ep$EP")
 done

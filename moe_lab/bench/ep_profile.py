@@ -1,7 +1,7 @@
 """One expert-parallel forward under torch.profiler, summarised as text: where its GPU time goes, and where
 the GPU sits idle (`moe-lab bench --ep --ep-profile PATH` under torchrun; tools/ep_record.sh runs it).
 
-Per layer variant (exact, dedup) and per rank, after warm-up calls, one forward started together on every
+Per layer variant (exact, dedup, dedup in 2 overlapped chunks) and per rank, after warm-up calls, one forward started together on every
 rank is profiled. From the profiler's trace:
 
     GPU window    first kernel start to last kernel end (kernels, memcpys and memsets, every stream)
@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..parallel.dedup import DedupExpertParallelExperts
 from ..parallel.layer import ExpertParallelExperts
+from ..parallel.pipelined import pipelined_dedup_forward
 from .expert_parallel import _inputs, _start_together, seeded
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -43,13 +44,15 @@ def profile_ep_step(name, config, tokens: int, distribution: str, settings, devi
     parts = [f"=== rank {rank} of {world}: {name}, T={tokens} per rank, {distribution}, {config.dtype}, "
              f"{settings.backend}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"]
     with torch.no_grad():
-        for variant, layer in (("exact", exact), ("dedup", dedup)):
+        variants = (("exact", lambda: exact(x, index, weights)), ("dedup", lambda: dedup(x, index, weights)),
+                    ("dedup_pipelined_2", lambda: pipelined_dedup_forward(dedup, x, index, weights, chunks=2)))
+        for variant, call in variants:
             for _ in range(warmup):
                 _start_together(device)
-                layer(x, index, weights)
+                call()
             _start_together(device)
             with torch.profiler.profile(activities=_activities(device)) as profiler:
-                layer(x, index, weights)
+                call()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             parts.append(f"--- {variant}")

@@ -109,7 +109,8 @@ def variants_against_exact(summary):
     (< 1: faster than the plain forward)."""
     point = ["preset", "num_tokens", "distribution", "world_size"]
     exact = summary[summary["variant"] == "exact"].set_index(point)["slowest_ms"]
-    others = summary[summary["variant"].isin(["dedup", "pipelined_2", "pipelined_4", "padded", "padded_graph"])]
+    others = summary[summary["variant"].isin(["dedup", "pipelined_2", "pipelined_4", "dedup_pipelined_2",
+                                              "dedup_pipelined_4", "padded", "padded_graph"])]
     table = others.pivot_table(index=point, columns="variant", values="slowest_ms")
     return table.div(exact, axis=0).reset_index()
 

@@ -6,6 +6,7 @@ most pairs), each rank records one row per variant:
     exact            ExpertParallelExperts: count_exchange / dispatch / expert_compute / combine (CUDA events)
     dedup            DedupExpertParallelExperts (each token once per destination rank), the same phases
     pipelined_<n>    the same forward in n chunks, all-to-alls overlapping the experts (parallel/pipelined.py)
+    dedup_pipelined_<n>  the dedup layer's forward in n chunks, the same way
     padded           the sync-free fixed-capacity layer (T <= padded_max_tokens: decode sizes)
     padded_graph     the padded layer replayed from a CUDA graph (CUDA only; measured after everything else)
     dispatch_all_to_all  the exact layer's dispatch all-to-all alone, its real split sizes
@@ -39,7 +40,7 @@ from ..parallel.dedup import DedupExpertParallelExperts, plan_token_dispatch
 from ..parallel.dispatch import plan_exact, sort_pairs
 from ..parallel.layer import PHASES, ExpertParallelExperts
 from ..parallel.padded import PaddedExpertParallelExperts
-from ..parallel.pipelined import pipelined_forward
+from ..parallel.pipelined import pipelined_dedup_forward, pipelined_forward
 from ..routing import synthetic_routing
 from .phase_timer import PhaseTimer
 from .provenance import ROW_PROVENANCE, provenance
@@ -158,10 +159,12 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
     pairs = sort_pairs(index, layer.num_experts)
     plan = plan_exact(pairs, layer.shard, layer.group)  # split sizes of this point, for the all-to-all rows
     dedup = DedupExpertParallelExperts(layer.config, layer.group, local=layer.local)  # the same weights
-    token_plan, token_rows, _ = plan_token_dispatch(x, index, weights, layer.shard, layer.group)
+    [(token_plan, token_rows, _)] = plan_token_dispatch(x, index, weights, layer.shard, layer.group)
     variants = [("exact", layer, lambda: layer(x, index, weights)), ("dedup", dedup, lambda: dedup(x, index, weights))]
     for chunks in settings.chunks:
         variants.append((f"pipelined_{chunks}", layer, lambda n=chunks: pipelined_forward(layer, x, index, weights, chunks=n)))
+        variants.append((f"dedup_pipelined_{chunks}", dedup,
+                         lambda n=chunks: pipelined_dedup_forward(dedup, x, index, weights, chunks=n)))
     if T <= settings.padded_max_tokens:
         padded = PaddedExpertParallelExperts(layer.config, layer.group, settings.backend, tokens_per_rank=T,
                                              local=layer.local)
@@ -170,7 +173,7 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
                 lambda timer, module=module, call=call: _with_hook(module, timer, call)) for name, module, call in variants]
     rows = _measure_interleaved(entries, settings, device)
     for row in rows:
-        exact_like = row["variant"] != "dedup"
+        exact_like = not row["variant"].startswith("dedup")
         row["rows_sent"] = T * layer.config.top_k if exact_like else sum(token_plan.send_rows)
         row["rows_received"] = sum(plan.receive_splits) if exact_like else sum(token_plan.receive_rows)
     rows += _all_to_all_rows(layer, x[pairs.token_of_sorted], plan.send_splits, plan.receive_splits, base, settings,

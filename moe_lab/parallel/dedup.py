@@ -52,22 +52,52 @@ class TokenPlan:
     token_offsets: torch.Tensor  # [T] where each token's bag starts in rows_by_token
 
 
-def plan_token_dispatch(hidden_states, top_k_index, top_k_weights, shard: ExpertShard, group):
-    """(plan, rows [N, H], routing [N, 2k]): which rows go where and with what routing, the count exchange
-    started first, the rows gathered while it moves, then the one host sync.
+def plan_token_dispatch(hidden_states, top_k_index, top_k_weights, shard: ExpertShard, group, chunks: int = 1):
+    """[(plan, rows [N, H], routing [N, 2k])] for each of `chunks` consecutive chunks of the tokens: which rows
+    go where and with what routing. Every chunk's counts go in ONE exchange, started first; the rows are
+    gathered while it moves; then the one host sync for all chunks.
 
     routing holds each row's k weights, then its k expert ids made local to its destination (E/w: that
     expert lives elsewhere), as floats, so one differentiable all-to-all carries both (ids < 2^24 are exact
     in float32)."""
-    T, k = top_k_index.shape
+    world = shard.world_size
+    index_chunks = torch.tensor_split(top_k_index, chunks)
+    counted = [_count(index, shard) for index in index_chunks]  # n x (sends_to [T_c, world], counts [world, 1 + E/w])
+    counts_out = torch.stack([counts for _, counts in counted], dim=1)  # [world, n, 1 + E/w]
+    counts_in, exchange = start_count_exchange(counts_out.reshape(world, -1), group)  # [world, n * (1 + E/w)]
+    laid_out = [_lay_out(h, index, w, sends_to, counts, shard) for h, index, w, (sends_to, counts) in
+                zip(torch.tensor_split(hidden_states, chunks), index_chunks, torch.tensor_split(top_k_weights, chunks),
+                    counted)]
+    exchange.wait()
+    counts_in = counts_in.view(world, chunks, -1)  # [world, n, 1 + E/w]
+    sizes = torch.stack([counts_out[:, :, 0], counts_in[:, :, 0], counts_in[:, :, 1:].sum(2)]).tolist()  # the sync
+    planned = []
+    for c, (rows, routing, rows_by_token, per_token) in enumerate(laid_out):
+        send_rows = [sizes[0][d][c] for d in range(world)]
+        receive_rows = [sizes[1][s][c] for s in range(world)]
+        N = sum(send_rows)
+        plan = TokenPlan(send_rows, receive_rows, sum(sizes[2][s][c] for s in range(world)),
+                         counts_in[:, c, 1:].sum(0), rows_by_token[:N], per_token.cumsum(0) - per_token)
+        planned.append((plan, rows[:N], routing[:N]))
+    return planned
+
+
+def _count(top_k_index, shard: ExpertShard):
+    """sends_to [T, world] (has token t an expert on rank d?) and counts [world, 1 + E/w]: the token rows for
+    each rank, then the pairs for each of its experts."""
+    T = top_k_index.shape[0]
     world, El = shard.world_size, shard.count
     sends_to = torch.zeros(T, world, dtype=torch.bool, device=top_k_index.device)
-    sends_to.scatter_(1, top_k_index // El, True)  # [T, world]: has token t an expert on rank d?
+    sends_to.scatter_(1, top_k_index // El, True)  # [T, world]
     pairs = expert_counts(top_k_index.reshape(-1).int(), shard.num_experts).long().view(world, El)  # [world, E/w]
-    counts_out = torch.cat([sends_to.sum(0).view(world, 1), pairs], dim=1)  # [world, 1 + E/w]
-    counts_in, exchange = start_count_exchange(counts_out, group)  # [world, 1 + E/w]
+    return sends_to, torch.cat([sends_to.sum(0).view(world, 1), pairs], dim=1)
 
-    # Laid out for the most rows a token can send (one per rank, at most k), so nothing here needs the sync.
+
+def _lay_out(hidden_states, top_k_index, top_k_weights, sends_to, counts, shard: ExpertShard):
+    """Rows, routing and the combine's order for the most rows a token can send (one per rank, at most k),
+    so nothing here needs the sync: [most, H], [most, 2k], [most] (sent rows first, by token), [T]."""
+    T, k = top_k_index.shape
+    world, El = shard.world_size, shard.count
     most = T * min(k, world)
     entry = torch.argsort(sends_to.t().reshape(-1).logical_not().to(torch.int8), stable=True)[:most]  # [most]
     send_token, destination = entry % max(T, 1), entry // max(T, 1)  # [most]: (destination, token), sent first
@@ -76,23 +106,17 @@ def plan_token_dispatch(hidden_states, top_k_index, top_k_weights, shard: Expert
     local = torch.where((local >= 0) & (local < El), local, El)
     routing_dtype = torch.promote_types(top_k_weights.dtype, torch.float32)
     routing = torch.cat([top_k_weights[send_token].to(routing_dtype), local.to(routing_dtype)], dim=1)  # [most, 2k]
-    is_sent = torch.arange(most, device=entry.device) < counts_out[:, 0].sum()  # [most]
+    is_sent = torch.arange(most, device=entry.device) < counts[:, 0].sum()  # [most]
     rows_by_token = torch.argsort(torch.where(is_sent, send_token, T), stable=True)  # [most], sent rows first
-    per_token = sends_to.sum(1)  # [T] ranks each token visits
-
-    exchange.wait()
-    sizes = torch.stack([counts_out[:, 0], counts_in[:, 0], counts_in[:, 1:].sum(1)]).tolist()  # the sync
-    N = sum(sizes[0])
-    plan = TokenPlan(sizes[0], sizes[1], sum(sizes[2]), counts_in[:, 1:].sum(0), rows_by_token[:N],
-                     per_token.cumsum(0) - per_token)
-    return plan, rows[:N], routing[:N]
+    return rows, routing, rows_by_token, sends_to.sum(1)
 
 
 def experts_on_received(local_experts, received, routing, plan: TokenPlan) -> torch.Tensor:
     """[N_in, H] received rows, [N_in, 2k] their routing -> [N_in, H]: each row's weighted sum over the
     experts it has here."""
     k = routing.shape[1] // 2
-    weights, local_id = routing[:, :k], routing[:, k:].long()  # [N_in, k] each; ids E/w: not here
+    weights, local_id = routing[:, :k], routing[:, k:].int()  # [N_in, k] each; ids E/w: not here (int32: a radix
+    # sort of 32-bit keys takes half the passes of int64 ones)
     pair_of_sorted = torch.argsort(local_id.reshape(-1), stable=True)[:plan.receive_pairs]  # [P] row*k + slot
     x = received[pair_of_sorted // k]  # [P, H] grouped by local expert: the expansion is the permutation
     y = run_sorted_rows(local_experts, x, plan.pairs_per_local_expert)  # [P, H]
@@ -113,7 +137,7 @@ class DedupExpertParallelExperts(ExpertParallelExperts):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         """[T, H], [T, k] global expert ids, [T, k] -> [T, H] (T may differ between ranks, and may be 0)."""
         check_routed_inputs(self.local, self.num_experts, hidden_states, top_k_index, top_k_weights)
-        plan, rows, routing = plan_token_dispatch(hidden_states, top_k_index, top_k_weights, self.shard, self.group)
+        [(plan, rows, routing)] = plan_token_dispatch(hidden_states, top_k_index, top_k_weights, self.shard, self.group)
         self._phase_done("count_exchange")
         received = all_to_all(rows, plan.receive_rows, plan.send_rows, self.group)  # [N_in, H]
         received_routing = all_to_all(routing, plan.receive_rows, plan.send_rows, self.group)  # [N_in, 2k]
