@@ -366,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ep-padded-max-tokens", type=int, default=1024,
                        help="--ep: time the padded (sync-free) layer up to this many tokens per rank")
     bench.add_argument("--ep-profile", metavar="PATH",
-                       help="--ep: instead of timing, profile one forward of the exact and dedup layers (and dedup in 2 chunks; first --preset, "
-                            "--tokens and --distribution) and write a text summary (top kernels, GPU idle gaps) to PATH")
+                       help="--ep: instead of timing, profile one forward of the exact and dedup layers (and dedup "
+                            "in 2 chunks) at the first --preset, --tokens and --distribution, and write a text "
+                            "summary (top kernels, GPU idle gaps) to PATH")
     bench.add_argument("--no-ep-baseline", dest="ep_baseline", action="store_false",
                        help="--ep: skip the single-GPU layer on rank 0")
     bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement (per round)")

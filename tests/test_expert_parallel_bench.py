@@ -37,8 +37,8 @@ def rows():
 def test_every_variant_on_every_rank(rows):
     assert (rows["status"] == "ok").all(), rows[rows["status"] != "ok"][["variant", "reason"]]
     for (T, distribution), point in rows.groupby(["num_tokens", "distribution"]):
-        expected = {"exact", "dedup", "pipelined_2", "dedup_pipelined_2", "dispatch_all_to_all", "gloo_all_to_all", "dedup_dispatch_all_to_all",
-                    "dedup_gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
+        expected = {"exact", "dedup", "pipelined_2", "dedup_pipelined_2", "dispatch_all_to_all", "gloo_all_to_all",
+                    "dedup_dispatch_all_to_all", "dedup_gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
         for rank in (0, 1):
             assert expected <= set(point[point["rank"] == rank]["variant"]), (T, distribution, rank)
         assert list(point[point["variant"] == "one_device"]["rank"]) == [0]  # the baseline runs on rank 0 only

@@ -1,5 +1,6 @@
 """The expert-parallel layer on NCCL, one GPU per rank: outputs and gradients against the float64
-reference (the exact layer and the one that sends each token once per rank), padded = exact, the padded layer replayed from a CUDA graph, the chunked forward. Needs 2 GPUs
+reference (the exact layer and the one that sends each token once per rank), padded = exact, the padded
+layer replayed from a CUDA graph, the chunked forward. Needs 2 GPUs
 (`pytest tests/test_expert_parallel_gpu.py` on a multi-GPU machine); skipped elsewhere with the reason.
 
 Every check runs in ONE launch of two NCCL processes (starting them and NCCL costs seconds); a check that

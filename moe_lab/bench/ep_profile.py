@@ -1,8 +1,8 @@
 """One expert-parallel forward under torch.profiler, summarised as text: where its GPU time goes, and where
 the GPU sits idle (`moe-lab bench --ep --ep-profile PATH` under torchrun; tools/ep_record.sh runs it).
 
-Per layer variant (exact, dedup, dedup in 2 overlapped chunks) and per rank, after warm-up calls, one forward started together on every
-rank is profiled. From the profiler's trace:
+Per layer variant (exact, dedup, dedup in 2 overlapped chunks) and per rank, after warm-up calls, one
+forward started together on every rank is profiled. From the profiler's trace:
 
     GPU window    first kernel start to last kernel end (kernels, memcpys and memsets, every stream)
     busy / idle   the union of those intervals, and the rest of the window: time no kernel ran

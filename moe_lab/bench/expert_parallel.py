@@ -17,7 +17,8 @@ most pairs), each rank records one row per variant:
 
 Times are medians over `reps` calls after `warmup`, every call started together on all ranks (a
 device sync and a barrier first); the layer variants of a point (exact, dedup, pipelined, padded) are
-interleaved call by call (A B C, C B A, ...), so drift during a run does not land on one of them; a rank's time includes waiting for slower ranks inside the
+interleaved call by call (A B C, C B A, ...), so drift during a run does not land on one of them; a
+rank's time includes waiting for slower ranks inside the
 collectives — that is what skew costs. FLOPs are the useful expert FLOPs of a rank's own tokens
 (bench.roofline.expert_flops), so per-GPU TFLOP/s compares directly with the single-GPU row.
 Inputs are random (never zeros), weights built on the device, each rank only its block.
@@ -162,7 +163,8 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
     [(token_plan, token_rows, _)] = plan_token_dispatch(x, index, weights, layer.shard, layer.group)
     variants = [("exact", layer, lambda: layer(x, index, weights)), ("dedup", dedup, lambda: dedup(x, index, weights))]
     for chunks in settings.chunks:
-        variants.append((f"pipelined_{chunks}", layer, lambda n=chunks: pipelined_forward(layer, x, index, weights, chunks=n)))
+        variants.append((f"pipelined_{chunks}", layer,
+                         lambda n=chunks: pipelined_forward(layer, x, index, weights, chunks=n)))
         variants.append((f"dedup_pipelined_{chunks}", dedup,
                          lambda n=chunks: pipelined_dedup_forward(dedup, x, index, weights, chunks=n)))
     if T <= settings.padded_max_tokens:
@@ -170,7 +172,8 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
                                              local=layer.local)
         variants.append(("padded", padded, lambda: padded(x, index, weights)))
     entries = [(base | {"variant": name} | ({"capacity": module.capacity} if name == "padded" else {}),
-                lambda timer, module=module, call=call: _with_hook(module, timer, call)) for name, module, call in variants]
+                lambda timer, module=module, call=call: _with_hook(module, timer, call))
+               for name, module, call in variants]
     rows = _measure_interleaved(entries, settings, device)
     for row in rows:
         exact_like = not row["variant"].startswith("dedup")
