@@ -165,3 +165,20 @@ def test_sorted_rows_of_a_backend_without_declared_autograd_is_not_trusted_with_
 def test_register_refuses_a_sorted_rows_that_is_not_callable():
     with pytest.raises(TypeError, match="sorted_rows"):
         moe_lab.register("bad_sorted", moe_lab.get_backend("eager"), sorted_rows=3)
+
+
+def _int32_against_int64(case: EPCase) -> float:
+    from moe_lab.parallel.checks import build_layer
+
+    experts, hidden, index, weights, _ = whole_batch(case)
+    rank = dist.get_rank()
+    layer = build_layer(case, experts)
+    with torch.no_grad():
+        wide = layer(hidden[rank], index[rank], weights[rank])
+        narrow = layer(hidden[rank], index[rank].int(), weights[rank])
+    return float((wide - narrow).abs().max()) if wide.numel() else 0.0
+
+
+def test_int32_expert_ids_give_the_same_output():
+    case = EPCase(_config(), tokens_per_rank=(5, 3), variant="dedup")
+    assert run_on_ranks(_int32_against_int64, 2, case) == [0.0, 0.0]

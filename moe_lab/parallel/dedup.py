@@ -88,7 +88,7 @@ def _count(top_k_index, shard: ExpertShard):
     T = top_k_index.shape[0]
     world, El = shard.world_size, shard.count
     sends_to = torch.zeros(T, world, dtype=torch.bool, device=top_k_index.device)
-    sends_to.scatter_(1, top_k_index // El, True)  # [T, world]
+    sends_to.scatter_(1, top_k_index.long() // El, True)  # [T, world] (scatter wants int64 ids; int32 are allowed)
     pairs = expert_counts(top_k_index.reshape(-1).int(), shard.num_experts).long().view(world, El)  # [world, E/w]
     return sends_to, torch.cat([sends_to.sum(0).view(world, 1), pairs], dim=1)
 
