@@ -132,7 +132,11 @@ def sum_per_token(returned: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
 
 
 class DedupExpertParallelExperts(ExpertParallelExperts):
-    """The expert-parallel layer that sends each token once per destination rank (trains, one host sync)."""
+    """The expert-parallel layer that sends each token once per destination rank (trains, one host sync).
+
+    Its phases, as the bench reports them: count_exchange (the counts, their exchange, the rows and routing
+    gathered while it moves, the sync), dispatch (the two all-to-alls), expert_compute (the receiver's
+    order, gather, experts and per-row sums), combine (the all-to-all back and each token's sum)."""
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         """[T, H], [T, k] global expert ids, [T, k] -> [T, H] (T may differ between ranks, and may be 0)."""
