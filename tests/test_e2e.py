@@ -475,15 +475,21 @@ def test_goal_status_lists_every_goal_case_with_why_it_was_not_measured():
     assert "replay not confirmed" in unknown.loc[("decode", 1), "reason"]
 
 
-def test_recorded_h200_tables_are_read_with_their_goal_cases_not_measured():
+def test_recorded_h200_tables_are_read_with_their_goal_cases():
+    # what README, docs/performance_notes.md and notebook 08 say of the recording: every compiled row replayed CUDA
+    # graphs; batch 1 missed on both models, batch 8 met on Qwen1.5 and not measured on Qwen3 (transformers'
+    # batched_mm ran out of memory there)
     from moe_lab.bench.e2e_summary import goal_status
     from moe_lab.recorded_tables import load_recorded_e2e
 
-    for model in ("qwen3-30b-a3b", "qwen1.5-moe-a2.7b"):
+    expected = {"qwen3-30b-a3b": {1: "missed", 8: "not measured"}, "qwen1.5-moe-a2.7b": {1: "missed", 8: "met"}}
+    for model, statuses in expected.items():
         table, provenance = load_recorded_e2e(model)
-        assert provenance["device_name"] == "NVIDIA H200" and table.cudagraph_skips.isna().all()
+        assert provenance["device_name"] == "NVIDIA H200"
+        compiled = table[(table.execution != "eager") & (table.status == "ok")]
+        assert len(compiled) and (compiled.cudagraph_skips == 0).all()
         decode = goal_status(table).query("phase == 'decode'")
-        assert (decode.status == "not measured").all()
+        assert dict(zip(decode.batch, decode.status)) == statuses
 
 
 def test_time_split_and_its_figure(tiny_table):
