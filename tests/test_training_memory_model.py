@@ -26,12 +26,6 @@ RERECORDING = RECORDING.with_name("h200_bf16_backward_memory.csv")
 MiB = 2**20
 #: the caching allocator's 512-byte rounding and the sort's scratch, which the model leaves out
 EXACT = 1 * MiB
-#: Points where transformers' grouped_mm allocated more than the model replays: temporaries inside
-#: torch's index_put / grouped_mm backward (up to two [S, H] float32 buffers) that are not modelled.
-#: There the transformers model is a lower bound, which keeps the goal's check on the safe side.
-TRANSFORMERS_LOWER_BOUND = {("deepseek-v3", 32768), ("gpt-oss-20b", 8192), ("gpt-oss-20b", 32768),
-                            ("olmoe-1b-7b", 8192), ("olmoe-1b-7b", 32768), ("qwen1.5-moe-a2.7b", 8192),
-                            ("qwen1.5-moe-a2.7b", 32768), ("qwen3-30b-a3b", 8192), ("qwen3-30b-a3b", 32768)}
 
 
 def _recorded_points():
@@ -55,10 +49,7 @@ def test_model_reproduces_the_recorded_peaks(preset, T, peaks):
     assert abs(before_levers - peaks["triton"]) < EXACT, (before_levers - peaks["triton"]) / MiB
     transformers = predict_training_memory(config, T, "transformers:grouped_mm")["total"]
     recorded = peaks["transformers:grouped_mm"]
-    if (preset, T) in TRANSFORMERS_LOWER_BOUND:
-        assert transformers < recorded
-    else:
-        assert abs(transformers - recorded) < EXACT, (transformers - recorded) / MiB
+    assert abs(transformers - recorded) < EXACT, (transformers - recorded) / MiB
 
 
 @pytest.mark.parametrize("preset, T, peaks", POINTS, ids=[f"{p}-T{t}" for p, t, _ in POINTS])
