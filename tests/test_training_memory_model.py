@@ -134,10 +134,16 @@ def test_the_pre_activation_is_freed_before_the_weight_gradients(split):
     assert held - released == pre_bytes
 
 
-def test_a_retained_graph_recomputes_the_released_pre_activation():
-    """The first backward takes the pre-activation out; a second one through the retained graph
-    recomputes it (the gate_up GEMM again) and gives the same gradients."""
+def test_a_retained_graph_recomputes_the_released_pre_activation(monkeypatch):
+    """The first backward takes the kept pre-activation out (no gate_up GEMM again); a second one
+    through the retained graph recomputes it, and gives the same gradients."""
+    from moe_lab.backends import triton_autograd
+
     device = triton_device_or_skip()
+    gate_up_launches = []
+    launch = triton_autograd.launch_gate_up
+    monkeypatch.setattr(triton_autograd, "launch_gate_up",
+                        lambda *args, **kwargs: gate_up_launches.append(1) or launch(*args, **kwargs))
     torch.manual_seed(0)
     layer = moe_lab.Experts(moe_lab.MoEConfig(32, 48, num_experts=4, top_k=2, dtype=torch.float32),
                             experts_implementation="triton").to(device)
@@ -145,7 +151,10 @@ def test_a_retained_graph_recomputes_the_released_pre_activation():
     index, weights = moe_lab.synthetic_routing(40, 4, 2, seed=0, device=device)
     out = layer(x, index, weights)
     upstream = torch.randn_like(out)
+    assert len(gate_up_launches) == 1  # the forward's
     once = torch.autograd.grad(out, [x, layer.gate_up_proj, layer.down_proj], upstream, retain_graph=True)
+    assert len(gate_up_launches) == 1  # the kept pre-activation, not a recompute
     twice = torch.autograd.grad(out, [x, layer.gate_up_proj, layer.down_proj], upstream)
+    assert len(gate_up_launches) == 2  # released by the first backward: recomputed
     for first, second in zip(once, twice):
         torch.testing.assert_close(first, second, rtol=0, atol=0)
