@@ -152,6 +152,8 @@ def _bench_ep(args) -> int:
     )
     configs = _bench_configs(args)
     device = start_process_group(args.device)
+    if args.ep_profile:
+        return _profile_ep(args, configs, settings, device)
     save = _ep_saver(args.output, settings, device)
     try:
         rows = run_ep_bench(configs, settings, device, on_rows=save)
@@ -162,6 +164,27 @@ def _bench_ep(args) -> int:
             print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             if args.output:
                 print("wrote", args.output)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _profile_ep(args, configs, settings, device) -> int:
+    """--ep-profile: one forward of each layer variant under torch.profiler at the first preset, T and routing."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from .bench.ep_profile import profile_ep_step
+
+    name, config = next(iter(configs.items()))
+    try:
+        text = profile_ep_step(name, config, settings.tokens[0], settings.distributions[0], settings, device)
+        if dist.get_rank() == 0:
+            Path(args.ep_profile).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.ep_profile).write_text(text + "\n")
+            print(text)
+            print("wrote", args.ep_profile)
     finally:
         dist.destroy_process_group()
     return 0
@@ -342,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ep-warmup", type=int, default=3, help="--ep: untimed calls first")
     bench.add_argument("--ep-padded-max-tokens", type=int, default=1024,
                        help="--ep: time the padded (sync-free) layer up to this many tokens per rank")
+    bench.add_argument("--ep-profile", metavar="PATH",
+                       help="--ep: instead of timing, profile one forward of the exact and dedup layers (and dedup "
+                            "in 2 chunks) at the first --preset, --tokens and --distribution, and write a text "
+                            "summary (top kernels, GPU idle gaps) to PATH")
     bench.add_argument("--no-ep-baseline", dest="ep_baseline", action="store_false",
                        help="--ep: skip the single-GPU layer on rank 0")
     bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement (per round)")

@@ -277,13 +277,53 @@ def test_a_failure_keeps_its_cause_when_the_first_line_is_only_a_preamble():
     # only the first line); a gather-budget refusal is "refused", not an "error"
     from moe_lab.errors import GatherBudgetError
 
-    runner = type("Runner", (), {"device": torch.device("cpu")})()
+    runner = type("Runner", (), {"device": torch.device("cpu"), "progress": False})()
     row = {}
     e2e._Runner.fail(runner, row, RuntimeError("backend='cudagraphs' raised:\nAssertionError: cannot extract sympy"))
     assert row == {"status": "error", "reason": "RuntimeError: backend='cudagraphs' raised: AssertionError: "
                                                 "cannot extract sympy"}
     e2e._Runner.fail(runner, row, GatherBudgetError(9 * 2**30, 4 * 2**30))
     assert row["status"] == "refused" and "9.0 GiB" in row["reason"]
+
+
+def test_a_bare_assertion_says_where_it_was_raised():
+    # the H200 run's compiled batch-8 rows said only "AssertionError"
+    def check_pools():
+        raise AssertionError  # what a bare `assert` inside torch raises
+
+    try:
+        check_pools()
+    except AssertionError as error:
+        text = e2e.error_text(error)
+    assert text.startswith("AssertionError at tests/test_e2e.py:") and text.endswith("(check_pools)"), text
+
+
+def test_a_failed_compile_starts_dynamo_afresh_and_recompiles_the_backends_before_it(monkeypatch):
+    # A compile that fails half-way left every later compile failing (the H200 run): the failure resets dynamo, and
+    # the backends already compiled in that group are compiled again before the timed rounds.
+    built = _tiny()
+    resets, warmed = [], []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(len(warmed)), real_reset()))
+    real_generate = e2e._Runner.generate
+
+    def generate(self, backend, input_ids, new_tokens, execution, *args, **kwargs):
+        warmed.append((backend, execution))
+        if backend == "moe_lab_grouped_mm" and execution != "eager":
+            raise RuntimeError("backend='inductor' raised:\nsomething half-way")
+        return real_generate(self, backend, input_ids, new_tokens, execution, *args, **kwargs)
+
+    monkeypatch.setattr(e2e._Runner, "generate", generate)
+    table = e2e.run_e2e(built, _plan(backends=["grouped_mm:pinned", "moe_lab_grouped_mm", "moe_lab_eager"],
+                                       prefill_tokens=(), decode_batches=(1,), executions=("compile:default",),
+                                       compiled_first=True, profile=False), progress=False)
+    compiled = table[table.execution == "compile:default"].set_index("backend")
+    assert compiled.loc["moe_lab_grouped_mm", "status"] == "error"
+    assert (compiled.drop("moe_lab_grouped_mm").status == "ok").all(), compiled.reason
+    group = [b for b, execution in warmed if execution == "compile:default"]
+    # the group's own reset, then the failure's; grouped_mm:pinned warmed before the failure and again after it
+    assert group[:4] == ["grouped_mm:pinned", "moe_lab_grouped_mm", "grouped_mm:pinned", "moe_lab_eager"], group
+    assert len(resets) >= 2
 
 
 def test_a_backend_refused_on_the_check_prompt_still_runs_the_shapes_it_can(monkeypatch):

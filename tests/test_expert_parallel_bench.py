@@ -37,14 +37,16 @@ def rows():
 def test_every_variant_on_every_rank(rows):
     assert (rows["status"] == "ok").all(), rows[rows["status"] != "ok"][["variant", "reason"]]
     for (T, distribution), point in rows.groupby(["num_tokens", "distribution"]):
-        expected = {"exact", "pipelined_2", "dispatch_all_to_all", "gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
+        expected = {"exact", "dedup", "pipelined_2", "dedup_pipelined_2", "dispatch_all_to_all", "gloo_all_to_all",
+                    "dedup_dispatch_all_to_all", "dedup_gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
         for rank in (0, 1):
             assert expected <= set(point[point["rank"] == rank]["variant"]), (T, distribution, rank)
         assert list(point[point["variant"] == "one_device"]["rank"]) == [0]  # the baseline runs on rank 0 only
 
 
-def test_phases_add_up_to_the_total(rows):
-    exact = rows[rows["variant"] == "exact"]
+@pytest.mark.parametrize("variant", ["exact", "dedup"])
+def test_phases_add_up_to_the_total(rows, variant):
+    exact = rows[rows["variant"] == variant]
     phases = exact[["count_exchange_ms", "dispatch_ms", "expert_compute_ms", "combine_ms"]]
     assert (phases > 0).all().all()
     # Medians of parts need not add up to the median of the whole, but they come from the same calls.
@@ -60,9 +62,17 @@ def test_flops_pairs_and_bandwidth(rows):
         else:
             assert row.tflops > 0 and row.tokens_per_s > 0
     exact = rows[rows["variant"] == "exact"]
-    assert (exact["pairs_sent"] == exact["num_tokens"] * 2).all()
+    assert (exact["pairs_sent"] == exact["num_tokens"] * 2).all() and (exact["rows_sent"] == exact["pairs_sent"]).all()
     for _, point in exact.groupby(["num_tokens", "distribution"]):
         assert point["pairs_received"].sum() == point["pairs_sent"].sum()  # every pair lands somewhere
+    dedup = rows[rows["variant"] == "dedup"]
+    # One row per (token, rank it visits): at least T (every token goes somewhere), at most T*min(k, world) = 2T,
+    # and every row sent is received.
+    assert (dedup["rows_sent"] >= dedup["num_tokens"]).all() and (dedup["rows_sent"] <= 2 * dedup["num_tokens"]).all()
+    for _, point in dedup.groupby(["num_tokens", "distribution"]):
+        assert point["rows_received"].sum() == point["rows_sent"].sum()
+    a2a = rows[rows["variant"] == "dedup_dispatch_all_to_all"].set_index(["num_tokens", "distribution", "rank"])
+    assert (a2a["rows_sent"] == dedup.set_index(["num_tokens", "distribution", "rank"])["rows_sent"]).all()
 
 
 def test_summary(rows):
@@ -71,8 +81,9 @@ def test_summary(rows):
     assert (one["fraction_of_one_device"] == 1.0).all() and (one["world_size"] == 2).all() and (one["ranks"] == 1).all()
     exact = summary[summary["variant"] == "exact"]
     assert (exact["ranks"] == 2).all() and (exact["fraction_of_one_device"] > 0).all()
-    dispatch = summary[summary["variant"] == "dispatch_all_to_all"]
-    assert (dispatch["a2a_fraction_of_library"] > 0).all()
+    for name in ("dispatch_all_to_all", "dedup_dispatch_all_to_all"):
+        dispatch = summary[summary["variant"] == name]
+        assert len(dispatch) == 4 and (dispatch["a2a_fraction_of_library"] > 0).all()
     skewed = summary[(summary["distribution"] == "zipf") & (summary["variant"] == "exact")]
     assert (skewed["receive_imbalance"] >= 1.0).all()
 
@@ -87,7 +98,7 @@ def test_command_line_outside_torchrun_is_a_group_of_one(tmp_path):
     assert code == 0
     frame, info = moe_lab.bench.load_results(output)
     assert set(frame["world_size"]) == {1} and info["world_size"] == 1
-    assert {"exact", "pipelined_2", "padded", "one_device"} <= set(frame["variant"])
+    assert {"exact", "dedup", "pipelined_2", "padded", "one_device"} <= set(frame["variant"])
 
 
 def test_command_line_refuses_a_misspelled_backend_before_starting(capsys):
@@ -109,7 +120,33 @@ def test_record_script_at_tiny_sizes(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = sorted(path.name for path in tmp_path.iterdir())
-    assert files == ["ep1.csv", "ep1.json", "ep2.csv", "ep2.json", "ep_record.log", "ep_summary.csv"], files
+    assert files == ["ep1.csv", "ep1.json", "ep2.csv", "ep2.json", "ep_profile.txt", "ep_record.log",
+                     "ep_summary.csv"], files
     summary = pd.read_csv(tmp_path / "ep_summary.csv")
-    assert set(summary["world_size"]) == {1, 2} and set(summary["preset"]) == {"qwen3-30b-a3b", "deepseek-v3"}
-    assert "exit 0" in (tmp_path / "ep_record.log").read_text()
+    assert set(summary["world_size"]) == {1, 2} and set(summary["preset"]) == {"qwen3-30b-a3b"}
+    assert {"exact", "dedup", "dedup_dispatch_all_to_all", "one_device"} <= set(summary["variant"])
+    log = (tmp_path / "ep_record.log").read_text()
+    assert log.count("exit 0") == 3 and "goals, dedup layer:" in log  # EP=1, EP=2, the profile
+    profile = (tmp_path / "ep_profile.txt").read_text()
+    assert "=== rank 0 of 2" in profile and "=== rank 1 of 2" in profile and "--- dedup" in profile
+
+
+def test_profile_summary_finds_busy_time_idle_gaps_and_top_kernels():
+    from moe_lab.bench.ep_profile import summarize_trace
+
+    # Two streams: a GEMM 0-100 us, an NCCL kernel 50-150 overlapping it, then nothing until a gather at 400-450
+    # (a 250 us gap: the host was waiting), and a host sync of 240 us.
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_SendRecv", "ts": 50, "dur": 100},
+        {"ph": "X", "cat": "kernel", "name": "gather", "ts": 400, "dur": 50},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 455, "dur": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 150, "dur": 240},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::index", "ts": 390, "dur": 8},
+    ]
+    text = summarize_trace(events, top=4)
+    assert "GPU window 460 us: busy 205 us, idle 255 us (55%) in 2 gaps" in text
+    assert "250.0  ncclDevKernel_SendRecv  ->  gather" in text
+    assert text.index("gemm") < text.index("gather")  # 100 us before 50 us
+    assert "240.0     1x  cudaStreamSynchronize" in text
+    assert summarize_trace([]) == "no GPU activity in the trace"

@@ -1,5 +1,6 @@
 """The expert-parallel layer on NCCL, one GPU per rank: outputs and gradients against the float64
-reference, padded = exact, the padded layer replayed from a CUDA graph, the chunked forward. Needs 2 GPUs
+reference (the exact layer and the one that sends each token once per rank), padded = exact, the padded
+layer replayed from a CUDA graph, the chunked forward. Needs 2 GPUs
 (`pytest tests/test_expert_parallel_gpu.py` on a multi-GPU machine); skipped elsewhere with the reason.
 
 Every check runs in ONE launch of two NCCL processes (starting them and NCCL costs seconds); a check that
@@ -24,6 +25,7 @@ ERRORS = ("output_error", "hidden_states_grad_error", "top_k_weights_grad_error"
           "down_proj_grad_error")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DISTRIBUTIONS = ("uniform", "zipf", "single")
+VARIANTS = ("exact", "dedup")
 CHUNKS = (2, 4)
 
 
@@ -40,10 +42,12 @@ def _attempt(check, *args):
 
 def _every_check():
     results = {}
-    for name, dtype in DTYPES.items():
-        for distribution in DISTRIBUTIONS:
-            case = EPCase(_config(dtype), tokens_per_rank=(96, 64), distribution=distribution, skew=2.0, device="cuda")
-            results[("reference", name, distribution)] = _attempt(check_against_reference, case)
+    for variant in VARIANTS:
+        for name, dtype in DTYPES.items():
+            for distribution in DISTRIBUTIONS:
+                case = EPCase(_config(dtype), tokens_per_rank=(96, 64), distribution=distribution, skew=2.0,
+                              device="cuda", variant=variant)
+                results[("reference", variant, name, distribution)] = _attempt(check_against_reference, case)
     results["padded_vs_exact"] = _attempt(compare_variants, EPCase(_config(torch.float32), tokens_per_rank=(64, 64),
                                                                    distribution="zipf", device="cuda"))
     for chunks in CHUNKS:
@@ -65,11 +69,12 @@ def _ok(result):
     return result
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
-def test_outputs_and_gradients_on_nccl(ranks, dtype, distribution):
+def test_outputs_and_gradients_on_nccl(ranks, variant, dtype, distribution):
     for rank in ranks:
-        result = _ok(rank[("reference", dtype, distribution)])
+        result = _ok(rank[("reference", variant, dtype, distribution)])
         for name in ERRORS:
             assert result[name] <= reference_tolerance(DTYPES[dtype]), (result["rank"], name, result[name])
 

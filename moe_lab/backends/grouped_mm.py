@@ -110,27 +110,16 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, path
 def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     num_tokens, hidden = hidden_states.shape  # [T, H]
     top_k = top_k_index.shape[1]
-    weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
-    path = grouped_mm_path(hidden_states.device, hidden_states.dtype, hidden, weights.intermediate_size)
+    num_experts = expert_weights(experts).num_experts
 
     # int32 keys: a radix sort of 32-bit keys takes half the passes of int64 ones.
     expert_of_pair = top_k_index.reshape(-1).to(torch.int32)  # [S = T*k]
     expert_sorted, pair_order = torch.sort(expert_of_pair, stable=True)  # [S], [S]
     x_sorted = hidden_states[pair_order // top_k]  # [S, H], rows grouped by expert
-    # Offsets from a fixed-size histogram, not bincount: bincount sizes its output from the data
+    # Counts from a fixed-size histogram, not bincount: bincount sizes its output from the data
     # (a host sync on CUDA).
-    counts = expert_counts(expert_sorted, weights.num_experts)  # [E]
-    # One expert: its count is the offset. (Inductor's cumsum rewrite fails on a one-element cumsum of
-    # a symbolic size: grouped_mm with E=1 under torch.compile(dynamic=True).)
-    offsets = counts.int() if weights.num_experts == 1 else torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
-
-    gate_up = grouped_matmul(x_sorted, weights.gate_up.transpose(-2, -1), offsets, path)  # [S, 2I]
-    if weights.gate_up_bias is not None:
-        gate_up = gate_up + weights.gate_up_bias[expert_sorted]
-    h = apply_gate(experts, gate_up)  # [S, I]
-    y = grouped_matmul(h, weights.down.transpose(-2, -1), offsets, path)  # [S, H]
-    if weights.down_bias is not None:
-        y = y + weights.down_bias[expert_sorted]
+    counts = expert_counts(expert_sorted, num_experts)  # [E]
+    y = grouped_mm_sorted_rows(experts, x_sorted, counts, expert_sorted)  # [S, H]
 
     # Un-permute as a gather: sorted_row_of_pair[p] is where pair p's row landed. A gather, unlike
     # a scatter into an empty buffer, fuses with the weighting and the sum under torch.compile.
@@ -139,6 +128,29 @@ def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weight
     y = y[sorted_row_of_pair]  # [S, H] in (token, slot) order; rebinding frees the sorted copy
     y = y * top_k_weights.reshape(-1, 1).to(y.dtype)  # not in place: autograd needs y for the weights' grad
     return sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+
+
+def grouped_mm_sorted_rows(experts, rows, counts, expert_of_row=None):
+    """[R, H] rows grouped by expert (expert 0's first), counts [E] (summing to R) -> [R, H] unweighted:
+    the two grouped GEMMs and the gate, nothing else. The backend's `sorted_rows` entry (spec.py), and the
+    middle of its own forward. expert_of_row [R]: each row's expert, needed only for biases (rebuilt from
+    the counts when not given)."""
+    weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
+    path = grouped_mm_path(rows.device, rows.dtype, weights.hidden_size, weights.intermediate_size)
+    # One expert: its count is the offset. (Inductor's cumsum rewrite fails on a one-element cumsum of
+    # a symbolic size: grouped_mm with E=1 under torch.compile(dynamic=True).)
+    offsets = counts.int() if weights.num_experts == 1 else torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
+    if expert_of_row is None and (weights.gate_up_bias is not None or weights.down_bias is not None):
+        expert_of_row = torch.repeat_interleave(torch.arange(weights.num_experts, device=rows.device), counts.long(),
+                                                output_size=rows.shape[0])  # [R]
+    gate_up = grouped_matmul(rows, weights.gate_up.transpose(-2, -1), offsets, path)  # [R, 2I]
+    if weights.gate_up_bias is not None:
+        gate_up = gate_up + weights.gate_up_bias[expert_of_row]
+    h = apply_gate(experts, gate_up)  # [R, I]
+    y = grouped_matmul(h, weights.down.transpose(-2, -1), offsets, path)  # [R, H]
+    if weights.down_bias is not None:
+        y = y + weights.down_bias[expert_of_row]
+    return y
 
 
 def _path_at(where: Where, compiling: bool = False) -> GroupedMMPath:
@@ -172,4 +184,5 @@ SPEC = BackendSpec(
     sync_free=_sync_free,
     builtin=True,
     kernel_path=lambda where, compiling=False: _path_at(where, compiling).kernel,
+    sorted_rows=grouped_mm_sorted_rows,
 )

@@ -40,7 +40,7 @@ def add_builtin(spec: BackendSpec) -> None:
 
 
 def register(name: str, fn: ExpertsForward | None = None, *, overwrite: bool = False, summary: str | None = None,
-             **capabilities):
+             sorted_rows: Callable | None = None, **capabilities):
     """Register an experts backend under `name`.
 
         @moe_lab.register("sorted_loop")
@@ -56,6 +56,9 @@ def register(name: str, fn: ExpertsForward | None = None, *, overwrite: bool = F
     detaches, goes through numpy or a kernel without a backward — and refuses it otherwise.
 
     `fn` may also be a whole `BackendSpec` (e.g. one from `get_spec`), registered under `name` as it is.
+    `sorted_rows(experts, rows [R, H] grouped by expert, counts [E]) -> [R, H]` (unweighted) is an optional
+    second entry for rows that arrive already grouped by expert (expert parallelism's receivers; see
+    `BackendSpec.sorted_rows`); without it those callers run `fn` with top_k = 1.
     Registering a user name again replaces it (re-running a notebook cell just works); replacing a
     built-in needs `overwrite=True`, and `unregister(name)` puts the built-in back.
     """
@@ -69,17 +72,19 @@ def register(name: str, fn: ExpertsForward | None = None, *, overwrite: bool = F
     def add(function: ExpertsForward) -> ExpertsForward:
         if isinstance(function, BackendSpec):
             _check_replaceable(name, overwrite)
-            if capabilities or summary:
+            if capabilities or summary or sorted_rows:
                 raise TypeError("register(name, spec) takes the spec as it is: declare capabilities in the spec")
             _registry[name] = dataclasses.replace(function, name=name, builtin=name in _builtins)
             return function
         if not callable(function):
             raise TypeError(f"backend {name!r} must be callable, got {type(function).__name__}")
+        if sorted_rows is not None and not callable(sorted_rows):
+            raise TypeError(f"sorted_rows of backend {name!r} must be callable or None, got {type(sorted_rows).__name__}")
         _check_replaceable(name, overwrite)
         first_doc_line = (function.__doc__ or "").strip().splitlines()[:1]
         _registry[name] = BackendSpec(
             name=name, forward=function, summary=summary or (first_doc_line[0] if first_doc_line else "user backend"),
-            builtin=name in _builtins, **declared)
+            builtin=name in _builtins, sorted_rows=sorted_rows, **declared)
         return function
 
     return add if fn is None else add(fn)

@@ -110,6 +110,11 @@ class BackendSpec:
     #: kernel_path(where, compiling) -> which kernel path it runs there (grouped_mm: torch's grouped GEMM
     #: or moe_lab's loop), for result rows; None when a backend has one path.
     kernel_path: Callable[..., str] | None = None
+    #: sorted_rows(experts, rows [R, H] grouped by expert (expert 0's rows first), counts [E] int device tensor
+    #: summing to R) -> [R, H]: each row through its group's expert, unweighted. The entry for callers whose rows
+    #: already arrive grouped (expert parallelism's receivers), so the backend skips its own sort, gather and
+    #: un-permute. None: the backend has no such entry; callers use `forward` with top_k = 1 instead.
+    sorted_rows: Callable | None = None
 
     def supports(self, capability: str, where: Where) -> Support:
         """The answer for `capability` (one of CAPABILITIES) at `where`. A backend that does not run

@@ -67,18 +67,25 @@ def experts_forward_with_grad(experts, weights: ExpertWeights, hidden_states, to
                               counts, num_tokens, top_k, plan_ints)
 
 
-def compiled_inference_forward(weights: ExpertWeights, hidden_states, top_k_index, top_k_weights, activation: str,
-                               plan: LaunchPlan) -> Tensor:
+def compiled_inference_forward(experts, weights: ExpertWeights, hidden_states, top_k_index, top_k_weights,
+                               activation: str, plan: LaunchPlan) -> Tensor:
     """The forward without gradients, for torch.compile: every Triton launch inside a custom op, so dynamo and
-    Inductor never trace one (Inductor's max-autotune modes failed on the traced launches: the H200 compile
-    matrix in data/). The decode path is one op; the sorted one the same ops as training, nothing saved.
-    For a fused activation only (a module's own gate runs in torch between launches)."""
+    Inductor never trace one (a traced launch broke the cudagraphs backend and Inductor's dynamic-shape and
+    max-autotune compiles on the H200: docs/errors.md). The decode path is one op for a fused activation, two
+    around the module's own gate; the sorted path is the training ops, nothing saved."""
     top_k = top_k_index.shape[1]
     if plan.decode:
-        return decode_op(hidden_states, weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias,
-                         top_k_index.reshape(-1), top_k_weights.reshape(-1), top_k, activation, plan.as_ints())
+        expert_of_pair, routing_weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [S] in pair order
+        if activation != "none":
+            return decode_op(hidden_states, weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias,
+                             expert_of_pair, routing_weights, top_k, activation, plan.as_ints())
+        pre = decode_gate_up_op(hidden_states, weights.gate_up, weights.gate_up_bias, expert_of_pair, top_k,
+                                plan.as_ints())  # [S, 2I]
+        h = apply_gate(experts, pre)  # [S, I] by the module's own formula
+        return decode_down_op(h, weights.down, weights.down_bias, expert_of_pair, routing_weights, top_k,
+                              plan.as_ints())  # [T, H]
     plan = dataclasses.replace(plan, save_pre_activation=False)
-    return experts_forward_with_grad(None, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
+    return experts_forward_with_grad(experts, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
 
 
 def _decode(x: Tensor, gate_up: Tensor, down: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor],
@@ -95,6 +102,36 @@ decode_op = torch.library.custom_op("moe_lab::triton_decode", _decode, mutates_a
 @decode_op.register_fake
 def _(x, gate_up, down, gate_up_bias, down_bias, expert_of_pair, routing_weights, top_k, activation, plan):
     return x.new_empty(x.shape)
+
+
+def _decode_gate_up(x: Tensor, gate_up: Tensor, gate_up_bias: Optional[Tensor], expert_of_pair: Tensor, top_k: int,
+                    plan: list[int]) -> Tensor:
+    """x [T, H] -> pre [S, 2I] in pair order, no activation (the module's own gate follows, in torch)."""
+    launch = LaunchPlan.from_ints(plan)
+    return launch_decode_gate_up(x, gate_up, gate_up_bias, expert_of_pair, top_k, "none", launch.decode_gate_up)
+
+
+decode_gate_up_op = torch.library.custom_op("moe_lab::triton_decode_gate_up", _decode_gate_up, mutates_args=())
+
+
+@decode_gate_up_op.register_fake
+def _(x, gate_up, gate_up_bias, expert_of_pair, top_k, plan):
+    return x.new_empty(expert_of_pair.shape[0], gate_up.shape[1])
+
+
+def _decode_down(h: Tensor, down: Tensor, down_bias: Optional[Tensor], expert_of_pair: Tensor,
+                 routing_weights: Tensor, top_k: int, plan: list[int]) -> Tensor:
+    """h [S, I] in pair order -> [T, H], each token's k rows weighted and summed."""
+    launch = LaunchPlan.from_ints(plan)
+    return launch_decode_down(h, down, down_bias, expert_of_pair, routing_weights, top_k, launch.decode_down)
+
+
+decode_down_op = torch.library.custom_op("moe_lab::triton_decode_down", _decode_down, mutates_args=())
+
+
+@decode_down_op.register_fake
+def _(h, down, down_bias, expert_of_pair, routing_weights, top_k, plan):
+    return h.new_empty(expert_of_pair.shape[0] // top_k, down.shape[1])
 
 
 def _call(op, *args):

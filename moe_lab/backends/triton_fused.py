@@ -149,8 +149,9 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *
                                          plan)
     if num_tokens * top_k == 0:
         return hidden_states.new_zeros(num_tokens, hidden)
-    if torch.compiler.is_compiling() and activation != "none":
-        return compiled_inference_forward(weights, hidden_states, top_k_index, top_k_weights, activation, plan)
+    if torch.compiler.is_compiling():
+        return compiled_inference_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation,
+                                          plan)
     if plan.decode:
         return decode_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
     return sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
@@ -182,13 +183,14 @@ def fused_activation(experts) -> str:
 def _has_own_gate(experts) -> bool:
     """True for a module whose `_apply_gate` is its own formula. transformers installs its default
     chunk-in-two gate (`_default_apply_gate`, act(gate) * up) on every experts class without one:
-    that is exactly what the kernel fuses, so it does not count."""
-    gate = getattr(experts, "_apply_gate", None)
+    that is exactly what the kernel fuses, so it does not count. Read from the class, where transformers puts
+    it: a plain function, which dynamo reads the same as Python does (through the bound method, torch 2.11's
+    dynamo answered "own gate" for transformers' default, so compiled models left the fused path)."""
+    gate = getattr(type(experts), "_apply_gate", None)
     if gate is None:
         return False
-    function = getattr(gate, "__func__", gate)
-    return not (getattr(function, "__name__", "") == "_default_apply_gate"
-                and getattr(function, "__module__", "").startswith("transformers."))
+    return not (getattr(gate, "__name__", "") == "_default_apply_gate"
+                and getattr(gate, "__module__", "").startswith("transformers."))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -212,6 +213,12 @@ class _Runner:
         oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
         status = "refused" if isinstance(error, GatherBudgetError) else "oom" if oom else "error"
         row.update(status=status, reason=error_text(error))
+        if status == "error" and self.progress:  # the row keeps one line; the log keeps the whole story
+            self.say("".join(traceback.format_exception(error)[-12:]).rstrip())
+        if row.get("execution", EAGER) != EAGER and status != "refused":
+            # A compile that failed half-way can leave dynamo's caches and the CUDA-graph trees in a state that fails
+            # every later compile with a bare AssertionError (seen on the H200): start the next case afresh.
+            torch._dynamo.reset()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -261,7 +268,17 @@ class _Runner:
         rows = {backend: self.new_row(backend, execution, phase, batch, prompt_tokens, new_tokens)
                 for backend in backends}
         self.rows.extend(rows.values())
-        ready = [backend for backend in backends if self._warm_up(rows[backend], input_ids, logits_check)]
+        if execution != EAGER:
+            # Each (backend, batch) is a compile of the same frame, model.__call__: over a whole run they pass dynamo's
+            # recompile limit (8), past which it runs the frame uncompiled without a word. A group starts afresh.
+            torch._dynamo.reset()
+        ready = []
+        for backend in backends:
+            if self._warm_up(rows[backend], input_ids, logits_check):
+                ready.append(backend)
+            elif execution != EAGER and rows[backend]["status"] in ("error", "oom"):
+                # the failure reset dynamo (see fail), dropping the graphs compiled before it: compile those again
+                ready = [done for done in ready if self._warm_up(rows[done], input_ids, logits_check)]
         times, medians = self._time_rounds(rows, ready, input_ids)
         for backend in ready:
             self._finish_row(rows[backend], times[backend], medians[backend], logits_check)
@@ -408,9 +425,14 @@ class _Runner:
 
 def error_text(error: BaseException, limit: int = 300) -> str:
     """"Type: message" on one line, as much of it as fits a CSV cell: torch's compile errors put the cause on
-    the second line ("backend='cudagraphs' raised:" / "AssertionError: ..."), which the first line alone loses."""
+    the second line ("backend='cudagraphs' raised:" / "AssertionError: ..."), which the first line alone loses.
+    An error without a message (a bare `assert`) says where it was raised instead."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (f"{type(error).__name__}: " + " ".join(lines) if lines else type(error).__name__)[:limit]
+    if lines:
+        return (f"{type(error).__name__}: " + " ".join(lines))[:limit]
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {'/'.join(frames[-1].filename.split('/')[-2:])}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    return (type(error).__name__ + where)[:limit]
 
 
 def run_e2e(built, plan: E2EPlan, *, on_rows=None, progress: bool = True):

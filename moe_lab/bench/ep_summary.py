@@ -29,11 +29,16 @@ def ep_summary(frame):
     single = summary[summary["variant"] == "one_device"].set_index(point)["tflops_per_gpu"]
     baseline = [single.get(tuple(key), math.nan) for key in summary[point].itertuples(index=False)]
     summary["fraction_of_one_device"] = summary["tflops_per_gpu"] / pd.Series(baseline, index=summary.index)
-    library = summary[summary["variant"].isin(["nccl_all_to_all", "gloo_all_to_all"])]
-    library = library.set_index(point)["a2a_GBps"]
+    # Each dispatch's all-to-all against the library's equal-block one for the same bytes: "dispatch_all_to_all"
+    # (the exact layer's) with "nccl_all_to_all" (or gloo's), "dedup_dispatch_all_to_all" with "dedup_nccl_...".
+    library = summary[summary["variant"].str.endswith(("nccl_all_to_all", "gloo_all_to_all"))]
+    library = library.assign(variant=library["variant"].str.replace(r"(nccl|gloo)_all_to_all$", "dispatch_all_to_all",
+                                                                    regex=True))
+    library = library.set_index(point + ["variant"])["a2a_GBps"]
     summary["a2a_fraction_of_library"] = [
-        row.a2a_GBps / library.get((row.preset, row.num_tokens, row.distribution, row.world_size), math.nan)
-        if row.variant == "dispatch_all_to_all" else math.nan for row in summary.itertuples(index=False)]
+        row.a2a_GBps / library.get((row.preset, row.num_tokens, row.distribution, row.world_size, row.variant),
+                                   math.nan)
+        if row.variant.endswith("dispatch_all_to_all") else math.nan for row in summary.itertuples(index=False)]
     no_flops = summary["variant"].str.endswith("all_to_all")
     summary.loc[no_flops, ["tflops_per_gpu", "tokens_per_s", "fraction_of_one_device"]] = math.nan
     return pd.DataFrame(summary)
@@ -76,20 +81,22 @@ def weak_scaling(summary, variant: str = "exact"):
     return table.sort_values(keys + ["world_size"]).reset_index(drop=True)
 
 
-def goal_status(summary, goals=EP_GOALS):
-    """Each goal's measured value at its (preset, T, EP size), uniform routing, exact layer (the all-to-all goal
-    reads the dispatch's row): 'met', 'missed' or 'not run' (no such EP size in the recording)."""
+def goal_status(summary, goals=EP_GOALS, variant: str = "exact"):
+    """Each goal's measured value at its (preset, T, EP size), uniform routing, for `variant`'s layer ("exact",
+    "dedup"; the all-to-all goal reads that layer's dispatch row): 'met', 'missed' or 'not run' (no such EP size,
+    or no such variant, in the recording)."""
     import pandas as pd
 
-    scaling = weak_scaling(summary)
+    scaling = weak_scaling(summary, variant)
+    dispatch_variant = "dispatch_all_to_all" if variant == "exact" else f"{variant}_dispatch_all_to_all"
     rows = []
     for name, preset, tokens, world, column, target in goals:
         source = summary if column == "a2a_fraction_of_library" else scaling
-        variant = {"a2a_fraction_of_library": "dispatch_all_to_all"}.get(column)
+        variant_of_row = {"a2a_fraction_of_library": dispatch_variant}.get(column)
         match = source[(source["preset"] == preset) & (source["num_tokens"] == tokens)
                        & (source["distribution"] == "uniform") & (source["world_size"] == world)]
-        if variant is not None:
-            match = match[match["variant"] == variant]
+        if variant_of_row is not None:
+            match = match[match["variant"] == variant_of_row]
         value = float(match[column].iloc[0]) if len(match) else math.nan
         status = "not run" if math.isnan(value) else ("met" if value >= target else "missed")
         rows.append({"goal": name, "preset": preset, "T per rank": tokens, "EP": world, "target": target,
@@ -102,7 +109,8 @@ def variants_against_exact(summary):
     (< 1: faster than the plain forward)."""
     point = ["preset", "num_tokens", "distribution", "world_size"]
     exact = summary[summary["variant"] == "exact"].set_index(point)["slowest_ms"]
-    others = summary[summary["variant"].isin(["pipelined_2", "pipelined_4", "padded", "padded_graph"])]
+    others = summary[summary["variant"].isin(["dedup", "pipelined_2", "pipelined_4", "dedup_pipelined_2",
+                                              "dedup_pipelined_4", "padded", "padded_graph"])]
     table = others.pivot_table(index=point, columns="variant", values="slowest_ms")
     return table.div(exact, axis=0).reset_index()
 

@@ -4,16 +4,21 @@ Per preset, tokens per rank T and routing (uniform, or Zipf-skewed so the first 
 most pairs), each rank records one row per variant:
 
     exact            ExpertParallelExperts: count_exchange / dispatch / expert_compute / combine (CUDA events)
+    dedup            DedupExpertParallelExperts (each token once per destination rank), the same phases
     pipelined_<n>    the same forward in n chunks, all-to-alls overlapping the experts (parallel/pipelined.py)
+    dedup_pipelined_<n>  the dedup layer's forward in n chunks, the same way
     padded           the sync-free fixed-capacity layer (T <= padded_max_tokens: decode sizes)
     padded_graph     the padded layer replayed from a CUDA graph (CUDA only; measured after everything else)
     dispatch_all_to_all  the exact layer's dispatch all-to-all alone, its real split sizes
     nccl_all_to_all  an all-to-all of the same bytes in equal blocks: what the library does on this machine
+    dedup_dispatch_all_to_all, dedup_nccl_all_to_all   the same two for the dedup layer's token rows
     one_device       rank 0 only: the whole layer (all E experts) on one GPU, rank 0's T tokens and routing
                      (its world_size is the launch's, so each launch is compared with its own baseline)
 
 Times are medians over `reps` calls after `warmup`, every call started together on all ranks (a
-device sync and a barrier first); a rank's time includes waiting for slower ranks inside the
+device sync and a barrier first); the layer variants of a point (exact, dedup, pipelined, padded) are
+interleaved call by call (A B C, C B A, ...), so drift during a run does not land on one of them; a
+rank's time includes waiting for slower ranks inside the
 collectives — that is what skew costs. FLOPs are the useful expert FLOPs of a rank's own tokens
 (bench.roofline.expert_flops), so per-GPU TFLOP/s compares directly with the single-GPU row.
 Inputs are random (never zeros), weights built on the device, each rank only its block.
@@ -32,13 +37,15 @@ from ..config import MoEConfig
 from ..errors import first_line
 from ..modules import Experts
 from ..parallel.collectives import all_to_all
+from ..parallel.dedup import DedupExpertParallelExperts, plan_token_dispatch
 from ..parallel.dispatch import plan_exact, sort_pairs
 from ..parallel.layer import PHASES, ExpertParallelExperts
 from ..parallel.padded import PaddedExpertParallelExperts
-from ..parallel.pipelined import pipelined_forward
+from ..parallel.pipelined import pipelined_dedup_forward, pipelined_forward
 from ..routing import synthetic_routing
 from .phase_timer import PhaseTimer
 from .provenance import ROW_PROVENANCE, provenance
+from .rounds import round_order
 from .roofline import expert_flops
 from .timing import percentile
 
@@ -46,7 +53,7 @@ EP_COLUMNS = (
     "preset", "variant", "world_size", "rank", "num_tokens", "distribution", "skew", "backend", "dtype",
     "hidden_size", "intermediate_size", "num_experts", "top_k", "status", "reason",
     *(f"{phase}_ms" for phase in PHASES), "median_ms", "p10_ms", "p90_ms", "reps",
-    "pairs_sent", "pairs_received", "bytes_off_rank", "a2a_GBps", "capacity", "flops", "tflops", "tokens_per_s",
+    "pairs_sent", "pairs_received", "rows_sent", "rows_received", "bytes_off_rank", "a2a_GBps", "capacity", "flops", "tflops", "tokens_per_s",
     "device", *ROW_PROVENANCE,
 )
 
@@ -152,15 +159,30 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
     T = x.shape[0]
     pairs = sort_pairs(index, layer.num_experts)
     plan = plan_exact(pairs, layer.shard, layer.group)  # split sizes of this point, for the all-to-all rows
-    rows = [_measure(base | {"variant": "exact"}, lambda timer: _with_hook(layer, timer, lambda: layer(x, index, weights)),
-                     settings, device)]
+    dedup = DedupExpertParallelExperts(layer.config, layer.group, local=layer.local)  # the same weights
+    [(token_plan, token_rows, _)] = plan_token_dispatch(x, index, weights, layer.shard, layer.group)
+    variants = [("exact", layer, lambda: layer(x, index, weights)), ("dedup", dedup, lambda: dedup(x, index, weights))]
     for chunks in settings.chunks:
-        def chunked(timer, n=chunks):
-            _with_hook(layer, timer, lambda: pipelined_forward(layer, x, index, weights, chunks=n))
-        rows.append(_measure(base | {"variant": f"pipelined_{chunks}"}, chunked, settings, device))
+        variants.append((f"pipelined_{chunks}", layer,
+                         lambda n=chunks: pipelined_forward(layer, x, index, weights, chunks=n)))
+        variants.append((f"dedup_pipelined_{chunks}", dedup,
+                         lambda n=chunks: pipelined_dedup_forward(dedup, x, index, weights, chunks=n)))
     if T <= settings.padded_max_tokens:
-        rows.append(_padded_row(layer, inputs, base, settings, device))
-    rows += _all_to_all_rows(layer, x[pairs.token_of_sorted], plan, base, settings, device)
+        padded = PaddedExpertParallelExperts(layer.config, layer.group, settings.backend, tokens_per_rank=T,
+                                             local=layer.local)
+        variants.append(("padded", padded, lambda: padded(x, index, weights)))
+    entries = [(base | {"variant": name} | ({"capacity": module.capacity} if name == "padded" else {}),
+                lambda timer, module=module, call=call: _with_hook(module, timer, call))
+               for name, module, call in variants]
+    rows = _measure_interleaved(entries, settings, device)
+    for row in rows:
+        exact_like = not row["variant"].startswith("dedup")
+        row["rows_sent"] = T * layer.config.top_k if exact_like else sum(token_plan.send_rows)
+        row["rows_received"] = sum(plan.receive_splits) if exact_like else sum(token_plan.receive_rows)
+    rows += _all_to_all_rows(layer, x[pairs.token_of_sorted], plan.send_splits, plan.receive_splits, base, settings,
+                             device, prefix="")
+    rows += _all_to_all_rows(layer, token_rows, token_plan.send_rows, token_plan.receive_rows, base, settings, device,
+                             prefix="dedup_")
     if settings.baseline:
         rows.append(_one_device_row(whole, inputs, base, settings, device))
     rows = [row for row in rows if row is not None]
@@ -168,15 +190,6 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
         _derive(row, layer)
         row["pairs_received"] = sum(plan.receive_splits) if row["variant"] != "one_device" else math.nan
     return rows
-
-
-def _padded_row(layer, inputs, base, settings, device) -> dict:
-    """The sync-free layer over the same weights, launched (its CUDA-graph replay: _graph_preset)."""
-    x, index, weights = inputs
-    padded = PaddedExpertParallelExperts(layer.config, layer.group, settings.backend, tokens_per_rank=x.shape[0],
-                                         local=layer.local)
-    return _measure(base | {"variant": "padded", "capacity": padded.capacity},
-                    lambda timer: _with_hook(padded, timer, lambda: padded(x, index, weights)), settings, device)
 
 
 def _graph_preset(name, config, settings, device) -> list[dict]:
@@ -227,25 +240,31 @@ def _capture(call, device):
     return graph
 
 
-def _all_to_all_rows(layer, rows_sorted, plan, base, settings, device) -> list[dict]:
-    """The dispatch's own all-to-all (its real split sizes), and an equal-block all-to-all of the same bytes.
-    rows_sorted [S, H]: this rank's pair rows grouped by destination, as the dispatch sends them."""
+def _all_to_all_rows(layer, rows_sorted, send_splits, receive_splits, base, settings, device, prefix) -> list[dict]:
+    """A dispatch's own all-to-all (its real split sizes), and an equal-block all-to-all of the same bytes.
+    rows_sorted [N, H]: this rank's rows grouped by destination, as the dispatch sends them."""
     x = rows_sorted
     world, rank = layer.shard.world_size, layer.shard.rank
-    off_rank = rows_sorted.shape[0] - plan.send_splits[rank]
-    dispatch = _measure(base | {"variant": "dispatch_all_to_all"},
-                        lambda timer: all_to_all(rows_sorted, plan.receive_splits, plan.send_splits, layer.group),
+    off_rank = rows_sorted.shape[0] - send_splits[rank]
+    dispatch = _measure(base | {"variant": f"{prefix}dispatch_all_to_all"},
+                        lambda timer: all_to_all(rows_sorted, receive_splits, send_splits, layer.group),
                         settings, device)
     dispatch["bytes_off_rank"] = off_rank * x.shape[1] * x.element_size()
-    per_rank = max(1, math.ceil(rows_sorted.shape[0] / world))
+    # Equal blocks must be the same size on every rank: the mean of the ranks' rows (the same bytes in all; the
+    # exact layer's T*k rows are equal on every rank anyway, the dedup layer's depend on the routing).
+    total_rows = torch.tensor([rows_sorted.shape[0]], device=device)
+    dist.all_reduce(total_rows, group=layer.group)
+    per_rank = max(1, math.ceil(int(total_rows) / world / world))
     with seeded(device, settings.seed + 7):
-        equal = torch.randn(per_rank * world, x.shape[1], device=device, dtype=x.dtype)  # [world * S/world, H]
-    library = _measure(base | {"variant": "nccl_all_to_all" if device.type == "cuda" else "gloo_all_to_all"},
+        equal = torch.randn(per_rank * world, x.shape[1], device=device, dtype=x.dtype)  # [world * mean N/world, H]
+    library_name = "nccl_all_to_all" if device.type == "cuda" else "gloo_all_to_all"
+    library = _measure(base | {"variant": f"{prefix}{library_name}"},
                        lambda timer: all_to_all(equal, None, None, layer.group), settings, device)
     library["bytes_off_rank"] = (world - 1) * per_rank * x.shape[1] * x.element_size()
     for row in (dispatch, library):
         ms = row.get("median_ms", math.nan)
         row["a2a_GBps"] = row["bytes_off_rank"] / (ms * 1e6) if world > 1 and ms and ms > 0 else math.nan
+        row["rows_sent"], row["rows_received"] = rows_sorted.shape[0], sum(receive_splits)
     return [dispatch, library]
 
 
@@ -257,6 +276,42 @@ def _one_device_row(whole, inputs, base, settings, device) -> dict:
         row = _measure(row, lambda timer: whole(x, index, weights), settings, device, together=False)
     dist.barrier()
     return row if whole is not None else None
+
+
+def _measure_interleaved(entries, settings, device) -> list[dict]:
+    """`_measure` for several (row, call) at once, call by call: every entry's warm-up, then each repetition
+    runs every entry once, in order and reversed on alternate repetitions (rounds.round_order)."""
+    timer = PhaseTimer(device)
+    samples = [{} for _ in entries]
+    failed = [None] * len(entries)
+    for i in range(settings.warmup + settings.reps):
+        for j in round_order(range(len(entries)), i):
+            if failed[j] is not None:
+                continue
+            _start_together(device)
+            try:
+                timer.start()
+                entries[j][1](timer)
+                timer.stop()
+                phases = timer.phases_ms()
+            except Exception as error:  # noqa: BLE001 (the same on every rank: a collective either runs or not)
+                failed[j] = first_line(error)
+                continue
+            if i >= settings.warmup:
+                for key, value in phases.items():
+                    samples[j].setdefault(key, []).append(value)
+    return [row | {"status": "error", "reason": failed[j]} if failed[j] is not None else _summarize(row, samples[j])
+            for j, (row, _) in enumerate(entries)]
+
+
+def _summarize(row: dict, samples: dict) -> dict:
+    totals = samples["total"]
+    row = row | {"status": "ok", "median_ms": percentile(totals, 50), "p10_ms": percentile(totals, 10),
+                 "p90_ms": percentile(totals, 90), "reps": len(totals)}
+    for phase in PHASES:
+        if phase in samples:
+            row[f"{phase}_ms"] = percentile(samples[phase], 50)
+    return row
 
 
 def _measure(row: dict, call, settings, device, together: bool = True) -> dict:
@@ -275,13 +330,7 @@ def _measure(row: dict, call, settings, device, together: bool = True) -> dict:
                     samples.setdefault(key, []).append(value)
     except Exception as error:  # noqa: BLE001
         return row | {"status": "error", "reason": first_line(error)}
-    totals = samples["total"]
-    row = row | {"status": "ok", "median_ms": percentile(totals, 50), "p10_ms": percentile(totals, 10),
-                 "p90_ms": percentile(totals, 90), "reps": len(totals)}
-    for phase in PHASES:
-        if phase in samples:
-            row[f"{phase}_ms"] = percentile(samples[phase], 50)
-    return row
+    return _summarize(row, samples)
 
 
 def _sync(device):
@@ -317,7 +366,7 @@ def _derive(row, layer) -> None:
     row["pairs_sent"] = T * config.top_k if row["variant"] != "one_device" else math.nan
     row["flops"] = float(expert_flops(T, config.top_k, config.hidden_size, config.intermediate_size))
     ms = row.get("median_ms", math.nan)
-    if row["variant"] not in ("dispatch_all_to_all", "nccl_all_to_all", "gloo_all_to_all") and ms and ms > 0:
+    if not row["variant"].endswith("all_to_all") and ms and ms > 0:
         row["tflops"] = row["flops"] / (ms * 1e9)
         row["tokens_per_s"] = T / (ms * 1e-3)
 

@@ -3,16 +3,19 @@
     sharding.py     which experts live on which rank (contiguous blocks of E / world)
     collectives.py  the differentiable all-to-all and the count exchange
     dispatch.py     exact split sizes: sort pairs, exchange counts (one host sync), dispatch, return, weighted sum
+    dedup.py        each token once per destination rank, its experts' weighted sum on the expert's rank
     padded.py       fixed capacity per (source, destination) pair: no host sync, CUDA-graph capturable
-    pipelined.py    the exact layer's forward in chunks, so one chunk's all-to-all overlaps another's experts
+    pipelined.py    the exact or dedup layer's forward in chunks, so one chunk's all-to-all overlaps another's experts
     layer.py        `ExpertParallelExperts`, the exact layer
+    local.py        this rank's experts through a registered backend (its sorted_rows entry where it has one)
     launch.py       `run_on_ranks`: a function on N local gloo processes (tests, notebooks)
     checks.py       one rank's comparison against the single-process float64 reference
 
 Not imported by `import moe_lab`: `import moe_lab.parallel` when you need it.
 """
+from .dedup import DedupExpertParallelExperts
 from .layer import PHASES, ExpertParallelExperts
 from .launch import RankFailedError, run_on_ranks
 from .sharding import ExpertShard
 
-__all__ = ["PHASES", "ExpertParallelExperts", "ExpertShard", "RankFailedError", "run_on_ranks"]
+__all__ = ["PHASES", "DedupExpertParallelExperts", "ExpertParallelExperts", "ExpertShard", "RankFailedError", "run_on_ranks"]

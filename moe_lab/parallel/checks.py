@@ -28,7 +28,7 @@ class EPCase:
     distribution: str = "uniform"  # moe_lab.synthetic_routing's: uniform, zipf, single
     skew: float = 1.0
     backend: str = "grouped_mm"
-    variant: str = "exact"  # "exact" (ExpertParallelExperts) or "padded" (PaddedExpertParallelExperts)
+    variant: str = "exact"  # "exact" (ExpertParallelExperts), "dedup" (DedupExpertParallelExperts) or "padded"
     capacity: int | None = None  # padded only: rows per (source, destination) pair; None = the worst case
     backward: bool = True
     seed: int = 0
@@ -65,13 +65,17 @@ def build_layer(case: EPCase, experts: Experts, device: torch.device | None = No
         from .layer import ExpertParallelExperts
 
         return ExpertParallelExperts.from_experts(experts, experts_implementation=case.backend, device=device)
+    if case.variant == "dedup":
+        from .dedup import DedupExpertParallelExperts
+
+        return DedupExpertParallelExperts.from_experts(experts, experts_implementation=case.backend, device=device)
     if case.variant == "padded":
         from .padded import PaddedExpertParallelExperts
 
         return PaddedExpertParallelExperts.from_experts(experts, experts_implementation=case.backend,
                                                         tokens_per_rank=max(case.tokens_per_rank),
                                                         capacity=case.capacity, device=device)
-    raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'padded'")
+    raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'dedup', 'padded'")
 
 
 def check_against_reference(case: EPCase) -> dict:
@@ -132,16 +136,18 @@ def compare_variants(case: EPCase) -> dict:
 
 
 def compare_pipelined(case: EPCase, chunks: int) -> dict:
-    """Run on every rank: the chunked, overlapped forward against the plain one (no gradients)."""
-    from .pipelined import pipelined_forward
+    """Run on every rank: the chunked, overlapped forward against the plain one (no gradients); the exact layer's,
+    or the dedup layer's when case.variant is "dedup"."""
+    from .pipelined import pipelined_dedup_forward, pipelined_forward
 
     experts, hidden, index, weights, _ = whole_batch(case)
     rank, device = dist.get_rank(), _device(case)
-    layer = build_layer(replace(case, variant="exact"), experts, device)
+    variant = "dedup" if case.variant == "dedup" else "exact"
+    layer = build_layer(replace(case, variant=variant), experts, device)
     x, i, w = hidden[rank].to(device), index[rank].to(device), weights[rank].to(device)
     with torch.no_grad():
         plain = layer(x, i, w)
-        chunked = pipelined_forward(layer, x, i, w, chunks=chunks)
+        chunked = (pipelined_dedup_forward if variant == "dedup" else pipelined_forward)(layer, x, i, w, chunks=chunks)
     reference = _reference_output(experts, hidden, index, weights)[rank]
     return {"difference": relative_error(chunked, plain), "output_error": relative_error(chunked.cpu(), reference)}
 

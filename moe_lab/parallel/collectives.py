@@ -62,3 +62,13 @@ def exchange_counts(counts_by_rank: torch.Tensor, group) -> torch.Tensor:
     world = counts_by_rank.shape[0]
     received = all_to_all(counts_by_rank.reshape(-1), None, None, group)
     return received.view(world, -1)
+
+
+def start_count_exchange(counts_by_rank: torch.Tensor, group):
+    """Start the count exchange and return (received [world, n], work): `work.wait()` before reading
+    `received`. Through `torch.distributed.all_to_all_single` into a preallocated tensor: counts need no
+    gradient, so the functional collective's autograd wrapper is host time for nothing. Not waited for here,
+    so work queued before `work.wait()` (gathering the rows to send) runs while the counts move."""
+    sent = counts_by_rank.contiguous()
+    received = torch.empty_like(sent)
+    return received, dist.all_to_all_single(received, sent, group=group, async_op=True)

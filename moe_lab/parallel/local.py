@@ -1,11 +1,18 @@
-"""One rank's experts, run through any registered backend, and the input checks of an EP layer."""
+"""One rank's experts, run through any registered backend, and the input checks of an EP layer.
+
+    run_local_experts   rows in any order, each with its local expert id: the backend's forward, top_k = 1
+    run_sorted_rows     rows already grouped by local expert, with the counts: the backend's `sorted_rows`
+                        entry where its spec declares one (no sort, gather or un-permute), else the former
+"""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import torch
 
-from ..backends import check_inputs, experts_forward
+from ..backends import Where, check_inputs, experts_forward, get_spec
+from ..backends.common import needs_grad
+from ..errors import BackendInputError
 from ..modules import Experts
 
 
@@ -18,6 +25,29 @@ def run_local_experts(local: Experts, rows: torch.Tensor, local_expert_of_row: t
     index = local_expert_of_row.view(-1, 1)  # [R, 1]
     ones = torch.ones(index.shape, dtype=torch.float32, device=rows.device)  # [R, 1]
     output = experts_forward(local.experts_implementation, local, rows, index, ones)  # [R, H]
+    return _tied_if_empty(output, rows, local)
+
+
+def run_sorted_rows(local: Experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[R, H] rows grouped by local expert (expert 0's first), counts [E/w] summing to R -> [R, H] unweighted.
+
+    Through the backend's `sorted_rows` entry when its spec has one and, if this call needs gradients,
+    declares autograd; otherwise through its forward with each row's expert id (rebuilt from the counts
+    on the device: no sync), as `run_local_experts` does."""
+    if rows.dim() != 2 or rows.shape[1] != local.config.hidden_size or counts.shape != (local.num_experts,):
+        raise BackendInputError(f"run_sorted_rows wants rows [R, {local.config.hidden_size}] and counts "
+                                f"[{local.num_experts}], got {tuple(rows.shape)} and {tuple(counts.shape)}")
+    spec = get_spec(local.experts_implementation)
+    if spec.sorted_rows is not None:
+        where = Where(rows.device, rows.dtype, local.config.hidden_size, local.config.intermediate_size)
+        if not needs_grad(local, rows, counts) or spec.supports("autograd", where):
+            return _tied_if_empty(spec.sorted_rows(local, rows, counts), rows, local)
+    expert_of_row = torch.repeat_interleave(torch.arange(local.num_experts, device=rows.device), counts.long(),
+                                            output_size=rows.shape[0])  # [R]
+    return run_local_experts(local, rows, expert_of_row)
+
+
+def _tied_if_empty(output: torch.Tensor, rows: torch.Tensor, local: Experts) -> torch.Tensor:
     if rows.shape[0] == 0 and torch.is_grad_enabled():
         # A rank that received nothing must still take part in the backward all-to-alls, and autograd runs
         # a node's backward only if the loss depends on it. Some backends skip an empty input entirely

@@ -1,4 +1,5 @@
-"""The exact layer's forward in chunks, so one chunk's all-to-all overlaps another chunk's experts.
+"""The expert-parallel forward in chunks, so one chunk's all-to-all overlaps another chunk's experts:
+`pipelined_forward` for the exact layer, `pipelined_dedup_forward` for the dedup one (dedup.py).
 
 A plain forward runs dispatch, experts and combine one after the other, and the GPU's matmul units
 idle while the rows travel. Split the tokens into n chunks and queue the collectives without waiting
@@ -59,3 +60,35 @@ def pipelined_forward(layer, hidden_states, top_k_index, top_k_weights, chunks: 
         returned.append(all_to_all_async(expert_rows, send[c], receive[c], group))
     outputs = [weighted_sum(waited(r), p, w) for r, p, w in zip(returned, pairs, weight_chunks)]  # n x [T_c, H]
     return torch.cat(outputs)  # [T, H]; dispatch, experts and combine interleave: no phase marks past the counts
+
+
+def pipelined_dedup_forward(layer, hidden_states, top_k_index, top_k_weights, chunks: int = 2) -> torch.Tensor:
+    """The same overlap for the dedup layer (a DedupExpertParallelExperts): chunk c's experts run while chunk c+1's
+    token rows and routing move and chunk c-1's sums come back. One count exchange and one host read for all chunks
+    (dedup.plan_token_dispatch). Inference only, like `pipelined_forward`."""
+    from .dedup import experts_on_received, plan_token_dispatch, sum_per_token
+
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError(f"chunks must be a positive integer, got {chunks!r}")
+    check_routed_inputs(layer.local, layer.num_experts, hidden_states, top_k_index, top_k_weights)
+    if needs_grad(layer.local, hidden_states, top_k_weights):
+        raise BackendCapabilityError(
+            "the pipelined expert-parallel forward is for inference: run it under torch.no_grad() "
+            "(or call the layer itself, whose forward trains)")
+    group = layer.group
+    planned = plan_token_dispatch(hidden_states, top_k_index, top_k_weights, layer.shard, group, chunks)
+    layer._phase_done("count_exchange")
+
+    def dispatch(plan, rows, routing):  # both all-to-alls queued, not waited for
+        return (all_to_all_async(rows, plan.receive_rows, plan.send_rows, group),
+                all_to_all_async(routing, plan.receive_rows, plan.send_rows, group))
+
+    received = [dispatch(*planned[0])] + [None] * (chunks - 1)
+    returned = []
+    for c, (plan, _, _) in enumerate(planned):
+        if c + 1 < chunks:  # queued before chunk c's experts: it moves while they run
+            received[c + 1] = dispatch(*planned[c + 1])
+        rows, routing = (waited(r) for r in received[c])
+        partial = experts_on_received(layer.local, rows, routing, plan)  # [N_in_c, H]
+        returned.append(all_to_all_async(partial, plan.send_rows, plan.receive_rows, group))
+    return torch.cat([sum_per_token(waited(r), plan) for r, (plan, _, _) in zip(returned, planned)])  # [T, H]
