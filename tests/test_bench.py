@@ -412,7 +412,8 @@ def test_forward_backward_rows_time_a_training_step(ceilings):
     assert row["status"] == "ok", row["reason"]
     assert row["pass"] == "forward_backward" and row["flops"] == 3 * bench.expert_flops(24, 2, 32, 16)
     assert row["rel_err"] < 1e-5  # the worst of the four gradients against float64
-    assert row["peak_bytes"] > 0 and math.isnan(row["predicted_bytes"])  # the memory model replays forwards only
+    # the training model replays triton and transformers as they run on a GPU, not moe_lab grouped_mm on a CPU
+    assert row["peak_bytes"] > 0 and math.isnan(row["predicted_bytes"])
     forward = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, **FAST)
     assert forward["pass"] == "forward" and row["peak_bytes"] > forward["peak_bytes"]  # the backward saves activations
     # A backend that declares no backward is a row that says so, not a crash or a detached timing.

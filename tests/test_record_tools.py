@@ -1,13 +1,18 @@
 """tools/merge_tables.py: the parts of one recorded table come back as one, with every part's provenance."""
 import importlib.util
+import os
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from moe_lab.bench import load_results, save_results
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
 
 
 def _merge_tables():
@@ -37,3 +42,29 @@ def test_merged_table_keeps_rows_ordered_and_every_parts_provenance(tmp_path):
     assert info["liger_kernel_version"] == "0.8.5"  # a key only a later part has is kept
     assert [part["file"] for part in info["parts"]] == ["t8192", "t128"]
     assert all(part["command_line"] for part in info["parts"]) and info["notes"] == "two GPUs"
+
+
+@pytest.mark.slow
+def test_backward_record_command_runs_on_cpu_and_its_tables_merge(tmp_path):
+    """The lead's GPU command (tools/gpu_parallel.sh with backward-hf:<preset>:<T,...> parts) on CPU,
+    tiny (BENCH_ARGS scales the presets down, triton runs through its interpreter): the tables come
+    back in one archive under $OUT, at most 8 files, and merge_tables joins them with their parts."""
+    out, record = tmp_path / "out", tmp_path / "record"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), R=str(record), ROUNDS="1", DEADLINE="240",
+               BENCH_ARGS="--device cpu --scale-down 16 --max-seconds 0.02",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    done = subprocess.run(["bash", "tools/gpu_parallel.sh", "backward-hf:olmoe-1b-7b:8 backward-hf:mixtral-8x7b:8"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(path.name for path in out.iterdir()) == ["log_gpu0.txt", "record.tar.gz"]
+    with tarfile.open(out / "record.tar.gz") as archive:
+        archive.extractall(tmp_path / "back", filter="data")
+    parts = sorted(str(path) for path in (tmp_path / "back").glob("cpu_bf16_backward_*_T8.csv"))
+    assert [Path(part).name for part in parts] == ["cpu_bf16_backward_mixtral-8x7b_T8.csv",
+                                                   "cpu_bf16_backward_olmoe-1b-7b_T8.csv"]
+    _merge_tables().merge(str(tmp_path / "merged"), parts, notes="tiny CPU try of the command")
+    table, info = load_results(tmp_path / "merged.csv")
+    assert set(table["backend"]) == {"grouped_mm", "triton", "transformers:grouped_mm"}
+    assert (table["status"] == "ok").all() and (table["peak_bytes"] > 0).all()
+    assert len(info["parts"]) == 2 and info["notes"] == "tiny CPU try of the command"

@@ -6,7 +6,7 @@
 # DEADLINE (seconds, default 540) bounds every GPU's list.
 # Output: $OUT/log_gpuN.txt for each GPU, and $OUT/record.tar.gz with every table.
 set -u
-export R=/tmp/record; mkdir -p $R
+export R=${R:-/tmp/record}; mkdir -p $R
 # the carried wheels, installed once: several pip installs into one folder at once lose packages
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

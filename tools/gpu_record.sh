@@ -15,6 +15,8 @@
 # $OUT must be set, and MOE_LAB_GIT_COMMIT = the commit measured, written into the command from the
 # local checkout (the device's copy of .git can lag behind the working tree it measures).
 # Output: $OUT/record.tar.gz (the tables) + $OUT/log.txt.
+# BENCH_ARGS (optional) is added to every bench command: "--device cpu --scale-down 64" tries a
+# command's logic on a CPU machine (triton through its interpreter) before it spends GPU time.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 if [ -n "${WHEELS_INSTALLED:-}" ]; then  # tools/gpu_parallel.sh installed them
   export PYTHONPATH=$PWD:/tmp/site
@@ -25,10 +27,10 @@ fi
 [ $# -gt 0 ] || { echo "parts: tests, finegrained, coarse, compile, compile-autotune, graph-breaks, anchor," \
                        "backward-finegrained, backward-coarse, ab-forward"; exit 2; }
 # The card in file names: "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200.
-CARD=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+CARD=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'cpu')")
 ROUNDS=${ROUNDS:-3}
 R=${R:-/tmp/record}; mkdir -p $R
-BENCH="python -m moe_lab.cli bench --dtype bfloat16 --quiet --rounds $ROUNDS"
+BENCH="python -m moe_lab.cli bench --dtype bfloat16 --quiet --rounds $ROUNDS ${BENCH_ARGS:-}"
 TABLE="--tokens 1,16,128,1024,8192 --compare-hf --cuda-graph --max-seconds 0.1"
 
 graph_breaks() {

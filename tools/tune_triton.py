@@ -98,7 +98,7 @@ CROSSOVER_TOKENS = [1, 2, 4, 8, 16, 32]
 # the kernel gathers dout / x rows by token itself; "sorted": it reads the copy in sorted row order
 # that the plan's sorted_grad_out / sorted_hidden_states make once ([S, H], timed as "gather");
 # "split" (down_backward only): the plan's split_down_backward, a GEMM of the sorted dout into a
-# float32 [S, I] buffer (these tiles) and a streaming activation-backward kernel, timed together.
+# [S, I] buffer in the model dtype (these tiles) and a streaming activation-backward kernel, timed together.
 # Weight-gradient tiles cover the weight, block_k steps through an expert's rows; tma=True loads
 # every operand in sorted order (d_pre, weighted_h, the sorted copies) through TMA descriptors.
 BACKWARD_CANDIDATES = {

@@ -210,20 +210,36 @@ def _experts_setup_context(ctx, inputs, output):
     pre = output[1]
     ctx.mark_non_differentiable(pre)
     ctx.set_materialize_grads(False)  # no zeros for the pre-activation's (never used) gradient
+    # Saved tensors live until the backward returns. Unless saved-tensor hooks (offloading,
+    # checkpointing) must see it, the pre-activation [S, 2I] rides in a list the backward empties,
+    # so it is freed once d_pre exists, before the weight gradients are allocated (the backward's
+    # peak). A second backward through a retained graph finds the list empty and recomputes it.
+    keep = LaunchPlan.from_ints(ctx.plan).save_pre_activation
+    hooked = keep and _saved_tensors_hooks_active()
+    ctx.kept_pre_activation = [pre] if keep and not hooked else []
     ctx.save_for_backward(x, gate_up, down, gate_up_bias, down_bias, routing_weights, expert_of_pair, sorted_pair,
-                          counts, pre)
+                          counts, *([pre] if hooked else []))
+
+
+def _saved_tensors_hooks_active() -> bool:
+    """Whether a `torch.autograd.graph.saved_tensors_hooks` context would see what is saved now
+    (torch's own checkpoint asks the same private function; assume yes where it is missing)."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is None or top_hooks(False) is not None
 
 
 def _experts_backward(ctx, grad_out, _grad_pre):
     if grad_out is None:
         return (None,) * 12
     _refuse_double_backward()
-    x, gate_up, down, gate_up_bias, down_bias, routing_weights, expert_of_pair, sorted_pair, counts, pre = \
-        ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, gate_up, down, gate_up_bias, down_bias, routing_weights, expert_of_pair, sorted_pair, counts = saved[:9]
     needs_x, needs_gate_up, needs_down, needs_gate_up_bias, needs_down_bias, needs_routing = ctx.needs_input_grad[:6]
     plan, top_k = LaunchPlan.from_ints(ctx.plan), ctx.top_k
     grad_out = grad_out.contiguous()  # whatever layout the graph hands over: the kernels index rows and TMA tiles
-    if not plan.save_pre_activation:  # recompute: the gate_up GEMM again, without the activation
+    # [S, 2I]: saved through the hooks, or taken out of the list (then only referenced here), or None
+    pre = saved[9] if len(saved) > 9 else ctx.kept_pre_activation.pop() if ctx.kept_pre_activation else None
+    if pre is None:  # recompute: the gate_up GEMM again, without the activation
         pre = _call(gate_up_projection_op, x, gate_up, gate_up_bias, sorted_pair, counts, top_k,
                     plan.gate_up.as_ints(), ctx.plan)
     grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k) if plan.sorted_grad_out else None  # [S, H]

@@ -82,12 +82,14 @@ def launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, co
 def launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
                                config: KernelConfig):
     """launch_down_backward's results in two kernels, from dout's rows in sorted order [S, H]: the
-    GEMM grad_out_sorted @ down[e] into a float32 [S, I] buffer (down_kernel, tiles from `config`),
-    then activation_backward_kernel streaming it with `saved` into d_pre, weighted_h and the
-    routing-weight gradient, whole rows per program (no partial sums)."""
+    GEMM grad_out_sorted @ down[e] into an [S, I] buffer in the model dtype (down_kernel, tiles
+    from `config`), then activation_backward_kernel streaming it with `saved` into d_pre, weighted_h
+    and the routing-weight gradient, whole rows per program (no partial sums). The buffer is dh / w
+    rounded once to the model dtype, as a grouped_mm backward's dh is: float32 would double its
+    bytes at the backward's peak (it is alive beside the pre-activation, d_pre and weighted_h)."""
     num_experts, hidden, inter = down.shape
     num_pairs = sorted_pair.numel()
-    acc = grad_out_sorted.new_empty(num_pairs, inter, dtype=torch.float32)  # [S, I] sorted rows
+    acc = grad_out_sorted.new_empty(num_pairs, inter)  # [S, I] sorted rows, the model dtype
     use_tma = (can_use_tma(config, grad_out_sorted) and can_use_tma(config, down)
                and hidden % config.block_k == 0)  # [E, H, I] = [E, K, N]: a tile never reaches the next expert
     a = kernels().tile_descriptor(grad_out_sorted, [config.block_m, config.block_k]) if use_tma else grad_out_sorted

@@ -21,7 +21,7 @@ Given dout [T, H]:
       dW_gate_up[e] = sum over e's rows of d_pre[r]^T x[token(r)]      [2I, H]   (+ d bias = row sums)
       dW_down[e]    = sum over e's rows of dout[token(r)]^T weighted_h[r]   [H, I]   (+ d bias)
   split_down_backward (plan): the same in two kernels, down_kernel's GEMM of dout's sorted rows
-  into a float32 [S, I] buffer, then activation_backward_kernel streaming it with the saved
+  into an [S, I] buffer in the model dtype, then activation_backward_kernel streaming it with the saved
   pre-activation; the fused kernel's epilogue holds five [BM, BN] tiles besides the accumulator.
   With the plan's sorted_grad_out / sorted_hidden_states the launchers first gather dout / x into
   sorted row order ([S, H]); down_backward and the weight gradients then read row tiles that are
@@ -152,7 +152,7 @@ def activation_backward_kernel(
     num_experts, N, stride_am, stride_an, stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn,
     ACTIVATION: tl.constexpr, NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The split down_backward's second half: acc [S, N=I] float32 (dout's sorted rows @ down[e],
+    """The split down_backward's second half: acc [S, N=I] in the model dtype (dout's sorted rows @ down[e],
     from down_kernel) -> d_pre, weighted_h, and dw [S] in pair order: each program streams BLOCK_M
     whole rows, so a row's sum over its columns needs no partial buffer. Only the experts' rows
     (the counts' sum): a pair with an out-of-range expert id has no acc row, and its dw stays zero."""
@@ -167,7 +167,7 @@ def activation_backward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.load(acc_ptr + sorted_rows[:, None] * stride_am + offs_n[None, :] * stride_an,
-                      mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+                      mask=row_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         row_sums += _activation_backward_tile(
             acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n, n_mask, N,
             stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn, ACTIVATION)

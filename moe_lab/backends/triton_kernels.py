@@ -196,7 +196,7 @@ def down_kernel(
     tiles, and the launcher takes TMA only when K is a multiple of BLOCK_K (a tile never reaches
     into the next expert along the reduction). The split down_backward runs it too: dout's sorted
     rows [S, K=H] times down [E, H, I] (W_TILE_KN), unscaled, stored at the sorted rows
-    (STORE_SORTED) of a float32 [S, N=I] buffer."""
+    (STORE_SORTED) of an [S, N=I] buffer in the model dtype."""
     expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
         counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:

@@ -17,8 +17,8 @@ choice are in docs/performance_notes.md and the data/ files it names, not here.
       sorted_grad_out, sorted_hidden_states   gather dout / x into sorted row order once in the
                                           backward, so the kernels that read them per sorted row
                                           load contiguous (TMA) tiles instead of gathering rows
-      split_down_backward                 down_backward as a GEMM into a float32 [S, I] buffer and a
-                                          streaming activation-backward kernel (needs sorted_grad_out)
+      split_down_backward                 down_backward as a GEMM into an [S, I] buffer (model dtype)
+                                          and a streaming activation-backward kernel (needs sorted_grad_out)
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from .roofline import (
     cached_ceilings, dtype_name, expert_flops, min_bytes, roofline_ms, training_flops, training_min_bytes,
 )
 from .rounds import format_round_medians
+from .training_memory_model import predict_training_memory
 from .timing import resolve_device, synchronize, time_fn
 
 #: rel_err is computed when T*E*H*I is below this: the float64 reference is dense over all experts.
@@ -166,8 +167,10 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
                                                         seed=seed)
     row["experts_hit"] = sum(1 for n in groups if n)
     predicted = predict_memory(config, T, backend, dtype, tokens_per_expert=groups)
-    if backward:  # the memory model replays forwards only
-        predicted = {**predicted, "total": math.nan, "modelled": False}
+    if backward:  # the training model replays triton and transformers' grouped_mm as they run on a GPU
+        training = (predict_training_memory(config, T, backend, dtype) if torch.device(device).type == "cuda"
+                    else {"total": math.nan, "modelled": False})
+        predicted = {**predicted, "total": training["total"], "modelled": training["modelled"]}
     row.update(
         predicted_bytes=predicted["total"], predicted_gather_bytes=predicted["weights_gathered"],
         flops=(training_flops if backward else expert_flops)(T, k, H, I),
