@@ -96,6 +96,8 @@ def _grouped_mm(t: _Timeline, T, k, H, I, E, b, a, groups) -> None:
     t.new("h", S * I * b)
     t.drop("act")
     t.new("y", S * H * b)  # grouped_mm -> [S, H]
+    for name in ("gate_up", "h", "offsets"):  # grouped_mm_sorted_rows returns: its intermediates go
+        t.drop(name)
     t.new("sorted_row_of_pair", S * 8, "permutation")  # empty_like(pair_order)
     t.temp(S * 8, "permutation")  # arange(S) scattered into it
     t.new("y", S * H * b)  # y[sorted_row_of_pair]: un-permuted copy, the sorted y is freed
