@@ -12,6 +12,8 @@ RECORDED = {
     "compile_autotune": ["h200_bf16_compile_autotune_qwen3-30b-a3b"],
     # forward + backward of one layer (a training step's), moe_lab beside transformers and Liger, on an H200
     "backward": ["h200_bf16_backward"],
+    # the points of "backward" that missed the memory goal, re-recorded after the backward's two memory levers
+    "backward_memory": ["h200_bf16_backward_memory"],
 }
 #: How a "presets" row was issued (the `execution` column): see moe_lab.bench.measure.EXECUTIONS.
 EXECUTIONS = ("eager", "cuda_graph")
@@ -32,7 +34,8 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     """(DataFrame, provenance) of a recorded table set: "presets" (six models x five token
     counts, moe_lab and transformers backends), "compile" (the torch.compile matrix, both libraries)
     "compile_autotune" (the max-autotune modes for moe_lab's backends, on another card) or "backward" (forward
-    + backward of one layer: moe_lab's, transformers' grouped_mm and Liger's fused MoE, on another card).
+    + backward of one layer: moe_lab's, transformers' grouped_mm and Liger's fused MoE, on another card) or
+    "backward_memory" (the same, no Liger, at the points that missed the memory goal, after its fix).
 
     "presets" holds each measurement twice: kernels launched from Python (execution "eager", the
     default here: one row per backend and point) and replayed from a CUDA graph ("cuda_graph");

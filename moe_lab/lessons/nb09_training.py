@@ -194,4 +194,20 @@ def describe_recorded_training_steps(steps) -> str:
                   f"{r['preset']} T={r['T']} (+{(r['triton peak GiB'] - r['transformers peak GiB']) * 1024:.0f} MiB)"
                   for _, r in over.iterrows()) + ".")
     return " ".join([ratio_sentence("× transformers", "transformers' grouped_mm"),
-                     ratio_sentence("× Liger", "Liger's fused MoE"), memory])
+                     ratio_sentence("× Liger", "Liger's fused MoE"), memory, describe_memory_rerecord()])
+
+
+def describe_memory_rerecord() -> str:
+    """A sentence on the re-recorded memory points (recorded set "backward_memory"), computed from them: at how
+    many of them triton's peak is at or below transformers' after the fix, and by how much."""
+    from ..recorded_tables import load_recorded
+
+    frame, provenance = load_recorded("backward_memory")
+    peak = frame[frame["status"] == "ok"].pivot_table(index=["preset", "num_tokens"], columns="backend",
+                                                      values="peak_bytes")
+    margin_mib = (peak["triton"] - peak["transformers:grouped_mm"]) / 2**20
+    under = margin_mib[margin_mib <= 0]
+    return (f"Re-recorded after the backward stopped holding the saved pre-activation beside the weight gradients "
+            f"(and kept its split buffer in bf16), at commit {provenance.get('git_commit', '?')[:7]}: triton's peak "
+            f"was at or below transformers' at {len(under)} of {len(margin_mib)} of those points "
+            f"({margin_mib.max():+.0f} to {margin_mib.min():+.0f} MiB).")
