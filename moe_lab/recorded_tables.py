@@ -100,6 +100,8 @@ def recorded_label(provenance: dict) -> str:
 
 #: The expert-parallel recording (tools/ep_record.sh): its output folder, copied as it is into data/.
 EP_RECORD = "ep_record"
+#: The second one (2 GPUs): the layer that sends each token once per rank beside the exact layer, and a profile.
+EP_RECORD_DEDUP = "ep_record_dedup"
 
 
 def load_ep_record(directory: Path | str | None = None):

@@ -262,3 +262,45 @@ def _fraction_of_ep1(summary, goal, world_size: int) -> float:
     match = table[(table["preset"] == goal["preset"]) & (table["num_tokens"] == goal["T per rank"])
                   & (table["distribution"] == "uniform") & (table["world_size"] == world_size)]
     return float(match["fraction_of_ep1"].iloc[0])
+
+
+DEDUP_VARIANTS = ("exact", "dedup", "pipelined_2", "dedup_pipelined_2")
+
+
+def dedup_comparison():
+    """(table, card label) of the 2-GPU recording (data/ep_record_dedup): per (preset, T per rank, routing, EP
+    size) each layer's fraction of the one-GPU layer timed in the same launch — the exact layer, the one that
+    sends each token once per rank (dedup), and both chunked — and each dispatch's all-to-all in ms; or
+    (None, a sentence saying it is not recorded)."""
+    from ..recorded_tables import EP_RECORD_DEDUP, data_dir, load_ep_record, recorded_label
+
+    record = load_ep_record(data_dir() / EP_RECORD_DEDUP)
+    if record is None:
+        return None, "not recorded yet: tools/ep_record.sh on 2 GPUs, its output folder copied to data/ep_record_dedup/"
+    summary, provenance = record
+    keys = ["preset", "num_tokens", "distribution", "world_size"]
+    layers = summary[summary["variant"].isin(DEDUP_VARIANTS)]
+    table = layers.pivot_table(index=keys, columns="variant", values="fraction_of_one_device")
+    table = table[[v for v in DEDUP_VARIANTS if v in table.columns]].add_prefix("x 1 GPU ")
+    transfers = summary[summary["variant"].isin(["dispatch_all_to_all", "dedup_dispatch_all_to_all"])]
+    a2a = transfers.pivot_table(index=keys, columns="variant", values="slowest_ms")
+    a2a = a2a.rename(columns={"dispatch_all_to_all": "exact a2a ms", "dedup_dispatch_all_to_all": "dedup a2a ms"})
+    return table.join(a2a), recorded_label(provenance)
+
+
+def profile_excerpt(layer: str = "dedup", lines: int = 6) -> str:
+    """The first `lines` lines of rank 0's profile of one EP=2 forward of `layer` (data/ep_record_dedup/
+    ep_profile.txt, written by moe_lab.bench.ep_profile): the GPU's busy and idle time, the top kernels."""
+    from ..recorded_tables import EP_RECORD_DEDUP, data_dir
+
+    path = data_dir() / EP_RECORD_DEDUP / "ep_profile.txt"
+    if not path.exists():
+        return "not recorded yet"
+    text = path.read_text().split("=== rank 1")[0]  # rank 0's part
+    marker = f"--- {layer}\n"
+    if marker not in text:
+        raise ValueError(f"no profile of layer {layer!r} in {path}; it holds: "
+                         f"{[line[4:] for line in text.splitlines() if line.startswith('--- ')]}")
+    section = text.split(marker, 1)[1].splitlines()
+    return "\n".join(line[:150] for line in section[:lines])
+
