@@ -6,28 +6,11 @@ import torch
 import torch.distributed as dist
 
 import moe_lab
-from moe_lab.lessons.tolerances import reference_tolerance
 from moe_lab.parallel import run_on_ranks
-from moe_lab.parallel.checks import EPCase, check_against_reference, whole_batch
+from ep_cases import assert_close as _assert_close, run_case as _run, small_config as _config
+from moe_lab.parallel.checks import EPCase, whole_batch
 
-ERRORS = ("output_error", "hidden_states_grad_error", "top_k_weights_grad_error", "gate_up_proj_grad_error",
-          "down_proj_grad_error")
 BACKENDS = ("eager", "batched_mm", "grouped_mm")  # grouped_mm through its sorted_rows entry, the others through forward
-
-
-def _config(num_experts=8, top_k=2, dtype=torch.float32):
-    return moe_lab.MoEConfig(32, 16, num_experts=num_experts, top_k=top_k, dtype=dtype)
-
-
-def _run(case: EPCase) -> list[dict]:
-    return run_on_ranks(check_against_reference, len(case.tokens_per_rank), case, timeout_s=120)
-
-
-def _assert_close(results, dtype):
-    tolerance = reference_tolerance(dtype)
-    for result in results:
-        for name in ERRORS:
-            assert result[name] <= tolerance, f"rank {result['rank']} {name} = {result[name]:.2e} > {tolerance:.0e}"
 
 
 @pytest.mark.parametrize("world_size,num_experts", [(1, 8), (2, 8), (3, 6), (4, 8)])

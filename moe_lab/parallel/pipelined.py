@@ -28,13 +28,7 @@ from .local import check_routed_inputs, run_local_experts
 def pipelined_forward(layer, hidden_states, top_k_index, top_k_weights, chunks: int = 2) -> torch.Tensor:
     """[T, H], [T, k], [T, k] -> [T, H] through `layer` (an ExpertParallelExperts), `chunks` chunks in
     flight. Every rank must use the same `chunks` (a rank's chunk may hold zero tokens)."""
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ConfigError(f"chunks must be a positive integer, got {chunks!r}")
-    check_routed_inputs(layer.local, layer.num_experts, hidden_states, top_k_index, top_k_weights)
-    if needs_grad(layer.local, hidden_states, top_k_weights):
-        raise BackendCapabilityError(
-            "the pipelined expert-parallel forward is for inference: run it under torch.no_grad() "
-            "(or call the layer itself, whose forward trains)")
+    _check_call(layer, hidden_states, top_k_index, top_k_weights, chunks)
     shard, group = layer.shard, layer.group
     world, El = shard.world_size, shard.count
     hidden_chunks = torch.tensor_split(hidden_states, chunks)  # n x [T_c, H]
@@ -68,13 +62,7 @@ def pipelined_dedup_forward(layer, hidden_states, top_k_index, top_k_weights, ch
     (dedup.plan_token_dispatch). Inference only, like `pipelined_forward`."""
     from .dedup import experts_on_received, plan_token_dispatch, sum_per_token
 
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ConfigError(f"chunks must be a positive integer, got {chunks!r}")
-    check_routed_inputs(layer.local, layer.num_experts, hidden_states, top_k_index, top_k_weights)
-    if needs_grad(layer.local, hidden_states, top_k_weights):
-        raise BackendCapabilityError(
-            "the pipelined expert-parallel forward is for inference: run it under torch.no_grad() "
-            "(or call the layer itself, whose forward trains)")
+    _check_call(layer, hidden_states, top_k_index, top_k_weights, chunks)
     group = layer.group
     planned = plan_token_dispatch(hidden_states, top_k_index, top_k_weights, layer.shard, group, chunks)
     layer._phase_done("count_exchange")
@@ -92,3 +80,15 @@ def pipelined_dedup_forward(layer, hidden_states, top_k_index, top_k_weights, ch
         partial = experts_on_received(layer.local, rows, routing, plan)  # [N_in_c, H]
         returned.append(all_to_all_async(partial, plan.send_rows, plan.receive_rows, group))
     return torch.cat([sum_per_token(waited(r), plan) for r, (plan, _, _) in zip(returned, planned)])  # [T, H]
+
+
+def _check_call(layer, hidden_states, top_k_index, top_k_weights, chunks) -> None:
+    """What both chunked forwards refuse: a chunk count that is not a positive int, the layer's own input errors,
+    and a call that needs gradients (they are for inference)."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError(f"chunks must be a positive integer, got {chunks!r}")
+    check_routed_inputs(layer.local, layer.num_experts, hidden_states, top_k_index, top_k_weights)
+    if needs_grad(layer.local, hidden_states, top_k_weights):
+        raise BackendCapabilityError(
+            "the pipelined expert-parallel forward is for inference: run it under torch.no_grad() "
+            "(or call the layer itself, whose forward trains)")
