@@ -215,10 +215,6 @@ class _Runner:
         row.update(status=status, reason=error_text(error))
         if status == "error" and self.progress:  # the row keeps one line; the log keeps the whole story
             self.say("".join(traceback.format_exception(error)[-12:]).rstrip())
-        if row.get("execution", EAGER) != EAGER and status != "refused":
-            # A compile that failed half-way can leave dynamo's caches and the CUDA-graph trees in a state that fails
-            # every later compile with a bare AssertionError (seen on the H200): start the next case afresh.
-            torch._dynamo.reset()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -277,7 +273,7 @@ class _Runner:
             if self._warm_up(rows[backend], input_ids, logits_check):
                 ready.append(backend)
             elif execution != EAGER and rows[backend]["status"] in ("error", "oom"):
-                # the failure reset dynamo (see fail), dropping the graphs compiled before it: compile those again
+                # the failure reset dynamo (see _warm_up), dropping the graphs compiled before it: compile those again
                 ready = [done for done in ready if self._warm_up(rows[done], input_ids, logits_check)]
         times, medians = self._time_rounds(rows, ready, input_ids)
         for backend in ready:
@@ -314,6 +310,12 @@ class _Runner:
             row["reason"] = "warmed up, not timed yet"  # what a run stopped from outside leaves
         except Exception as error:  # noqa: BLE001 - a failure is a row, the run goes on
             self.fail(row, error)
+            if row["execution"] != EAGER and row["status"] in ("error", "oom"):
+                # A compile that failed half-way can leave dynamo's caches and the CUDA-graph trees in a state that
+                # fails every later compile with a bare AssertionError (seen on the H200): start afresh (run_group
+                # compiles again the backends warmed before this one). Only here, where compiles happen: a reset
+                # during the timed rounds would put compiles inside the others' timings.
+                torch._dynamo.reset()
         self.say(f"{row['phase']} {row['execution']} {backend} B={row['batch']} P={row['prompt_tokens']}: "
                  f"{'warm-up' if row['status'] == 'ok' else row['status']} {time.monotonic() - began:.1f}s "
                  f"{row['reason'][:120] if row['status'] != 'ok' else ''}")
