@@ -37,7 +37,10 @@ def _case(H, I, E, k, T, dtype, activation="silu", distribution="uniform", seed=
 
 
 def _error(layer, hidden, index, weights):
-    out = moe_lab.experts_forward("triton", layer, hidden, index, weights)
+    # Without a gradient: the inference path, where T=1 takes the decode kernels (a call that needs gradients
+    # never does: the module's weights require grad, so under grad mode this would test the sorted path).
+    with torch.no_grad():
+        out = moe_lab.experts_forward("triton", layer, hidden, index, weights)
     assert out.shape == hidden.shape and out.dtype == hidden.dtype
     return moe_lab.relative_error(out, moe_lab.reference_experts_forward(layer, hidden, index, weights))
 
@@ -57,9 +60,27 @@ def test_decode_and_sorted_paths_agree_where_both_could_run():
     layer, hidden, index, weights = _case(48, 32, 64, 2, 9, torch.float32)
     assert uses_decode_path(8, 2, 64) and not uses_decode_path(9, 2, 64)
     assert "decode" in triton_path(8, 2, 64) and "sorted" in triton_path(9, 2, 64)
-    decoded = moe_lab.experts_forward("triton", layer, hidden[:8], index[:8], weights[:8])
-    sorted_ = moe_lab.experts_forward("triton", layer, hidden, index, weights)[:8]
+    with torch.no_grad():
+        decoded = moe_lab.experts_forward("triton", layer, hidden[:8], index[:8], weights[:8])
+        sorted_ = moe_lab.experts_forward("triton", layer, hidden, index, weights)[:8]
     torch.testing.assert_close(decoded, sorted_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden, intermediate", [(2048, 40), (24, 1408), (24, 2100)])
+def test_decode_kernels_with_the_gpu_tiles(hidden, intermediate):
+    # The GPU plan's decode tiles are whole rows (BLOCK_K up to 2048) of 2-8 rows: wider than these layers'
+    # K (I=40, H=24), I=1408 takes one 2048-wide step for down, I=2100 three 1024-wide ones with a masked
+    # tail. The interpreter runs the same kernels.
+    from moe_lab.backends.triton_plan import decode_configs
+
+    layer, hidden_states, index, weights = _case(hidden, intermediate, 4, 2, 1, torch.float32)
+    gpu_gate_up, gpu_down = decode_configs(hidden, intermediate, interpreted=False)
+    plan = dataclasses.replace(launch_plan(1, 2, 4, hidden, intermediate, torch.float32, interpreted=interpreting()),
+                               decode_gate_up=gpu_gate_up, decode_down=gpu_down)
+    assert plan.decode
+    with torch.no_grad():
+        out = triton_experts_forward(layer, hidden_states, index, weights, plan=plan)
+    assert moe_lab.relative_error(out, moe_lab.reference_experts_forward(layer, hidden_states, index, weights)) < 1e-5
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "zipf", "single"])  # "single": all on one expert

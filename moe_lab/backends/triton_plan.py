@@ -222,16 +222,22 @@ def _halve_block_k(configs, itemsize: int):
     return tuple(dataclasses.replace(config, block_k=max(16, config.block_k * 2 // itemsize)) for config in configs)
 
 
-def decode_configs(interpreted: bool) -> tuple[DecodeConfig, DecodeConfig]:
+def decode_configs(hidden_size: int, intermediate_size: int, interpreted: bool) -> tuple[DecodeConfig, DecodeConfig]:
     """Tile sizes for (decode_gate_up_kernel, decode_down_kernel).
 
-    A decode kernel is a GEMV that only streams weight rows, so what matters is many programs with
-    many bytes in flight each: 8 rows per program and 8 warps, BLOCK_K 256 (gate_up) and 512 (down),
-    from the sweep of tools/tune_triton.py --parts decode (docs/performance_notes.md).
+    A decode kernel is a GEMV that only streams weight rows, cold from HBM in a model (each layer reads its
+    own experts). Its time is a few round trips to memory per program, one per BLOCK_K step, so the tiles
+    are short and wide: a whole row (or half of one) per step, and 2-8 rows per program, so that enough
+    programs run at once. gate_up reduces over K = H, down over K = I, whose row should not leave most of
+    a second 1024-wide step masked (I = 1408 reads in one 2048-wide step). From tools/tune_decode.py on an
+    H200, six presets, the layers back to back in a CUDA graph (docs/performance_notes.md,
+    data/h200_decode_layers.json).
     """
     if interpreted:
         return DecodeConfig(32, 64, 1, 1), DecodeConfig(32, 64, 1, 1)
-    return DecodeConfig(8, 256, 8, 1), DecodeConfig(8, 512, 8, 1)
+    gate_up = DecodeConfig(2, 2048, 4, 1) if hidden_size % 2048 == 0 else DecodeConfig(2, 1024, 4, 1)
+    down = DecodeConfig(8, 2048, 8, 1) if 1024 < intermediate_size < 2048 else DecodeConfig(4, 1024, 4, 1)
+    return gate_up, down
 
 
 def uses_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -282,7 +288,7 @@ def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsi
     num_pairs = num_tokens * top_k
     rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     gate_up, down = kernel_configs(rows_per_expert, interpreted, wide_output=hidden_size >= 4096, itemsize=itemsize)
-    decode_gate_up, decode_down = decode_configs(interpreted)
+    decode_gate_up, decode_down = decode_configs(hidden_size, intermediate_size, interpreted)
     backward = backward_configs(rows_per_expert, hidden_size, intermediate_size, interpreted, itemsize=itemsize)
     return LaunchPlan(
         decode=not needs_grad and uses_decode_path(num_tokens, top_k, num_experts),
