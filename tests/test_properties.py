@@ -213,6 +213,9 @@ def experts_cases(draw):
         index_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
         weights_dtype=draw(st.sampled_from(["float32", "float64", "model"])),
         entry=draw(st.sampled_from(["experts_forward", "Experts.forward", "raw"])),
+        # Inference (no grad mode) and training take different paths in some backends (triton: the decode
+        # kernels only without a gradient, since the module's weights require grad), so both are drawn.
+        inference=draw(st.booleans()),
     )
     return case
 
@@ -255,7 +258,7 @@ def _edge(**kw):
     base = dict(T=5, H=7, I=3, E=4, k=2, dtype=torch.float32, activation="silu", distribution="uniform",
                 skew=1.0, seed=0, shuffle_tokens=False, shuffle_slots=False, hidden_layout="contiguous",
                 routing_noncontiguous=False, index_dtype=torch.int64, weights_dtype="float32",
-                entry="experts_forward")
+                entry="experts_forward", inference=False)
     return base | kw
 
 
@@ -266,7 +269,9 @@ def _edge(**kw):
 @examples(100)
 @given(case=experts_cases())
 @example(case=_edge(T=0))  # no tokens at all
-@example(case=_edge(T=1))  # decode: one token
+@example(case=_edge(T=1))  # one token, training: the sorted path
+@example(case=_edge(T=1, inference=True))  # decode: one token without a gradient
+@example(case=_edge(T=2, E=16, k=2, H=13, I=11, dtype=torch.bfloat16, inference=True))  # decode, unaligned rows
 @example(case=_edge(T=1, E=1, k=1, H=1, I=1))  # the smallest layer
 @example(case=_edge(T=6, E=1, k=1, dtype=torch.bfloat16))  # a single expert gets everything
 @example(case=_edge(T=9, E=5, k=5, shuffle_slots=True))  # top_k == num_experts
@@ -283,7 +288,8 @@ def test_backend_matches_reference(backend, case):
     inputs_before = [t.clone() for t in (x, idx, w)]
     params_before = [p.detach().clone() for p in experts.parameters()]
 
-    out = call(case["entry"], backend, experts, x, idx, w)
+    with torch.set_grad_enabled(not case["inference"]):
+        out = call(case["entry"], backend, experts, x, idx, w)
 
     check_experts_output(out, experts, x, idx, w, case["dtype"], f"{backend} via {case['entry']}")
     # A forward pass reads its inputs; it never writes to them.
