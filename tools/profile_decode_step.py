@@ -24,6 +24,7 @@ import torch
 import moe_lab  # noqa: F401  (first: the triton setup)
 from moe_lab.bench.e2e import implementation_of
 from moe_lab.bench.e2e_generate import random_prompt, timed_generate
+from moe_lab.bench.e2e_profile import no_experts_registered
 from moe_lab.bench.e2e_run import build_for_e2e
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.hf import register_with_transformers
@@ -67,7 +68,7 @@ def profile_backend(model, backend, batch, prompt, new_tokens, execution, out, d
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-30b-a3b")
-    parser.add_argument("--backends", default="moe_lab_triton,batched_mm")
+    parser.add_argument("--backends", default="moe_lab_triton,batched_mm,no_experts")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -86,7 +87,9 @@ def main(argv=None):
     for backend in args.backends.split(","):
         torch._dynamo.reset()
         try:
-            profile_backend(built.model, backend, args.batch, args.prompt, args.new_tokens, args.execution, out, device)
+            with no_experts_registered():  # "no_experts": the step without the experts call, as the e2e table's
+                profile_backend(built.model, backend, args.batch, args.prompt, args.new_tokens, args.execution, out,
+                                device)
         except Exception as error:  # one backend's failure must not lose the others'
             print(f"=== {backend}: {type(error).__name__}: {str(error)[:300]}", file=out)
 
