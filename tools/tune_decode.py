@@ -8,7 +8,9 @@ For each preset (bf16, random routing, distinct experts per token) and each cand
 decode_gate_up_kernel and decode_down_kernel: one graph of L launches over L layers' weights, replayed (CUDA
 events, median of >= 20 replays), as microseconds per layer and GB/s of expert weights read. Then the whole
 decode layer (both kernels) with the plan's configs and with the two winners, in interleaved rounds, beside
-a device-to-device copy of the same bytes (what streaming them can cost on this card). Every row goes to the
+a device-to-device copy of the same bytes (what streaming them can cost on this card). --crossover T,T,...:
+instead, the whole triton forward at each T with the decode path forced on and off (the plan's tiles
+otherwise), in interleaved rounds: where the decode kernels stop paying when the weights come cold. Every row goes to the
 JSON with provenance as it is measured. --smoke: tiny shapes, one candidate, on this machine (checks the tool).
 """
 from __future__ import annotations
@@ -164,6 +166,35 @@ def whole_layer(preset, layers, plan, winners, device, smoke, results, rounds=3)
                                 for name, s in samples.items()}, flush=True)
 
 
+def crossover(preset, layers: Layers, tokens_list, device, smoke, results, rounds=3):
+    """The whole forward at each T, decode path forced on and off, replayed from one graph over the L layers."""
+    config = layers.experts[0].config
+    for T in tokens_list:
+        inputs = []
+        for seed, experts in enumerate(layers.experts):
+            index, weights, _ = random_routing(T, config, device, seed=100 + seed)
+            inputs.append((random_hidden_states(T, config, device, seed=100 + seed), index, weights))
+        plan = tf.launch_plan(T, config.top_k, config.num_experts, config.hidden_size, config.intermediate_size,
+                              config.dtype, interpreted=interpreting())
+        entries = {}
+        for label, decode in (("decode", True), ("sorted", False)):
+            forced = dataclasses.replace(plan, decode=decode)
+            entries[label] = [lambda e=e, i=i, p=forced: tf.triton_experts_forward(e, *i, plan=p)
+                              for e, i in zip(layers.experts, inputs)]
+        samples = {name: [] for name in entries}
+        for r in range(1 if smoke else rounds):
+            for name in (list(entries) if r % 2 == 0 else list(entries)[::-1]):
+                samples[name].append(graph_us_per_layer(entries[name], device, smoke))
+        distinct = [int(torch.unique(i[1]).numel()) for i in inputs]
+        row = dict(kind="crossover", preset=preset, T=T, layers=len(layers.experts), plan_decode=plan.decode,
+                   experts_hit=statistics.mean(distinct), **{f"{n}_us": s for n, s in samples.items()})
+        results.append(row)
+        print(f"crossover {preset:18s} T={T:3d} hit {row['experts_hit']:.0f}: decode "
+              f"{[round(v, 1) if isinstance(v, float) else v for v in samples['decode']]} sorted "
+              f"{[round(v, 1) if isinstance(v, float) else v for v in samples['sorted']]} us; plan: "
+              f"{'decode' if plan.decode else 'sorted'}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="decode_layers.json")
@@ -171,6 +202,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--budget-seconds", type=float, default=300.0)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--crossover", default="", help="comma-separated token counts: the decode/sorted crossover")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -187,11 +219,14 @@ def main(argv=None):
         plan = tf.launch_plan(args.tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype,
                               interpreted=interpreting())
         with torch.no_grad():
-            best_gate_up = sweep("gate_up", preset, layers, GATE_UP_CANDIDATES, plan.decode_gate_up, gate_up_launches,
-                                 layers.read_gate_up, device, args.smoke, results)
-            best_down = sweep("down", preset, layers, DOWN_CANDIDATES, plan.decode_down, down_launches,
-                              layers.read_down, device, args.smoke, results)
-            whole_layer(preset, layers, plan, (best_gate_up, best_down), device, args.smoke, results)
+            if args.crossover:
+                crossover(preset, layers, [int(t) for t in args.crossover.split(",")], device, args.smoke, results)
+            else:
+                best_gate_up = sweep("gate_up", preset, layers, GATE_UP_CANDIDATES, plan.decode_gate_up,
+                                     gate_up_launches, layers.read_gate_up, device, args.smoke, results)
+                best_down = sweep("down", preset, layers, DOWN_CANDIDATES, plan.decode_down, down_launches,
+                                  layers.read_down, device, args.smoke, results)
+                whole_layer(preset, layers, plan, (best_gate_up, best_down), device, args.smoke, results)
         with open(args.output, "w") as f:
             json.dump({"provenance": meta, "results": results}, f, indent=1, default=str)
         del layers
