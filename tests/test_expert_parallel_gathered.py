@@ -210,3 +210,30 @@ def test_errors_say_what_was_wrong():
     assert "for inference" in messages["chunked with gradients"]
     assert "chunks must be a positive integer" in messages["chunks=0"]
     assert "run_partial_experts wants rows [N, 32]" in messages["partial shapes"]
+
+
+def test_a_registered_partial_forward_is_asked_for_inference_only():
+    calls = []
+
+    def partial(experts, hidden_states, top_k_index, top_k_weights):
+        calls.append(top_k_index.clone())
+        return run_partial_experts_generic(experts, hidden_states, top_k_index, top_k_weights)
+
+    def run_partial_experts_generic(experts, hidden_states, top_k_index, top_k_weights):
+        absent = top_k_index >= experts.num_experts
+        return moe_lab.experts_forward("eager", experts, hidden_states, torch.where(absent, 0, top_k_index),
+                                       torch.where(absent, 0.0, top_k_weights))
+
+    moe_lab.register("partial_counting", moe_lab.backends.get_spec("eager").forward, partial_forward=partial)
+    try:
+        experts = Experts(small_config(num_experts=4, top_k=3), "partial_counting")
+        x, index, weights = _partial_inputs()
+        with torch.no_grad():
+            run_partial_experts(experts, x, index, weights)
+        assert len(calls) == 1 and torch.equal(calls[0], index)  # the sentinel ids reach the entry unchanged
+        run_partial_experts(experts, x, index, weights.requires_grad_()).sum().backward()
+        assert len(calls) == 1  # gradients: the generic path, not the inference-only entry
+        with pytest.raises(TypeError, match="partial_forward of backend 'bad' must be callable"):
+            moe_lab.register("bad", moe_lab.backends.get_spec("eager").forward, partial_forward=3)
+    finally:
+        moe_lab.unregister("partial_counting")
