@@ -235,9 +235,7 @@ def _graph_preset(name, config, settings, device) -> list[dict]:
             for row, call in calls:
                 with torch.no_grad():
                     try:
-                        graph = _capture(call, device)
-                        row = _measure(row, lambda timer: graph.replay(), settings, device)
-                        del graph
+                        row = _measure_replay(row, call, settings, device)
                     except Exception as error:  # noqa: BLE001 (a refusal becomes a row, the run goes on)
                         row = row | {"status": "error", "reason": first_line(error)}
                 _derive(row, layer)
@@ -246,6 +244,12 @@ def _graph_preset(name, config, settings, device) -> list[dict]:
             if settings.progress:
                 _report(rows, base)
     return rows
+
+
+def _measure_replay(row, call, settings, device) -> dict:
+    """Capture `call` in a CUDA graph and time its replays; the graph (and its memory pool) dies on return."""
+    graph = _capture(call, device)
+    return _measure(row, lambda timer: graph.replay(), settings, device)
 
 
 def _with_hook(layer, timer, call):

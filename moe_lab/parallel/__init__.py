@@ -6,7 +6,7 @@
     dedup.py        each token once per destination rank, its experts' weighted sum on the expert's rank
     padded.py       fixed capacity per (source, destination) pair: no host sync, CUDA-graph capturable
     gathered.py     all-gather dispatch: every rank's tokens everywhere, partial sums back; no counts, no host sync
-    pipelined.py    the exact, dedup or gathered layer's forward in chunks, one chunk's collectives over another's experts
+    pipelined.py    a layer's forward in chunks (exact, dedup, gathered): collectives overlap another chunk's experts
     layer.py        `ExpertParallelExperts`, the exact layer
     local.py        this rank's experts through a registered backend (its sorted_rows / partial_forward entries)
     launch.py       `run_on_ranks`: a function on N local gloo processes (tests, notebooks)
@@ -20,4 +20,5 @@ from .layer import PHASES, ExpertParallelExperts
 from .launch import RankFailedError, run_on_ranks
 from .sharding import ExpertShard
 
-__all__ = ["PHASES", "DedupExpertParallelExperts", "ExpertParallelExperts", "GatheredExpertParallelExperts", "ExpertShard", "RankFailedError", "run_on_ranks"]
+__all__ = ["PHASES", "DedupExpertParallelExperts", "ExpertParallelExperts", "ExpertShard",
+           "GatheredExpertParallelExperts", "RankFailedError", "run_on_ranks"]

@@ -28,9 +28,10 @@ class EPCase:
     distribution: str = "uniform"  # moe_lab.synthetic_routing's: uniform, zipf, single
     skew: float = 1.0
     backend: str = "grouped_mm"
-    variant: str = "exact"  # "exact" (ExpertParallelExperts), "dedup" (DedupExpertParallelExperts), "padded", "gathered"
+    variant: str = "exact"  # "exact" (ExpertParallelExperts), "dedup" (DedupExpertParallelExperts), "padded",
+    # or "gathered" (GatheredExpertParallelExperts)
     capacity: int | None = None  # padded only: rows per (source, destination) pair; None = the worst case
-    tokens_per_rank_bound: int | None = None  # padded, gathered: the layer's tokens_per_rank (None: the largest T)
+    tokens_per_rank_bound: int | None = None  # padded, gathered: the layer's tokens_per_rank (None: largest T)
     backward: bool = True
     seed: int = 0
     device: str = "cpu"  # "cuda": this rank's current GPU (run_on_ranks(..., backend="nccl"))
