@@ -360,15 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="expert parallelism: run under torchrun (torchrun --nproc-per-node N -m moe_lab.cli bench --ep ...); "
                             "each rank holds E/N experts; per-rank phases, all-to-all bandwidth, a 1-GPU baseline")
     bench.add_argument("--ep-chunks", type=lambda s: _csv(s, int), default=[2, 4],
-                       help="--ep: chunk counts of the overlapped (pipelined) forward, e.g. 2,4")
+                       help="--ep: chunk counts of the overlapped (pipelined) forwards of every layer, e.g. 2,4")
     bench.add_argument("--ep-reps", type=_positive_int, default=10, help="--ep: timed calls per variant")
     bench.add_argument("--ep-warmup", type=int, default=3, help="--ep: untimed calls first")
     bench.add_argument("--ep-padded-max-tokens", type=int, default=1024,
                        help="--ep: time the padded (sync-free) layer up to this many tokens per rank")
     bench.add_argument("--ep-profile", metavar="PATH",
-                       help="--ep: instead of timing, profile one forward of the exact and dedup layers (and dedup "
-                            "in 2 chunks) at the first --preset, --tokens and --distribution, and write a text "
-                            "summary (top kernels, GPU idle gaps) to PATH")
+                       help="--ep: instead of timing, profile one forward of the exact, dedup and gathered layers "
+                            "(and dedup and gathered in 2 chunks) at the first --preset, --tokens and --distribution, "
+                            "and write a text summary (top kernels, GPU idle gaps) to PATH")
     bench.add_argument("--no-ep-baseline", dest="ep_baseline", action="store_false",
                        help="--ep: skip the single-GPU layer on rank 0")
     bench.add_argument("--max-seconds", type=float, default=0.3, help="time budget per measurement (per round)")

@@ -38,16 +38,17 @@ def test_every_variant_on_every_rank(rows):
     assert (rows["status"] == "ok").all(), rows[rows["status"] != "ok"][["variant", "reason"]]
     for (T, distribution), point in rows.groupby(["num_tokens", "distribution"]):
         expected = {"exact", "dedup", "pipelined_2", "dedup_pipelined_2", "dispatch_all_to_all", "gloo_all_to_all",
-                    "dedup_dispatch_all_to_all", "dedup_gloo_all_to_all"} | ({"padded"} if T <= 8 else set())
+                    "dedup_dispatch_all_to_all", "dedup_gloo_all_to_all", "gathered", "gathered_pipelined_2",
+                    "gathered_dispatch_all_gather", "gathered_gloo_all_gather"} | ({"padded"} if T <= 8 else set())
         for rank in (0, 1):
             assert expected <= set(point[point["rank"] == rank]["variant"]), (T, distribution, rank)
         assert list(point[point["variant"] == "one_device"]["rank"]) == [0]  # the baseline runs on rank 0 only
 
 
-@pytest.mark.parametrize("variant", ["exact", "dedup"])
+@pytest.mark.parametrize("variant", ["exact", "dedup", "gathered"])
 def test_phases_add_up_to_the_total(rows, variant):
     exact = rows[rows["variant"] == variant]
-    phases = exact[["count_exchange_ms", "dispatch_ms", "expert_compute_ms", "combine_ms"]]
+    phases = exact[["count_exchange_ms", "dispatch_ms", "expert_compute_ms", "combine_ms"][variant == "gathered":]]
     assert (phases > 0).all().all()
     # Medians of parts need not add up to the median of the whole, but they come from the same calls.
     assert (phases.sum(axis=1) <= exact["p90_ms"] * 1.5).all()
@@ -57,7 +58,7 @@ def test_phases_add_up_to_the_total(rows, variant):
 def test_flops_pairs_and_bandwidth(rows):
     for row in rows.itertuples():
         assert row.flops == expert_flops(row.num_tokens, 2, 32, 16)
-        if row.variant.endswith("all_to_all"):
+        if row.variant.endswith(("all_to_all", "all_gather")):
             assert math.isnan(row.tflops) and row.a2a_GBps > 0 and row.bytes_off_rank > 0
         else:
             assert row.tflops > 0 and row.tokens_per_s > 0
@@ -73,6 +74,10 @@ def test_flops_pairs_and_bandwidth(rows):
         assert point["rows_received"].sum() == point["rows_sent"].sum()
     a2a = rows[rows["variant"] == "dedup_dispatch_all_to_all"].set_index(["num_tokens", "distribution", "rank"])
     assert (a2a["rows_sent"] == dedup.set_index(["num_tokens", "distribution", "rank"])["rows_sent"]).all()
+    gathered = rows[rows["variant"].str.startswith("gathered")]  # every token to both ranks, whatever the routing
+    assert (gathered["rows_sent"] == 2 * gathered["num_tokens"]).all()
+    all_gather = rows[rows["variant"].str.endswith("all_gather")]
+    assert (all_gather["bytes_off_rank"] == all_gather["num_tokens"] * 32 * 4).all()  # the other rank's T rows of H
 
 
 def test_summary(rows):
@@ -81,7 +86,7 @@ def test_summary(rows):
     assert (one["fraction_of_one_device"] == 1.0).all() and (one["world_size"] == 2).all() and (one["ranks"] == 1).all()
     exact = summary[summary["variant"] == "exact"]
     assert (exact["ranks"] == 2).all() and (exact["fraction_of_one_device"] > 0).all()
-    for name in ("dispatch_all_to_all", "dedup_dispatch_all_to_all"):
+    for name in ("dispatch_all_to_all", "dedup_dispatch_all_to_all", "gathered_dispatch_all_gather"):
         dispatch = summary[summary["variant"] == name]
         assert len(dispatch) == 4 and (dispatch["a2a_fraction_of_library"] > 0).all()
     skewed = summary[(summary["distribution"] == "zipf") & (summary["variant"] == "exact")]
@@ -98,7 +103,8 @@ def test_command_line_outside_torchrun_is_a_group_of_one(tmp_path):
     assert code == 0
     frame, info = moe_lab.bench.load_results(output)
     assert set(frame["world_size"]) == {1} and info["world_size"] == 1
-    assert {"exact", "dedup", "pipelined_2", "padded", "one_device"} <= set(frame["variant"])
+    assert {"exact", "dedup", "pipelined_2", "padded", "gathered", "gathered_pipelined_2", "one_device"} \
+        <= set(frame["variant"])
 
 
 def test_command_line_refuses_a_misspelled_backend_before_starting(capsys):
@@ -124,11 +130,13 @@ def test_record_script_at_tiny_sizes(tmp_path):
                      "ep_summary.csv"], files
     summary = pd.read_csv(tmp_path / "ep_summary.csv")
     assert set(summary["world_size"]) == {1, 2} and set(summary["preset"]) == {"qwen3-30b-a3b"}
-    assert {"exact", "dedup", "dedup_dispatch_all_to_all", "one_device"} <= set(summary["variant"])
+    assert {"exact", "dedup", "dedup_dispatch_all_to_all", "gathered", "gathered_pipelined_2",
+            "gathered_dispatch_all_gather", "one_device"} <= set(summary["variant"])
     log = (tmp_path / "ep_record.log").read_text()
-    assert log.count("exit 0") == 3 and "goals, dedup layer:" in log  # EP=1, EP=2, the profile
+    assert log.count("exit 0") == 3 and "goals, gathered layer:" in log  # EP=1, EP=2, the profile
     profile = (tmp_path / "ep_profile.txt").read_text()
     assert "=== rank 0 of 2" in profile and "=== rank 1 of 2" in profile and "--- dedup" in profile
+    assert "--- gathered_pipelined_2" in profile
 
 
 def test_profile_summary_finds_busy_time_idle_gaps_and_top_kernels():

@@ -1,6 +1,7 @@
 """The expert-parallel layer on NCCL, one GPU per rank: outputs and gradients against the float64
-reference (the exact layer and the one that sends each token once per rank), padded = exact, the padded
-layer replayed from a CUDA graph, the chunked forward. Needs 2 GPUs
+reference (the exact layer, the one that sends each token once per rank, the all-gather one), padded = exact,
+the padded and gathered layers replayed from a CUDA graph (the gathered one plain and chunked, through
+grouped_mm and through triton's partial forward), the chunked forwards. Needs 2 GPUs
 (`pytest tests/test_expert_parallel_gpu.py` on a multi-GPU machine); skipped elsewhere with the reason.
 
 Every check runs in ONE launch of two NCCL processes (starting them and NCCL costs seconds); a check that
@@ -13,7 +14,8 @@ from moe_lab.errors import first_line
 from moe_lab.lessons.tolerances import reference_tolerance
 from moe_lab.parallel import run_on_ranks
 from moe_lab.parallel.checks import (
-    EPCase, check_against_reference, compare_pipelined, compare_variants, replay_padded_from_cuda_graph,
+    EPCase, check_against_reference, compare_pipelined, compare_variants, replay_from_cuda_graph,
+    replay_padded_from_cuda_graph,
 )
 
 pytestmark = [
@@ -25,7 +27,8 @@ ERRORS = ("output_error", "hidden_states_grad_error", "top_k_weights_grad_error"
           "down_proj_grad_error")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DISTRIBUTIONS = ("uniform", "zipf", "single")
-VARIANTS = ("exact", "dedup")
+VARIANTS = ("exact", "dedup", "gathered")
+GATHERED_BACKENDS = ("grouped_mm", "triton")  # triton without gradients: its partial forward (absent experts skipped)
 CHUNKS = (2, 4)
 
 
@@ -53,9 +56,23 @@ def _every_check():
     for chunks in CHUNKS:
         case = EPCase(_config(torch.bfloat16), tokens_per_rank=(256, 256), device="cuda", backward=False)
         results[("chunked", chunks)] = _attempt(compare_pipelined, case, chunks)
+    for backend in GATHERED_BACKENDS:
+        for name, dtype in DTYPES.items():
+            case = EPCase(_config(dtype), tokens_per_rank=(96, 64), distribution="zipf", skew=2.0, device="cuda",
+                          variant="gathered", backend=backend, backward=False)
+            results[("gathered_inference", backend, name)] = _attempt(check_against_reference, case)
+        for chunks in CHUNKS:
+            case = EPCase(_config(torch.bfloat16), tokens_per_rank=(256, 200), device="cuda", backward=False,
+                          variant="gathered", backend=backend)
+            results[("chunked_gathered", backend, chunks)] = _attempt(compare_pipelined, case, chunks)
     # last: a failed capture can leave the device unusable for what follows
     results["graph"] = _attempt(replay_padded_from_cuda_graph, EPCase(_config(torch.bfloat16), tokens_per_rank=(32, 32),
                                                                       device="cuda", backward=False))
+    for backend in GATHERED_BACKENDS:
+        for chunks in (1, 2):
+            case = EPCase(_config(torch.bfloat16), tokens_per_rank=(48, 32), device="cuda", backward=False,
+                          variant="gathered", backend=backend)
+            results[("graph_gathered", backend, chunks)] = _attempt(replay_from_cuda_graph, case, chunks)
     return results
 
 
@@ -93,5 +110,31 @@ def test_chunked_forward_on_nccl(ranks, chunks):
 def test_padded_layer_replays_from_a_cuda_graph(ranks):
     for rank in ranks:
         result = _ok(rank["graph"])
+        assert result["replay_vs_eager"] <= reference_tolerance(torch.bfloat16)
+        assert result["output_error"] <= reference_tolerance(torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", GATHERED_BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_gathered_inference_on_nccl(ranks, backend, dtype):
+    for rank in ranks:
+        assert _ok(rank[("gathered_inference", backend, dtype)])["output_error"] <= reference_tolerance(DTYPES[dtype])
+
+
+@pytest.mark.parametrize("backend", GATHERED_BACKENDS)
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_chunked_gathered_forward_on_nccl(ranks, backend, chunks):
+    for rank in ranks:
+        result = _ok(rank[("chunked_gathered", backend, chunks)])
+        assert result["difference"] <= reference_tolerance(torch.bfloat16)
+        assert result["output_error"] <= reference_tolerance(torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", GATHERED_BACKENDS)
+@pytest.mark.parametrize("chunks", (1, 2))
+def test_gathered_layer_replays_from_a_cuda_graph(ranks, backend, chunks):
+    # Sync-free: capture once (rank 1's 32 tokens padded to 48), replay on new tokens and routing = eager.
+    for rank in ranks:
+        result = _ok(rank[("graph_gathered", backend, chunks)])
         assert result["replay_vs_eager"] <= reference_tolerance(torch.bfloat16)
         assert result["output_error"] <= reference_tolerance(torch.bfloat16)

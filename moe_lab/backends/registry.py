@@ -40,7 +40,7 @@ def add_builtin(spec: BackendSpec) -> None:
 
 
 def register(name: str, fn: ExpertsForward | None = None, *, overwrite: bool = False, summary: str | None = None,
-             sorted_rows: Callable | None = None, **capabilities):
+             sorted_rows: Callable | None = None, partial_forward: Callable | None = None, **capabilities):
     """Register an experts backend under `name`.
 
         @moe_lab.register("sorted_loop")
@@ -59,6 +59,9 @@ def register(name: str, fn: ExpertsForward | None = None, *, overwrite: bool = F
     `sorted_rows(experts, rows [R, H] grouped by expert, counts [E]) -> [R, H]` (unweighted) is an optional
     second entry for rows that arrive already grouped by expert (expert parallelism's receivers; see
     `BackendSpec.sorted_rows`); without it those callers run `fn` with top_k = 1.
+    `partial_forward(experts, hidden_states, top_k_index, top_k_weights) -> [T, H]`, where an id equal to the
+    experts' count means "absent, contributes nothing", is another (inference only; `BackendSpec.partial_forward`);
+    without it those callers clamp the ids, zero their weights and run `fn`.
     Registering a user name again replaces it (re-running a notebook cell just works); replacing a
     built-in needs `overwrite=True`, and `unregister(name)` puts the built-in back.
     """
@@ -72,19 +75,20 @@ def register(name: str, fn: ExpertsForward | None = None, *, overwrite: bool = F
     def add(function: ExpertsForward) -> ExpertsForward:
         if isinstance(function, BackendSpec):
             _check_replaceable(name, overwrite)
-            if capabilities or summary or sorted_rows:
+            if capabilities or summary or sorted_rows or partial_forward:
                 raise TypeError("register(name, spec) takes the spec as it is: declare capabilities in the spec")
             _registry[name] = dataclasses.replace(function, name=name, builtin=name in _builtins)
             return function
         if not callable(function):
             raise TypeError(f"backend {name!r} must be callable, got {type(function).__name__}")
-        if sorted_rows is not None and not callable(sorted_rows):
-            raise TypeError(f"sorted_rows of backend {name!r} must be callable or None, got {type(sorted_rows).__name__}")
+        for entry, value in (("sorted_rows", sorted_rows), ("partial_forward", partial_forward)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{entry} of backend {name!r} must be callable or None, got {type(value).__name__}")
         _check_replaceable(name, overwrite)
         first_doc_line = (function.__doc__ or "").strip().splitlines()[:1]
         _registry[name] = BackendSpec(
             name=name, forward=function, summary=summary or (first_doc_line[0] if first_doc_line else "user backend"),
-            builtin=name in _builtins, sorted_rows=sorted_rows, **declared)
+            builtin=name in _builtins, sorted_rows=sorted_rows, partial_forward=partial_forward, **declared)
         return function
 
     return add if fn is None else add(fn)

@@ -115,6 +115,12 @@ class BackendSpec:
     #: already arrive grouped (expert parallelism's receivers), so the backend skips its own sort, gather and
     #: un-permute. None: the backend has no such entry; callers use `forward` with top_k = 1 instead.
     sorted_rows: Callable | None = None
+    #: partial_forward(experts, hidden_states [N, H], top_k_index [N, k], top_k_weights [N, k]) -> [N, H]: the
+    #: forward where an id equal to experts.num_experts means "this expert is not here": that slot contributes
+    #: nothing and costs nothing (expert parallelism's all-gather layer, whose rows carry every rank's experts).
+    #: Inference only, whatever `autograd` says: callers that need gradients use the generic path (ids clamped,
+    #: weights zeroed, through `forward`), which computes the absent slots and throws them away. None: no entry.
+    partial_forward: Callable | None = None
 
     def supports(self, capability: str, where: Where) -> Support:
         """The answer for `capability` (one of CAPABILITIES) at `where`. A backend that does not run

@@ -40,7 +40,7 @@ import importlib.util
 
 import torch
 
-from ..errors import BackendInputError
+from ..errors import BackendCapabilityError, BackendInputError
 from .common import expert_weights, needs_grad
 from .spec import BackendSpec, Support, Where, no, yes
 from .triton_autograd import compiled_inference_forward, experts_forward_with_grad
@@ -51,6 +51,7 @@ from .triton_launch import (
     launch_down,
     launch_gate_up,
     launch_sum_over_top_k,
+    partial_sorted_forward,
     sort_pairs,
     sorted_forward,
 )
@@ -157,6 +158,32 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *
     return sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
 
 
+def triton_partial_forward(experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """The spec's `partial_forward`: [N, H], [N, k] ids where num_experts means "not here", [N, k] -> [N, H],
+    the absent slots neither computed nor summed (triton_launch.partial_sorted_forward). Always the sorted
+    path (the decode kernels would index the absent id), inference only."""
+    weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
+    runs, why = _status_for(hidden_states.device.type)
+    if not runs:
+        raise TritonUnavailableError(f"the triton backend cannot run here: {why}")
+    if hidden_states.dtype not in _KERNEL_DTYPES:
+        raise BackendInputError(f"the triton backend runs bfloat16/float16/float32, got {hidden_states.dtype}")
+    if needs_grad(experts, hidden_states, top_k_weights):
+        raise BackendCapabilityError("the triton backend's partial forward is for inference (no autograd): run it "
+                                     "under torch.no_grad(), or use the generic path (ids clamped, weights zeroed)")
+    num_tokens, hidden = hidden_states.shape
+    top_k = top_k_index.shape[1]
+    if num_tokens * top_k == 0:
+        return hidden_states.new_zeros(num_tokens, hidden)
+    top_k_index, top_k_weights = top_k_index.contiguous(), top_k_weights.contiguous()
+    # Planned for all N*k slots though only the present ones run: the tiles follow rows per expert, which
+    # this overstates by the share of absent slots (a tile choice, never a result).
+    plan = launch_plan(num_tokens, top_k, weights.num_experts, hidden, weights.intermediate_size,
+                       hidden_states.dtype, interpreted=interpreting_cached())
+    return partial_sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights,
+                                  fused_activation(experts), plan)
+
+
 _ACTIVATION_BY_CONFIG = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}
 _ACTIVATION_BY_TYPE = {
     "SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "ReLU": "relu",
@@ -221,4 +248,5 @@ SPEC = BackendSpec(
     fullgraph=yes("its launches trace: the run mode and the device facts are constants to dynamo"),
     sync_free=yes(_ON_THE_GPU),
     builtin=True,
+    partial_forward=triton_partial_forward,
 )

@@ -1,7 +1,7 @@
 """One expert-parallel forward under torch.profiler, summarised as text: where its GPU time goes, and where
 the GPU sits idle (`moe-lab bench --ep --ep-profile PATH` under torchrun; tools/ep_record.sh runs it).
 
-Per layer variant (exact, dedup, dedup in 2 overlapped chunks) and per rank, after warm-up calls, one
+Per layer variant (exact, dedup, dedup in 2 overlapped chunks, gathered, gathered in 2 chunks) and per rank, after warm-up calls, one
 forward started together on every rank is profiled. From the profiler's trace:
 
     GPU window    first kernel start to last kernel end (kernels, memcpys and memsets, every stream)
@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.dedup import DedupExpertParallelExperts
+from ..parallel.gathered import GatheredExpertParallelExperts
 from ..parallel.layer import ExpertParallelExperts
-from ..parallel.pipelined import pipelined_dedup_forward
+from ..parallel.pipelined import pipelined_dedup_forward, pipelined_gathered_forward
 from .expert_parallel import _inputs, _start_together, seeded
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -40,12 +41,15 @@ def profile_ep_step(name, config, tokens: int, distribution: str, settings, devi
     with seeded(device, settings.seed + rank):
         exact = ExpertParallelExperts(config, experts_implementation=settings.backend, device=device)
     dedup = DedupExpertParallelExperts(config, exact.group, local=exact.local)
+    gathered = GatheredExpertParallelExperts(config, exact.group, tokens_per_rank=tokens, local=exact.local)
     x, index, weights = _inputs(config, tokens, distribution, settings, device, rank)
     parts = [f"=== rank {rank} of {world}: {name}, T={tokens} per rank, {distribution}, {config.dtype}, "
              f"{settings.backend}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"]
     with torch.no_grad():
         variants = (("exact", lambda: exact(x, index, weights)), ("dedup", lambda: dedup(x, index, weights)),
-                    ("dedup_pipelined_2", lambda: pipelined_dedup_forward(dedup, x, index, weights, chunks=2)))
+                    ("dedup_pipelined_2", lambda: pipelined_dedup_forward(dedup, x, index, weights, chunks=2)),
+                    ("gathered", lambda: gathered(x, index, weights)),
+                    ("gathered_pipelined_2", lambda: pipelined_gathered_forward(gathered, x, index, weights, chunks=2)))
         for variant, call in variants:
             for _ in range(warmup):
                 _start_together(device)

@@ -10,6 +10,12 @@ from __future__ import annotations
 import math
 
 
+#: Rows that time the library's own collective on the same bytes as a layer's dispatch (name endings).
+LIBRARY_ROWS = ("nccl_all_to_all", "gloo_all_to_all", "nccl_all_gather", "gloo_all_gather")
+#: Rows that time a collective alone, not the layer (no FLOPs): the layers' dispatches and the library's.
+COLLECTIVE_ROWS = ("dispatch_all_to_all", "dispatch_all_gather", *LIBRARY_ROWS)
+
+
 def ep_summary(frame):
     """One line per (preset, T, routing, variant, EP size): the slowest rank's median time (the layer
     is done when it is), per-GPU TFLOP/s of useful expert work and its fraction of the single-GPU
@@ -31,15 +37,17 @@ def ep_summary(frame):
     summary["fraction_of_one_device"] = summary["tflops_per_gpu"] / pd.Series(baseline, index=summary.index)
     # Each dispatch's all-to-all against the library's equal-block one for the same bytes: "dispatch_all_to_all"
     # (the exact layer's) with "nccl_all_to_all" (or gloo's), "dedup_dispatch_all_to_all" with "dedup_nccl_...".
-    library = summary[summary["variant"].str.endswith(("nccl_all_to_all", "gloo_all_to_all"))]
-    library = library.assign(variant=library["variant"].str.replace(r"(nccl|gloo)_all_to_all$", "dispatch_all_to_all",
-                                                                    regex=True))
+    # The gathered layer's all-gather likewise: "gathered_dispatch_all_gather" with "gathered_nccl_all_gather".
+    library = summary[summary["variant"].str.endswith(LIBRARY_ROWS)]
+    library = library.assign(variant=library["variant"].str.replace(r"(nccl|gloo)_all_(to_all|gather)$",
+                                                                    r"dispatch_all_\2", regex=True))
     library = library.set_index(point + ["variant"])["a2a_GBps"]
     summary["a2a_fraction_of_library"] = [
         row.a2a_GBps / library.get((row.preset, row.num_tokens, row.distribution, row.world_size, row.variant),
                                    math.nan)
-        if row.variant.endswith("dispatch_all_to_all") else math.nan for row in summary.itertuples(index=False)]
-    no_flops = summary["variant"].str.endswith("all_to_all")
+        if row.variant.endswith(("dispatch_all_to_all", "dispatch_all_gather")) else math.nan
+        for row in summary.itertuples(index=False)]
+    no_flops = summary["variant"].str.endswith(COLLECTIVE_ROWS)
     summary.loc[no_flops, ["tflops_per_gpu", "tokens_per_s", "fraction_of_one_device"]] = math.nan
     return pd.DataFrame(summary)
 
@@ -88,7 +96,8 @@ def goal_status(summary, goals=EP_GOALS, variant: str = "exact"):
     import pandas as pd
 
     scaling = weak_scaling(summary, variant)
-    dispatch_variant = "dispatch_all_to_all" if variant == "exact" else f"{variant}_dispatch_all_to_all"
+    dispatch_variant = {"exact": "dispatch_all_to_all", "gathered": "gathered_dispatch_all_gather"}.get(
+        variant, f"{variant}_dispatch_all_to_all")
     rows = []
     for name, preset, tokens, world, column, target in goals:
         source = summary if column == "a2a_fraction_of_library" else scaling
@@ -109,8 +118,8 @@ def variants_against_exact(summary):
     (< 1: faster than the plain forward)."""
     point = ["preset", "num_tokens", "distribution", "world_size"]
     exact = summary[summary["variant"] == "exact"].set_index(point)["slowest_ms"]
-    others = summary[summary["variant"].isin(["dedup", "pipelined_2", "pipelined_4", "dedup_pipelined_2",
-                                              "dedup_pipelined_4", "padded", "padded_graph"])]
+    layers = ~summary["variant"].str.endswith(COLLECTIVE_ROWS) & ~summary["variant"].isin(["exact", "one_device"])
+    others = summary[layers]
     table = others.pivot_table(index=point, columns="variant", values="slowest_ms")
     return table.div(exact, axis=0).reset_index()
 

@@ -8,10 +8,17 @@ most pairs), each rank records one row per variant:
     pipelined_<n>    the same forward in n chunks, all-to-alls overlapping the experts (parallel/pipelined.py)
     dedup_pipelined_<n>  the dedup layer's forward in n chunks, the same way
     padded           the sync-free fixed-capacity layer (T <= padded_max_tokens: decode sizes)
+    gathered         GatheredExpertParallelExperts: all-gather dispatch, no counts, no host sync (dispatch /
+                     expert_compute / combine)
+    gathered_pipelined_<n>  its forward in n chunks (no sync at all: the host queues every chunk ahead)
     padded_graph     the padded layer replayed from a CUDA graph (CUDA only; measured after everything else)
+    gathered_graph, gathered_pipelined_<n>_graph   the gathered layer (plain, chunked) replayed from a CUDA graph,
+                     at every T: no Python between its kernels
     dispatch_all_to_all  the exact layer's dispatch all-to-all alone, its real split sizes
     nccl_all_to_all  an all-to-all of the same bytes in equal blocks: what the library does on this machine
     dedup_dispatch_all_to_all, dedup_nccl_all_to_all   the same two for the dedup layer's token rows
+    gathered_dispatch_all_gather  the gathered layer's all-gather of [T, H] (the functional collective it uses)
+    gathered_nccl_all_gather      torch.distributed.all_gather_single of the same bytes: the library's own
     one_device       rank 0 only: the whole layer (all E experts) on one GPU, rank 0's T tokens and routing
                      (its world_size is the launch's, so each launch is compared with its own baseline)
 
@@ -38,10 +45,12 @@ from ..errors import first_line
 from ..modules import Experts
 from ..parallel.collectives import all_to_all
 from ..parallel.dedup import DedupExpertParallelExperts, plan_token_dispatch
+from ..parallel.collectives import all_gather_async, waited
 from ..parallel.dispatch import plan_exact, sort_pairs
+from ..parallel.gathered import GatheredExpertParallelExperts
 from ..parallel.layer import PHASES, ExpertParallelExperts
 from ..parallel.padded import PaddedExpertParallelExperts
-from ..parallel.pipelined import pipelined_dedup_forward, pipelined_forward
+from ..parallel.pipelined import pipelined_dedup_forward, pipelined_forward, pipelined_gathered_forward
 from ..routing import synthetic_routing
 from .phase_timer import PhaseTimer
 from .provenance import ROW_PROVENANCE, provenance
@@ -161,12 +170,16 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
     plan = plan_exact(pairs, layer.shard, layer.group)  # split sizes of this point, for the all-to-all rows
     dedup = DedupExpertParallelExperts(layer.config, layer.group, local=layer.local)  # the same weights
     [(token_plan, token_rows, _)] = plan_token_dispatch(x, index, weights, layer.shard, layer.group)
-    variants = [("exact", layer, lambda: layer(x, index, weights)), ("dedup", dedup, lambda: dedup(x, index, weights))]
+    gathered = GatheredExpertParallelExperts(layer.config, layer.group, tokens_per_rank=T, local=layer.local)
+    variants = [("exact", layer, lambda: layer(x, index, weights)), ("dedup", dedup, lambda: dedup(x, index, weights)),
+                ("gathered", gathered, lambda: gathered(x, index, weights))]
     for chunks in settings.chunks:
         variants.append((f"pipelined_{chunks}", layer,
                          lambda n=chunks: pipelined_forward(layer, x, index, weights, chunks=n)))
         variants.append((f"dedup_pipelined_{chunks}", dedup,
                          lambda n=chunks: pipelined_dedup_forward(dedup, x, index, weights, chunks=n)))
+        variants.append((f"gathered_pipelined_{chunks}", gathered,
+                         lambda n=chunks: pipelined_gathered_forward(gathered, x, index, weights, chunks=n)))
     if T <= settings.padded_max_tokens:
         padded = PaddedExpertParallelExperts(layer.config, layer.group, settings.backend, tokens_per_rank=T,
                                              local=layer.local)
@@ -175,14 +188,19 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
                 lambda timer, module=module, call=call: _with_hook(module, timer, call))
                for name, module, call in variants]
     rows = _measure_interleaved(entries, settings, device)
+    world = layer.shard.world_size
     for row in rows:
-        exact_like = not row["variant"].startswith("dedup")
-        row["rows_sent"] = T * layer.config.top_k if exact_like else sum(token_plan.send_rows)
-        row["rows_received"] = sum(plan.receive_splits) if exact_like else sum(token_plan.receive_rows)
+        if row["variant"].startswith("gathered"):  # every token to every rank (its own copy included), all back
+            row["rows_sent"], row["rows_received"] = T * world, T * world
+        elif row["variant"].startswith("dedup"):
+            row["rows_sent"], row["rows_received"] = sum(token_plan.send_rows), sum(token_plan.receive_rows)
+        else:
+            row["rows_sent"], row["rows_received"] = T * layer.config.top_k, sum(plan.receive_splits)
     rows += _all_to_all_rows(layer, x[pairs.token_of_sorted], plan.send_splits, plan.receive_splits, base, settings,
                              device, prefix="")
     rows += _all_to_all_rows(layer, token_rows, token_plan.send_rows, token_plan.receive_rows, base, settings, device,
                              prefix="dedup_")
+    rows += _all_gather_rows(layer, x, base, settings, device)
     if settings.baseline:
         rows.append(_one_device_row(whole, inputs, base, settings, device))
     rows = [row for row in rows if row is not None]
@@ -193,28 +211,45 @@ def _bench_point(layer, whole, inputs, base, settings, device) -> list[dict]:
 
 
 def _graph_preset(name, config, settings, device) -> list[dict]:
-    """The padded layer replayed from a CUDA graph, at every T up to padded_max_tokens."""
+    """The sync-free layers replayed from a CUDA graph: the padded one at every T up to padded_max_tokens, the
+    gathered one (plain and in each chunk count) at every T."""
     rank, world = dist.get_rank(), dist.get_world_size()
     with seeded(device, settings.seed + rank):
         layer = ExpertParallelExperts(config, experts_implementation=settings.backend, device=device)
     rows = []
-    for T in [T for T in settings.tokens if T <= settings.padded_max_tokens]:
+    for T in settings.tokens:
         for distribution in settings.distributions:
             base = _base_row(name, config, settings, device, T, distribution, world, rank)
             x, index, weights = _inputs(config, T, distribution, settings, device, rank)
-            padded = PaddedExpertParallelExperts(config, None, settings.backend, tokens_per_rank=T, local=layer.local)
-            row = base | {"variant": "padded_graph", "capacity": padded.capacity}
-            with torch.no_grad():
-                try:
-                    graph = _capture(lambda: padded(x, index, weights), device)
-                    row = _measure(row, lambda timer: graph.replay(), settings, device)
-                except Exception as error:  # noqa: BLE001 (a refusal becomes a row, the run goes on)
-                    row = row | {"status": "error", "reason": first_line(error)}
-            _derive(row, layer)
-            rows.append(row)
+            calls = []
+            if T <= settings.padded_max_tokens:
+                padded = PaddedExpertParallelExperts(config, None, settings.backend, tokens_per_rank=T,
+                                                     local=layer.local)
+                calls.append((base | {"variant": "padded_graph", "capacity": padded.capacity},
+                              lambda padded=padded: padded(x, index, weights)))
+            gathered = GatheredExpertParallelExperts(config, None, tokens_per_rank=T, local=layer.local)
+            calls.append((base | {"variant": "gathered_graph"}, lambda: gathered(x, index, weights)))
+            calls += [(base | {"variant": f"gathered_pipelined_{n}_graph"},
+                       lambda n=n: pipelined_gathered_forward(gathered, x, index, weights, chunks=n))
+                      for n in settings.chunks]
+            for row, call in calls:
+                with torch.no_grad():
+                    try:
+                        row = _measure_replay(row, call, settings, device)
+                    except Exception as error:  # noqa: BLE001 (a refusal becomes a row, the run goes on)
+                        row = row | {"status": "error", "reason": first_line(error)}
+                _derive(row, layer)
+                rows.append(row | {"rows_sent": T * world, "rows_received": T * world}
+                            if row["variant"].startswith("gathered") else row)
             if settings.progress:
                 _report(rows, base)
     return rows
+
+
+def _measure_replay(row, call, settings, device) -> dict:
+    """Capture `call` in a CUDA graph and time its replays; the graph (and its memory pool) dies on return."""
+    graph = _capture(call, device)
+    return _measure(row, lambda timer: graph.replay(), settings, device)
 
 
 def _with_hook(layer, timer, call):
@@ -266,6 +301,25 @@ def _all_to_all_rows(layer, rows_sorted, send_splits, receive_splits, base, sett
         row["a2a_GBps"] = row["bytes_off_rank"] / (ms * 1e6) if world > 1 and ms and ms > 0 else math.nan
         row["rows_sent"], row["rows_received"] = rows_sorted.shape[0], sum(receive_splits)
     return [dispatch, library]
+
+
+def _all_gather_rows(layer, x, base, settings, device) -> list[dict]:
+    """The gathered layer's dispatch all-gather of x [T, H] as it runs it (the functional collective), and the
+    library's own all-gather of the same bytes (all_gather_single into a buffer allocated once)."""
+    world = layer.shard.world_size
+    gathered = torch.empty(world * x.shape[0], x.shape[1], device=device, dtype=x.dtype)  # [w*T, H]
+    library_name = "nccl_all_gather" if device.type == "cuda" else "gloo_all_gather"
+    rows = [_measure(base | {"variant": "gathered_dispatch_all_gather"},
+                     lambda timer: waited(all_gather_async(x, layer.group)), settings, device),
+            _measure(base | {"variant": f"gathered_{library_name}"},
+                     lambda timer: dist.all_gather_single(gathered, x.contiguous(), group=layer.group),
+                     settings, device)]
+    for row in rows:
+        row["bytes_off_rank"] = (world - 1) * x.shape[0] * x.shape[1] * x.element_size()
+        ms = row.get("median_ms", math.nan)
+        row["a2a_GBps"] = row["bytes_off_rank"] / (ms * 1e6) if world > 1 and ms and ms > 0 else math.nan
+        row["rows_sent"], row["rows_received"] = x.shape[0] * world, x.shape[0] * world
+    return rows
 
 
 def _one_device_row(whole, inputs, base, settings, device) -> dict:
@@ -366,7 +420,7 @@ def _derive(row, layer) -> None:
     row["pairs_sent"] = T * config.top_k if row["variant"] != "one_device" else math.nan
     row["flops"] = float(expert_flops(T, config.top_k, config.hidden_size, config.intermediate_size))
     ms = row.get("median_ms", math.nan)
-    if not row["variant"].endswith("all_to_all") and ms and ms > 0:
+    if not row["variant"].endswith(("all_to_all", "all_gather")) and ms and ms > 0:
         row["tflops"] = row["flops"] / (ms * 1e9)
         row["tokens_per_s"] = T / (ms * 1e-3)
 

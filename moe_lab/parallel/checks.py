@@ -28,11 +28,18 @@ class EPCase:
     distribution: str = "uniform"  # moe_lab.synthetic_routing's: uniform, zipf, single
     skew: float = 1.0
     backend: str = "grouped_mm"
-    variant: str = "exact"  # "exact" (ExpertParallelExperts), "dedup" (DedupExpertParallelExperts) or "padded"
+    variant: str = "exact"  # "exact" (ExpertParallelExperts), "dedup" (DedupExpertParallelExperts), "padded",
+    # or "gathered" (GatheredExpertParallelExperts)
     capacity: int | None = None  # padded only: rows per (source, destination) pair; None = the worst case
+    tokens_per_rank_bound: int | None = None  # padded, gathered: the layer's tokens_per_rank (None: largest T)
     backward: bool = True
     seed: int = 0
     device: str = "cpu"  # "cuda": this rank's current GPU (run_on_ranks(..., backend="nccl"))
+
+
+    def tokens_per_rank_max(self) -> int:
+        """The padded and gathered layers' tokens_per_rank: the bound if given, else the largest rank's T (>= 1)."""
+        return self.tokens_per_rank_bound or max(1, *self.tokens_per_rank)
 
 
 def whole_batch(case: EPCase):
@@ -73,9 +80,14 @@ def build_layer(case: EPCase, experts: Experts, device: torch.device | None = No
         from .padded import PaddedExpertParallelExperts
 
         return PaddedExpertParallelExperts.from_experts(experts, experts_implementation=case.backend,
-                                                        tokens_per_rank=max(case.tokens_per_rank),
+                                                        tokens_per_rank=case.tokens_per_rank_max(),
                                                         capacity=case.capacity, device=device)
-    raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'dedup', 'padded'")
+    if case.variant == "gathered":
+        from .gathered import GatheredExpertParallelExperts
+
+        return GatheredExpertParallelExperts.from_experts(experts, experts_implementation=case.backend,
+                                                          tokens_per_rank=case.tokens_per_rank_max(), device=device)
+    raise ValueError(f"unknown variant {case.variant!r}; allowed: 'exact', 'dedup', 'padded', 'gathered'")
 
 
 def check_against_reference(case: EPCase) -> dict:
@@ -137,17 +149,19 @@ def compare_variants(case: EPCase) -> dict:
 
 def compare_pipelined(case: EPCase, chunks: int) -> dict:
     """Run on every rank: the chunked, overlapped forward against the plain one (no gradients); the exact layer's,
-    or the dedup layer's when case.variant is "dedup"."""
-    from .pipelined import pipelined_dedup_forward, pipelined_forward
+    or the dedup or gathered layer's when case.variant says so."""
+    from .pipelined import pipelined_dedup_forward, pipelined_forward, pipelined_gathered_forward
 
     experts, hidden, index, weights, _ = whole_batch(case)
     rank, device = dist.get_rank(), _device(case)
-    variant = "dedup" if case.variant == "dedup" else "exact"
+    variant = case.variant if case.variant in ("dedup", "gathered") else "exact"
+    chunked_forward = {"exact": pipelined_forward, "dedup": pipelined_dedup_forward,
+                       "gathered": pipelined_gathered_forward}[variant]
     layer = build_layer(replace(case, variant=variant), experts, device)
     x, i, w = hidden[rank].to(device), index[rank].to(device), weights[rank].to(device)
     with torch.no_grad():
         plain = layer(x, i, w)
-        chunked = (pipelined_dedup_forward if variant == "dedup" else pipelined_forward)(layer, x, i, w, chunks=chunks)
+        chunked = chunked_forward(layer, x, i, w, chunks=chunks)
     reference = _reference_output(experts, hidden, index, weights)[rank]
     return {"difference": relative_error(chunked, plain), "output_error": relative_error(chunked.cpu(), reference)}
 
@@ -155,27 +169,40 @@ def compare_pipelined(case: EPCase, chunks: int) -> dict:
 def replay_padded_from_cuda_graph(case: EPCase) -> dict:
     """Run on every rank (NCCL): capture the padded layer once, then replay it on new tokens and new
     routing copied into the captured inputs; the replay against the layer called eagerly."""
-    from .padded import PaddedExpertParallelExperts
+    return replay_from_cuda_graph(replace(case, variant="padded"))
 
+
+def replay_from_cuda_graph(case: EPCase, chunks: int = 1) -> dict:
+    """Run on every rank (NCCL): capture a sync-free layer (case.variant "padded" or "gathered"; the gathered one
+    in `chunks` chunks through pipelined_gathered_forward when chunks > 1) once, then replay it on new tokens and
+    new routing copied into the captured inputs; the replay against the layer called eagerly."""
+    from .pipelined import pipelined_gathered_forward
+
+    if case.variant not in ("padded", "gathered") or (chunks > 1 and case.variant != "gathered"):
+        raise ValueError(f"only the padded and gathered layers are sync-free (chunks: gathered only), got "
+                         f"{case.variant!r} with chunks={chunks}")
     experts, hidden, index, weights, _ = whole_batch(case)
     rank, device = dist.get_rank(), _device(case)
-    layer = PaddedExpertParallelExperts.from_experts(experts, experts_implementation=case.backend, device=device,
-                                                     tokens_per_rank=max(case.tokens_per_rank))
+    layer = build_layer(case, experts, device)
     x, i, w = hidden[rank].to(device), index[rank].to(device), weights[rank].to(device)
+
+    def forward():
+        return pipelined_gathered_forward(layer, x, i, w, chunks=chunks) if chunks > 1 else layer(x, i, w)
+
     with torch.no_grad():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            layer(x, i, w)  # warm-up outside the capture: NCCL communicators, allocator, lazy init
+            forward()  # warm-up outside the capture: NCCL communicators, allocator, lazy init, triton compiles
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = layer(x, i, w)
+            captured = forward()
         _, new_hidden, new_index, new_weights, _ = whole_batch(replace(case, seed=case.seed + 1))
         for captured_input, new in ((x, new_hidden), (i, new_index), (w, new_weights)):
             captured_input.copy_(new[rank])
         graph.replay()
-        eager = layer(x, i, w)
+        eager = forward()
     torch.cuda.synchronize()
     reference = _reference_output(experts, new_hidden, new_index, new_weights)[rank]
     return {"replay_vs_eager": relative_error(captured, eager), "output_error": relative_error(captured.cpu(), reference)}

@@ -1,4 +1,4 @@
-"""The two collectives expert parallelism needs, and how their gradients flow.
+"""The collectives expert parallelism needs, and how their gradients flow.
 
 `all_to_all` is torch's differentiable all-to-all (`torch.distributed._functional_collectives.
 all_to_all_single_autograd`): rank r's input rows `input_splits[d]` go to rank d, and its output
@@ -45,6 +45,15 @@ def all_to_all_async(rows: torch.Tensor, output_splits: list[int] | None, input_
     work queued before that use (another chunk's expert matmuls) overlaps the transfer."""
     group = group if group is not None else dist.group.WORLD
     return functional_collectives.all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits, group)
+
+
+def all_gather_async(rows: torch.Tensor, group) -> torch.Tensor:
+    """[N, ...] on every rank -> [world*N, ...], rank s's rows in block s; not waited for (as `all_to_all_async`).
+    Every rank must pass the same N. Differentiable in `rows`: the backward is a reduce-scatter of the
+    gradient, so each rank gets the sum over all ranks of its own block's gradient (torch's
+    `all_gather_single_autograd`, the non-deprecated name of `all_gather_tensor_autograd`; runs on gloo too)."""
+    group = group if group is not None else dist.group.WORLD
+    return functional_collectives.all_gather_single_autograd(rows.contiguous(), 0, group)
 
 
 def waited(received: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
     run_local_experts   rows in any order, each with its local expert id: the backend's forward, top_k = 1
     run_sorted_rows     rows already grouped by local expert, with the counts: the backend's `sorted_rows`
                         entry where its spec declares one (no sort, gather or un-permute), else the former
+    run_partial_experts rows with k ids, some of them "not on this rank": the backend's `partial_forward`
+                        entry where it has one (inference), else ids clamped and weights zeroed
 """
 from __future__ import annotations
 
@@ -45,6 +47,31 @@ def run_sorted_rows(local: Experts, rows: torch.Tensor, counts: torch.Tensor) ->
     expert_of_row = torch.repeat_interleave(torch.arange(local.num_experts, device=rows.device), counts.long(),
                                             output_size=rows.shape[0])  # [R]
     return run_local_experts(local, rows, expert_of_row)
+
+
+def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor:
+    """[N, H] rows, [N, k] local expert ids (E/w: that expert lives on another rank), [N, k] weights -> [N, H]:
+    each row's weighted sum over the experts it has here (zeros for a row with none).
+
+    Through the backend's `partial_forward` entry when its spec has one and the call needs no gradients: the
+    absent slots cost nothing. Otherwise the generic path, transformers' way: absent ids clamped to a real
+    expert and their weights zeroed, through the backend's forward. It trains, but computes every absent
+    slot and throws the result away: at EP=w about (w-1)/w of the expert FLOPs are wasted."""
+    El = local.num_experts
+    if rows.dim() != 2 or rows.shape[1] != local.config.hidden_size or local_index.shape != weights.shape \
+            or local_index.dim() != 2 or local_index.shape[0] != rows.shape[0]:
+        raise BackendInputError(f"run_partial_experts wants rows [N, {local.config.hidden_size}], ids and weights "
+                                f"[N, k], got {tuple(rows.shape)}, {tuple(local_index.shape)} and "
+                                f"{tuple(weights.shape)}")
+    spec = get_spec(local.experts_implementation)
+    if spec.partial_forward is not None and not needs_grad(local, rows, weights):
+        return spec.partial_forward(local, rows, local_index, weights)
+    absent = local_index >= El  # [N, k]
+    clamped = torch.where(absent, torch.zeros_like(local_index), local_index)  # [N, k]: any real expert
+    zeroed = torch.where(absent, torch.zeros_like(weights), weights)  # [N, k]: their results count zero
+    output = experts_forward(local.experts_implementation, local, rows, clamped, zeroed)  # [N, H]
+    return _tied_if_empty(output, rows, local)
 
 
 def _tied_if_empty(output: torch.Tensor, rows: torch.Tensor, local: Experts) -> torch.Tensor:

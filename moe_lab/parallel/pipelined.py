@@ -1,5 +1,6 @@
 """The expert-parallel forward in chunks, so one chunk's all-to-all overlaps another chunk's experts:
-`pipelined_forward` for the exact layer, `pipelined_dedup_forward` for the dedup one (dedup.py).
+`pipelined_forward` for the exact layer, `pipelined_dedup_forward` for the dedup one (dedup.py),
+`pipelined_gathered_forward` for the all-gather one (gathered.py; no counts and no sync at all).
 
 A plain forward runs dispatch, experts and combine one after the other, and the GPU's matmul units
 idle while the rows travel. Split the tokens into n chunks and queue the collectives without waiting
@@ -20,7 +21,7 @@ import torch
 
 from ..errors import BackendCapabilityError, ConfigError
 from ..backends.common import needs_grad
-from .collectives import all_to_all_async, exchange_counts, waited
+from .collectives import all_gather_async, all_to_all_async, exchange_counts, waited
 from .dispatch import sort_pairs, weighted_sum
 from .local import check_routed_inputs, run_local_experts
 
@@ -80,6 +81,33 @@ def pipelined_dedup_forward(layer, hidden_states, top_k_index, top_k_weights, ch
         partial = experts_on_received(layer.local, rows, routing, plan)  # [N_in_c, H]
         returned.append(all_to_all_async(partial, plan.send_rows, plan.receive_rows, group))
     return torch.cat([sum_per_token(waited(r), plan) for r, (plan, _, _) in zip(returned, planned)])  # [T, H]
+
+
+def pipelined_gathered_forward(layer, hidden_states, top_k_index, top_k_weights, chunks: int = 2) -> torch.Tensor:
+    """The same overlap for the all-gather layer (a GatheredExpertParallelExperts): its padded tokens in `chunks`
+    equal chunks on every rank, chunk c+1's all-gathers queued before chunk c's experts and chunk c's combine
+    right after them. No counts, no host read at all: the host queues every chunk ahead of the device, and the
+    whole forward can be captured in a CUDA graph. Inference only, like `pipelined_forward`."""
+    from .gathered import experts_on_gathered, padded_routing, sum_partials
+
+    _check_call(layer, hidden_states, top_k_index, top_k_weights, chunks)
+    layer.check_tokens(hidden_states, top_k_index, top_k_weights)
+    group, world = layer.group, layer.shard.world_size
+    rows, routing = padded_routing(layer, hidden_states, top_k_index, top_k_weights)  # [Tp, H], [Tp, 2k]
+    row_chunks, routing_chunks = torch.tensor_split(rows, chunks), torch.tensor_split(routing, chunks)  # same on all
+
+    def dispatch(c):  # both all-gathers queued, not waited for
+        return all_gather_async(row_chunks[c], group), all_gather_async(routing_chunks[c], group)
+
+    gathered = [dispatch(0)] + [None] * (chunks - 1)
+    returned = []
+    for c in range(chunks):
+        if c + 1 < chunks:  # queued before chunk c's experts: it moves while they run
+            gathered[c + 1] = dispatch(c + 1)
+        partial = experts_on_gathered(layer, *(waited(g) for g in gathered[c]))  # [w*Tp_c, H]
+        returned.append(all_to_all_async(partial, None, None, group))  # equal blocks: block s back to rank s
+    output = torch.cat([sum_partials(waited(r), world, r.shape[0] // world) for r in returned])  # [Tp, H]
+    return output[:hidden_states.shape[0]]  # [T, H]
 
 
 def _check_call(layer, hidden_states, top_k_index, top_k_weights, chunks) -> None:
