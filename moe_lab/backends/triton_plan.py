@@ -243,9 +243,9 @@ def decode_configs(hidden_size: int, intermediate_size: int, interpreted: bool) 
 def uses_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """The token-major decode kernels read one expert's weights once per (token, expert) pair; the
     sorted kernels once per expert hit, after a sort. One token never repeats an expert, so T=1 is
-    always decode; beyond that, only while there are at most E/4 pairs (the crossover measured by
-    tools/tune_triton.py --parts crossover; docs/performance_notes.md)."""
-    return num_tokens == 1 or num_tokens * top_k * 4 <= num_experts
+    always decode; beyond that, while there are at most as many pairs as experts (the crossover of
+    tools/tune_decode.py --crossover, weights cold as in a model; docs/performance_notes.md)."""
+    return num_tokens == 1 or num_tokens * top_k <= num_experts
 
 
 #: Up to this many pairs one program sorts them (sort_pairs_kernel); beyond, torch's sort of int32
