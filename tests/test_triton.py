@@ -56,10 +56,11 @@ def test_matches_reference_per_dtype_and_activation(dtype, activation, T):
 
 
 def test_decode_and_sorted_paths_agree_where_both_could_run():
-    # 16 experts, k=2: T=8 (16 pairs = E) is decode, T=9 (18 pairs) sorted; same tokens, same layer.
-    layer, hidden, index, weights = _case(48, 32, 16, 2, 9, torch.float32)
-    assert uses_decode_path(8, 2, 16) and not uses_decode_path(9, 2, 16)
-    assert "decode" in triton_path(8, 2, 16) and "sorted" in triton_path(9, 2, 16)
+    # 64 experts, k=2: T=8 (16 pairs = E/4) is decode, T=9 (18 pairs) sorted; same tokens, same layer.
+    layer, hidden, index, weights = _case(48, 32, 64, 2, 9, torch.float32)
+    assert uses_decode_path(8, 2, 64) and not uses_decode_path(9, 2, 64)
+    assert not uses_decode_path(8, 2, 64, hidden_size=4096)  # wide experts: sorted from T=2
+    assert "decode" in triton_path(8, 2, 64) and "sorted" in triton_path(9, 2, 64)
     with torch.no_grad():
         decoded = moe_lab.experts_forward("triton", layer, hidden[:8], index[:8], weights[:8])
         sorted_ = moe_lab.experts_forward("triton", layer, hidden, index, weights)[:8]

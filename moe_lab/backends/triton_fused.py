@@ -14,7 +14,8 @@ activation kernels, the weight multiply and the un-permute copy: ~6 launches ins
 intermediate larger than [S, max(I, H)]. Nothing reads a GPU number on the host, so the forward is
 capturable in a CUDA graph and traceable by torch.compile.
 
-Decode (T=1, or while T*k <= E: no more pairs than experts) skips the sort too:
+Decode (T=1, or while T*k*4 <= E for experts of H <= 2048: few pairs, seldom two on one expert)
+skips the sort too:
 
     decode_gate_up_kernel: h [S, I], one program per (pair, block of columns), a GEMV
     decode_down_kernel:    out [T, H], one program per (token, block of columns), k experts summed

@@ -240,12 +240,16 @@ def decode_configs(hidden_size: int, intermediate_size: int, interpreted: bool) 
     return gate_up, down
 
 
-def uses_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
+def uses_decode_path(num_tokens: int, top_k: int, num_experts: int, hidden_size: int | None = None) -> bool:
     """The token-major decode kernels read one expert's weights once per (token, expert) pair; the
     sorted kernels once per expert hit, after a sort. One token never repeats an expert, so T=1 is
-    always decode; beyond that, while there are at most as many pairs as experts (the crossover of
-    tools/tune_decode.py --crossover, weights cold as in a model; docs/performance_notes.md)."""
-    return num_tokens == 1 or num_tokens * top_k <= num_experts
+    always decode. Beyond that, decode only while there are at most E/4 pairs and the experts are
+    narrow (H <= 2048; None: not known, taken as narrow): wider experts keep the sorted kernels' 16-row
+    tiles busy enough from T=2 on. From tools/tune_decode.py --crossover, the weights cold as in a
+    model, six presets (docs/performance_notes.md, data/h200_decode_crossover.json)."""
+    if num_tokens == 1:
+        return True
+    return num_tokens * top_k * 4 <= num_experts and (hidden_size is None or hidden_size <= 2048)
 
 
 #: Up to this many pairs one program sorts them (sort_pairs_kernel); beyond, torch's sort of int32
@@ -291,7 +295,7 @@ def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsi
     decode_gate_up, decode_down = decode_configs(hidden_size, intermediate_size, interpreted)
     backward = backward_configs(rows_per_expert, hidden_size, intermediate_size, interpreted, itemsize=itemsize)
     return LaunchPlan(
-        decode=not needs_grad and uses_decode_path(num_tokens, top_k, num_experts),
+        decode=not needs_grad and uses_decode_path(num_tokens, top_k, num_experts, hidden_size),
         one_program_sort=num_pairs <= ONE_PROGRAM_SORT_MAX_PAIRS and fits_one_program_sort(num_pairs, num_experts),
         gate_up=gate_up, down=down, decode_gate_up=decode_gate_up, decode_down=decode_down,
         down_backward=backward.down_backward, gate_up_input_grad=backward.gate_up_input_grad,

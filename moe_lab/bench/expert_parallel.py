@@ -18,7 +18,7 @@ most pairs), each rank records one row per variant:
     nccl_all_to_all  an all-to-all of the same bytes in equal blocks: what the library does on this machine
     dedup_dispatch_all_to_all, dedup_nccl_all_to_all   the same two for the dedup layer's token rows
     gathered_dispatch_all_gather  the gathered layer's all-gather of [T, H] (the functional collective it uses)
-    gathered_nccl_all_gather      torch.distributed.all_gather_single of the same bytes: the library's own
+    gathered_nccl_all_gather      torch.distributed's all-gather of the same bytes: the library's own
     one_device       rank 0 only: the whole layer (all E experts) on one GPU, rank 0's T tokens and routing
                      (its world_size is the launch's, so each launch is compared with its own baseline)
 
@@ -45,7 +45,7 @@ from ..errors import first_line
 from ..modules import Experts
 from ..parallel.collectives import all_to_all
 from ..parallel.dedup import DedupExpertParallelExperts, plan_token_dispatch
-from ..parallel.collectives import all_gather_async, waited
+from ..parallel.collectives import all_gather_async, all_gather_into, waited
 from ..parallel.dispatch import plan_exact, sort_pairs
 from ..parallel.gathered import GatheredExpertParallelExperts
 from ..parallel.layer import PHASES, ExpertParallelExperts
@@ -305,14 +305,14 @@ def _all_to_all_rows(layer, rows_sorted, send_splits, receive_splits, base, sett
 
 def _all_gather_rows(layer, x, base, settings, device) -> list[dict]:
     """The gathered layer's dispatch all-gather of x [T, H] as it runs it (the functional collective), and the
-    library's own all-gather of the same bytes (all_gather_single into a buffer allocated once)."""
+    library's own all-gather of the same bytes (into a buffer allocated once)."""
     world = layer.shard.world_size
     gathered = torch.empty(world * x.shape[0], x.shape[1], device=device, dtype=x.dtype)  # [w*T, H]
     library_name = "nccl_all_gather" if device.type == "cuda" else "gloo_all_gather"
     rows = [_measure(base | {"variant": "gathered_dispatch_all_gather"},
                      lambda timer: waited(all_gather_async(x, layer.group)), settings, device),
             _measure(base | {"variant": f"gathered_{library_name}"},
-                     lambda timer: dist.all_gather_single(gathered, x.contiguous(), group=layer.group),
+                     lambda timer: all_gather_into(gathered, x, layer.group),
                      settings, device)]
     for row in rows:
         row["bytes_off_rank"] = (world - 1) * x.shape[0] * x.shape[1] * x.element_size()

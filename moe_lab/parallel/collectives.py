@@ -50,10 +50,24 @@ def all_to_all_async(rows: torch.Tensor, output_splits: list[int] | None, input_
 def all_gather_async(rows: torch.Tensor, group) -> torch.Tensor:
     """[N, ...] on every rank -> [world*N, ...], rank s's rows in block s; not waited for (as `all_to_all_async`).
     Every rank must pass the same N. Differentiable in `rows`: the backward is a reduce-scatter of the
-    gradient, so each rank gets the sum over all ranks of its own block's gradient (torch's
-    `all_gather_single_autograd`, the non-deprecated name of `all_gather_tensor_autograd`; runs on gloo too)."""
+    gradient, so each rank gets the sum over all ranks of its own block's gradient. torch's functional
+    all-gather with autograd: `all_gather_single_autograd` from torch 2.14 on, where the older name
+    `all_gather_tensor_autograd` (torch 2.11's only one) is deprecated; both run on gloo too."""
     group = group if group is not None else dist.group.WORLD
-    return functional_collectives.all_gather_single_autograd(rows.contiguous(), 0, group)
+    return _ALL_GATHER_AUTOGRAD(rows.contiguous(), 0, group)
+
+
+_ALL_GATHER_AUTOGRAD = getattr(functional_collectives, "all_gather_single_autograd", None) or \
+    functional_collectives.all_gather_tensor_autograd
+
+
+def all_gather_into(gathered: torch.Tensor, rows: torch.Tensor, group) -> None:
+    """torch.distributed's own all-gather of `rows` [N, ...] into `gathered` [world*N, ...] (no autograd):
+    `all_gather_single` from torch 2.14 on, `all_gather_into_tensor` before."""
+    _ALL_GATHER_INTO(gathered, rows.contiguous(), group=group)
+
+
+_ALL_GATHER_INTO = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def waited(received: torch.Tensor) -> torch.Tensor:
