@@ -12,6 +12,7 @@ most pairs), each rank records one row per variant:
                      expert_compute / combine)
     gathered_pipelined_<n>  its forward in n chunks (no sync at all: the host queues every chunk ahead)
     padded_graph     the padded layer replayed from a CUDA graph (CUDA only; measured after everything else)
+    one_device_graph rank 0 only: the whole layer on one GPU replayed from a CUDA graph, beside the replayed layers
     gathered_graph, gathered_pipelined_<n>_graph   the gathered layer (plain, chunked) replayed from a CUDA graph,
                      at every T: no Python between its kernels
     dispatch_all_to_all  the exact layer's dispatch all-to-all alone, its real split sizes
@@ -216,6 +217,10 @@ def _graph_preset(name, config, settings, device) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     with seeded(device, settings.seed + rank):
         layer = ExpertParallelExperts(config, experts_implementation=settings.backend, device=device)
+    whole = None
+    if settings.baseline and rank == 0:  # the one-GPU layer replayed too: replays compared with replays
+        with seeded(device, settings.seed), torch.device(device):
+            whole = Experts(config, settings.backend)
     rows = []
     for T in settings.tokens:
         for distribution in settings.distributions:
@@ -241,15 +246,22 @@ def _graph_preset(name, config, settings, device) -> list[dict]:
                 _derive(row, layer)
                 rows.append(row | {"rows_sent": T * world, "rows_received": T * world}
                             if row["variant"].startswith("gathered") else row)
+            if whole is not None:
+                with torch.no_grad():
+                    row = _measure_replay(base | {"variant": "one_device_graph"},
+                                          lambda: whole(x, index, weights), settings, device, together=False)
+                _derive(row, layer)
+                rows.append(row)
+            dist.barrier()
             if settings.progress:
                 _report(rows, base)
     return rows
 
 
-def _measure_replay(row, call, settings, device) -> dict:
+def _measure_replay(row, call, settings, device, together: bool = True) -> dict:
     """Capture `call` in a CUDA graph and time its replays; the graph (and its memory pool) dies on return."""
     graph = _capture(call, device)
-    return _measure(row, lambda timer: graph.replay(), settings, device)
+    return _measure(row, lambda timer: graph.replay(), settings, device, together=together)
 
 
 def _with_hook(layer, timer, call):
