@@ -116,9 +116,10 @@ def triton_available(device) -> bool:
     return triton_status(device)[0]
 
 
-def triton_path(num_tokens: int, top_k: int, num_experts: int, *, needs_grad: bool = False) -> str:
+def triton_path(num_tokens: int, top_k: int, num_experts: int, *, needs_grad: bool = False,
+                hidden_size: int | None = None) -> str:
     """Which kernels the triton backend runs for this many tokens, in words."""
-    if not needs_grad and uses_decode_path(num_tokens, top_k, num_experts):
+    if not needs_grad and uses_decode_path(num_tokens, top_k, num_experts, hidden_size):
         return "decode: 2 token-major GEMV kernels, no sort, k summed in registers"
     path = "sorted: sort + 2 grouped-tile kernels (gather and activation fused), k rows summed by one streaming kernel"
     if needs_grad:
@@ -127,18 +128,23 @@ def triton_path(num_tokens: int, top_k: int, num_experts: int, *, needs_grad: bo
     return path
 
 
+def _runnable_weights(experts, hidden_states):
+    """The module's expert weights, once the kernels are known to run here on this dtype (else a clear error)."""
+    runs, why = _status_for(hidden_states.device.type)
+    if not runs:
+        raise TritonUnavailableError(f"the triton backend cannot run here: {why}")
+    if hidden_states.dtype not in _KERNEL_DTYPES:
+        raise BackendInputError(f"the triton backend runs bfloat16/float16/float32, got {hidden_states.dtype}")
+    return expert_weights(experts)
+
+
 def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *, plan: LaunchPlan | None = None):
     """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H].
 
     `plan` replaces the launch plan `launch_plan` would choose (the tuning tools pass theirs)."""
     num_tokens, hidden = hidden_states.shape  # [T, H]
     top_k = top_k_index.shape[1]
-    weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
-    runs, why = _status_for(hidden_states.device.type)
-    if not runs:
-        raise TritonUnavailableError(f"the triton backend cannot run here: {why}")
-    if hidden_states.dtype not in _KERNEL_DTYPES:
-        raise BackendInputError(f"the triton backend runs bfloat16/float16/float32, got {hidden_states.dtype}")
+    weights = _runnable_weights(experts, hidden_states)  # gate_up [E, 2I, H], down [E, H, I]
     # The kernels index the routing tensors as flat [S] arrays: a strided view (w[:, ::2]) is copied.
     top_k_index, top_k_weights = top_k_index.contiguous(), top_k_weights.contiguous()
     grad = needs_grad(experts, hidden_states, top_k_weights)
@@ -163,12 +169,7 @@ def triton_partial_forward(experts, hidden_states, top_k_index, top_k_weights) -
     """The spec's `partial_forward`: [N, H], [N, k] ids where num_experts means "not here", [N, k] -> [N, H],
     the absent slots neither computed nor summed (triton_launch.partial_sorted_forward). Always the sorted
     path (the decode kernels would index the absent id), inference only."""
-    weights = expert_weights(experts)  # gate_up [E, 2I, H], down [E, H, I]
-    runs, why = _status_for(hidden_states.device.type)
-    if not runs:
-        raise TritonUnavailableError(f"the triton backend cannot run here: {why}")
-    if hidden_states.dtype not in _KERNEL_DTYPES:
-        raise BackendInputError(f"the triton backend runs bfloat16/float16/float32, got {hidden_states.dtype}")
+    weights = _runnable_weights(experts, hidden_states)  # gate_up [E, 2I, H], down [E, H, I]
     if needs_grad(experts, hidden_states, top_k_weights):
         raise BackendCapabilityError("the triton backend's partial forward is for inference (no autograd): run it "
                                      "under torch.no_grad(), or use the generic path (ids clamped, weights zeroed)")
