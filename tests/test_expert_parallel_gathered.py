@@ -42,7 +42,9 @@ CASES = {
         _gathered((8, 8), config=small_config(), backend="batched_mm")],
     3: [_gathered((5, 2, 7), config=small_config(num_experts=6), distribution="zipf")],
     # "single": every token picks experts 0 and 1, both on rank 0: ranks 1..3's experts get nothing
-    4: [_gathered((4, 3, 5, 2), distribution="single", backend="eager"), _gathered((3, 0, 4, 1))],
+    4: [_gathered((4, 3, 5, 2), distribution="single", backend="eager"), _gathered((3, 0, 4, 1)),
+        # top_k=4 > E/w=2: the generic path hands a backend at most E/w slots a row (notebook 10's parameters)
+        _gathered((3, 2, 4, 1), config=small_config(num_experts=8, top_k=4, dtype=torch.float64))],
 }
 PIPELINED = {2: [(_gathered((7, 5), backward=False), 3), (_gathered((2, 2), backward=False), 4)],
              3: [(_gathered((5, 0, 3), config=small_config(num_experts=6), backward=False,

@@ -70,7 +70,13 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
     absent = local_index >= El  # [N, k]
     clamped = torch.where(absent, torch.zeros_like(local_index), local_index)  # [N, k]: any real expert
     zeroed = torch.where(absent, torch.zeros_like(weights), weights)  # [N, k]: their results count zero
-    output = experts_forward(local.experts_implementation, local, rows, clamped, zeroed)  # [N, H]
+    if local_index.shape[1] <= El:
+        output = experts_forward(local.experts_implementation, local, rows, clamped, zeroed)  # [N, H]
+    else:  # top_k > E/w: a backend takes at most E/w slots a row, so the slots go in groups of E/w, summed
+        wide = torch.promote_types(rows.dtype, torch.float32)  # each group rounded once, summed wider
+        parts = [experts_forward(local.experts_implementation, local, rows, ids, w).to(wide)
+                 for ids, w in zip(clamped.split(El, dim=1), zeroed.split(El, dim=1))]
+        output = torch.stack(parts).sum(0).to(rows.dtype)  # [N, H]
     return _tied_if_empty(output, rows, local)
 
 
