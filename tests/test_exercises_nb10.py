@@ -180,3 +180,31 @@ def test_gathered_generic_limit_is_said_not_crashed():
     demo = nb10.partial_forward_demo(config, num_tokens=6, world_size=4).set_index("backend")
     assert demo.loc["eager", "result"].startswith("refused: top_k=4 exceeds the number of experts (2)")
     assert demo.loc["triton", "result"] == "equals the whole layer"
+
+
+@pytest.mark.parametrize("answer,correct,hint", [
+    (None, False, "still None"),
+    (lambda E, k, w: 1 - (1 - 1 / w) ** k, False, "distinct"),
+    (lambda E, k, w: math.comb(E - E // w, k) / math.comb(E, k), False, "NO expert"),
+    (lambda E, k, w: min(1.0, k / w), False, "on average"),
+    (lambda E, k, w: 1 / 0, False, "ZeroDivisionError"),
+    (lambda E, k, w: "many", False, "raised"),
+    (lambda E, k, w: 0.5, False, "held elsewhere"),
+    (lambda E, k, w: 1 - math.comb(E - E // w, k) / math.comb(E, k), True, "1 - C(E - E/world, k) / C(E, k)"),
+])
+def test_rank_reach_checker_names_the_mistake(answer, correct, hint):
+    from moe_lab.exercises.nb10_expert_parallelism import check_rank_reach
+
+    result = check_rank_reach(answer)
+    assert bool(result) is correct and hint in result.message
+
+
+def test_rank_reach_is_the_gathered_layers_probability():
+    from moe_lab.exercises.nb10_expert_parallelism import rank_reach
+    from moe_lab.parallel.gathered import dispatch_bytes
+
+    assert rank_reach(8, 6, 2) == 1.0  # more experts than the other rank holds: every token comes here
+    assert rank_reach(8, 4, 2) == pytest.approx(1 - 1 / 70)
+    qwen3 = moe_lab.get_preset("qwen3-30b-a3b").config
+    cost = dispatch_bytes(qwen3, 64, 8)
+    assert cost.gathered_over_dedup == pytest.approx(1 / rank_reach(128, 8, 8))
