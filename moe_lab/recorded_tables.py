@@ -102,6 +102,8 @@ def recorded_label(provenance: dict) -> str:
 EP_RECORD = "ep_record"
 #: The second one (2 GPUs): the layer that sends each token once per rank beside the exact layer, and a profile.
 EP_RECORD_DEDUP = "ep_record_dedup"
+#: The third one (2 GPUs): the gathered (all-gather) layer beside the exact and dedup ones, launched and replayed.
+EP_RECORD_GATHERED = "ep_record_gathered"
 
 
 def load_ep_record(directory: Path | str | None = None):

@@ -135,3 +135,76 @@ def test_padded_rows_checker_names_the_mistake(answer, correct, hint):
 def test_worst_case_rows_is_what_the_padded_layer_allocates():
     for T, k, E, w in [(128, 8, 256, 8), (16, 4, 8, 4), (10, 2, 8, 8)]:
         assert worst_case_rows(T, k, E, w) == w * worst_case_capacity(T, k, E // w)
+
+
+def test_gathered_bytes_table_is_dispatch_bytes():
+    from moe_lab.parallel.gathered import rank_hit_probability
+
+    table = nb10.gathered_bytes_table(world_sizes=(2, 8)).set_index("EP")
+    qwen3 = moe_lab.get_preset("qwen3-30b-a3b").config
+    # Every token goes to every other rank, so the gathered layer moves 1/p of the dedup layer's bytes.
+    for world in (2, 8):
+        p = rank_hit_probability(qwen3.num_experts, qwen3.top_k, world)
+        assert table.loc[world, "P(token reaches a rank)"] == p
+        assert table.loc[world, "gathered / dedup"] == pytest.approx(1 / p)
+    assert table.loc[2, "gathered / exact"] < 0.3 and table.loc[8, "gathered / exact"] > 1
+    assert table.loc[2, "exact MiB"] == 2 * 8192 * 8 * (1 / 2) * 2048 * 2 / 2**20  # 2*T*k*(w-1)/w rows of H bf16
+
+
+def test_gathered_stops_paying_where_ep_reaches_k():
+    # Per token and other rank: gathered 2*H*b + routing, exact 2*k*H*b/w; they cross where w reaches k.
+    assert "from EP = 8 on (1.01× there" in nb10.gathered_stops_paying("qwen3-30b-a3b")
+    deepseek = nb10.gathered_stops_paying("deepseek-v3")  # k = 8 of 256: the same crossing
+    assert "from EP = 8 on" in deepseek and "at EP = 256" in deepseek
+
+
+def test_partial_forward_demo_sums_blocks_to_the_whole_layer():
+    from moe_lab.backends import get_spec
+
+    demo = nb10.partial_forward_demo(CONFIG, num_tokens=8, world_size=2).set_index("backend")
+    assert (demo["result"] == "equals the whole layer").all() and (demo["error of the summed partials"] < 1e-5).all()
+    for name, row in demo.iterrows():
+        declares = get_spec(name).partial_forward is not None
+        assert row["declares partial_forward"] == declares
+        # The entry runs each routed pair on the one rank that holds it; the generic path runs every slot everywhere.
+        assert row["pairs computed (all ranks)"] == (8 * 2 if declares else 2 * 8 * 2)
+    assert not demo.loc["eager", "declares partial_forward"]  # the reference backend: the generic path
+
+
+def test_gathered_generic_limit_is_said_not_crashed():
+    # top_k = 4 over blocks of 2 experts: the generic path refuses (moe_lab.parallel.local, reported to the lead);
+    # partial_forward (triton) still runs. The notebook says so and skips the live gathered check.
+    config = moe_lab.MoEConfig(32, 16, num_experts=8, top_k=4)
+    assert nb10.gathered_generic_limit(config, 2) is None
+    assert "top_k=4 is more than the 2 experts a rank holds" in nb10.gathered_generic_limit(config, 4)
+    demo = nb10.partial_forward_demo(config, num_tokens=6, world_size=4).set_index("backend")
+    assert demo.loc["eager", "result"].startswith("refused: top_k=4 exceeds the number of experts (2)")
+    assert demo.loc["triton", "result"] == "equals the whole layer"
+
+
+@pytest.mark.parametrize("answer,correct,hint", [
+    (None, False, "still None"),
+    (lambda E, k, w: 1 - (1 - 1 / w) ** k, False, "distinct"),
+    (lambda E, k, w: math.comb(E - E // w, k) / math.comb(E, k), False, "NO expert"),
+    (lambda E, k, w: min(1.0, k / w), False, "on average"),
+    (lambda E, k, w: 1 / 0, False, "ZeroDivisionError"),
+    (lambda E, k, w: "many", False, "raised"),
+    (lambda E, k, w: 0.5, False, "held elsewhere"),
+    (lambda E, k, w: 1 - math.comb(E - E // w, k) / math.comb(E, k), True, "1 - C(E - E/world, k) / C(E, k)"),
+])
+def test_rank_reach_checker_names_the_mistake(answer, correct, hint):
+    from moe_lab.exercises.nb10_expert_parallelism import check_rank_reach
+
+    result = check_rank_reach(answer)
+    assert bool(result) is correct and hint in result.message
+
+
+def test_rank_reach_is_the_gathered_layers_probability():
+    from moe_lab.exercises.nb10_expert_parallelism import rank_reach
+    from moe_lab.parallel.gathered import dispatch_bytes
+
+    assert rank_reach(8, 6, 2) == 1.0  # more experts than the other rank holds: every token comes here
+    assert rank_reach(8, 4, 2) == pytest.approx(1 - 1 / 70)
+    qwen3 = moe_lab.get_preset("qwen3-30b-a3b").config
+    cost = dispatch_bytes(qwen3, 64, 8)
+    assert cost.gathered_over_dedup == pytest.approx(1 / rank_reach(128, 8, 8))

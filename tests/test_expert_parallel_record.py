@@ -1,6 +1,7 @@
 """Reading an expert-parallel recording: weak scaling, the goals' status, the chunked and padded variants against
 the plain forward, the busiest receiver's incoming rate; and notebook 10's reading of data/ep_record."""
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -111,3 +112,62 @@ def test_notebook_10_dedup_reading_matches_the_recording():
     assert 0.8 < bag / gemm < 1.2
     with pytest.raises(ValueError, match="no profile of layer 'nonsense'"):
         nb10.profile_excerpt("nonsense")
+
+
+def _gathered_csv():
+    from moe_lab.recorded_tables import EP_RECORD_GATHERED, data_dir
+
+    return data_dir() / EP_RECORD_GATHERED / "ep_summary.csv"
+
+
+def test_notebook_10_gathered_sentence_is_the_recording():
+    # Read the CSV here, not through the lesson: the sentence's numbers must be the recording's.
+    from moe_lab.bench.ep_summary import EP_GOALS
+    from moe_lab.lessons import nb10_expert_parallelism as nb10
+
+    csv = pd.read_csv(_gathered_csv())
+    summary, label = nb10.gathered_record()
+    assert label.startswith("NVIDIA H200")
+    sentence = nb10.gathered_finding(summary, label)
+    point = csv[(csv.preset == "qwen3-30b-a3b") & (csv.num_tokens == 8192) & (csv.distribution == "uniform")]
+    fraction = point.set_index("variant")["fraction_of_one_device"]
+    replayed = point.set_index("variant")["slowest_ms"]
+    assert fraction["gathered_graph"] == pytest.approx(replayed["one_device_graph"] / replayed["gathered_graph"])
+    target = EP_GOALS[0][5]
+    assert f"{fraction['gathered']:.2f} of one GPU launched and {fraction['gathered_graph']:.2f} replayed" in sentence
+    assert f"the goal of {target:.2f} missed" in sentence and fraction["gathered_graph"] < target
+    assert sentence.startswith("On two NVIDIA H200 GPUs the gathered layer is the fastest EP layer recorded")
+    layers = csv[~csv.variant.str.contains("one_device|_all_to_all|_all_gather")]
+    for _, at in layers.groupby(["num_tokens", "distribution"]):
+        launched = at[~at.variant.str.endswith("_graph")]
+        graphed = at[at.variant.str.endswith("_graph")]
+        assert launched.loc[launched.fraction_of_one_device.idxmax(), "variant"] == "gathered"
+        assert graphed.loc[graphed.fraction_of_one_device.idxmax(), "variant"] == "gathered_graph"
+    table = nb10.gathered_comparison(summary).loc[("qwen3-30b-a3b", 8192, "uniform")]
+    assert table["gathered"] == fraction["gathered"] and table["gathered, replayed"] == fraction["gathered_graph"]
+    assert table["x NCCL"] == point.set_index("variant").loc["gathered_dispatch_all_gather", "a2a_fraction_of_library"]
+
+
+def test_notebook_10_gathered_sentence_follows_planted_numbers(tmp_path, monkeypatch):
+    # A recording with two numbers changed: the sentence must change with them (a typed sentence would not).
+    from moe_lab import recorded_tables
+    from moe_lab.lessons import nb10_expert_parallelism as nb10
+
+    folder = tmp_path / recorded_tables.EP_RECORD_GATHERED
+    folder.mkdir()
+    csv = pd.read_csv(_gathered_csv())
+    goal = (csv.preset == "qwen3-30b-a3b") & (csv.num_tokens == 8192) & (csv.distribution == "uniform")
+    csv.loc[goal & (csv.variant == "gathered_graph"), "fraction_of_one_device"] = 0.91
+    csv.loc[(csv.num_tokens == 128) & (csv.distribution == "zipf") & (csv.variant == "dedup"),
+            "fraction_of_one_device"] = 0.99
+    csv.to_csv(folder / "ep_summary.csv", index=False)
+    shutil.copy(_gathered_csv().with_name("ep2.json"), folder)  # the provenance: the card
+    monkeypatch.setattr(recorded_tables, "data_dir", lambda: tmp_path)
+    summary, label = nb10.gathered_record()
+    sentence = nb10.gathered_finding(summary, label)
+    assert sentence.startswith("On two NVIDIA H200 GPUs")
+    assert "0.91 replayed" in sentence and "the goal of 0.85 met" in sentence
+    assert "fastest EP layer at 3 of 4 points" in sentence
+    (folder / "ep_summary.csv").unlink()
+    summary, label = nb10.gathered_record()
+    assert summary is None and "not recorded yet" in label

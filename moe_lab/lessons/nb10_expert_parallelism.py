@@ -304,3 +304,177 @@ def profile_excerpt(layer: str = "dedup", lines: int = 6) -> str:
     section = text.split(marker, 1)[1].splitlines()
     return "\n".join(line[:150] for line in section[:lines])
 
+
+def gathered_bytes_table(preset: str = "qwen3-30b-a3b", world_sizes=(2, 4, 8), tokens_per_rank: int = 8192):
+    """Per EP size: the chance a token has an expert on a given other rank (uniform routing), and the MiB one rank
+    sends other ranks per forward with the exact, dedup and gathered layers
+    (moe_lab.parallel.gathered.dispatch_bytes, bf16). Arithmetic from the formulas, not a measurement."""
+    import pandas as pd
+
+    from ..parallel.gathered import dispatch_bytes, rank_hit_probability
+
+    config = PRESETS[preset].config.replace(dtype=torch.bfloat16)
+    rows = []
+    for world in world_sizes:
+        cost = dispatch_bytes(config, tokens_per_rank, world)
+        reach = rank_hit_probability(config.num_experts, config.top_k, world)
+        rows.append({"EP": world, "P(token reaches a rank)": reach,
+                     "exact MiB": cost.exact_bytes / 2**20, "dedup MiB": cost.dedup_bytes / 2**20,
+                     "gathered MiB": cost.gathered_bytes / 2**20, "gathered / dedup": cost.gathered_over_dedup,
+                     "gathered / exact": cost.gathered_over_exact})
+    return pd.DataFrame(rows)
+
+
+def gathered_stops_paying(preset: str = "qwen3-30b-a3b", tokens_per_rank: int = 8192) -> str:
+    """A sentence, computed from dispatch_bytes over every EP size that divides the preset's experts: the first
+    size at which the gathered layer sends more than the exact layer, and its bytes over dedup's there."""
+    from ..parallel.gathered import dispatch_bytes
+
+    config = PRESETS[preset].config.replace(dtype=torch.bfloat16)
+    sizes = [w for w in range(2, config.num_experts + 1) if config.num_experts % w == 0]
+    costs = {w: dispatch_bytes(config, tokens_per_rank, w) for w in sizes}
+    worse = next((w for w in sizes if costs[w].gathered_over_exact > 1), None)
+    if worse is None:
+        return (f"On {preset} the gathered layer sends fewer bytes than the exact layer at every EP size up to "
+                f"{sizes[-1]}.")
+    return (f"On {preset} (k = {config.top_k} of {config.num_experts} experts) the gathered layer sends more bytes "
+            f"than the exact layer from EP = {worse} on ({costs[worse].gathered_over_exact:.2f}× there, "
+            f"{costs[worse].gathered_over_dedup:.2f}× the dedup layer's; at EP = {sizes[-1]}, "
+            f"{costs[sizes[-1]].gathered_over_exact:.1f}× the exact layer's): its regime is EP small against k.")
+
+
+def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: int = 2, seed: int = 0):
+    """One layer's experts cut into world_size blocks, as the ranks hold them; every block runs the same
+    `num_tokens` rows with run_partial_experts (ids of experts elsewhere -> "not here"), once per registered backend
+    that runs on this CPU in float32. One row per backend: whether its spec declares `partial_forward` (asked of the
+    registry), the expert pairs its blocks computed, and the error of the blocks' summed partials against the whole
+    layer's float64 reference (and whether it is within moe_lab's float32 tolerance), or why the backend refused."""
+    import pandas as pd
+
+    from ..backends import Where, get_spec
+    from ..errors import BackendInputError
+    from ..modules import Experts
+    from ..parallel import ExpertShard
+    from ..parallel.local import run_partial_experts
+    from ..parallel.sharding import local_config
+    from ..reference import reference_experts_forward, relative_error
+    from .tolerances import reference_tolerance
+
+    torch.manual_seed(seed)
+    config = config.replace(dtype=torch.float32)
+    whole = Experts(config)
+    hidden = torch.randn(num_tokens, config.hidden_size)  # [N, H]
+    index, weights = synthetic_routing(num_tokens, config.num_experts, config.top_k, seed=seed)  # [N, k] each
+    expected = reference_experts_forward(whole, hidden, index, weights)  # [N, H]
+    tolerance = reference_tolerance(torch.float32)
+    where = Where(torch.device("cpu"), torch.float32, config.hidden_size, config.intermediate_size)
+    rows = []
+    for name in available_backends():
+        spec = get_spec(name)
+        if not spec.supports("runs", where):
+            continue
+        total, pairs, refused = torch.zeros_like(hidden), 0, None
+        for rank in range(world_size):
+            shard = ExpertShard(rank, world_size, config.num_experts)
+            block = Experts(local_config(config, shard), name)
+            with torch.no_grad():
+                block.gate_up_proj.copy_(whole.gate_up_proj[shard.first:shard.first + shard.count])
+                block.down_proj.copy_(whole.down_proj[shard.first:shard.first + shard.count])
+                local = index - shard.first
+                local = torch.where((local >= 0) & (local < shard.count), local, shard.count)  # [N, k]
+                try:
+                    total += run_partial_experts(block, hidden, local, weights)  # [N, H]
+                except BackendInputError as error:  # generic path, top_k > E/world: gathered_generic_limit
+                    refused = f"refused: {error}"
+                    break
+            pairs += int((local < shard.count).sum()) if spec.partial_forward is not None else local.numel()
+        error = relative_error(total, expected)
+        result = refused or ("equals the whole layer" if error <= tolerance else "differs from the whole layer")
+        rows.append({"backend": name, "declares partial_forward": spec.partial_forward is not None,
+                     "pairs computed (all ranks)": None if refused else pairs, "pairs routed": index.numel(),
+                     "error of the summed partials": None if refused else error, "result": result})
+    return pd.DataFrame(rows)
+
+
+def gathered_generic_limit(config: MoEConfig, world_size: int) -> str | None:
+    """None when the gathered layer runs with every backend, with gradients too; else a sentence saying why not.
+    Its generic path (backends without `partial_forward`, and every call that needs gradients) hands a rank's
+    experts all k slots of a row, and a block of E/world experts refuses more than E/world slots."""
+    per_rank = config.num_experts // world_size
+    if config.top_k <= per_rank:
+        return None
+    return (f"The gathered layer's generic path is not run here: top_k={config.top_k} is more than the "
+            f"{per_rank} experts a rank holds (E/world = {config.num_experts}/{world_size}), and the generic path "
+            f"hands a rank's experts all k slots of a row, which a block of {per_rank} refuses (a limit of "
+            f"moe_lab.parallel.local.run_partial_experts today; the exact and dedup layers are not affected).")
+
+
+#: The layers the gathered recording's table shows, launched from Python (against the launched one-GPU layer).
+GATHERED_LAUNCHED = ("exact", "dedup", "gathered")
+
+
+def gathered_record():
+    """(summary, card label) of the 2-GPU recording with the gathered layer (data/ep_record_gathered/ep_summary.csv:
+    one line per preset, T, routing, EP size and variant), or (None, a sentence saying it is not recorded)."""
+    from ..recorded_tables import EP_RECORD_GATHERED, data_dir, load_ep_record, recorded_label
+
+    record = load_ep_record(data_dir() / EP_RECORD_GATHERED)
+    if record is None:
+        return None, ("not recorded yet: tools/ep_record.sh on 2 GPUs, its output folder copied to "
+                      "data/ep_record_gathered/")
+    summary, provenance = record
+    return summary, recorded_label(provenance)
+
+
+def gathered_comparison(summary):
+    """Per (preset, T per rank, routing) at EP=2: the launched exact, dedup and gathered layers' fractions of the
+    launched one-GPU layer, the gathered layer replayed from a CUDA graph against the replayed one-GPU layer
+    (`one_device_graph`), and the gathered dispatch's all-gather against NCCL's own for the same bytes."""
+    summary = summary[summary["world_size"] == 2]
+    keys = ["preset", "num_tokens", "distribution"]
+    fractions = summary.pivot_table(index=keys, columns="variant", values="fraction_of_one_device")
+    table = fractions[list(GATHERED_LAUNCHED)].copy()  # launched, x the launched one-GPU layer
+    table["gathered, replayed"] = fractions["gathered_graph"]  # x the replayed one-GPU layer
+    times = summary.pivot_table(index=keys, columns="variant", values="slowest_ms")
+    table["all-gather ms"] = times["gathered_dispatch_all_gather"]
+    table["NCCL's ms"] = times["gathered_nccl_all_gather"]
+    bandwidth = summary.pivot_table(index=keys, columns="variant", values="a2a_fraction_of_library")
+    table["x NCCL"] = bandwidth["gathered_dispatch_all_gather"]  # bytes/s over NCCL's, same bytes
+    table.columns.name = None
+    return table
+
+
+def fastest_ep_layers(summary):
+    """Per (preset, T per rank, routing, EP size > 1): the EP layer with the highest fraction of one GPU among
+    those launched from Python and among those replayed from a CUDA graph (`*_graph`). Transfers alone
+    (`*_all_to_all`, `*_all_gather`) and the one-GPU layer are not layers here."""
+    import pandas as pd
+
+    keys = ["preset", "num_tokens", "distribution", "world_size"]
+    layers = summary[(summary["world_size"] > 1) & ~summary["variant"].str.startswith("one_device")
+                     & ~summary["variant"].str.contains("_all_to_all|_all_gather")]
+    replayed = layers["variant"].str.endswith("_graph")
+    best = {kind: part.loc[part.groupby(keys)["fraction_of_one_device"].idxmax()].set_index(keys)["variant"]
+            for kind, part in (("launched", layers[~replayed]), ("replayed", layers[replayed]))}
+    return pd.DataFrame(best)
+
+
+def gathered_finding(summary, label: str, preset: str = "qwen3-30b-a3b", num_tokens: int = 8192) -> str:
+    """One sentence, every number read from the recording: whether the gathered layer is the fastest EP layer at
+    every recorded point (launched and replayed), its fractions at the goal's point (launched against the launched
+    one-GPU layer, replayed against the replayed one), and the goal's verdict, with the card named."""
+    from ..bench.ep_summary import EP_GOALS
+
+    target = next(goal[5] for goal in EP_GOALS if goal[4] == "fraction_of_one_device")
+    fastest = fastest_ep_layers(summary)
+    wins = (fastest["launched"] == "gathered") & (fastest["replayed"] == "gathered_graph")
+    lead = (f"the gathered layer is the fastest EP layer recorded, launched and replayed, at all {len(wins)} points"
+            if wins.all() else f"the gathered layer is the fastest EP layer at {wins.sum()} of {len(wins)} points")
+    point = summary[(summary["preset"] == preset) & (summary["num_tokens"] == num_tokens)
+                    & (summary["distribution"] == "uniform") & (summary["world_size"] == 2)]
+    fraction = point.set_index("variant")["fraction_of_one_device"]
+    launched, replayed = fraction["gathered"], fraction["gathered_graph"]
+    verdict = "met" if max(launched, replayed) >= target else "missed"
+    return (f"On two {label.split(',')[0]} GPUs {lead}: on {preset} at T = {num_tokens} per rank, uniform, it runs "
+            f"at {launched:.2f} of one GPU launched and {replayed:.2f} replayed from a CUDA graph against the replayed "
+            f"one-GPU layer — the goal of {target:.2f} {verdict}.")
