@@ -352,7 +352,6 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
     import pandas as pd
 
     from ..backends import Where, get_spec
-    from ..errors import BackendInputError
     from ..modules import Experts
     from ..parallel import ExpertShard
     from ..parallel.local import run_partial_experts
@@ -373,7 +372,7 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
         spec = get_spec(name)
         if not spec.supports("runs", where):
             continue
-        total, pairs, refused = torch.zeros_like(hidden), 0, None
+        total, pairs = torch.zeros_like(hidden), 0
         for rank in range(world_size):
             shard = ExpertShard(rank, world_size, config.num_experts)
             block = Experts(local_config(config, shard), name)
@@ -382,31 +381,14 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
                 block.down_proj.copy_(whole.down_proj[shard.first:shard.first + shard.count])
                 local = index - shard.first
                 local = torch.where((local >= 0) & (local < shard.count), local, shard.count)  # [N, k]
-                try:
-                    total += run_partial_experts(block, hidden, local, weights)  # [N, H]
-                except BackendInputError as error:  # generic path, top_k > E/world: gathered_generic_limit
-                    refused = f"refused: {error}"
-                    break
+                total += run_partial_experts(block, hidden, local, weights)  # [N, H]
             pairs += int((local < shard.count).sum()) if spec.partial_forward is not None else local.numel()
         error = relative_error(total, expected)
-        result = refused or ("equals the whole layer" if error <= tolerance else "differs from the whole layer")
+        result = "equals the whole layer" if error <= tolerance else "differs from the whole layer"
         rows.append({"backend": name, "declares partial_forward": spec.partial_forward is not None,
-                     "pairs computed (all ranks)": None if refused else pairs, "pairs routed": index.numel(),
-                     "error of the summed partials": None if refused else error, "result": result})
+                     "pairs computed (all ranks)": pairs, "pairs routed": index.numel(),
+                     "error of the summed partials": error, "result": result})
     return pd.DataFrame(rows)
-
-
-def gathered_generic_limit(config: MoEConfig, world_size: int) -> str | None:
-    """None when the gathered layer runs with every backend, with gradients too; else a sentence saying why not.
-    Its generic path (backends without `partial_forward`, and every call that needs gradients) hands a rank's
-    experts all k slots of a row, and a block of E/world experts refuses more than E/world slots."""
-    per_rank = config.num_experts // world_size
-    if config.top_k <= per_rank:
-        return None
-    return (f"The gathered layer's generic path is not run here: top_k={config.top_k} is more than the "
-            f"{per_rank} experts a rank holds (E/world = {config.num_experts}/{world_size}), and the generic path "
-            f"hands a rank's experts all k slots of a row, which a block of {per_rank} refuses (a limit of "
-            f"moe_lab.parallel.local.run_partial_experts today; the exact and dedup layers are not affected).")
 
 
 #: The layers the gathered recording's table shows, launched from Python (against the launched one-GPU layer).
