@@ -2,7 +2,7 @@
 each rank back its share of the partial sums. No counts, no split sizes, no host sync.
 
 At EP=w with k of E experts a token has no expert on a given rank with probability C(E - E/w, k) / C(E, k):
-at w = 2, k = 8 of 128 that is 0.4 %, so the dedup layer sends almost every token to the other rank anyway.
+at w = 2, k = 8 of 128 that is 0.3 %, so the dedup layer sends almost every token to the other rank anyway.
 Sending all of them costs few more bytes and buys fixed shapes: the host queues every collective ahead, the
 layer can be captured in a CUDA graph, and chunks overlap without any sync (pipelined.py). Megatron-Core's
 "allgather" token dispatcher works this way; transformers' own expert parallelism too, in spirit (ids of
