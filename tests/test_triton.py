@@ -67,16 +67,17 @@ def test_decode_and_sorted_paths_agree_where_both_could_run():
     torch.testing.assert_close(decoded, sorted_, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("hidden, intermediate", [(2048, 40), (24, 1408), (24, 2100)])
-def test_decode_kernels_with_the_gpu_tiles(hidden, intermediate):
+@pytest.mark.parametrize("hidden, intermediate, top_k", [(2048, 40, 2), (24, 1408, 1), (24, 2100, 1)])
+def test_decode_kernels_with_the_gpu_tiles(hidden, intermediate, top_k):
     # The GPU plan's decode tiles are whole rows (BLOCK_K up to 2048) of 2-8 rows: wider than these layers'
     # K (I=40, H=24), I=1408 takes one 2048-wide step for down, I=2100 three 1024-wide ones with a masked
     # tail. The interpreter runs the same kernels.
     from moe_lab.backends.triton_plan import decode_configs
 
-    layer, hidden_states, index, weights = _case(hidden, intermediate, 4, 2, 1, torch.float32)
+    # (one slot where I is wide: each row of gate_up is its own program in the interpreter)
+    layer, hidden_states, index, weights = _case(hidden, intermediate, 4, top_k, 1, torch.float32)
     gpu_gate_up, gpu_down = decode_configs(hidden, intermediate, interpreted=False)
-    plan = dataclasses.replace(launch_plan(1, 2, 4, hidden, intermediate, torch.float32, interpreted=interpreting()),
+    plan = dataclasses.replace(launch_plan(1, top_k, 4, hidden, intermediate, torch.float32, interpreted=interpreting()),
                                decode_gate_up=gpu_gate_up, decode_down=gpu_down)
     assert plan.decode
     with torch.no_grad():
