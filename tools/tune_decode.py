@@ -136,7 +136,7 @@ def sweep(kind, preset, layers, candidates, current, make_launches, read_bytes, 
     best = min(ok, key=ok.get)
     row = dict(kind=kind, preset=preset, layers=len(layers.experts), read_bytes=read_bytes,
                best=dataclasses.astuple(best), best_us=ok[best], best_GBps=read_bytes / ok[best] / 1e3,
-               current=dataclasses.astuple(current), current_us=ok.get(current), 
+               current=dataclasses.astuple(current), current_us=ok.get(current),
                all={str(dataclasses.astuple(c)): t for c, t in timings.items()})
     results.append(row)
     print(f"{kind:9s} {preset:18s} L={len(layers.experts)} best {dataclasses.astuple(best)} {ok[best]:.1f} us "
