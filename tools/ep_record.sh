@@ -8,7 +8,8 @@
 # (moe_lab/bench/expert_parallel.py); then one EP=2 forward of each layer under torch.profiler as text
 # (moe_lab/bench/ep_profile.py: top kernels, GPU idle gaps, host runtime calls).
 #
-#   bash tools/ep_record.sh                      on nvidia-h200-x2 (2 GPUs), under 4 minutes with startup
+#   bash tools/ep_record.sh                      on nvidia-h200-x2 (2 GPUs): tables under 4 minutes, then up to
+#                                                5 for the NCCL tests (EP_PYTEST=0: the tables alone)
 #   MOE_LAB_EP_TINY=1 bash tools/ep_record.sh    the same launches on CPU with gloo and tiny shapes
 #
 # Writes under $OUT (default out/ep_record), at most 8 files: ep<N>.csv + ep<N>.json (provenance) per EP
@@ -17,12 +18,13 @@
 # Knobs: EP_BACKEND (grouped_mm: the backend of the local experts and of the one-GPU layer; triton times the fused
 # kernels, whose partial forward the gathered layer uses), EP_SIZES ("1 2"), EP_PRESETS ("qwen3-30b-a3b"; "qwen3-30b-a3b deepseek-v3" adds deepseek), EP_CHUNKS
 # ("2": the chunked, overlapped forward of every layer in 2 chunks; "" none, "2,4" more), EP_PROFILE (1; 0 skips
-# the profile), EP_PYTEST (1; 0 skips the NCCL tests), EP_PYTEST_SECONDS (90).
+# the profile), EP_PYTEST (1; 0 skips the NCCL tests), EP_PYTEST_SECONDS (300).
 # MOE_LAB_GIT_COMMIT = the commit measured (the device's copy of .git can lag behind its working tree).
 # Every launch is bounded (EP_LAUNCH_SECONDS, default 90) and the measurements by EP_TOTAL_SECONDS
 # (default 150): a launch that would start past it is skipped and says so in the log. The NCCL tests come
-# after, bounded on their own by EP_PYTEST_SECONDS (default 90), so the tables never wait for them and they
-# never lose their time to a slow table (the first 2-GPU recording's tests got 145 s of what was left, and timed out).
+# after, bounded on their own by EP_PYTEST_SECONDS (default 300), so the tables never wait for them and they
+# never lose their time to a slow table (the first 2-GPU recording's tests got 145 s of what was left, and timed
+# out; their one launch of every check also outran 170 s on 2 H200s).
 set -u
 export NCCL_NVLS_ENABLE=0                    # NVLink multicast stays off on the lent machines
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -95,7 +97,7 @@ fi
 
 # The NCCL correctness tests (2 GPUs), last and bounded on their own: they cannot spoil the tables above.
 if [ -z "${MOE_LAB_EP_TINY:-}" ] && [ "${EP_PYTEST:-1}" = 1 ] && [ "$GPUS" -ge 2 ]; then
-  LIMIT=${EP_PYTEST_SECONDS:-90}
+  LIMIT=${EP_PYTEST_SECONDS:-300}
   echo "=== pytest tests/test_expert_parallel_gpu.py (limit ${LIMIT}s, ${SECONDS}s so far)" | tee -a "$LOG"
   timeout --kill-after=10 "$LIMIT" $PYTHON -m pytest tests/test_expert_parallel_gpu.py -v -p no:cacheprovider \
     >> "$LOG" 2>&1
