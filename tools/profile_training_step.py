@@ -1,0 +1,210 @@
+"""Where one layer's training step (forward + backward) spends its time: GPU kernels, launch gaps, host.
+
+`moe-lab bench --backward` times each step launched from Python and synchronised, so everything the
+host does before the GPU has work queued is in its number. This tool splits that number, per
+implementation, in one process on one card:
+
+    synced     the bench's own measure: CUDA events around one step, then a synchronize (median)
+    pipelined  20 steps launched back to back, one pair of events around them all: the host's time is
+               hidden wherever the GPU is behind it, as in a training loop of many layers
+    host       the Python time to enqueue one step while the GPU is kept busy (a sleep kernel first)
+    graph      the same step captured in a CUDA graph and replayed: the kernels alone, without gaps
+    kernels    torch.profiler over synced steps: each kernel's GPU time per step, and their sum
+
+and for moe_lab's triton backend the host's top functions under cProfile (with --cprofile).
+
+    python tools/profile_training_step.py --preset qwen3-30b-a3b --tokens 8192 \
+        --backends triton,grouped_mm,transformers:grouped_mm --output $OUT/training_profile.txt
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import io
+import json
+import pstats
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+import moe_lab  # noqa: F401  (first: the triton setup)
+from moe_lab.bench import implementations
+from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing, seeded
+from moe_lab.bench.provenance import command_line, provenance
+from moe_lab.bench.roofline import training_flops
+from moe_lab.presets import get_preset
+
+
+def training_step(experts, hidden_states, top_k_index, top_k_weights, seed=0):
+    """call() -> the gradients of <output, G> for x, the routing weights and both weights (as the bench's)."""
+    x = hidden_states.detach().requires_grad_(True)
+    w = top_k_weights.detach().requires_grad_(True)
+    parameters = [experts.gate_up_proj, experts.down_proj]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    with seeded(hidden_states.device, seed + 2):
+        upstream = torch.randn_like(hidden_states)
+    inputs = [x, w, *parameters]
+
+    def call():
+        output = experts(x, top_k_index, w)
+        return torch.autograd.grad(output, inputs, upstream)
+
+    return call
+
+
+def synced_ms(call, reps):
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def pipelined_ms(call, steps, rounds):
+    per_step = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            call()
+        end.record()
+        end.synchronize()
+        per_step.append(start.elapsed_time(end) / steps)
+    return statistics.median(per_step)
+
+
+def host_ms(call, reps):
+    """Python time to enqueue one step behind a sleeping GPU (nothing the host launches can start yet)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles: the queue stays ahead of the host
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def graph_ms(call, reps):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        graph.replay()
+    return synced_ms(graph.replay, reps)
+
+
+def kernel_table(call, steps):
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            call()
+            torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(float)
+    counts = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            name = re.sub(r"\s+", " ", event.name)[:100]
+            per_kernel[name] += event.device_time / steps / 1e3  # ms per step
+            counts[name] += 1
+    rows = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    return rows, {name: counts[name] / steps for name, _ in rows}
+
+
+def host_profile(call, steps):
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    return text.getvalue()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", action="append", required=True)
+    parser.add_argument("--tokens", default="8192")
+    parser.add_argument("--backends", default="triton,grouped_mm,transformers:grouped_mm")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile the triton step's host path")
+    parser.add_argument("--output", required=True, help="a .txt report; a .json beside it with the numbers")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    lines = [f"# {command_line()}", f"# {json.dumps(provenance(device))}"]
+    records = []
+    for preset in args.preset:
+        config = get_preset(preset).config.replace(dtype=dtype)
+        for T in (int(t) for t in args.tokens.split(",")):
+            top_k_index, top_k_weights, _ = random_routing(T, config, device)
+            hidden_states = random_hidden_states(T, config, device)
+            experts = build_experts(config, device)
+            flops = training_flops(T, config.top_k, config.hidden_size, config.intermediate_size)
+            for name in args.backends.split(","):
+                experts.set_experts_implementation(implementations.implementation(name))
+                call = training_step(experts, hidden_states, top_k_index, top_k_weights)
+                for _ in range(3):
+                    call()
+                record = dict(preset=preset, tokens=T, backend=name)
+                # interleave: synced, pipelined, synced again, so drift lands on both
+                record["synced_ms"] = synced_ms(call, 15)
+                record["pipelined_ms"] = pipelined_ms(call, 20, 3)
+                record["synced_again_ms"] = synced_ms(call, 15)
+                record["host_ms"] = host_ms(call, 7)
+                kernels, launches = kernel_table(call, 5)
+                record["kernel_sum_ms"] = sum(ms for _, ms in kernels)
+                record["launches_per_step"] = sum(launches.values())
+                record["kernels"] = [(name, ms, launches[name]) for name, ms in kernels]
+                if args.cprofile and name == "triton":
+                    record["host_profile"] = host_profile(call, 20)
+                try:  # last: a failed capture can leave the stream unusable for what follows
+                    record["graph_ms"] = graph_ms(call, 15)
+                except Exception as error:  # noqa: BLE001  a backend that cannot be captured: say why
+                    record["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                    torch.cuda.synchronize()
+                for key in ("synced_ms", "pipelined_ms", "graph_ms"):
+                    if key in record:
+                        record[key.replace("_ms", "_tflops")] = flops / (record[key] / 1e3) / 1e12
+                records.append(record)
+                lines.append(f"\n## {preset} T={T} {name}")
+                lines.append("  " + "  ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                                              for key, value in record.items()
+                                              if key not in ("kernels", "preset", "tokens", "backend",
+                                                             "host_profile")))
+                for kernel, ms, count in record["kernels"][:25]:
+                    lines.append(f"  {ms:8.4f} ms  x{count:4.1f}  {kernel}")
+                lines.append(record.get("host_profile", ""))
+                print("\n".join(lines[-(len(record["kernels"][:25]) + 3):]), flush=True)
+            del experts
+            torch.cuda.empty_cache()
+    with open(args.output, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with open(re.sub(r"\.txt$", "", args.output) + ".json", "w") as handle:
+        json.dump(dict(provenance=provenance(device), command=command_line(), records=records), handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
