@@ -88,12 +88,21 @@ def test_a_failing_rank_stops_the_launch_with_its_traceback():
 
 def _sleep_forever():
     import time
+
+    import torch.distributed as dist
+
+    from moe_lab.parallel.launch import report_progress
+
+    if dist.get_rank() == 1:
+        report_progress("the planted hang")
     time.sleep(600)
 
 
-def test_a_launch_past_its_timeout_is_stopped():
-    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 were still running"):
-        run_on_ranks(_sleep_forever, 2, timeout_s=1)
+def test_a_launch_past_its_timeout_is_stopped_and_says_where_each_rank_was():
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 were still running") as info:
+        run_on_ranks(_sleep_forever, 2, timeout_s=3)
+    assert "rank 0: nothing" in str(info.value)
+    assert "rank 1: 'the planted hang'" in str(info.value)
 
 
 @pytest.mark.parametrize("world_size", [0, -1, 2.0, True])

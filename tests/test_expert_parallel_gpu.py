@@ -4,8 +4,10 @@ the padded and gathered layers replayed from a CUDA graph (the gathered one plai
 grouped_mm and through triton's partial forward), the chunked forwards. Needs 2 GPUs
 (`pytest tests/test_expert_parallel_gpu.py` on a multi-GPU machine); skipped elsewhere with the reason.
 
-Every check runs in ONE launch of two NCCL processes (starting them and NCCL costs seconds); a check that
-raises is recorded as its error text, so each test still fails on its own, with the message."""
+The checks run in three launches of two NCCL processes (starting them and NCCL costs seconds; one launch of
+every check outran 300 s on two H200s): the references with gradients, the other forwards, the CUDA graphs.
+A check that raises is recorded as its error text, so each test still fails on its own, with the message; a
+launch that times out names the check each rank was in."""
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ import moe_lab
 from moe_lab.errors import first_line
 from moe_lab.lessons.tolerances import reference_tolerance
 from moe_lab.parallel import run_on_ranks
+from moe_lab.parallel.launch import report_progress
 from moe_lab.parallel.checks import (
     EPCase, check_against_reference, compare_pipelined, compare_variants, replay_from_cuda_graph,
     replay_padded_from_cuda_graph,
@@ -37,13 +40,14 @@ def _config(dtype):
 
 
 def _attempt(check, *args):
+    report_progress(f"{check.__name__} {args[0]} {args[1:]}")
     try:
         return check(*args)
     except Exception as error:  # noqa: BLE001 (the test that reads it fails with this text)
         return {"error": first_line(error)}
 
 
-def _every_check():
+def _reference_checks():
     results = {}
     for variant in VARIANTS:
         for name, dtype in DTYPES.items():
@@ -51,8 +55,12 @@ def _every_check():
                 case = EPCase(_config(dtype), tokens_per_rank=(96, 64), distribution=distribution, skew=2.0,
                               device="cuda", variant=variant)
                 results[("reference", variant, name, distribution)] = _attempt(check_against_reference, case)
-    results["padded_vs_exact"] = _attempt(compare_variants, EPCase(_config(torch.float32), tokens_per_rank=(64, 64),
-                                                                   distribution="zipf", device="cuda"))
+    return results
+
+
+def _forward_checks():
+    results = {"padded_vs_exact": _attempt(compare_variants, EPCase(_config(torch.float32), tokens_per_rank=(64, 64),
+                                                                    distribution="zipf", device="cuda"))}
     for chunks in CHUNKS:
         case = EPCase(_config(torch.bfloat16), tokens_per_rank=(256, 256), device="cuda", backward=False)
         results[("chunked", chunks)] = _attempt(compare_pipelined, case, chunks)
@@ -65,9 +73,14 @@ def _every_check():
             case = EPCase(_config(torch.bfloat16), tokens_per_rank=(256, 200), device="cuda", backward=False,
                           variant="gathered", backend=backend)
             results[("chunked_gathered", backend, chunks)] = _attempt(compare_pipelined, case, chunks)
-    # last: a failed capture can leave the device unusable for what follows
-    results["graph"] = _attempt(replay_padded_from_cuda_graph, EPCase(_config(torch.bfloat16), tokens_per_rank=(32, 32),
-                                                                      device="cuda", backward=False))
+    return results
+
+
+def _graph_checks():
+    # a failed capture can leave the device unusable for what follows: these have a launch of their own
+    results = {"graph": _attempt(replay_padded_from_cuda_graph, EPCase(_config(torch.bfloat16),
+                                                                       tokens_per_rank=(32, 32), device="cuda",
+                                                                       backward=False))}
     for backend in GATHERED_BACKENDS:
         for chunks in (1, 2):
             case = EPCase(_config(torch.bfloat16), tokens_per_rank=(48, 32), device="cuda", backward=False,
@@ -77,8 +90,18 @@ def _every_check():
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    return run_on_ranks(_every_check, 2, backend="nccl", timeout_s=300)
+def reference_ranks():
+    return run_on_ranks(_reference_checks, 2, backend="nccl", timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def forward_ranks():
+    return run_on_ranks(_forward_checks, 2, backend="nccl", timeout_s=180)
+
+
+@pytest.fixture(scope="module")
+def graph_ranks():
+    return run_on_ranks(_graph_checks, 2, backend="nccl", timeout_s=120)
 
 
 def _ok(result):
@@ -89,26 +112,26 @@ def _ok(result):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
-def test_outputs_and_gradients_on_nccl(ranks, variant, dtype, distribution):
-    for rank in ranks:
+def test_outputs_and_gradients_on_nccl(reference_ranks, variant, dtype, distribution):
+    for rank in reference_ranks:
         result = _ok(rank[("reference", variant, dtype, distribution)])
         for name in ERRORS:
             assert result[name] <= reference_tolerance(DTYPES[dtype]), (result["rank"], name, result[name])
 
 
-def test_padded_equals_exact_on_nccl(ranks):
-    for rank in ranks:
+def test_padded_equals_exact_on_nccl(forward_ranks):
+    for rank in forward_ranks:
         assert _ok(rank["padded_vs_exact"])["max_difference"] <= reference_tolerance(torch.float32)
 
 
 @pytest.mark.parametrize("chunks", CHUNKS)
-def test_chunked_forward_on_nccl(ranks, chunks):
-    for rank in ranks:
+def test_chunked_forward_on_nccl(forward_ranks, chunks):
+    for rank in forward_ranks:
         assert _ok(rank[("chunked", chunks)])["difference"] <= reference_tolerance(torch.bfloat16)
 
 
-def test_padded_layer_replays_from_a_cuda_graph(ranks):
-    for rank in ranks:
+def test_padded_layer_replays_from_a_cuda_graph(graph_ranks):
+    for rank in graph_ranks:
         result = _ok(rank["graph"])
         assert result["replay_vs_eager"] <= reference_tolerance(torch.bfloat16)
         assert result["output_error"] <= reference_tolerance(torch.bfloat16)
@@ -116,15 +139,15 @@ def test_padded_layer_replays_from_a_cuda_graph(ranks):
 
 @pytest.mark.parametrize("backend", GATHERED_BACKENDS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_gathered_inference_on_nccl(ranks, backend, dtype):
-    for rank in ranks:
+def test_gathered_inference_on_nccl(forward_ranks, backend, dtype):
+    for rank in forward_ranks:
         assert _ok(rank[("gathered_inference", backend, dtype)])["output_error"] <= reference_tolerance(DTYPES[dtype])
 
 
 @pytest.mark.parametrize("backend", GATHERED_BACKENDS)
 @pytest.mark.parametrize("chunks", CHUNKS)
-def test_chunked_gathered_forward_on_nccl(ranks, backend, chunks):
-    for rank in ranks:
+def test_chunked_gathered_forward_on_nccl(forward_ranks, backend, chunks):
+    for rank in forward_ranks:
         result = _ok(rank[("chunked_gathered", backend, chunks)])
         assert result["difference"] <= reference_tolerance(torch.bfloat16)
         assert result["output_error"] <= reference_tolerance(torch.bfloat16)
@@ -132,9 +155,9 @@ def test_chunked_gathered_forward_on_nccl(ranks, backend, chunks):
 
 @pytest.mark.parametrize("backend", GATHERED_BACKENDS)
 @pytest.mark.parametrize("chunks", (1, 2))
-def test_gathered_layer_replays_from_a_cuda_graph(ranks, backend, chunks):
+def test_gathered_layer_replays_from_a_cuda_graph(graph_ranks, backend, chunks):
     # Sync-free: capture once (rank 1's 32 tokens padded to 48), replay on new tokens and routing = eager.
-    for rank in ranks:
+    for rank in graph_ranks:
         result = _ok(rank[("graph_gathered", backend, chunks)])
         assert result["replay_vs_eager"] <= reference_tolerance(torch.bfloat16)
         assert result["output_error"] <= reference_tolerance(torch.bfloat16)

@@ -9,7 +9,8 @@ Processes come from a "forkserver" that imported torch and moe_lab once, so a la
 not a fresh interpreter importing torch (seconds per rank on a small machine); NCCL ranks (one GPU
 each, for the GPU tests) start fresh interpreters instead, since CUDA does not survive a fork. A rank that raises
 stops the others at once and its traceback is raised here as `RankFailedError`; a launch that runs
-past `timeout_s` is stopped and raises `TimeoutError`. `fn` must be importable by name (a function
+past `timeout_s` is stopped and raises `TimeoutError`, naming what each rank last reported through
+`report_progress` (which check a rank was in when it hung). `fn` must be importable by name (a function
 defined in a module, not in a notebook cell), as for any multiprocessing start method but fork.
 """
 from __future__ import annotations
@@ -25,6 +26,17 @@ import torch
 
 #: Where a spawned rank learns its place: set in the child before `fn` runs.
 _RANK_ENV = "MOE_LAB_RANK"
+#: The launch's folder, where `report_progress` appends a rank's lines.
+_FOLDER_ENV = "MOE_LAB_RANKS_FOLDER"
+
+
+def report_progress(text: str) -> None:
+    """Inside a rank started by `run_on_ranks`: note what it is doing now (one line, flushed), so a launch
+    that times out says where each rank was. Elsewhere it does nothing."""
+    folder, rank = os.environ.get(_FOLDER_ENV), os.environ.get(_RANK_ENV)
+    if folder and rank is not None:
+        with open(Path(folder, f"progress{rank}.txt"), "a") as handle:
+            handle.write(f"{time.monotonic():.1f} {text}\n")
 
 
 class RankFailedError(RuntimeError):
@@ -50,7 +62,7 @@ def _rank_main(fn, args, rank: int, world_size: int, folder: str, threads: int, 
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
-    os.environ[_RANK_ENV] = str(rank)
+    os.environ[_RANK_ENV], os.environ[_FOLDER_ENV] = str(rank), folder
     result_path, error_path = Path(folder, f"result{rank}.pt"), Path(folder, f"error{rank}.txt")
     try:
         store = dist.FileStore(str(Path(folder, "store")), world_size)
@@ -108,8 +120,23 @@ def _wait_for(processes, folder: str, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             waiting = [rank for rank, process in enumerate(processes) if process.exitcode is None]
             raise TimeoutError(f"ranks {waiting} of {len(processes)} were still running after {timeout_s:.0f} s "
-                               "(a rank stuck in a collective another rank never joined?); they were stopped")
+                               "(a rank stuck in a collective another rank never joined?); they were stopped. "
+                               f"Last reported: {_last_progress(folder, waiting, time.monotonic())}")
         time.sleep(0.02)
+
+
+def _last_progress(folder: str, ranks, now: float) -> str:
+    """Each rank's last `report_progress` line and how long ago it was written."""
+    said = []
+    for rank in ranks:
+        path = Path(folder, f"progress{rank}.txt")
+        lines = path.read_text().splitlines() if path.exists() else []
+        if lines:
+            stamp, _, text = lines[-1].partition(" ")
+            said.append(f"rank {rank}: {text!r} ({now - float(stamp):.0f} s ago)")
+        else:
+            said.append(f"rank {rank}: nothing")
+    return "; ".join(said)
 
 
 def _first_failure(processes, folder: str) -> RankFailedError:
