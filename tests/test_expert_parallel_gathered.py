@@ -118,9 +118,11 @@ def test_sorting_with_the_absent_id_is_the_same_either_way():
     from moe_lab.backends.triton_fused import sort_pairs
 
     _, index, _ = _partial_inputs(tokens=40)
-    one_program, counts_one = sort_pairs(index, 5, one_program=True)
-    torch_sorted, counts_torch = sort_pairs(index, 5, one_program=False)
-    assert torch.equal(one_program.long(), torch_sorted.long()) and torch.equal(counts_one.long(), counts_torch.long())
+    one_program, counts_one = sort_pairs(index, 5, method="one_program")
+    for method in ("blocks", "torch"):
+        other, counts_other = sort_pairs(index, 5, method=method)
+        assert torch.equal(one_program, other) and torch.equal(counts_one, counts_other)
+    counts_torch = counts_one
     assert int(counts_torch[4]) == int((index == 4).sum())  # the absent slots are counted last, apart
 
 

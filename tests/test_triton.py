@@ -142,19 +142,47 @@ def test_expert_counts_histogram_equals_the_scatter_count(num_experts):
     (37, 4, 60, "zipf"),  # 148 pairs padded to 256, 60 experts padded to 64 histogram bins
     (64, 8, 8, "single"),  # every pair on one expert
     (256, 8, 64, "zipf"),  # 2048 pairs: the largest one-program sort
-    (257, 8, 64, "uniform"),  # one token more: torch's sort of int32 keys
+    (257, 8, 64, "uniform"),  # one token more: the block sort, 3 blocks, the last one partial
+    (300, 4, 7, "single"),  # blocks where every pair has the same expert
 ])
-def test_sort_pairs_is_a_stable_sort_by_expert_with_counts(num_tokens, top_k, num_experts, distribution):
-    from moe_lab.backends.triton_fused import ONE_PROGRAM_SORT_MAX_PAIRS, sort_pairs
+@pytest.mark.parametrize("method", [None, "blocks", "torch"])
+def test_sort_pairs_is_a_stable_sort_by_expert_with_counts(num_tokens, top_k, num_experts, distribution, method):
+    from moe_lab.backends.triton_fused import sort_pairs
 
     index, _ = moe_lab.synthetic_routing(num_tokens, num_experts, top_k, seed=num_tokens, device=DEVICE,
                                          distribution=distribution)
-    sorted_pair, counts = sort_pairs(index, num_experts)
+    sorted_pair, counts = sort_pairs(index, num_experts, method=method)
     flat = index.reshape(-1).cpu()
+    assert sorted_pair.dtype == counts.dtype == torch.int32
     assert sorted_pair.long().cpu().tolist() == torch.sort(flat, stable=True).indices.tolist()
     assert counts.long().cpu().tolist() == torch.bincount(flat, minlength=num_experts).tolist()
-    one_program = num_tokens * top_k <= ONE_PROGRAM_SORT_MAX_PAIRS
-    assert (sorted_pair.dtype == torch.int32) is one_program  # torch.sort's indices are int64
+
+
+@pytest.mark.parametrize("method", ["one_program", "blocks", "torch"])
+def test_sort_pairs_puts_out_of_range_experts_last_and_counts_none_of_them(method):
+    from moe_lab.backends.triton_fused import sort_pairs
+
+    num_experts = 6
+    index, _ = moe_lab.synthetic_routing(300, num_experts, 4, seed=3, device=DEVICE)
+    index = index.clone()
+    index[::7, 1] = num_experts  # transformers' sentinel for an expert on another rank
+    index[::11, 2] = -1
+    index[5::13, 0] = 1000
+    flat = index.reshape(-1)
+    in_range = (flat >= 0) & (flat < num_experts)
+    if method == "one_program":
+        flat, in_range = flat[:2048], in_range[:2048]  # one program's limit
+    sorted_pair, counts = sort_pairs(flat.view(-1, 1), num_experts, method=method)
+    keys = torch.where(in_range, flat, num_experts)
+    assert sorted_pair.long().tolist() == torch.sort(keys, stable=True).indices.tolist()
+    assert counts.long().tolist() == torch.bincount(flat[in_range], minlength=num_experts).tolist()
+
+
+def test_sort_pairs_names_the_methods_it_has():
+    from moe_lab.backends.triton_fused import sort_pairs
+
+    with pytest.raises(ValueError, match=r"unknown sort method 'radix'; allowed: \['one_program', 'blocks', 'torch'\]"):
+        sort_pairs(torch.zeros(4, 2, dtype=torch.long), 4, method="radix")
 
 
 def test_zero_tokens_give_an_empty_output():

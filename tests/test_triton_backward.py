@@ -360,7 +360,7 @@ def test_backward_steps_on_fake_tensors_go_through_the_ops():
 
     layer = _layer(H=32, I=16)
     hidden, index, weights, grad_out = _inputs(layer, 8)
-    sorted_pair, counts = triton_autograd._sort_pairs(index.reshape(-1), 4, True)
+    sorted_pair, counts = triton_autograd._sort_pairs(index.reshape(-1), 4, "one_program")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fakes = [mode.from_tensor(t) for t in (grad_out, layer.down_proj.detach(), weights.reshape(-1),
                                                torch.empty(16, 32), sorted_pair, counts)]
@@ -418,3 +418,26 @@ def test_interpreter_truncates_bfloat16():
     to_bfloat16[(1,)](x, y, N=256)
     assert torch.equal(y.float(), _to_bfloat16(x, truncate=True).float())
     assert rounding_unit(torch.bfloat16, truncating=True) == 2 * rounding_unit(torch.bfloat16, truncating=False)
+
+
+def test_the_split_down_backward_writes_every_pairs_routing_gradient_and_zero_for_an_absent_expert():
+    # Its routing-weight gradient is allocated empty: pairs of an out-of-range expert id (another rank's,
+    # in transformers' expert parallelism) sort after every expert and must get 0, the others the fused result.
+    from moe_lab.backends.triton_backward import launch_down_backward, launch_down_backward_split, sorted_rows
+    from moe_lab.backends.triton_launch import sort_pairs
+
+    layer = _layer(H=32, I=16, E=4, k=2)
+    hidden, index, weights, grad_out = _inputs(layer, 24)
+    index = index.clone()
+    index[::3, 1] = 4
+    absent = (index == 4).reshape(-1)
+    sorted_pair, counts = sort_pairs(index, 4)
+    config = launch_plan(24, 2, 4, 32, 16, torch.float32, interpreted=interpreting(), needs_grad=True).down_backward
+    saved = torch.randn(index.numel(), 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # a pre-activation
+    down, flat_weights = layer.down_proj.detach(), weights.reshape(-1)
+    torch.full((4096,), float("nan"), device=DEVICE)  # freed garbage an empty buffer may be handed
+    _, _, split_dw = launch_down_backward_split(sorted_rows(grad_out, sorted_pair, 2), down, flat_weights, saved,
+                                                sorted_pair, counts, 2, "silu", config)
+    _, _, fused_dw = launch_down_backward(grad_out, down, flat_weights, saved, sorted_pair, counts, 2, "silu", config)
+    assert torch.all(split_dw[absent] == 0) and torch.all(fused_dw[absent] == 0)
+    torch.testing.assert_close(split_dw[~absent], fused_dw[~absent], rtol=1e-4, atol=1e-5)

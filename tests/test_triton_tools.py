@@ -85,13 +85,14 @@ def test_backward_winners_take_a_gather_only_where_the_kernels_gain_more():
     assert plans["winners"].down_backward == best["down_backward", "gathered"][0]
 
 
-def test_sort_pairs_ab_compares_both_branches_of_the_real_sort():
+def test_sort_pairs_ab_times_every_sort_that_fits():
     tool = _tool("sort_pairs_ab")
+    assert tool.methods_for(2048, 128) == ["one_program", "blocks", "torch"]
+    assert tool.methods_for(65536, 128) == ["blocks", "torch"]  # past one program's bitonic stages
     index, _ = moe_lab.synthetic_routing(40, 16, 4, seed=1, device=DEVICE)
-    by_one_program, counts = tool.one_program(index, 16)
-    by_torch, torch_counts = tool.torch_sort(index, 16)
-    assert by_one_program.dtype == torch.int32 and by_torch.dtype == torch.int64  # two different branches
-    assert torch.equal(by_one_program.long(), by_torch) and torch.equal(counts.long(), torch_counts.long())
+    results = [tool.sort_with(method)(index, 16) for method in tool.methods_for(160, 16)]
+    for sorted_pair, counts in results[1:]:
+        assert torch.equal(sorted_pair, results[0][0]) and torch.equal(counts, results[0][1])
 
 
 def test_tune_triton_points_name_presets_and_token_counts():

@@ -12,6 +12,9 @@ implementation, in one process on one card:
     kernels    torch.profiler over synced steps: each kernel's GPU time per step, and their sum
 
 and for moe_lab's triton backend the host's top functions under cProfile (with --cprofile).
+"triton:before" is the triton backend without this session's host-time levers, in the same process (for an
+A/B): torch's sort and histogram instead of the block counting sort, and its autograd through the custom
+op's dispatcher instead of a plain autograd.Function.
 
     python tools/profile_training_step.py --preset qwen3-30b-a3b --tokens 8192 \
         --backends triton,grouped_mm,transformers:grouped_mm --output $OUT/training_profile.txt
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
@@ -37,6 +42,25 @@ from moe_lab.bench.inputs import build_experts, random_hidden_states, random_rou
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
 from moe_lab.presets import get_preset
+
+
+@contextlib.contextmanager
+def without_host_levers():
+    """The triton backend with torch's sort and the custom ops' dispatcher (what the levers replaced)."""
+    from moe_lab.backends import triton_autograd, triton_plan
+
+    real_call, real_plan = triton_autograd._call_differentiable, triton_plan._plan_cached
+
+    def plan_with_torch_sort(*key):
+        plan = real_plan(*key)
+        return dataclasses.replace(plan, sort="torch") if plan.sort == "blocks" else plan
+
+    triton_autograd._call_differentiable = lambda op, *args: op(*args)
+    triton_plan._plan_cached = plan_with_torch_sort
+    try:
+        yield
+    finally:
+        triton_autograd._call_differentiable, triton_plan._plan_cached = real_call, real_plan
 
 
 def training_step(experts, hidden_states, top_k_index, top_k_weights, seed=0):
@@ -143,6 +167,37 @@ def host_profile(call, steps):
     return text.getvalue()
 
 
+def measure(call, flops, cprofile=False) -> dict:
+    for _ in range(3):
+        call()
+    # synced, pipelined, synced again: drift lands on both
+    record = dict(synced_ms=synced_ms(call, 15), pipelined_ms=pipelined_ms(call, 20, 3),
+                  synced_again_ms=synced_ms(call, 15), host_ms=host_ms(call, 7))
+    kernels, launches = kernel_table(call, 5)
+    record.update(kernel_sum_ms=sum(ms for _, ms in kernels), launches_per_step=sum(launches.values()),
+                  kernels=[(kernel, ms, launches[kernel]) for kernel, ms in kernels])
+    if cprofile:
+        record["host_profile"] = host_profile(call, 20)
+    try:  # last: a failed capture can leave the stream unusable for what follows
+        record["graph_ms"] = graph_ms(call, 15)
+    except Exception as error:  # noqa: BLE001  a backend that cannot be captured: say why
+        record["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        torch.cuda.synchronize()
+    for key in ("synced_ms", "pipelined_ms", "graph_ms"):
+        if key in record:
+            record[key.replace("_ms", "_tflops")] = flops / (record[key] / 1e3) / 1e12
+    return record
+
+
+def report(record) -> list[str]:
+    lines = [f"\n## {record['preset']} T={record['tokens']} {record['backend']}",
+             "  " + "  ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                              for key, value in record.items()
+                              if key not in ("kernels", "preset", "tokens", "backend", "host_profile"))]
+    lines += [f"  {ms:8.4f} ms  x{count:4.1f}  {kernel}" for kernel, ms, count in record["kernels"][:25]]
+    return lines + [record.get("host_profile", "")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", required=True)
@@ -163,40 +218,14 @@ def main(argv=None):
             experts = build_experts(config, device)
             flops = training_flops(T, config.top_k, config.hidden_size, config.intermediate_size)
             for name in args.backends.split(","):
-                experts.set_experts_implementation(implementations.implementation(name))
-                call = training_step(experts, hidden_states, top_k_index, top_k_weights)
-                for _ in range(3):
-                    call()
-                record = dict(preset=preset, tokens=T, backend=name)
-                # interleave: synced, pipelined, synced again, so drift lands on both
-                record["synced_ms"] = synced_ms(call, 15)
-                record["pipelined_ms"] = pipelined_ms(call, 20, 3)
-                record["synced_again_ms"] = synced_ms(call, 15)
-                record["host_ms"] = host_ms(call, 7)
-                kernels, launches = kernel_table(call, 5)
-                record["kernel_sum_ms"] = sum(ms for _, ms in kernels)
-                record["launches_per_step"] = sum(launches.values())
-                record["kernels"] = [(name, ms, launches[name]) for name, ms in kernels]
-                if args.cprofile and name == "triton":
-                    record["host_profile"] = host_profile(call, 20)
-                try:  # last: a failed capture can leave the stream unusable for what follows
-                    record["graph_ms"] = graph_ms(call, 15)
-                except Exception as error:  # noqa: BLE001  a backend that cannot be captured: say why
-                    record["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
-                    torch.cuda.synchronize()
-                for key in ("synced_ms", "pipelined_ms", "graph_ms"):
-                    if key in record:
-                        record[key.replace("_ms", "_tflops")] = flops / (record[key] / 1e3) / 1e12
+                with without_host_levers() if name == "triton:before" else contextlib.nullcontext():
+                    experts.set_experts_implementation(implementations.implementation(name.removesuffix(":before")))
+                    call = training_step(experts, hidden_states, top_k_index, top_k_weights)
+                    record = dict(preset=preset, tokens=T, backend=name,
+                                  **measure(call, flops, cprofile=args.cprofile and name == "triton"))
                 records.append(record)
-                lines.append(f"\n## {preset} T={T} {name}")
-                lines.append("  " + "  ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
-                                              for key, value in record.items()
-                                              if key not in ("kernels", "preset", "tokens", "backend",
-                                                             "host_profile")))
-                for kernel, ms, count in record["kernels"][:25]:
-                    lines.append(f"  {ms:8.4f} ms  x{count:4.1f}  {kernel}")
-                lines.append(record.get("host_profile", ""))
-                print("\n".join(lines[-(len(record["kernels"][:25]) + 3):]), flush=True)
+                lines += report(record)
+                print("\n".join(report(record)), flush=True)
             del experts
             torch.cuda.empty_cache()
     with open(args.output, "w") as handle:

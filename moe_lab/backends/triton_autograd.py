@@ -55,16 +55,17 @@ def experts_forward_with_grad(experts, weights: ExpertWeights, hidden_states, to
     num_tokens, top_k = top_k_index.shape
     expert_of_pair, routing_weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [S] in pair order
     plan_ints = plan.as_ints()
-    sorted_pair, counts = _call(sort_pairs_op, expert_of_pair, weights.num_experts, plan.one_program_sort)
+    sorted_pair, counts = _call(sort_pairs_op, expert_of_pair, weights.num_experts, plan.sort)
     if activation != "none":
-        out, _ = experts_op(hidden_states, weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias,
-                            routing_weights, expert_of_pair, sorted_pair, counts, top_k, activation, plan_ints)
+        out, _ = _call_differentiable(experts_op, hidden_states, weights.gate_up, weights.down, weights.gate_up_bias,
+                                      weights.down_bias, routing_weights, expert_of_pair, sorted_pair, counts, top_k,
+                                      activation, plan_ints)
         return out
-    pre = gate_up_projection_op(hidden_states, weights.gate_up, weights.gate_up_bias, sorted_pair, counts, top_k,
-                                plan.gate_up.as_ints(), plan_ints)  # [S, 2I]
+    pre = _call_differentiable(gate_up_projection_op, hidden_states, weights.gate_up, weights.gate_up_bias,
+                               sorted_pair, counts, top_k, plan.gate_up.as_ints(), plan_ints)  # [S, 2I]
     h = apply_gate(experts, pre)  # [S, I]
-    return down_projection_op(h, weights.down, weights.down_bias, routing_weights, expert_of_pair, sorted_pair,
-                              counts, num_tokens, top_k, plan_ints)
+    return _call_differentiable(down_projection_op, h, weights.down, weights.down_bias, routing_weights,
+                                expert_of_pair, sorted_pair, counts, num_tokens, top_k, plan_ints)
 
 
 def compiled_inference_forward(experts, weights: ExpertWeights, hidden_states, top_k_index, top_k_weights,
@@ -139,6 +140,25 @@ def _call(op, *args):
     return op(*args) if _tracing(args) else _BODIES[op](*args)
 
 
+def _call_differentiable(op, *args):
+    """An op with a backward formula: the custom op while anything traces; otherwise the same body and
+    formulas as a plain torch.autograd.Function, which skips the dispatcher's Python layers around a
+    custom op (argument defaults, the aliasing check, the autograd wrapper): host time that a layer
+    launched from Python pays before its kernels can start (docs/performance_notes.md)."""
+    return op(*args) if _tracing(args) else _EAGER_FUNCTIONS[op].apply(*args)
+
+
+def _autograd_function(name: str, body, setup_context, backward) -> type:
+    """A torch.autograd.Function running `body` forward and `backward` back, with the op's setup_context."""
+    def forward(ctx, *inputs):
+        output = body(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -161,16 +181,15 @@ def _refuse_double_backward():
 # The sort: no gradient, an op so that dynamo does not trace the kernel's launch
 # ---------------------------------------------------------------------------------------------
 
-def _sort_pairs(expert_of_pair: Tensor, num_experts: int, one_program: bool) -> tuple[Tensor, Tensor]:
-    sorted_pair, counts = sort_pairs(expert_of_pair, num_experts, one_program=one_program)
-    return sorted_pair.to(torch.int32), counts.to(torch.int32)  # one dtype on both branches, for the fake
+def _sort_pairs(expert_of_pair: Tensor, num_experts: int, method: str) -> tuple[Tensor, Tensor]:
+    return sort_pairs(expert_of_pair, num_experts, method=method)  # int32 both, whichever the method
 
 
 sort_pairs_op = torch.library.custom_op("moe_lab::triton_sort_pairs", _sort_pairs, mutates_args=())
 
 
 @sort_pairs_op.register_fake
-def _(expert_of_pair, num_experts, one_program):
+def _(expert_of_pair, num_experts, method):
     return (expert_of_pair.new_empty(expert_of_pair.shape[0], dtype=torch.int32),
             expert_of_pair.new_empty(num_experts, dtype=torch.int32))
 
@@ -242,7 +261,9 @@ def _experts_backward(ctx, grad_out, _grad_pre):
     if pre is None:  # recompute: the gate_up GEMM again, without the activation
         pre = _call(gate_up_projection_op, x, gate_up, gate_up_bias, sorted_pair, counts, top_k,
                     plan.gate_up.as_ints(), ctx.plan)
-    grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k) if plan.sorted_grad_out else None  # [S, H]
+    # the token of each sorted row [S], once for both gathers into sorted order
+    token_of_row = sorted_pair // top_k if plan.sorted_grad_out or plan.sorted_hidden_states else None
+    grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k, token_of_row) if plan.sorted_grad_out else None
     d_pre, weighted_h, dw = _call(down_backward_op, grad_out, down, routing_weights, pre, sorted_pair, counts, top_k,
                                   ctx.activation, plan.down_backward.as_ints(), grad_out_sorted,
                                   plan.split_down_backward)
@@ -252,7 +273,7 @@ def _experts_backward(ctx, grad_out, _grad_pre):
                                       sorted_pair, counts, top_k, plan, needs_down, needs_down_bias)
     del grad_out_sorted, weighted_h
     dx, d_gate_up, d_gate_up_bias = _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, plan,
-                                                   needs_x, needs_gate_up, needs_gate_up_bias)
+                                                   needs_x, needs_gate_up, needs_gate_up_bias, token_of_row)
     d_routing = (routing_weight_grad(dw, grad_out, down_bias, expert_of_pair, top_k, routing_weights.dtype)
                  if needs_routing else None)
     return (dx, d_gate_up, d_down, d_gate_up_bias, d_down_bias, d_routing) + (None,) * 6
@@ -396,12 +417,19 @@ def _(left, right, like, bias_like, row_scale, sorted_pair, counts, top_k, left_
     return torch.empty_like(like), (torch.empty_like(bias_like) if bias_like is not None else like.new_empty(0))
 
 
+_EAGER_FUNCTIONS = {
+    experts_op: _autograd_function("TritonExperts", _experts, _experts_setup_context, _experts_backward),
+    gate_up_projection_op: _autograd_function("TritonGateUpProjection", _gate_up_projection,
+                                              _gate_up_projection_setup_context, _gate_up_projection_backward),
+    down_projection_op: _autograd_function("TritonDownProjection", _down_projection, _down_projection_setup_context,
+                                           _down_projection_backward),
+}
 _BODIES = {sort_pairs_op: _sort_pairs, gate_up_projection_op: _gate_up_projection, down_backward_op: _down_backward,
            input_grad_op: _input_grad, weight_grad_op: _weight_grad}
 
 
 def _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, plan: LaunchPlan, needs_x,
-                   needs_weight, needs_bias):
+                   needs_weight, needs_bias, token_of_row=None):
     """d_pre [S, 2I] -> (dX [T, H], dW_gate_up, d gate_up_bias), None where not needed."""
     dx = (_call(input_grad_op, d_pre, gate_up, sorted_pair, counts, x.shape[0], top_k,
                 plan.gate_up_input_grad.as_ints()) if needs_x else None)
@@ -409,7 +437,7 @@ def _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, 
         return dx, None, None
     x_rows, by_token = x, True  # [T, H] read at each sorted row's token, or gathered once: [S, H]
     if plan.sorted_hidden_states:
-        x_rows, by_token = sorted_rows(x, sorted_pair, top_k), False
+        x_rows, by_token = sorted_rows(x, sorted_pair, top_k, token_of_row), False
     d_weight, d_bias = _call(weight_grad_op, d_pre, x_rows, gate_up, gate_up_bias if needs_bias else None, None,
                              sorted_pair, counts, top_k, False, by_token, plan.gate_up_weight_grad.as_ints())
     return dx, (d_weight if needs_weight else None), (d_bias if needs_bias else None)

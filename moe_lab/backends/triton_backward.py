@@ -42,9 +42,10 @@ def backward_kernels():
     return triton_backward_kernels
 
 
-def sorted_rows(by_token, sorted_pair, top_k):
-    """[T, H] rows of tokens -> [S, H]: row r is the row of sorted row r's token (torch's gather)."""
-    return by_token.index_select(0, sorted_pair // top_k)
+def sorted_rows(by_token, sorted_pair, top_k, token_of_row=None):
+    """[T, H] rows of tokens -> [S, H]: row r is the row of sorted row r's token (torch's gather).
+    `token_of_row` [S] (sorted_pair // top_k), if given, saves computing it again."""
+    return by_token.index_select(0, sorted_pair // top_k if token_of_row is None else token_of_row)
 
 
 def launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
@@ -104,13 +105,12 @@ def launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, so
     width = 2 * inter if activation != "none" else inter
     d_pre = grad_out_sorted.new_empty(num_pairs, width)  # [S, 2I] sorted rows
     weighted_h = grad_out_sorted.new_empty(num_pairs, inter)  # [S, I] sorted rows
-    # zeros: a pair whose expert id is out of range is in no expert's rows (as in the forward)
-    dw = torch.zeros(num_pairs, device=grad_out_sorted.device, dtype=torch.float32)
+    dw = torch.empty(num_pairs, device=grad_out_sorted.device, dtype=torch.float32)  # every pair written
     block_m, block_n = 8, min(512, next_power_of_two(inter))
     if num_pairs:
         backward_kernels().activation_backward_kernel[(-(-num_pairs // block_m),)](
             acc, routing_weights, saved, d_pre, weighted_h, dw, sorted_pair, counts,
-            num_experts, inter, acc.stride(0), acc.stride(1), saved.stride(0), saved.stride(1),
+            num_experts, num_pairs, inter, acc.stride(0), acc.stride(1), saved.stride(0), saved.stride(1),
             d_pre.stride(0), d_pre.stride(1), weighted_h.stride(0), weighted_h.stride(1),
             ACTIVATION=activation, NUM_EXPERTS_POW2=next_power_of_two(num_experts), BLOCK_M=block_m,
             BLOCK_N=block_n, num_warps=4)

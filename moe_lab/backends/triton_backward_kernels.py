@@ -149,18 +149,20 @@ def _activation_backward_tile(acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr,
 @triton.jit
 def activation_backward_kernel(
     acc_ptr, routing_weight_ptr, saved_ptr, d_pre_ptr, weighted_h_ptr, dw_ptr, sorted_pair_ptr, counts_ptr,
-    num_experts, N, stride_am, stride_an, stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn,
+    num_experts, num_pairs, N, stride_am, stride_an, stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn,
     ACTIVATION: tl.constexpr, NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The split down_backward's second half: acc [S, N=I] in the model dtype (dout's sorted rows @ down[e],
     from down_kernel) -> d_pre, weighted_h, and dw [S] in pair order: each program streams BLOCK_M
     whole rows, so a row's sum over its columns needs no partial buffer. Only the experts' rows
-    (the counts' sum): a pair with an out-of-range expert id has no acc row, and its dw stays zero."""
+    (the counts' sum) are computed: a pair with an out-of-range expert id sorts after them (sort_pairs),
+    has no acc row, and gets dw = 0 here, so every one of the S pairs is written."""
     expert_ids = tl.arange(0, NUM_EXPERTS_POW2)
     counted_rows = tl.sum(tl.load(counts_ptr + expert_ids, mask=expert_ids < num_experts, other=0).to(tl.int32))
     sorted_rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     row_mask = sorted_rows < counted_rows
-    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=row_mask, other=0).to(tl.int64)
+    pair_mask = sorted_rows < num_pairs
+    pair = tl.load(sorted_pair_ptr + sorted_rows, mask=pair_mask, other=0).to(tl.int64)
     weight = tl.load(routing_weight_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)  # [BM]
     row_sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -171,7 +173,7 @@ def activation_backward_kernel(
         row_sums += _activation_backward_tile(
             acc, weight, saved_ptr, d_pre_ptr, weighted_h_ptr, sorted_rows, row_mask, offs_n, n_mask, N,
             stride_sm, stride_sn, stride_gm, stride_gn, stride_hm, stride_hn, ACTIVATION)
-    tl.store(dw_ptr + pair, row_sums, mask=row_mask)
+    tl.store(dw_ptr + pair, row_sums, mask=pair_mask)  # zero past the counted rows
 
 
 @triton.jit

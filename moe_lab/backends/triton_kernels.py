@@ -20,6 +20,8 @@ DOT_IN_FP32 is set only under triton's interpreter, whose tl.dot reads bfloat16 
 as integers. The launch grid is an upper bound on the number of blocks; programs past the last block exit.
 
   sort_pairs_kernel: the pairs sorted by expert and counted, in one program (up to 2048 pairs)
+  pair_block_counts_kernel, pair_block_scatter_kernel: the same for any number of pairs, as a
+                   counting sort over blocks of pairs in two launches
   gate_up_kernel:  h[r]  = act(x[token(r)] @ W_gate[e]^T) * (x[token(r)] @ W_up[e]^T)   [S, I]
                    (gather of the token rows fused into the A load, activation in the epilogue;
                    ACTIVATION="none" writes the raw [S, 2I] projection for custom gates; SAVE_PRE
@@ -364,15 +366,64 @@ def sort_pairs_kernel(expert_ptr, sorted_pair_ptr, counts_ptr, num_pairs, NUM_EX
     an index fill and a histogram, each a launch; this is one (measured against them by
     tools/sort_pairs_ab.py, docs/performance_notes.md). Each pair becomes the key
     expert << PAIR_BITS | pair, so one bitonic sort in registers orders by expert and keeps pair
-    order within an expert (a stable sort by expert); the low bits are the pair id."""
+    order within an expert (a stable sort by expert); the low bits are the pair id. A pair whose
+    expert id is out of range sorts after every expert and is in no count (HIST_BINS > NUM_EXPERTS:
+    its bin, and the padding's, is NUM_EXPERTS)."""
     offs = tl.arange(0, BLOCK)
     valid = offs < num_pairs
     expert = tl.load(expert_ptr + offs, mask=valid, other=0).to(tl.int32)  # [BLOCK]
-    keys = tl.where(valid, expert, NUM_EXPERTS) << PAIR_BITS | offs  # padding sorts after every expert
-    keys = tl.sort(keys)
+    expert = tl.where(valid & (expert >= 0) & (expert < NUM_EXPERTS), expert, NUM_EXPERTS)
+    keys = tl.sort(expert << PAIR_BITS | offs)  # the padding sorts after every expert (largest offsets)
     tl.store(sorted_pair_ptr + offs, keys & ((1 << PAIR_BITS) - 1), mask=valid)
-    # The padding counted as expert 0 (ids must be in range for the histogram), then taken off.
     counts = tl.histogram(expert, HIST_BINS)  # [HIST_BINS]
     bins = tl.arange(0, HIST_BINS)
-    counts = counts - tl.where(bins == 0, BLOCK - num_pairs, 0)
     tl.store(counts_ptr + bins, counts, mask=bins < NUM_EXPERTS)
+
+
+@triton.jit
+def pair_block_counts_kernel(expert_ptr, block_counts_ptr, num_pairs, num_experts, HIST_BINS: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """The first half of the block counting sort: block_counts [num_blocks, HIST_BINS] int32, row b =
+    how many of pairs b*BLOCK .. b*BLOCK + BLOCK-1 go to each expert; bin num_experts (< HIST_BINS)
+    counts the pairs whose expert id is out of range, which sort after every expert."""
+    pid = tl.program_id(0)
+    pair = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    valid = pair < num_pairs
+    expert = tl.load(expert_ptr + pair, mask=valid, other=0).to(tl.int32)
+    expert = tl.where(valid & (expert >= 0) & (expert < num_experts), expert, num_experts)
+    counts = tl.histogram(expert, HIST_BINS)  # [HIST_BINS]; the padding past num_pairs went to bin num_experts
+    bins = tl.arange(0, HIST_BINS)
+    padding = BLOCK - tl.minimum(num_pairs - pid * BLOCK, BLOCK)
+    tl.store(block_counts_ptr + pid * HIST_BINS + bins, counts - tl.where(bins == num_experts, padding, 0))
+
+
+@triton.jit
+def pair_block_scatter_kernel(expert_ptr, block_counts_ptr, sorted_pair_ptr, counts_ptr, num_pairs, num_experts,
+                              num_blocks, HIST_BINS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BITS: tl.constexpr):
+    """The second half: each program places its block's pairs. An expert's rows start where the
+    experts before it end (exclusive cumsum of the totals over all blocks); inside them, the blocks
+    before this one come first, then this block's pairs in pair order (one bitonic sort of
+    expert << BLOCK_BITS | offset in registers): a stable sort by expert, as sort_pairs_kernel's.
+    Program 0 also writes counts [E] int32."""
+    pid = tl.program_id(0)
+    bins = tl.arange(0, HIST_BINS)
+    total = tl.zeros((HIST_BINS,), dtype=tl.int32)  # pairs per expert, all blocks
+    before = tl.zeros((HIST_BINS,), dtype=tl.int32)  # pairs per expert in the blocks before this one
+    for block in range(0, num_blocks):
+        row = tl.load(block_counts_ptr + block * HIST_BINS + bins)
+        total += row
+        before += tl.where(block < pid, row, 0)
+    mine = tl.load(block_counts_ptr + pid * HIST_BINS + bins)
+    # the sorted row of this block's j-th pair (in expert order) is base[its expert] + j
+    base = (tl.cumsum(total, 0) - total) + before - (tl.cumsum(mine, 0) - mine)  # [HIST_BINS]
+    offs = tl.arange(0, BLOCK)
+    pair = pid * BLOCK + offs
+    valid = pair < num_pairs
+    expert = tl.load(expert_ptr + pair, mask=valid, other=0).to(tl.int32)
+    expert = tl.where(valid & (expert >= 0) & (expert < num_experts), expert, num_experts)
+    keys = tl.sort(expert << BLOCK_BITS | offs)  # the padding sorts last (its offsets are the largest)
+    local = keys & (BLOCK - 1)
+    sorted_row = tl.gather(base, keys >> BLOCK_BITS, 0) + offs
+    tl.store(sorted_pair_ptr + sorted_row, pid * BLOCK + local, mask=pid * BLOCK + local < num_pairs)
+    if pid == 0:
+        tl.store(counts_ptr + bins, total, mask=bins < num_experts)

@@ -18,9 +18,11 @@ from .triton_plan import (
     DecodeConfig,
     KernelConfig,
     LaunchPlan,
+    BLOCK_SORT_PAIRS,
+    SORT_METHODS,
     fits_one_program_sort,
     one_program_sort_block,
-    ONE_PROGRAM_SORT_MAX_PAIRS,
+    sort_method,
 )
 
 
@@ -59,7 +61,7 @@ def sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, 
                    plan: LaunchPlan) -> torch.Tensor:
     """hidden_states [T, H] -> [T, H]: sort, gate_up (+ the module's own gate), down, the top-k sum."""
     num_tokens, top_k = top_k_index.shape
-    sorted_pair, counts = sort_pairs(top_k_index, weights.num_experts, one_program=plan.one_program_sort)
+    sorted_pair, counts = sort_pairs(top_k_index, weights.num_experts, method=plan.sort)
     h = launch_gate_up(hidden_states, weights.gate_up, weights.gate_up_bias, sorted_pair, counts, top_k, activation,
                        plan.gate_up)  # [S, I]
     if activation == "none":
@@ -69,30 +71,47 @@ def sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, 
     return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
 
 
-def sort_pairs(top_k_index, num_experts, *, one_program: bool | None = None):
-    """top_k_index [T, k] -> (sorted_pair [S]: pair ids grouped by expert, in pair order within an
-    expert; counts [E]). `one_program` (default: up to ONE_PROGRAM_SORT_MAX_PAIRS pairs) sorts in
-    one kernel; otherwise torch's sort of int32 keys (half the radix passes of int64) and a
-    histogram. Both are stable sorts by expert; the one-program sort returns int32 ids and counts."""
+def sort_pairs(top_k_index, num_experts, *, method: str | None = None):
+    """top_k_index [T, k] -> (sorted_pair [S] int32: pair ids grouped by expert, in pair order within an
+    expert; counts [E] int32). A pair whose expert id is out of range is in no count and sorts after
+    every expert. `method` (SORT_METHODS; default `sort_method(S, E)`): "one_program" sorts up to a few
+    thousand pairs in one kernel, "blocks" any number in two (a counting sort over blocks of pairs),
+    "torch" is torch's stable sort of int32 keys and a histogram (what both replace, kept to measure them
+    against: several launches of cub's radix sort, the key and index copies, the histogram's zeroing)."""
     expert_of_pair = top_k_index.reshape(-1)  # [S]
     num_pairs = expert_of_pair.numel()
-    if one_program is None:
-        one_program = num_pairs <= ONE_PROGRAM_SORT_MAX_PAIRS and fits_one_program_sort(num_pairs, num_experts)
-    if one_program:
+    method = sort_method(num_pairs, num_experts) if method is None else method
+    if method not in SORT_METHODS:
+        raise ValueError(f"unknown sort method {method!r}; allowed: {list(SORT_METHODS)}")
+    if method == "torch":
+        keys = expert_of_pair.to(torch.int32)  # [S]
+        keys = torch.where((keys >= 0) & (keys < num_experts), keys, num_experts)  # out of range: last
+        sorted_pair = torch.sort(keys, stable=True).indices.to(torch.int32)  # [S]
+        return sorted_pair, expert_counts(keys, num_experts).to(torch.int32)
+    expert_of_pair = expert_of_pair.contiguous()
+    sorted_pair = expert_of_pair.new_empty(num_pairs, dtype=torch.int32)
+    counts = expert_of_pair.new_empty(num_experts, dtype=torch.int32)
+    if method == "one_program":
         if not fits_one_program_sort(num_pairs, num_experts):
             raise ValueError(f"{num_pairs} pairs of {num_experts} experts do not fit the one-program sort's "
-                             "int32 keys (expert << pair bits | pair); sort them with one_program=False")
+                             "int32 keys (expert << pair bits | pair); sort them with method='blocks'")
         block = one_program_sort_block(num_pairs)
-        sorted_pair = expert_of_pair.new_empty(num_pairs, dtype=torch.int32)
-        counts = expert_of_pair.new_empty(num_experts, dtype=torch.int32)
         kernels().sort_pairs_kernel[(1,)](
-            expert_of_pair.contiguous(), sorted_pair, counts, num_pairs, NUM_EXPERTS=num_experts,
-            HIST_BINS=next_power_of_two(num_experts), BLOCK=block, PAIR_BITS=block.bit_length() - 1,
+            expert_of_pair, sorted_pair, counts, num_pairs, NUM_EXPERTS=num_experts,
+            HIST_BINS=next_power_of_two(num_experts + 1), BLOCK=block, PAIR_BITS=block.bit_length() - 1,
             num_warps=4 if block <= 1024 else 8)
         return sorted_pair, counts
-    keys = expert_of_pair.to(torch.int32)  # [S]
-    _, sorted_pair = torch.sort(keys, stable=True)  # [S]
-    return sorted_pair, expert_counts(keys, num_experts)
+    num_blocks = -(-num_pairs // BLOCK_SORT_PAIRS)
+    bins = next_power_of_two(num_experts + 1)  # every expert and one bin for the out-of-range ids
+    if num_blocks == 0:
+        return sorted_pair, counts.zero_()
+    block_counts = expert_of_pair.new_empty(num_blocks, bins, dtype=torch.int32)
+    kernels().pair_block_counts_kernel[(num_blocks,)](expert_of_pair, block_counts, num_pairs, num_experts,
+                                                      HIST_BINS=bins, BLOCK=BLOCK_SORT_PAIRS, num_warps=4)
+    kernels().pair_block_scatter_kernel[(num_blocks,)](
+        expert_of_pair, block_counts, sorted_pair, counts, num_pairs, num_experts, num_blocks, HIST_BINS=bins,
+        BLOCK=BLOCK_SORT_PAIRS, BLOCK_BITS=BLOCK_SORT_PAIRS.bit_length() - 1, num_warps=4)
+    return sorted_pair, counts
 
 
 def launch_gate_up(hidden_states, gate_up, gate_up_bias, sorted_pair, counts, top_k, activation, config: KernelConfig,

@@ -6,7 +6,7 @@ own plans with `dataclasses.replace` instead of patching module globals. The num
 choice are in docs/performance_notes.md and the data/ files it names, not here.
 
     LaunchPlan
-      decode, one_program_sort            which forward path and which sort
+      decode, sort                        which forward path and which sort (SORT_METHODS)
       gate_up, down                       sorted forward kernels        (KernelConfig)
       decode_gate_up, decode_down         token-major decode kernels    (DecodeConfig)
       down_backward                       dout @ down[e], the activation's backward, d top_k_weights
@@ -69,7 +69,7 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class LaunchPlan:
     decode: bool
-    one_program_sort: bool
+    sort: str  # SORT_METHODS: how the pairs are sorted by expert (sort_pairs)
     gate_up: KernelConfig
     down: KernelConfig
     decode_gate_up: DecodeConfig
@@ -84,6 +84,8 @@ class LaunchPlan:
     split_down_backward: bool = False  # down_backward's GEMM and activation backward as two kernels
 
     def __post_init__(self):
+        if self.sort not in SORT_METHODS:
+            raise ValueError(f"unknown sort method {self.sort!r}; allowed: {list(SORT_METHODS)}")
         if self.split_down_backward and not self.sorted_grad_out:
             raise ValueError("split_down_backward runs its GEMM over dout's rows in sorted order: "
                              "set sorted_grad_out=True with it")
@@ -91,7 +93,7 @@ class LaunchPlan:
     def as_ints(self) -> list[int]:
         """The plan as a flat list of ints: how it crosses into the torch custom ops.
         `LaunchPlan.from_ints` reads it back."""
-        ints = [int(flag) for flag in self._flags()]
+        ints = [int(flag) for flag in self._flags()] + [SORT_METHODS.index(self.sort)]
         for config in self._kernel_configs():
             ints += config.as_ints()
         for config in (self.decode_gate_up, self.decode_down):
@@ -99,8 +101,8 @@ class LaunchPlan:
         return ints
 
     def _flags(self) -> tuple[bool, ...]:
-        return (self.decode, self.one_program_sort, self.save_pre_activation, self.sorted_grad_out,
-                self.sorted_hidden_states, self.split_down_backward)
+        return (self.decode, self.save_pre_activation, self.sorted_grad_out, self.sorted_hidden_states,
+                self.split_down_backward)
 
     def _kernel_configs(self) -> tuple[KernelConfig, ...]:
         return (self.gate_up, self.down, self.down_backward, self.gate_up_input_grad, self.gate_up_weight_grad,
@@ -113,12 +115,12 @@ class LaunchPlan:
 
 @functools.lru_cache(maxsize=256)
 def _plan_from_ints(ints: tuple[int, ...]) -> LaunchPlan:
-    flags = 6
-    decode, one_program_sort, save, sorted_grad_out, sorted_hidden_states, split = (bool(v) for v in ints[:flags])
+    flags = 6  # five flags and the sort method's index
+    decode, save, sorted_grad_out, sorted_hidden_states, split = (bool(v) for v in ints[:flags - 1])
     kernels = [KernelConfig.from_ints(ints[i:i + 7]) for i in range(flags, flags + 6 * 7, 7)]
     first_decode = flags + 6 * 7
     decodes = [DecodeConfig(*ints[i:i + 4]) for i in (first_decode, first_decode + 4)]
-    return LaunchPlan(decode=decode, one_program_sort=one_program_sort, save_pre_activation=save,
+    return LaunchPlan(decode=decode, sort=SORT_METHODS[ints[flags - 1]], save_pre_activation=save,
                       sorted_grad_out=sorted_grad_out, sorted_hidden_states=sorted_hidden_states,
                       split_down_backward=split,
                       gate_up=kernels[0], down=kernels[1], down_backward=kernels[2], gate_up_input_grad=kernels[3],
@@ -252,10 +254,22 @@ def uses_decode_path(num_tokens: int, top_k: int, num_experts: int, hidden_size:
     return num_tokens * top_k * 4 <= num_experts and (hidden_size is None or hidden_size <= 2048)
 
 
-#: Up to this many pairs one program sorts them (sort_pairs_kernel); beyond, torch's sort of int32
-#: keys and a histogram. Where one program's bitonic sort stops paying was measured by
-#: tools/sort_pairs_ab.py (data/h100_sort_pairs.json, docs/performance_notes.md).
+#: How sort_pairs sorts the pairs by expert: one program's bitonic sort (a few thousand pairs), a
+#: counting sort over blocks of pairs in two launches, or torch's sort and histogram (kept to measure).
+SORT_METHODS = ("one_program", "blocks", "torch")
+#: Up to this many pairs one program sorts them (sort_pairs_kernel); beyond, the block counting sort.
+#: Where one program's bitonic sort stops paying was measured by tools/sort_pairs_ab.py
+#: (data/h100_sort_pairs.json, docs/performance_notes.md).
 ONE_PROGRAM_SORT_MAX_PAIRS = 2048
+#: Pairs per program of the block counting sort (each program sorts its block bitonically in registers).
+BLOCK_SORT_PAIRS = 1024
+
+
+def sort_method(num_pairs: int, num_experts: int) -> str:
+    """The sort the plan takes for this many pairs: one program while they fit, else the block sort."""
+    if num_pairs <= ONE_PROGRAM_SORT_MAX_PAIRS and fits_one_program_sort(num_pairs, num_experts):
+        return "one_program"
+    return "blocks"
 
 
 def fits_one_program_sort(num_pairs: int, num_experts: int) -> bool:
@@ -296,7 +310,7 @@ def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsi
     backward = backward_configs(rows_per_expert, hidden_size, intermediate_size, interpreted, itemsize=itemsize)
     return LaunchPlan(
         decode=not needs_grad and uses_decode_path(num_tokens, top_k, num_experts, hidden_size),
-        one_program_sort=num_pairs <= ONE_PROGRAM_SORT_MAX_PAIRS and fits_one_program_sort(num_pairs, num_experts),
+        sort=sort_method(num_pairs, num_experts),
         gate_up=gate_up, down=down, decode_gate_up=decode_gate_up, decode_down=decode_down,
         down_backward=backward.down_backward, gate_up_input_grad=backward.gate_up_input_grad,
         gate_up_weight_grad=backward.gate_up_weight_grad, down_weight_grad=backward.down_weight_grad,
