@@ -6,9 +6,13 @@ ONE_PROGRAM_SORT_MAX_PAIRS. Per method: GPU time per call from CUDA-graph replay
 (triton.testing.do_bench_cudagraph, median), and the host's time to launch one call while the GPU is kept
 busy (what a call launched from Python costs before its kernels can start).
     python tools/sort_pairs_ab.py [OUTPUT.json]   (default data/h100_sort_pairs.json)
+    python tools/sort_pairs_ab.py --layers OUTPUT.json   the whole triton forward (no gradient) of real
+        presets with each sort that fits, launched (CUDA events around one synchronised call) and replayed
+        from a CUDA graph, medians of interleaved rounds: what the sort changes in a layer's time
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -48,6 +52,51 @@ def host_us(fn, reps=20):
     return statistics.median(times)
 
 
+LAYER_POINTS = [(preset, T) for preset in ("qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b", "mixtral-8x7b")
+                for T in (256, 1024, 8192)]
+
+
+def layers(output: str, rounds: int = 3) -> None:
+    """The triton forward with each sort, interleaved round by round, in one process."""
+    import dataclasses
+
+    from moe_lab.backends.triton_fused import launch_plan, triton_experts_forward
+    from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
+    from moe_lab.bench.timing import time_fn
+
+    rows = []
+    for preset, T in LAYER_POINTS:
+        config, cuda = moe_lab.get_preset(preset).config.replace(dtype=torch.bfloat16), torch.device("cuda")
+        layer, x = build_experts(config, cuda), random_hidden_states(T, config, cuda)
+        index, weights, _ = random_routing(T, config, cuda)
+        plan = launch_plan(T, config.top_k, config.num_experts, config.hidden_size, config.intermediate_size,
+                           torch.bfloat16, interpreted=False)
+        row = dict(preset=preset, num_tokens=T, num_pairs=T * config.top_k, plan_sort=plan.sort)
+        with torch.no_grad():
+            calls = {method: functools.partial(triton_experts_forward, layer, x, index, weights,
+                                               plan=dataclasses.replace(plan, sort=method))
+                     for method in methods_for(T * config.top_k, config.num_experts)}
+            launched, replayed = {m: [] for m in calls}, {m: [] for m in calls}
+            for _ in range(rounds):
+                for method, call in calls.items():
+                    launched[method].append(time_fn(call, device="cuda", max_seconds=0.2).median_ms)
+                    replayed[method].append(triton.testing.do_bench_cudagraph(call, rep=50, return_mode="median"))
+        for method in calls:
+            row[f"{method}_launched_ms"] = statistics.median(launched[method])
+            row[f"{method}_graph_ms"] = statistics.median(replayed[method])
+        rows.append(row)
+        print(row, flush=True)
+    _write(output, rows)
+
+
+def _write(output, rows):
+    info = {**provenance("cuda"), "triton_version": triton.__version__, "command_line": command_line(),
+            "one_program_max_pairs_in_code": ONE_PROGRAM_SORT_MAX_PAIRS, "block_sort_pairs": BLOCK_SORT_PAIRS}
+    with open(output, "w") as file:
+        json.dump({"provenance": info, "rows": rows}, file, indent=1, default=str)
+        file.write("\n")
+
+
 def main(output: str) -> None:
     rows = []
     for num_experts, top_k in ((128, 8), (64, 8), (60, 4), (256, 8)):
@@ -64,12 +113,11 @@ def main(output: str) -> None:
                 row[f"{method}_host_us"] = host_us(lambda: fn(index, num_experts))
             rows.append(row)
             print(row, flush=True)
-    info = {**provenance("cuda"), "triton_version": triton.__version__, "command_line": command_line(),
-            "one_program_max_pairs_in_code": ONE_PROGRAM_SORT_MAX_PAIRS, "block_sort_pairs": BLOCK_SORT_PAIRS}
-    with open(output, "w") as file:
-        json.dump({"provenance": info, "rows": rows}, file, indent=1, default=str)
-        file.write("\n")
+    _write(output, rows)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "data/h100_sort_pairs.json")
+    if sys.argv[1:2] == ["--layers"]:
+        layers(sys.argv[2])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "data/h100_sort_pairs.json")
