@@ -141,9 +141,8 @@ def test_expert_counts_histogram_equals_the_scatter_count(num_experts):
     (2, 8, 128, "uniform"),  # 16 pairs: the smallest one-program block
     (37, 4, 60, "zipf"),  # 148 pairs padded to 256, 60 experts padded to 64 histogram bins
     (64, 8, 8, "single"),  # every pair on one expert
-    (128, 8, 64, "zipf"),  # 1024 pairs: the largest one-program sort
-    (129, 8, 64, "uniform"),  # one token more: the block sort, 2 blocks, the last one partial
-    (257, 8, 64, "uniform"),  # 3 blocks
+    (256, 8, 64, "zipf"),  # 2048 pairs: the largest one-program sort
+    (257, 8, 64, "uniform"),  # one token more: the block sort, 3 blocks, the last one partial
     (300, 4, 7, "single"),  # blocks where every pair has the same expert
 ])
 @pytest.mark.parametrize("method", [None, "blocks", "torch"])

@@ -4,7 +4,7 @@ one sort; and, when a gradient is needed, a backward of four fused GEMM kernels 
     top_k_index [T, k] --flatten--> expert_of_pair [S]             (S = T*k)
     sort by expert      ----------> sorted_pair [S]: pair ids (token*k + slot), expert 0's first
     counts per expert   ----------> counts [E]                     (a histogram, no host sync)
-                        (in one kernel up to 1024 pairs, in two above: `sort_pairs`)
+                        (in one kernel up to 2048 pairs, in two above: `sort_pairs`)
     gate_up_kernel: h [S, I] = act(x[token] @ gate^T) * (x[token] @ up^T)  one kernel, gather fused
     down_kernel:    y [S, H] = weight * (h @ down^T), stored at the pair's own row: un-permuted
     sum_top_k_kernel: out [T, H] = the k rows of each token summed          one streaming pass

@@ -19,7 +19,7 @@ The gathered x rows of gate_up_kernel cannot be a TMA tile (they are not contigu
 DOT_IN_FP32 is set only under triton's interpreter, whose tl.dot reads bfloat16 (stored as uint16)
 as integers. The launch grid is an upper bound on the number of blocks; programs past the last block exit.
 
-  sort_pairs_kernel: the pairs sorted by expert and counted, in one program (up to 1024 pairs)
+  sort_pairs_kernel: the pairs sorted by expert and counted, in one program (up to 2048 pairs)
   pair_block_counts_kernel, pair_block_scatter_kernel: the same for any number of pairs, as a
                    counting sort over blocks of pairs in two launches
   gate_up_kernel:  h[r]  = act(x[token(r)] @ W_gate[e]^T) * (x[token(r)] @ W_up[e]^T)   [S, I]

@@ -260,7 +260,7 @@ SORT_METHODS = ("one_program", "blocks", "torch")
 #: Up to this many pairs one program sorts them (sort_pairs_kernel); beyond, the block counting sort.
 #: Where one program's bitonic sort stops paying was measured by tools/sort_pairs_ab.py
 #: (data/h100_sort_pairs.json, docs/performance_notes.md).
-ONE_PROGRAM_SORT_MAX_PAIRS = 1024
+ONE_PROGRAM_SORT_MAX_PAIRS = 2048
 #: Pairs per program of the block counting sort (each program sorts its block bitonically in registers).
 BLOCK_SORT_PAIRS = 1024
 

@@ -144,7 +144,7 @@ PATHS = {
 def fused_kernels_figure(paths: dict | None = None) -> go.Figure:
     """One row per path, one box per step; boxes of one colour run in one kernel. grouped_mm runs each
     step as one kernel or more (writing its result to memory and reading it back in the next);
-    triton's sorted path sorts and counts in one kernel (up to 1024 pairs; above that a counting sort over
+    triton's sorted path sorts and counts in one kernel (up to 2048 pairs; above that a counting sort over
     blocks of pairs in two), fuses the gather and the activation into the gate_up kernel and the
     weighting and un-permute into the down kernel; its decode path skips the sort: two GEMV kernels."""
     paths = paths or PATHS
