@@ -122,8 +122,14 @@ def experts_on_received(local_experts, received, routing, plan: TokenPlan) -> to
     y = run_sorted_rows(local_experts, x, plan.pairs_per_local_expert)  # [P, H]
     pair_in_row_order, y_row = torch.sort(pair_of_sorted)  # [P]: pairs by row, and where each sits in y
     pairs_per_row = (local_id < local_experts.num_experts).sum(1)  # [N_in]
-    return F.embedding_bag(y_row, y, pairs_per_row.cumsum(0) - pairs_per_row, mode="sum",
-                           per_sample_weights=weights.reshape(-1)[pair_in_row_order].to(y.dtype))  # [N_in, H]
+    pair_weights = weights.reshape(-1)[pair_in_row_order]  # [P]
+    # CUDA has no bfloat16/float16 backward for embedding_bag's per-sample weights: there the weighted sum
+    # runs in float32 (rounded once at the end) whenever a gradient may flow through it
+    low_precision = y.dtype in (torch.bfloat16, torch.float16)
+    in_float32 = low_precision and y.is_cuda and torch.is_grad_enabled() and (y.requires_grad or pair_weights.requires_grad)
+    summed = F.embedding_bag(y_row, y.float() if in_float32 else y, pairs_per_row.cumsum(0) - pairs_per_row,
+                             mode="sum", per_sample_weights=pair_weights.to(torch.float32 if in_float32 else y.dtype))
+    return summed.to(y.dtype)  # [N_in, H]
 
 
 def sum_per_token(returned: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
