@@ -14,6 +14,8 @@ RECORDED = {
     "backward": ["h200_bf16_backward"],
     # the points of "backward" that missed the memory goal, re-recorded after the backward's two memory levers
     "backward_memory": ["h200_bf16_backward_memory"],
+    # the points of issue 14's goals, re-recorded (with Liger) after the triton backward's host-time levers
+    "backward_host": ["h200_bf16_backward_host"],
 }
 #: How a "presets" row was issued (the `execution` column): see moe_lab.bench.measure.EXECUTIONS.
 EXECUTIONS = ("eager", "cuda_graph")
@@ -35,7 +37,8 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     counts, moe_lab and transformers backends), "compile" (the torch.compile matrix, both libraries)
     "compile_autotune" (the max-autotune modes for moe_lab's backends, on another card) or "backward" (forward
     + backward of one layer: moe_lab's, transformers' grouped_mm and Liger's fused MoE, on another card) or
-    "backward_memory" (the same, no Liger, at the points that missed the memory goal, after its fix).
+    "backward_memory" (the same, no Liger, at the points that missed the memory goal, after its fix) or
+    "backward_host" (the same, with Liger, at the goal points, after the host-time levers).
 
     "presets" holds each measurement twice: kernels launched from Python (execution "eager", the
     default here: one row per backend and point) and replayed from a CUDA graph ("cuda_graph");

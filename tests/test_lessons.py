@@ -157,6 +157,30 @@ def test_recorded_training_steps_quote_the_same_run_table():
         assert "at or below transformers' at every point" in nb09_training.describe_recorded_training_steps(evened)
 
 
+def test_host_rerecord_sentence_quotes_its_own_table(monkeypatch):
+    import moe_lab.recorded_tables as recorded_tables
+
+    frame, _ = load_recorded("backward_host")
+    ok = frame[(frame["status"] == "ok") & (frame["num_tokens"] == 8192)].pivot_table(
+        index="preset", columns="backend", values="median_ms")
+    speedups = ok["transformers:grouped_mm"] / ok["triton"]
+    text = nb09_training.describe_host_rerecord()
+    assert f"{speedups.min():.2f}–{speedups.max():.2f}× transformers' grouped_mm" in text
+    # a planted slower triton row moves the sentence: it is computed, not typed
+    real = recorded_tables.load_recorded
+
+    def slower(kind="presets", execution="eager"):
+        table, info = real(kind, execution)
+        if kind == "backward_host":
+            table = table.copy()
+            table.loc[table["backend"] == "triton", "median_ms"] *= 2
+        return table, info
+
+    monkeypatch.setattr(recorded_tables, "load_recorded", slower)
+    assert f"{speedups.min() / 2:.2f}–{speedups.max() / 2:.2f}× transformers' grouped_mm" in \
+        nb09_training.describe_host_rerecord()
+
+
 def test_compile_reading_lists_what_was_not_recorded_and_follows_new_modes():
     recorded, provenance = load_recorded("compile")
     assert "Not recorded**: modes max-autotune, max-autotune-no-cudagraphs" in nb05_compile.compile_reading(recorded, provenance)
