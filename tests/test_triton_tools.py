@@ -101,3 +101,25 @@ def test_tune_triton_points_name_presets_and_token_counts():
     for wrong in ("qwen3:8192", "mixtral-8x7b", "mixtral-8x7b:0"):
         with pytest.raises(argparse.ArgumentTypeError, match="preset:T"):
             tool._points(wrong)
+
+
+def test_profile_training_step_compares_against_the_backend_without_its_host_levers():
+    from moe_lab.backends import triton_autograd, triton_plan
+    from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
+
+    tool = _tool("profile_training_step")
+    plan_args = (4096, 8, 64, 64, 32, torch.float32)
+    assert triton_plan.launch_plan(*plan_args, interpreted=True, needs_grad=True).sort == "blocks"
+    config = moe_lab.MoEConfig(32, 16, num_experts=4, top_k=2, dtype=torch.float32)
+    index, weights, _ = random_routing(6, config, torch.device(DEVICE))
+    hidden, layer = random_hidden_states(6, config, torch.device(DEVICE)), build_experts(config, torch.device(DEVICE))
+    layer.set_experts_implementation("triton")
+    after = tool.training_step(layer, hidden, index, weights)()
+    with tool.without_host_levers():
+        assert triton_plan.launch_plan(*plan_args, interpreted=True, needs_grad=True).sort == "torch"
+        before = tool.training_step(layer, hidden, index, weights)()  # through the custom op's dispatcher
+        assert triton_autograd._call_differentiable(triton_autograd.sort_pairs_op, index.reshape(-1), 4,
+                                                    "torch")[1].sum() == 12
+    assert triton_plan.launch_plan(*plan_args, interpreted=True, needs_grad=True).sort == "blocks"  # restored
+    for got, expected in zip(after, before):
+        torch.testing.assert_close(got, expected)

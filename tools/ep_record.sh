@@ -24,7 +24,8 @@
 # (default 150): a launch that would start past it is skipped and says so in the log. The NCCL tests come
 # after, bounded on their own by EP_PYTEST_SECONDS (default 300), so the tables never wait for them and they
 # never lose their time to a slow table (the first 2-GPU recording's tests got 145 s of what was left, and timed
-# out; their one launch of every check also outran 170 s on 2 H200s).
+# out). They run in three launches and took 52 s on 2 H200s; their "slowness" before was a hang (a check failing
+# on one rank only: the tests fail fast now, and a launch past its time names the check each rank was in).
 set -u
 export NCCL_NVLS_ENABLE=0                    # NVLink multicast stays off on the lent machines
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
