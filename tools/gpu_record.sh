@@ -29,7 +29,7 @@ fi
 # The card in file names: "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200.
 CARD=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'cpu')")
 ROUNDS=${ROUNDS:-3}
-R=${R:-/tmp/record}; mkdir -p $R "$OUT"
+R=${R:-/tmp/record}; mkdir -p $R "${OUT:?set OUT to the folder the log and tables go to}"
 BENCH="python -m moe_lab.cli bench --dtype bfloat16 --quiet --rounds $ROUNDS ${BENCH_ARGS:-}"
 TABLE="--tokens 1,16,128,1024,8192 --compare-hf --cuda-graph --max-seconds 0.1"
 
