@@ -87,7 +87,8 @@ def sort_pairs(top_k_index, num_experts, *, method: str | None = None):
         keys = expert_of_pair.to(torch.int32)  # [S]
         keys = torch.where((keys >= 0) & (keys < num_experts), keys, num_experts)  # out of range: last
         sorted_pair = torch.sort(keys, stable=True).indices.to(torch.int32)  # [S]
-        return sorted_pair, expert_counts(keys, num_experts).to(torch.int32)
+        counts = expert_counts(keys, num_experts) if num_experts > 1 else (keys == 0).sum().reshape(1)
+        return sorted_pair, counts.to(torch.int32)  # (one expert: expert_counts counts every pair)
     expert_of_pair = expert_of_pair.contiguous()
     sorted_pair = expert_of_pair.new_empty(num_pairs, dtype=torch.int32)
     counts = expert_of_pair.new_empty(num_experts, dtype=torch.int32)
