@@ -16,7 +16,8 @@ nothing here could test it, and the GEMMs are all in our kernels anyway.)
         torch differentiates the gate between the two ops' backward formulas.
 
 Launched from Python on plain tensors, the ops that carry no autograd formula run their Python
-bodies directly: the dispatcher's host time per call (docs/performance_notes.md) buys nothing there.
+bodies directly, and those with one run as a plain torch.autograd.Function with the same body and
+formulas: the dispatcher's host time per call (docs/performance_notes.md) buys nothing there.
 Whenever a tracer is watching — dynamo, or AOTAutograd tracing a backward formula with fake and
 functional tensors (on torch versions where `torch.compiler.is_compiling()` is False by then) — they
 go through the op, whose fake gives the shapes: a body would launch kernels on tensors without data.
