@@ -114,10 +114,10 @@ def test_profile_training_step_compares_against_the_backend_without_its_host_lev
     index, weights, _ = random_routing(6, config, torch.device(DEVICE))
     hidden, layer = random_hidden_states(6, config, torch.device(DEVICE)), build_experts(config, torch.device(DEVICE))
     layer.set_experts_implementation("triton")
-    after = tool.training_step(layer, hidden, index, weights)()
+    after = tool.training_step(layer, hidden, index, weights, seed=0)[0]()
     with tool.without_host_levers():
         assert triton_plan.launch_plan(*plan_args, interpreted=True, needs_grad=True).sort == "torch"
-        before = tool.training_step(layer, hidden, index, weights)()  # through the custom op's dispatcher
+        before = tool.training_step(layer, hidden, index, weights, seed=0)[0]()  # through the custom op's dispatcher
         assert triton_autograd._call_differentiable(triton_autograd.sort_pairs_op, index.reshape(-1), 4,
                                                     "torch")[1].sum() == 12
     assert triton_plan.launch_plan(*plan_args, interpreted=True, needs_grad=True).sort == "blocks"  # restored

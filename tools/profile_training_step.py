@@ -38,9 +38,11 @@ import torch
 
 import moe_lab  # noqa: F401  (first: the triton setup)
 from moe_lab.bench import implementations
-from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing, seeded
+from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
+from moe_lab.bench.measure import training_step
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
+from moe_lab.bench.timing import time_fn
 from moe_lab.presets import get_preset
 
 
@@ -63,35 +65,10 @@ def without_host_levers():
         triton_autograd._call_differentiable, triton_plan._plan_cached = real_call, real_plan
 
 
-def training_step(experts, hidden_states, top_k_index, top_k_weights, seed=0):
-    """call() -> the gradients of <output, G> for x, the routing weights and both weights (as the bench's)."""
-    x = hidden_states.detach().requires_grad_(True)
-    w = top_k_weights.detach().requires_grad_(True)
-    parameters = [experts.gate_up_proj, experts.down_proj]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    with seeded(hidden_states.device, seed + 2):
-        upstream = torch.randn_like(hidden_states)
-    inputs = [x, w, *parameters]
-
-    def call():
-        output = experts(x, top_k_index, w)
-        return torch.autograd.grad(output, inputs, upstream)
-
-    return call
-
-
 def synced_ms(call, reps):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """The bench's own measure: CUDA events around each call, then a synchronize; the median."""
+    return time_fn(call, device=torch.device("cuda"), warmup=0, min_reps=reps, max_reps=reps,
+                   max_seconds=float("inf")).median_ms
 
 
 def pipelined_ms(call, steps, rounds):
@@ -220,7 +197,7 @@ def main(argv=None):
             for name in args.backends.split(","):
                 with without_host_levers() if name == "triton:before" else contextlib.nullcontext():
                     experts.set_experts_implementation(implementations.implementation(name.removesuffix(":before")))
-                    call = training_step(experts, hidden_states, top_k_index, top_k_weights)
+                    call, _ = training_step(experts, hidden_states, top_k_index, top_k_weights, seed=0)
                     record = dict(preset=preset, tokens=T, backend=name,
                                   **measure(call, flops, cprofile=args.cprofile and name == "triton"))
                 records.append(record)

@@ -195,7 +195,7 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
         return experts(hidden_states, top_k_index, top_k_weights)
 
     if backward:
-        call, check = _training_step(experts, hidden_states, top_k_index, top_k_weights, seed)
+        call, check = training_step(experts, hidden_states, top_k_index, top_k_weights, seed)
     if execution == "cuda_graph":
         graphed = GraphedExperts(experts, implementations.implementation(backend))
         graphed(hidden_states, top_k_index, top_k_weights)  # capture, and load these inputs
@@ -224,7 +224,7 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
     return experts, timing.times_ms
 
 
-def _training_step(experts, hidden_states, top_k_index, top_k_weights, seed):
+def training_step(experts, hidden_states, top_k_index, top_k_weights, seed):
     """(call, check): call runs the layer and returns the gradients of <output, G> with respect to
     the hidden states, the routing weights and both weight tensors (no .grad accumulates); check
     gives the worst relative error of those gradients against the float64 reference."""
