@@ -2,7 +2,7 @@
 
     moe-lab info                                   what this machine supports
     moe-lab bench --preset qwen3-30b-a3b --tokens 1,16,128 [--compare-hf] [--cuda-graph] [--output data/x]
-    moe-lab bench --preset qwen3-30b-a3b --tokens 8192 --backward --compare-hf --compare-liger
+    moe-lab bench --preset qwen3-30b-a3b --tokens 8192 --backward --compare-hf --compare-liger [--cuda-graph]
     torchrun --nproc-per-node 2 -m moe_lab.cli bench --ep --preset qwen3-30b-a3b --tokens 128,8192 --output data/ep2
     moe-lab run notebooks/01_routing.ipynb -p top_k 4 --output-dir runs
     moe-lab sweep notebooks/03_bmm.ipynb --grid top_k=1,2 --grid num_tokens=16,64
@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time forward + backward (gradients of hidden states, routing weights, both weights; "
                             "FLOPs counted 3x the forward's) instead of the forward alone")
     bench.add_argument("--cuda-graph", action="store_true",
-                       help="also time every backend replayed from a CUDA graph (the decode path; CUDA only)")
+                       help="also time every backend replayed from a CUDA graph (CUDA only): the forward "
+                            "(the decode path), or with --backward the whole forward + backward step")
     bench.add_argument("--compile-matrix", action="store_true", help="also run the torch.compile mode matrix (first config)")
     bench.add_argument("--compile-tokens", type=lambda s: _csv(s, int), default=None,
                        help="token counts for the compile matrix (default: the first two of --tokens)")

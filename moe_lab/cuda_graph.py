@@ -136,3 +136,47 @@ def _capturable(hidden_states, where: Where | None = None) -> str:
     where = where or Where(hidden_states.device, hidden_states.dtype)
     names = [name for name in available_backends() if get_spec(name).supports("cuda_graph", where).ok is True]
     return f"Backends that can be captured here: {', '.join(names) if names else 'none'}"
+
+
+class CapturedStep:
+    """A whole step, any no-argument callable (e.g. a layer's forward and `torch.autograd.grad` of it:
+    a training step's layer), recorded in one CUDA graph and replayed.
+
+        captured = CapturedStep(step)      # checks that `step` never waits on the host, warms up, captures
+        grads = captured.replay()          # reruns the recorded kernels; returns the captured call's result
+
+    What `step` reads must stay where it was at capture (a model writes new inputs into those tensors
+    in place), and what `replay` returns is the graph's own buffers, overwritten by the next replay.
+    A step that waits for the GPU on the host (a count read with .item() or .tolist()) is refused
+    before capture, under torch's sync debug mode; any other capture failure is a GraphCaptureError too."""
+
+    def __init__(self, step, *, warmup: int = 3, name: str = "step"):
+        self.step, self.name = step, name
+        if not torch.cuda.is_available():
+            raise GraphCaptureError(f"{name}: CUDA graphs need a CUDA device; this machine has none")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            except RuntimeError as error:
+                raise GraphCaptureError(f"{name} cannot be captured in a CUDA graph: it waits for the GPU on the "
+                                        f"host ({first_line(error)})") from None
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+            for _ in range(warmup):  # lazy initialisation (compiles, handles, allocator pools) before capture
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = step()
+        except Exception as error:
+            torch.cuda.synchronize()
+            raise GraphCaptureError(f"{name} cannot be captured in a CUDA graph: {first_line(error)}") from error
+
+    def replay(self):
+        self.graph.replay()
+        return self.outputs

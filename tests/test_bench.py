@@ -426,6 +426,10 @@ def test_forward_backward_rows_time_a_training_step(ceilings):
     assert refused["status"] == "unsupported" and "has no backward: declared by its author" in refused["reason"]
     bad = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, pass_="backward", **FAST)
     assert bad["status"] == "unsupported" and "unknown pass 'backward'" in bad["reason"]
+    # A captured training step needs CUDA: a row that says so on this machine.
+    graphed = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, pass_="forward_backward",
+                            execution="cuda_graph", **FAST)
+    assert graphed["status"] == "unsupported" and "CUDA graphs need a CUDA device" in graphed["reason"]
 
 
 def test_cli_bench_backward_beside_transformers(tmp_path, capsys):

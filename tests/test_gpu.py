@@ -8,7 +8,8 @@ import torch
 
 import moe_lab
 from moe_lab.backends.triton_fused import kernel_configs
-from moe_lab.cuda_graph import GraphCaptureError, GraphedExperts
+from moe_lab.cuda_graph import CapturedStep, GraphCaptureError, GraphedExperts
+from moe_lab.reference import reference_gradients
 
 pytestmark = pytest.mark.gpu
 
@@ -63,6 +64,40 @@ def test_cuda_graph_replay_follows_new_routing(backend, T):
         hidden, index, weights = _inputs(T, layer, seed)
         out = graphed(hidden, index, weights).clone()
         _check(layer, out, hidden, index, weights)
+
+
+@pytest.mark.parametrize("backend", CAPTURABLE)
+def test_a_captured_training_step_replays_the_gradients_of_new_inputs(backend):
+    layer = _layer(256, 96, 32, 8, torch.bfloat16)
+    layer.set_experts_implementation(backend)
+    hidden, index, weights = _inputs(128, layer, 1)
+    x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    upstream = torch.randn_like(hidden)
+    inputs = [x, w, layer.gate_up_proj, layer.down_proj]
+
+    def step():
+        return torch.autograd.grad(layer(x, index, w), inputs, upstream)
+
+    captured = CapturedStep(step, name=backend)
+    for seed in (2, 3):  # new tokens, routing and upstream gradient written in place, as a model would
+        new_hidden, new_index, new_weights = _inputs(128, layer, seed)
+        with torch.no_grad():
+            x.copy_(new_hidden), index.copy_(new_index), w.copy_(new_weights), upstream.normal_()
+        replayed = [grad.clone() for grad in captured.replay()]
+        for got, expected in zip(replayed, step()):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same kernels on the same inputs
+        expected = reference_gradients(layer, x, index, w, upstream)
+        for got, name in zip(replayed, ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj")):
+            assert moe_lab.relative_error(got, expected[name]) < TOLERANCE[torch.bfloat16], (backend, name)
+
+
+def test_a_training_step_that_waits_on_the_host_is_refused_before_capture():
+    layer = _layer(256, 96, 32, 8, torch.bfloat16)
+    layer.set_experts_implementation("eager")  # reads the per-expert counts on the host
+    hidden, index, weights = _inputs(16, layer, 0)
+    x = hidden.clone().requires_grad_(True)
+    with pytest.raises(GraphCaptureError, match="eager step cannot be captured.*waits for the GPU on the host"):
+        CapturedStep(lambda: torch.autograd.grad(layer(x, index, weights).sum(), [x]), name="eager step")
 
 
 def test_eager_cannot_be_captured_and_says_why():

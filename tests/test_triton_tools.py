@@ -123,3 +123,16 @@ def test_profile_training_step_compares_against_the_backend_without_its_host_lev
     assert triton_plan.launch_plan(*plan_args, interpreted=True, needs_grad=True).sort == "blocks"  # restored
     for got, expected in zip(after, before):
         torch.testing.assert_close(got, expected)
+
+
+def test_profile_training_step_finds_where_the_gpu_waited_for_the_host():
+    idle_gaps = _tool("profile_training_step").idle_gaps
+    # two steps starting at 0 and 1000 us; step 1: kernels at 100-200, 250-300 ("b" waits 50 us);
+    # step 2: 1020-1100, 1100-1400 (back to back), 1500-1510 ("c" waits 100 us)
+    kernels = [(100, 200, "a"), (250, 300, "b"), (1020, 1100, "a"), (1100, 1400, "b"), (1500, 1510, "c")]
+    idle = idle_gaps(kernels, [0, 1000])
+    assert idle["lead_ms"] == pytest.approx((0.1 + 0.02) / 2)  # median of two leads
+    assert idle["gaps_ms"] == pytest.approx((0.05 + 0.1) / 2)
+    assert idle["gaps"][0] == (" 2: c", pytest.approx(0.1))
+    assert dict(idle["gaps"])[" 1: b"] == pytest.approx(0.025)  # 50 us and 0 us: median 25 us
+    assert idle_gaps([], [0]) == {}

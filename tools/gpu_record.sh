@@ -104,14 +104,16 @@ while [ $# -gt 0 ]; do
     # one preset, one process per token count (a slow point costs only itself): moe_lab beside
     # transformers' grouped_mm and, for backward:, Liger's fused MoE, interleaved rounds in each process.
     # Liger autotunes per token count: its first call took over 150 s on an H200.
-    # backward:<preset>[:<T,T,...>] (default 128,1024,8192,32768); backward-hf: without Liger
+    # backward:<preset>[:<T,T,...>] (default 128,1024,8192,32768); backward-hf: without Liger.
+    # BACKWARD_GRAPH=1: each implementation's whole step replayed from a CUDA graph too (--cuda-graph).
     spec=${part#*:}; preset=${spec%%:*}; tokens=128,1024,8192,32768
     [ "$spec" != "$preset" ] && tokens=${spec#*:}
     liger=--compare-liger; [ "${part%%:*}" = backward-hf ] && liger=
+    graph=; [ -n "${BACKWARD_GRAPH:-}" ] && graph=--cuda-graph
     for T in ${tokens//,/ }; do
-      echo "-- $preset T=$T $liger $(date -u +%T)"
+      echo "-- $preset T=$T $liger $graph $(date -u +%T)"
       timeout ${BACKWARD_TIMEOUT:-240} $BENCH --backward --preset $preset --tokens $T --backends grouped_mm,triton \
-        --compare-hf $liger --max-seconds 0.2 --output $R/${CARD}_bf16_backward_${preset}_T$T 2>&1 | tail -8
+        --compare-hf $liger $graph --max-seconds 0.2 --output $R/${CARD}_bf16_backward_${preset}_T$T 2>&1 | tail -8
     done ;;
   graph-breaks)
     graph_breaks ;;

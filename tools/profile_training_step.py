@@ -10,6 +10,8 @@ implementation, in one process on one card:
     host       the Python time to enqueue one step while the GPU is kept busy (a sleep kernel first)
     graph      the same step captured in a CUDA graph and replayed: the kernels alone, without gaps
     kernels    torch.profiler over synced steps: each kernel's GPU time per step, and their sum
+    lead, gaps where the GPU waited for the host in those steps: from the step's start to its first
+               kernel, and the idle gaps between its kernels (the largest named by the kernel after them)
 
 and for moe_lab's triton backend the host's top functions under cProfile (with --cprofile).
 "triton:before" is the triton backend without this session's host-time levers, in the same process (for an
@@ -43,6 +45,7 @@ from moe_lab.bench.measure import training_step
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
 from moe_lab.bench.timing import time_fn
+from moe_lab.cuda_graph import CapturedStep
 from moe_lab.presets import get_preset
 
 
@@ -99,36 +102,56 @@ def host_ms(call, reps):
 
 
 def graph_ms(call, reps):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    for _ in range(3):
-        graph.replay()
-    return synced_ms(graph.replay, reps)
+    return synced_ms(CapturedStep(call).replay, reps)
 
 
 def kernel_table(call, steps):
+    """Each kernel's GPU time per step, the launches per step, and where the GPU waited for the host:
+    per synced step, `lead` (the step's start on the host to its first kernel) and each idle gap
+    between two kernels, named by the kernel after it (medians over the steps, in ms)."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
-            call()
+            with torch.profiler.record_function("profiled_step"):
+                call()
             torch.cuda.synchronize()
     per_kernel = collections.defaultdict(float)
     counts = collections.Counter()
+    kernels, step_starts = [], []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
             name = re.sub(r"\s+", " ", event.name)[:100]
             per_kernel[name] += event.device_time / steps / 1e3  # ms per step
             counts[name] += 1
+            kernels.append((event.time_range.start, event.time_range.end, name))
+        elif event.name == "profiled_step" and event.device_type == torch.autograd.DeviceType.CPU:
+            step_starts.append(event.time_range.start)
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1])
-    return rows, {name: counts[name] / steps for name, _ in rows}
+    return rows, {name: counts[name] / steps for name, _ in rows}, idle_gaps(sorted(kernels), sorted(step_starts))
+
+
+def idle_gaps(kernels, step_starts) -> dict:
+    """kernels [(start_us, end_us, name)] and each step's host start (us, the profiler's one clock) ->
+    {lead_ms, gaps_ms (sum of the idle gaps between a step's kernels), gaps: [(position: name, ms)]}."""
+    leads, sums, per_position = [], [], collections.defaultdict(list)
+    for index, begin in enumerate(step_starts):
+        end = step_starts[index + 1] if index + 1 < len(step_starts) else float("inf")
+        step = [k for k in kernels if begin <= k[0] < end]
+        if not step:
+            continue
+        leads.append((step[0][0] - begin) / 1e3)
+        total = 0.0
+        for position, (previous, current) in enumerate(zip(step, step[1:]), start=1):
+            gap = max(0.0, current[0] - previous[1]) / 1e3
+            per_position[(position, current[2])].append(gap)
+            total += gap
+        sums.append(total)
+    if not leads:
+        return {}
+    gaps = sorted(((f"{position:2d}: {name}", statistics.median(values))
+                   for (position, name), values in per_position.items()), key=lambda kv: -kv[1])
+    return dict(lead_ms=statistics.median(leads), gaps_ms=statistics.median(sums), gaps=gaps[:8])
 
 
 def host_profile(call, steps):
@@ -141,6 +164,7 @@ def host_profile(call, steps):
     torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
     return text.getvalue()
 
 
@@ -150,9 +174,10 @@ def measure(call, flops, cprofile=False) -> dict:
     # synced, pipelined, synced again: drift lands on both
     record = dict(synced_ms=synced_ms(call, 15), pipelined_ms=pipelined_ms(call, 20, 3),
                   synced_again_ms=synced_ms(call, 15), host_ms=host_ms(call, 7))
-    kernels, launches = kernel_table(call, 5)
+    kernels, launches, idle = kernel_table(call, 5)
     record.update(kernel_sum_ms=sum(ms for _, ms in kernels), launches_per_step=sum(launches.values()),
-                  kernels=[(kernel, ms, launches[kernel]) for kernel, ms in kernels])
+                  kernels=[(kernel, ms, launches[kernel]) for kernel, ms in kernels],
+                  lead_ms=idle.get("lead_ms"), idle_gaps_ms=idle.get("gaps_ms"), largest_gaps=idle.get("gaps", []))
     if cprofile:
         record["host_profile"] = host_profile(call, 20)
     try:  # last: a failed capture can leave the stream unusable for what follows
@@ -170,8 +195,11 @@ def report(record) -> list[str]:
     lines = [f"\n## {record['preset']} T={record['tokens']} {record['backend']}",
              "  " + "  ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
                               for key, value in record.items()
-                              if key not in ("kernels", "preset", "tokens", "backend", "host_profile"))]
+                              if key not in ("kernels", "preset", "tokens", "backend", "host_profile",
+                                             "largest_gaps"))]
     lines += [f"  {ms:8.4f} ms  x{count:4.1f}  {kernel}" for kernel, ms, count in record["kernels"][:25]]
+    lines += ["  GPU idle before (largest gaps between kernels, median per step):"]
+    lines += [f"  {ms:8.4f} ms  {where}" for where, ms in record["largest_gaps"]]
     return lines + [record.get("host_profile", "")]
 
 

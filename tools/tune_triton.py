@@ -65,6 +65,7 @@ from moe_lab.bench.memory import measure_peak_memory
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import expert_flops, training_flops
 from moe_lab.bench.timing import time_fn
+from moe_lab.cuda_graph import CapturedStep
 
 K = tf.KernelConfig
 D = tf.DecodeConfig
@@ -182,16 +183,8 @@ class Run:
         """Median GPU time of `fn` replayed from a CUDA graph (its inputs already in place)."""
         if self.device.type != "cuda":
             raise SystemExit("the sorted and crossover parts replay CUDA graphs: they need a CUDA GPU")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_fn(graph.replay, device=self.device, warmup=3, min_reps=20, max_seconds=0.3).median_ms
+        return time_fn(CapturedStep(fn, warmup=2).replay, device=self.device, warmup=3, min_reps=20,
+                       max_seconds=0.3).median_ms
 
     def release(self):
         if self.device.type == "cuda":

@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from ..backends import Where, get_batched_mm_budget
 from ..config import resolve_dtype
-from ..cuda_graph import GraphCaptureError, GraphedExperts
+from ..cuda_graph import CapturedStep, GraphCaptureError, GraphedExperts
 from ..errors import (
     BackendCapabilityError, BackendInputError, ConfigError, GatherBudgetError, UnknownBackendError, first_line,
 )
@@ -73,7 +73,8 @@ def measure(config, num_tokens: int, backend: str, *, device=None, dtype=None, d
     forward and the backward to the hidden states, the routing weights and both weight tensors
     (`torch.autograd.grad` with a random upstream gradient: a training step's layer); its FLOPs are
     3x the forward's, `rel_err` is the worst of the gradients' against float64, and the peak memory
-    is that of the whole step.
+    is that of the whole step. Both together replay that whole step from one CUDA graph
+    (`moe_lab.cuda_graph.CapturedStep`), as a training loop captured whole runs it.
     Returns a dict with the columns of `columns.ROW_COLUMNS`. Only a bad argument (an unknown
     preset name) raises; every outcome of running the layer is a row.
     """
@@ -154,9 +155,6 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
     if pass_ not in PASSES:
         raise ConfigError(f"unknown pass {pass_!r}; allowed: {list(PASSES)}")
     backward = pass_ == "forward_backward"
-    if backward and execution != "eager":
-        raise ConfigError("the forward+backward pass is timed launched from Python (execution 'eager'); "
-                          "a captured training step is not measured here")
     if backward:
         support = spec.supports("autograd", Where(device, dtype))
         if support.ok is False:
@@ -196,7 +194,14 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
 
     if backward:
         call, check = training_step(experts, hidden_states, top_k_index, top_k_weights, seed)
-    if execution == "cuda_graph":
+    if execution == "cuda_graph" and backward:
+        if torch.device(device).type != "cuda":
+            raise GraphCaptureError(f"CUDA graphs need a CUDA device; this is {device}")
+        with torch.enable_grad():
+            captured = CapturedStep(call, name=f"{backend}'s forward + backward")
+        measure_memory = False  # replays allocate nothing: the graph's pool was sized at capture
+        call = captured.replay  # the whole training step's layer, its inputs and upstream gradient in place
+    elif execution == "cuda_graph":
         graphed = GraphedExperts(experts, implementations.implementation(backend))
         graphed(hidden_states, top_k_index, top_k_weights)  # capture, and load these inputs
         measure_memory = False  # replays allocate nothing: the graph's pool was sized at capture
