@@ -349,10 +349,13 @@ def sum_top_k_kernel(y_ptr, out_ptr, expert_ptr, num_experts, N, stride_ym, stri
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        mask = n_mask
+        row = y_ptr + (token * TOP_K + slot) * stride_ym + offs_n
         if SKIP_ABSENT:
-            mask = mask & (tl.load(expert_ptr + token * TOP_K + slot) < num_experts)
-        acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_ym + offs_n, mask=mask, other=0.0).to(tl.float32)
+            # A branch on the slot, not a mask (triton 3.9's interpreter cannot AND a row mask with a scalar).
+            if tl.load(expert_ptr + token * TOP_K + slot) < num_experts:
+                acc += tl.load(row, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            acc += tl.load(row, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
