@@ -16,6 +16,8 @@ RECORDED = {
     "backward_memory": ["h200_bf16_backward_memory"],
     # the points of issue 14's goals, re-recorded (with Liger) after the triton backward's host-time levers
     "backward_host": ["h200_bf16_backward_host"],
+    # the same goal points with each implementation's whole step also replayed from one CUDA graph
+    "backward_graph": ["h200_bf16_backward_graph"],
 }
 #: How a "presets" row was issued (the `execution` column): see moe_lab.bench.measure.EXECUTIONS.
 EXECUTIONS = ("eager", "cuda_graph")
@@ -38,7 +40,8 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     "compile_autotune" (the max-autotune modes for moe_lab's backends, on another card) or "backward" (forward
     + backward of one layer: moe_lab's, transformers' grouped_mm and Liger's fused MoE, on another card) or
     "backward_memory" (the same, no Liger, at the points that missed the memory goal, after its fix) or
-    "backward_host" (the same, with Liger, at the goal points, after the host-time levers).
+    "backward_host" (the same, with Liger, at the goal points, after the host-time levers) or "backward_graph"
+    (the goal points again, each step launched from Python and replayed from one CUDA graph: pass execution=None).
 
     "presets" holds each measurement twice: kernels launched from Python (execution "eager", the
     default here: one row per backend and point) and replayed from a CUDA graph ("cuda_graph");
@@ -57,7 +60,7 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
         frames.append(frame)
         provenance = provenance or info
     frame = pd.concat(frames, ignore_index=True)
-    if kind == "presets" and execution is not None:
+    if kind in ("presets", "backward_graph") and execution is not None:
         frame = frame[frame["execution"] == execution].reset_index(drop=True)
     return frame, provenance
 

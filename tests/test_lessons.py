@@ -181,6 +181,30 @@ def test_host_rerecord_sentence_quotes_its_own_table(monkeypatch):
         nb09_training.describe_host_rerecord()
 
 
+def test_graph_rerecord_sentence_quotes_its_own_table(monkeypatch):
+    import moe_lab.recorded_tables as recorded_tables
+
+    frame, _ = load_recorded("backward_graph", execution=None)
+    ok = frame[(frame["status"] == "ok") & (frame["num_tokens"] == 8192)]
+    replayed = ok[(ok["backend"] == "triton") & (ok["execution"] == "cuda_graph")]["tflops"]
+    text = nb09_training.describe_graph_rerecord()
+    assert f"triton at {replayed.min():.0f}–{replayed.max():.0f} TFLOP/s replayed" in text
+    assert "not capturable: liger:fused_moe: it waits for the GPU on the host" in text  # the recorded refusal
+    real = recorded_tables.load_recorded
+
+    def slower(kind="presets", execution="eager"):  # a planted slower replay moves the sentence
+        table, info = real(kind, execution)
+        if kind == "backward_graph":
+            table = table.copy()
+            rows = (table["backend"] == "triton") & (table["execution"] == "cuda_graph")
+            table.loc[rows, "tflops"] /= 2
+        return table, info
+
+    monkeypatch.setattr(recorded_tables, "load_recorded", slower)
+    assert f"triton at {replayed.min() / 2:.0f}–{replayed.max() / 2:.0f} TFLOP/s replayed" in \
+        nb09_training.describe_graph_rerecord()
+
+
 def test_compile_reading_lists_what_was_not_recorded_and_follows_new_modes():
     recorded, provenance = load_recorded("compile")
     assert "Not recorded**: modes max-autotune, max-autotune-no-cudagraphs" in nb05_compile.compile_reading(recorded, provenance)

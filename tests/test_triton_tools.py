@@ -135,4 +135,32 @@ def test_profile_training_step_finds_where_the_gpu_waited_for_the_host():
     assert idle["gaps_ms"] == pytest.approx((0.05 + 0.1) / 2)
     assert idle["gaps"][0] == (" 2: c", pytest.approx(0.1))
     assert dict(idle["gaps"])[" 1: b"] == pytest.approx(0.025)  # 50 us and 0 us: median 25 us
+    # a kernel overlapping a longer one (another stream) leaves no gap: idle is measured from the latest end
+    overlapped = idle_gaps([(0, 500, "long"), (10, 20, "short"), (400, 450, "x"), (520, 530, "y")], [0])
+    assert dict(overlapped["gaps"]) == {" 1: short": 0.0, " 2: x": 0.0, " 3: y": pytest.approx(0.02)}
     assert idle_gaps([], [0]) == {}
+
+
+def test_the_persistent_weight_grad_experiment_computes_what_the_package_kernel_does():
+    """tools/weight_grad_persistent_ab.py's kernel (a lever tried and not kept) against launch_weight_grad, through the
+    interpreter at tiny sizes: experts with many rows, none, and a partial last block of rows."""
+    from moe_lab.backends.triton_backward import launch_weight_grad
+    from moe_lab.backends.triton_launch import sort_pairs
+    from moe_lab.backends.triton_plan import KernelConfig
+
+    tool = _tool("weight_grad_persistent_ab")
+    num_experts, top_k, tokens = 5, 2, 37
+    generator = torch.Generator().manual_seed(0)
+    index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+    index[:, 0] = 1  # one expert gets every token; others few or none
+    index[index == 4] = 3
+    sorted_pair, counts = sort_pairs(index.to(DEVICE), num_experts)
+    left = torch.randn(tokens * top_k, 64, generator=generator).to(DEVICE)
+    right = torch.randn(tokens * top_k, 32, generator=generator).to(DEVICE)
+    like = torch.empty(num_experts, 64, 32, device=DEVICE)
+    expected = launch_weight_grad(left, right, like, None, None, sorted_pair, counts, top_k, left_by_token=False,
+                                  right_by_token=False, config=KernelConfig(16, 16, 16, 4, 2, 8, True))[0]
+    assert counts[4] == 0 and expected[4].abs().max() == 0
+    for flatten in (False, True):
+        got = tool.persistent(left, right, like, counts, 16, 32, 16, 4, 2, 7, flatten, False)
+        torch.testing.assert_close(got, expected)

@@ -120,13 +120,14 @@ def kernel_table(call, steps):
     counts = collections.Counter()
     kernels, step_starts = [], []
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+        if event.name == "profiled_step":  # the step's own range (kineto also draws it on the GPU's timeline)
+            if event.device_type == torch.autograd.DeviceType.CPU:
+                step_starts.append(event.time_range.start)
+        elif event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
             name = re.sub(r"\s+", " ", event.name)[:100]
             per_kernel[name] += event.device_time / steps / 1e3  # ms per step
             counts[name] += 1
             kernels.append((event.time_range.start, event.time_range.end, name))
-        elif event.name == "profiled_step" and event.device_type == torch.autograd.DeviceType.CPU:
-            step_starts.append(event.time_range.start)
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1])
     return rows, {name: counts[name] / steps for name, _ in rows}, idle_gaps(sorted(kernels), sorted(step_starts))
 
@@ -141,11 +142,12 @@ def idle_gaps(kernels, step_starts) -> dict:
         if not step:
             continue
         leads.append((step[0][0] - begin) / 1e3)
-        total = 0.0
-        for position, (previous, current) in enumerate(zip(step, step[1:]), start=1):
-            gap = max(0.0, current[0] - previous[1]) / 1e3
+        total, busy_until = 0.0, step[0][1]
+        for position, current in enumerate(step[1:], start=1):
+            gap = max(0.0, current[0] - busy_until) / 1e3  # idle since every kernel before it ended
             per_position[(position, current[2])].append(gap)
             total += gap
+            busy_until = max(busy_until, current[1])
         sums.append(total)
     if not leads:
         return {}

@@ -195,7 +195,7 @@ def describe_recorded_training_steps(steps) -> str:
                   for _, r in over.iterrows()) + ".")
     return " ".join([ratio_sentence("× transformers", "transformers' grouped_mm"),
                      ratio_sentence("× Liger", "Liger's fused MoE"), memory, describe_memory_rerecord(),
-                     describe_host_rerecord()])
+                     describe_host_rerecord(), describe_graph_rerecord()])
 
 
 def describe_memory_rerecord() -> str:
@@ -231,3 +231,24 @@ def describe_host_rerecord() -> str:
             f"triton was {over_transformers.min():.2f}–{over_transformers.max():.2f}× transformers' grouped_mm and "
             f"{over_liger.min():.2f}–{over_liger.max():.2f}× Liger's fused MoE, at {tflops.min():.0f}–"
             f"{tflops.max():.0f} TFLOP/s.")
+
+
+def describe_graph_rerecord() -> str:
+    """A sentence on the goal points recorded with each implementation's whole step also replayed from one CUDA
+    graph (recorded set "backward_graph"), computed from them: triton's TFLOP/s replayed and launched in the same
+    runs, its speed-up over transformers' grouped_mm replayed the same way, and what could not be captured, why."""
+    from ..recorded_tables import load_recorded
+
+    frame, provenance = load_recorded("backward_graph", execution=None)
+    ok = frame[(frame["status"] == "ok") & (frame["num_tokens"] == 8192)]
+    triton = ok[ok["backend"] == "triton"].pivot_table(index="preset", columns="execution", values="tflops")
+    replayed = ok[ok["execution"] == "cuda_graph"].pivot_table(index="preset", columns="backend", values="median_ms")
+    over_transformers = replayed["transformers:grouped_mm"] / replayed["triton"]
+    refused = frame[(frame["execution"] == "cuda_graph") & (frame["status"] != "ok")]
+    why = "; ".join(sorted({f"{row['backend']}: " + str(row["reason"]).split("cannot be captured in a CUDA graph: ")[-1]
+                            for _, row in refused.iterrows()}))
+    return (f"Each whole step replayed from one CUDA graph as well (commit {provenance.get('git_commit', '?')[:7]}, "
+            f"{len(triton)} presets at T=8192): triton at {triton['cuda_graph'].min():.0f}–"
+            f"{triton['cuda_graph'].max():.0f} TFLOP/s replayed ({triton['eager'].min():.0f}–{triton['eager'].max():.0f} "
+            f"launched, same runs), {over_transformers.min():.2f}–{over_transformers.max():.2f}× transformers' "
+            f"grouped_mm replayed the same way" + (f"; not capturable: {why}." if why else "."))
