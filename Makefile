@@ -1,7 +1,7 @@
 # moe_lab: everything below works from a fresh clone with nothing but Python 3.
 #
 #   make lab    JupyterLab on notebooks/
-#   make test   tests/ plus every notebook under notebooks/ (nbval-lax)
+#   make test   tests/ plus every notebook under notebooks/ (nbval-lax), in PYTEST_WORKERS=2 processes
 #   make run    execute notebooks/*.ipynb headless into runs/
 #   make html   executed notebooks as static HTML pages (figures included) in html/
 #   make clean  remove the venv and runs/
@@ -19,6 +19,8 @@ LAB_ARGS ?=
 # containers, cloud VMs and CI machines run as root, so `make lab` tells it there and only there.
 ROOT_LAB_ARGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 PYTEST_ARGS ?=
+# Worker processes for make test (pytest-xdist; each takes whole files). 0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 RUNS_DIR ?= runs
 HTML_DIR ?= html
 
@@ -35,7 +37,7 @@ NBVAL_NOTEBOOKS = $(shell find notebooks -name '*.ipynb' -not -path '*/.ipynb_ch
 
 help:
 	@echo "make lab    - JupyterLab on notebooks/ (LAB_ARGS=...)"
-	@echo "make test   - pytest tests/ and the notebooks via nbval-lax (PYTEST_ARGS=...)"
+	@echo "make test   - pytest tests/ and the notebooks via nbval-lax (PYTEST_ARGS=..., PYTEST_WORKERS=2)"
 	@echo "make run    - execute notebooks/*.ipynb with papermill into runs/"
 	@echo "make html   - static HTML of the executed notebooks (plots included, offline) in html/"
 	@echo "make clean  - remove $(VENV) and runs/"
@@ -56,7 +58,8 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/ $(ROOT_LAB_ARGS) $(LAB_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests $(if $(strip $(NBVAL_NOTEBOOKS)),--nbval-lax --nbval-current-env notebooks) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests $(if $(strip $(NBVAL_NOTEBOOKS)),--nbval-lax --nbval-current-env notebooks) \
+	  -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 run: $(STAMP)
 ifeq ($(strip $(NOTEBOOKS)),)

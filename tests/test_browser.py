@@ -689,7 +689,7 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
         except Exception as exc:  # never hide the test's own failure behind this one
             report["screenshot"] = f"failed: {exc}"
         context.close()
-        server.stop_kernels()  # the next notebook gets the machine's cores to itself
+        server.stop_kernels()  # no idle kernel of this notebook is left holding memory beside the next one
     report["total_s"] = round(time.monotonic() - t0, 1)
     return report
 
