@@ -162,6 +162,8 @@ class CapturedStep:
             try:
                 step()
             except RuntimeError as error:
+                if "synchroniz" not in str(error):  # an out-of-memory or a bug of the step's own: as it is
+                    raise
                 raise GraphCaptureError(f"{name} cannot be captured in a CUDA graph: it waits for the GPU on the "
                                         f"host ({first_line(error)})") from None
             finally:
