@@ -32,6 +32,9 @@ def wgrad_persistent(left_desc, right_desc, out_ptr, counts_ptr, num_experts, M,
                      NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, MASK_ALWAYS: tl.constexpr,
                      STAGES: tl.constexpr):
+    """left [S, M] and right [S, N] in sorted row order (TMA tiles [BK, BM], [BK, BN]) -> out[e] [M, N] = the sum
+    over expert e's rows of left^T right, each program walking tiles (expert, m block, n block) with a stride of
+    the grid. Rows past the expert's last (the next expert's, in the last TMA tile) are zeroed in `right`."""
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     tiles_per_expert = num_m_blocks * tl.cdiv(N, BLOCK_N)
     num_tiles = num_experts * tiles_per_expert
@@ -75,6 +78,7 @@ def persistent(left, right, like, counts, bm, bn, bk, warps, stages, programs, f
     tiles = E * triton.cdiv(M, bm) * triton.cdiv(N, bn)
     wgrad_persistent[(min(tiles, programs),)](
         tile_descriptor(left, [bk, bm]), tile_descriptor(right, [bk, bn]), out, counts, E, M, N, *out.stride(),
+        # one NUM_EXPERTS_POW2 for every preset: one compile serves them all
         NUM_EXPERTS_POW2=max(128, triton.next_power_of_2(E)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=flatten,
         MASK_ALWAYS=mask_always, STAGES=stages, num_warps=warps)
     return out
