@@ -6,7 +6,7 @@ A persistent grid (a program per SM or two, walking the tiles; optionally the ti
 row loop so loads of the next tile overlap the last tile's store) was the candidate. Both kernels read
 sorted rows through TMA tiles; each variant is checked against the current kernel's output, then timed as a
 CUDA-graph replay (median of 30) in three interleaved rounds at T=8192 on three presets. On an H200 it was
-0-4 % faster (data/h200_weight_grad_persistent_ab.json, docs/performance_notes.md): not worth a second
+0-5 % faster (data/h200_weight_grad_persistent_ab.json, docs/performance_notes.md): not worth a second
 kernel. GPU only:
 
     python tools/weight_grad_persistent_ab.py $OUT/weight_grad_persistent_ab.json
