@@ -24,6 +24,7 @@ from moe_lab.backends.triton_kernels import _grouped_program_order, tile_descrip
 from moe_lab.backends.triton_backward import launch_weight_grad
 from moe_lab.backends.triton_launch import sort_pairs
 from moe_lab.backends.triton_plan import KernelConfig
+from moe_lab.bench.timing import time_fn
 from moe_lab.cuda_graph import CapturedStep
 
 
@@ -85,16 +86,9 @@ def persistent(left, right, like, counts, bm, bn, bk, warps, stages, programs, f
 
 
 def bench(fn, reps=30):
-    replay = CapturedStep(fn, warmup=2).replay
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of `fn` replayed from a CUDA graph: CUDA events around each replay, then a synchronize."""
+    return time_fn(CapturedStep(fn, warmup=2).replay, device=torch.device("cuda"), warmup=0, min_reps=reps,
+                   max_reps=reps, max_seconds=float("inf")).median_ms
 
 
 def main(out_path):
