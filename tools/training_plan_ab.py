@@ -1,0 +1,142 @@
+"""A/B of the triton backend's launch-plan choices on whole training steps, in one process on one card.
+
+A variant is the plan the backend chooses ("plan") with some of its fields replaced, e.g. the gathers into
+sorted order done by the GEMMs that read those rows anyway. Per preset, every variant's step (forward, then
+torch.autograd.grad of the hidden states, the routing weights and both weight tensors; random inputs and
+upstream gradient) is first checked against the plan's gradients, its peak memory measured, and then timed
+in interleaved rounds, the variants' order rotated each round: replayed from a CUDA graph (the kernels) and
+launched from Python (synced, as `moe-lab bench --backward` times it). GPU only.
+
+    python tools/training_plan_ab.py --presets qwen3-30b-a3b,qwen1.5-moe-a2.7b --tokens 8192 \\
+        --variant both=grad_out_sorted_by_gemm,sorted_hidden_states_from_forward \\
+        --variant dout=grad_out_sorted_by_gemm --output $OUT/training_plan_ab.json
+
+A variant is NAME=FIELD[,FIELD...]; a FIELD sets that plan field to True, FIELD:false to False.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+
+import torch
+
+import moe_lab  # noqa: F401  (first: the triton setup)
+from moe_lab.backends.triton_fused import LaunchPlan, launch_plan, triton_experts_forward
+from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
+from moe_lab.bench.memory import measure_peak_memory
+from moe_lab.bench.provenance import command_line, provenance
+from moe_lab.bench.roofline import training_flops
+from moe_lab.bench.timing import time_fn
+from moe_lab.cuda_graph import CapturedStep
+from moe_lab.presets import get_preset
+
+PLAN_FLAGS = tuple(field.name for field in dataclasses.fields(LaunchPlan)
+                   if field.type in (bool, "bool"))
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, fields = text.partition("=")
+    if not name or not fields:
+        raise SystemExit(f"--variant {text!r}: expected NAME=FIELD[,FIELD:false...]")
+    changes = {}
+    for field in fields.split(","):
+        key, _, value = field.partition(":")
+        if key not in PLAN_FLAGS:
+            raise SystemExit(f"--variant {text!r}: {key!r} is not a plan flag; allowed: {list(PLAN_FLAGS)}")
+        changes[key] = value.lower() not in ("0", "false", "no") if value else True
+    return name, changes
+
+
+def training_step(layer, x, index, w, upstream, plan):
+    inputs = [x, w, layer.gate_up_proj, layer.down_proj]
+
+    def step():
+        return torch.autograd.grad(triton_experts_forward(layer, x, index, w, plan=plan), inputs, upstream)
+
+    return step
+
+
+def median_ms(fn, reps: int) -> float:
+    return time_fn(fn, device=torch.device("cuda"), warmup=3, min_reps=reps, max_reps=reps,
+                   max_seconds=float("inf")).median_ms
+
+
+def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) -> dict:
+    config = get_preset(preset).config.replace(dtype=torch.bfloat16)
+    device = torch.device("cuda")
+    layer = build_experts(config, device, seed=0, implementation="triton")
+    layer.requires_grad_(True)
+    x = random_hidden_states(T, config, device, seed=0).requires_grad_(True)
+    index, w, _ = random_routing(T, config, device, seed=0)
+    w = w.detach().requires_grad_(True)
+    upstream = random_hidden_states(T, config, device, seed=1)
+    c = config
+    base = launch_plan(T, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype, interpreted=False,
+                       needs_grad=True)
+    plans = {"plan": base, **{name: dataclasses.replace(base, **changes) for name, changes in variants.items()}}
+    steps = {name: training_step(layer, x, index, w, upstream, plan) for name, plan in plans.items()}
+    names = ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj")
+    expected = steps["plan"]()
+    record = dict(preset=preset, tokens=T, flops=training_flops(T, c.top_k, c.hidden_size, c.intermediate_size),
+                  variants={})
+    for name, step in steps.items():
+        got = step()
+        record["variants"][name] = dict(
+            changes={k: v for k, v in dataclasses.asdict(plans[name]).items()
+                     if k in PLAN_FLAGS and v != getattr(base, k)},
+            bit_equal={n: bool(torch.equal(a, b)) for n, a, b in zip(names, got, expected)},
+            max_abs_diff={n: float((a.float() - b.float()).abs().max()) for n, a, b in zip(names, got, expected)},
+            peak_bytes=measure_peak_memory(step, device, warmup=0).peak_bytes,
+            replay_ms=[], launched_ms=[])
+        del got
+    captured = {name: CapturedStep(step, warmup=2) for name, step in steps.items()}
+    order = list(steps)
+    for round_ in range(rounds):
+        for name in order[round_ % len(order):] + order[:round_ % len(order)]:
+            row = record["variants"][name]
+            row["replay_ms"].append(median_ms(captured[name].replay, reps))
+            row["launched_ms"].append(median_ms(steps[name], reps))
+    for name, row in record["variants"].items():
+        for kind in ("replay", "launched"):
+            ms = statistics.median(row[f"{kind}_ms"])
+            row[f"{kind}_median_ms"] = ms
+            row[f"{kind}_tflops"] = record["flops"] / ms / 1e9
+            row[f"{kind}_vs_plan"] = record["variants"]["plan"][f"{kind}_ms"] and (
+                statistics.median(record["variants"]["plan"][f"{kind}_ms"]) / ms)
+    del captured
+    torch.cuda.empty_cache()
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="qwen3-30b-a3b,olmoe-1b-7b,qwen1.5-moe-a2.7b")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--variant", action="append", default=[], help="NAME=FIELD[,FIELD:false...]")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("this A/B replays CUDA graphs: it needs a CUDA GPU")
+    variants = dict(parse_variant(text) for text in args.variant)
+    results = dict(provenance=dict(provenance(torch.device("cuda")), command_line=command_line()), points=[])
+    for preset in args.presets.split(","):
+        record = measure_preset(preset, args.tokens, variants, args.rounds, args.reps)
+        results["points"].append(record)
+        for name, row in record["variants"].items():
+            print(f"{preset} T={args.tokens} {name:>8}: replay {row['replay_median_ms']:.3f} ms "
+                  f"({row['replay_tflops']:.0f} TFLOP/s, x{row['replay_vs_plan']:.3f}) launched "
+                  f"{row['launched_median_ms']:.3f} ms (x{row['launched_vs_plan']:.3f}) peak "
+                  f"{row['peak_bytes'] / 2**30:.2f} GiB equal={all(row['bit_equal'].values())} "
+                  f"rounds {row['replay_ms']}", flush=True)
+        with open(args.output, "w") as file:
+            json.dump(results, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
