@@ -92,6 +92,15 @@ def _sorted_row_block(counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N,
 
 
 @triton.jit
+def _store_first_column_block(ptrs, tile, mask, pid_n):
+    """Store a tile of gathered rows in sorted order, from the programs of the first column block only.
+    The program test is in the mask, not an `if`: on triton 3.6 (H200) a pipelined load used under a
+    runtime condition in the GEMM loop raced with the next stage's copy and gave wrong GEMM results
+    (the race triton-lang/triton#8139 describes); a store masked off costs no memory traffic."""
+    tl.store(ptrs, tile, mask=mask & (pid_n == 0))
+
+
+@triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "silu":
         x = x * tl.sigmoid(x)
@@ -145,9 +154,8 @@ def gate_up_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if STORE_X_SORTED:
-            if pid_n == 0:
-                tl.store(x_sorted_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
+        if STORE_X_SORTED:  # (pid_n == 0) in the mask, not an `if`: see _store_first_column_block
+            _store_first_column_block(x_sorted_ptrs, a, row_mask[:, None] & k_mask[None, :], pid_n)
             x_sorted_ptrs += BLOCK_K * stride_sk
         if USE_TMA:
             gate_w = w_ptr.load([gate_row, k0]).T  # [BN, BK] tile -> [BK, BN]
@@ -242,8 +250,7 @@ def down_kernel(
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             a_ptrs += BLOCK_K * stride_hk
         if A_BY_TOKEN:
-            if pid_n == 0:
-                tl.store(a_sorted_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
+            _store_first_column_block(a_sorted_ptrs, a, row_mask[:, None] & k_mask[None, :], pid_n)
             a_sorted_ptrs += BLOCK_K * stride_ak
         if USE_TMA:
             if W_TILE_KN:
