@@ -92,12 +92,13 @@ def _sorted_row_block(counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N,
 
 
 @triton.jit
-def _store_first_column_block(ptrs, tile, mask, pid_n):
-    """Store a tile of gathered rows in sorted order, from the programs of the first column block only.
-    The program test is in the mask, not an `if`: on triton 3.6 (H200) a pipelined load used under a
-    runtime condition in the GEMM loop raced with the next stage's copy and gave wrong GEMM results
-    (the race triton-lang/triton#8139 describes); a store masked off costs no memory traffic."""
-    tl.store(ptrs, tile, mask=mask & (pid_n == 0))
+def _copy_first_column_block(from_ptrs, to_ptrs, mask, pid_n):
+    """Copy a tile of gathered rows to their sorted positions, in the programs of the first column block
+    only. The GEMM's own tile is not reused: on triton 3.6 (H200, bf16) a loaded tile feeding both the
+    dot and a store gave wrong GEMM results. This load is its own (volatile, so it is not merged into the
+    dot's; the rows are in L2, just read) and the program test is in the masks (masked off, no traffic)."""
+    mask = mask & (pid_n == 0)
+    tl.store(to_ptrs, tl.load(from_ptrs, mask=mask, other=0.0, volatile=True), mask=mask)
 
 
 @triton.jit
@@ -154,8 +155,8 @@ def gate_up_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if STORE_X_SORTED:  # (pid_n == 0) in the mask, not an `if`: see _store_first_column_block
-            _store_first_column_block(x_sorted_ptrs, a, row_mask[:, None] & k_mask[None, :], pid_n)
+        if STORE_X_SORTED:
+            _copy_first_column_block(a_ptrs, x_sorted_ptrs, row_mask[:, None] & k_mask[None, :], pid_n)
             x_sorted_ptrs += BLOCK_K * stride_sk
         if USE_TMA:
             gate_w = w_ptr.load([gate_row, k0]).T  # [BN, BK] tile -> [BK, BN]
@@ -248,10 +249,11 @@ def down_kernel(
             a = h_ptr.load([first_row, k0])  # [BM, BK]; rows past this expert's are never stored
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            a_ptrs += BLOCK_K * stride_hk
         if A_BY_TOKEN:
-            _store_first_column_block(a_sorted_ptrs, a, row_mask[:, None] & k_mask[None, :], pid_n)
+            _copy_first_column_block(a_ptrs, a_sorted_ptrs, row_mask[:, None] & k_mask[None, :], pid_n)
             a_sorted_ptrs += BLOCK_K * stride_ak
+        if not USE_TMA or A_BY_TOKEN:
+            a_ptrs += BLOCK_K * stride_hk
         if USE_TMA:
             if W_TILE_KN:
                 w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
