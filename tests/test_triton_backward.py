@@ -87,32 +87,25 @@ def test_long_reductions_on_one_expert(dtype):
 BACKWARD_KERNELS = ("down_backward", "gate_up_input_grad", "gate_up_weight_grad", "down_weight_grad")
 
 
-def _variant_plan(experts, num_tokens, top_k, dtype, *, sorted_operands: bool, tma: bool, split: bool = False,
-                  fused_gathers: bool = False):
-    """The plan the backend would choose, with the backward's operand layout, TMA, the split
-    down_backward and the gathers into sorted order done by the GEMMs (fused_gathers) switched as asked."""
+def _variant_plan(experts, num_tokens, top_k, dtype, *, sorted_operands: bool, tma: bool, split: bool = False):
+    """The plan the backend would choose, with the backward's operand layout, TMA and the split
+    down_backward switched as asked."""
     weights = expert_weights(experts)
     plan = launch_plan(num_tokens, top_k, weights.num_experts, weights.gate_up.shape[-1], weights.intermediate_size,
                        dtype, interpreted=interpreting(), needs_grad=True)
     configs = {name: dataclasses.replace(getattr(plan, name), tma=tma) for name in BACKWARD_KERNELS}
     return dataclasses.replace(plan, sorted_grad_out=sorted_operands, sorted_hidden_states=sorted_operands,
-                               split_down_backward=split, grad_out_sorted_by_gemm=fused_gathers,
-                               sorted_hidden_states_from_forward=fused_gathers, **configs)
+                               split_down_backward=split, **configs)
 
 
 def test_backward_plan_crosses_into_the_ops_and_back_and_refuses_a_split_without_sorted_dout():
     plan = launch_plan(8192, 8, 128, 2048, 768, torch.bfloat16, interpreted=False, needs_grad=True)
     variant = dataclasses.replace(plan, sorted_grad_out=True, sorted_hidden_states=True, split_down_backward=True,
                                   down_backward=dataclasses.replace(plan.down_backward, tma=True))
-    for flag in ("grad_out_sorted_by_gemm", "sorted_hidden_states_from_forward"):
-        for value in (plan, variant, dataclasses.replace(variant, **{flag: not getattr(variant, flag)})):
-            assert LaunchPlan.from_ints(value.as_ints()) == value
+    for value in (plan, variant):
+        assert LaunchPlan.from_ints(value.as_ints()) == value
     with pytest.raises(ValueError, match="split_down_backward .* sorted_grad_out=True"):
         dataclasses.replace(plan, split_down_backward=True, sorted_grad_out=False)
-    with pytest.raises(ValueError, match="grad_out_sorted_by_gemm .* split_down_backward=True"):
-        dataclasses.replace(variant, split_down_backward=False, grad_out_sorted_by_gemm=True)
-    with pytest.raises(ValueError, match="sorted_hidden_states_from_forward .* sorted_hidden_states=True"):
-        dataclasses.replace(variant, sorted_hidden_states=False, sorted_hidden_states_from_forward=True)
 
 
 def test_backward_configs_tell_wide_experts_from_fine_grained_ones():
@@ -164,17 +157,13 @@ def described(monkeypatch):
 # Expert 0 gets 150 rows (4 whole blocks of the weight gradients' 32 and a tail of 22), the others a
 # few each (a tail only), one none: TMA tiles past an expert's last row hold the next expert's rows.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("sorted_operands, tma, split, fused_gathers",
-                         [(True, True, False, False), (True, False, False, False), (False, True, False, False),
-                          (True, True, True, False), (True, True, True, True), (True, False, True, True)],
-                         ids=["sorted+tma", "sorted", "tma", "sorted+tma+split", "sorted+tma+split+fused-gathers",
-                              "sorted+split+fused-gathers"])
-def test_sorted_operands_and_tma_tiles_match_float64(dtype, sorted_operands, tma, split, fused_gathers, described,
-                                                     poisoned_empty):
+@pytest.mark.parametrize("sorted_operands, tma, split", [(True, True, False), (True, False, False),
+                                                         (False, True, False), (True, True, True)],
+                         ids=["sorted+tma", "sorted", "tma", "sorted+tma+split"])
+def test_sorted_operands_and_tma_tiles_match_float64(dtype, sorted_operands, tma, split, described, poisoned_empty):
     layer = _layer(H=64, I=32, E=6, k=2, dtype=dtype)
     hidden, index, weights, grad_out = _inputs(layer, 150, distribution="single")
-    plan = _variant_plan(layer, 150, 2, dtype, sorted_operands=sorted_operands, tma=tma, split=split,
-                         fused_gathers=fused_gathers)
+    plan = _variant_plan(layer, 150, 2, dtype, sorted_operands=sorted_operands, tma=tma, split=split)
     _check_gradients(layer, hidden, index, weights, grad_out, plan=plan)
     S, H, I = 300, 64, 32
     if tma:  # each operand in sorted order through TMA, besides the weights and the forward's h
@@ -203,9 +192,9 @@ def test_transformers_module_with_bias_transposed_layout_and_own_gate(dtype, T):
     assert experts.down_proj.grad.stride() == experts.down_proj.stride()
     # The same through the sorted operands and TMA tiles (the bias sums read the TMA tiles' rows),
     # with the fused and the split down_backward
-    for split, fused_gathers in ((False, False), (True, False), (True, True)):
+    for split in (False, True):
         plan = _variant_plan(experts, T, config.num_experts_per_tok, dtype, sorted_operands=True, tma=True,
-                             split=split, fused_gathers=fused_gathers)
+                             split=split)
         _check_gradients(experts, hidden, index, weights, grad_out, own_gate=True, plan=plan)
 
 
@@ -390,12 +379,9 @@ def test_backward_steps_on_fake_tensors_go_through_the_ops():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fakes = [mode.from_tensor(t) for t in (grad_out, layer.down_proj.detach(), weights.reshape(-1),
                                                torch.empty(16, 32), sorted_pair, counts)]
-        d_pre, weighted_h, dw, rows = triton_autograd._call(triton_autograd.down_backward_op, *fakes, 2, "silu",
-                                                            [16, 64, 64, 1, 1, 8, 0], None, False)
-        *_, gathered = triton_autograd._call(triton_autograd.down_backward_op, *fakes, 2, "silu",
-                                             [16, 64, 64, 1, 1, 8, 0], None, True)  # the split gathering dout
+        d_pre, weighted_h, dw = triton_autograd._call(triton_autograd.down_backward_op, *fakes, 2, "silu",
+                                                      [16, 64, 64, 1, 1, 8, 0], None, False)
     assert (d_pre.shape, weighted_h.shape, dw.shape) == ((16, 32), (16, 16), (16,))
-    assert rows.shape == (0, 32) and gathered.shape == (16, 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -452,7 +438,6 @@ def test_interpreter_truncates_bfloat16():
 def test_the_split_down_backward_writes_every_pairs_routing_gradient_and_zero_for_an_absent_expert():
     # Its routing-weight gradient is allocated empty: pairs of an out-of-range expert id (another rank's,
     # in transformers' expert parallelism) sort after every expert and must get 0, the others the fused result.
-    # Gathering dout itself, its GEMM stores every present pair's dout row in sorted order as it goes.
     from moe_lab.backends.triton_backward import launch_down_backward, launch_down_backward_split, sorted_rows
     from moe_lab.backends.triton_launch import sort_pairs
 
@@ -466,36 +451,27 @@ def test_the_split_down_backward_writes_every_pairs_routing_gradient_and_zero_fo
     saved = torch.randn(index.numel(), 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # a pre-activation
     down, flat_weights = layer.down_proj.detach(), weights.reshape(-1)
     torch.full((4096,), float("nan"), device=DEVICE)  # freed garbage an empty buffer may be handed
-    expected_rows = sorted_rows(grad_out, sorted_pair, 2)
-    d_pre, weighted_h, split_dw, given = launch_down_backward_split(grad_out, down, flat_weights, saved, sorted_pair,
-                                                                    counts, 2, "silu", config, expected_rows)
-    assert given is expected_rows
-    *by_gemm, gathered = launch_down_backward_split(grad_out, down, flat_weights, saved, sorted_pair, counts, 2,
-                                                    "silu", config)
+    _, _, split_dw = launch_down_backward_split(sorted_rows(grad_out, sorted_pair, 2), down, flat_weights, saved,
+                                                sorted_pair, counts, 2, "silu", config)
     _, _, fused_dw = launch_down_backward(grad_out, down, flat_weights, saved, sorted_pair, counts, 2, "silu", config)
     assert torch.all(split_dw[absent] == 0) and torch.all(fused_dw[absent] == 0)
     torch.testing.assert_close(split_dw[~absent], fused_dw[~absent], rtol=1e-4, atol=1e-5)
-    present = int(counts.sum())  # the absent pairs' rows sort last and are never read
-    assert torch.equal(gathered[:present], expected_rows[:present])
-    for got, want in zip(by_gemm, (d_pre, weighted_h)):  # the same numbers loaded another way: equal
-        assert torch.equal(got[:present], want[:present])
-    assert torch.equal(by_gemm[2], split_dw)
 
 
-@pytest.mark.parametrize("fused_gathers", [False, True], ids=["gathers", "fused-gathers"])
-def test_an_absent_experts_pairs_change_nothing_and_get_zero_routing_gradient(fused_gathers, poisoned_empty):
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_an_absent_experts_pairs_change_no_weight_gradient_and_get_zero_routing_gradient(split, poisoned_empty):
     # transformers' expert parallelism hands a rank the ids of other ranks' experts as one out-of-range
-    # id. Their rows sort last; with the gathers fused into the GEMMs nothing writes them, and the weight
-    # gradients' TMA tiles still read them past the last expert's rows: whatever they hold (NaN here:
-    # poisoned_empty) must not reach a sum. The reference: the same layer with those slots weighted 0.
-    # (The output and dX of a token with such a slot are not defined: check_inputs says so.)
+    # id. Their pairs sort last and no kernel writes their rows of weighted_h or d_pre, yet the weight
+    # gradients' TMA tiles read those rows past the last expert's: whatever they hold (NaN here:
+    # poisoned_empty) must not reach a sum, on either side of the product (0 * NaN is NaN). The
+    # reference: the same layer with those slots weighted 0. (The output and dX of a token with such
+    # a slot are not defined: check_inputs says so.)
     layer = _layer(H=64, I=32, E=6, k=2)
     hidden, index, weights, grad_out = _inputs(layer, 150, distribution="single")
     index = index.clone()
     index[::4, 1] = 6
     absent = index == 6
-    plan = _variant_plan(layer, 150, 2, torch.float32, sorted_operands=True, tma=True, split=True,
-                         fused_gathers=fused_gathers)
+    plan = _variant_plan(layer, 150, 2, torch.float32, sorted_operands=True, tma=True, split=split)
     x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
     triton_experts_forward(layer, x, index, w, plan=plan).backward(grad_out)

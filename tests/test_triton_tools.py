@@ -164,3 +164,16 @@ def test_the_persistent_weight_grad_experiment_computes_what_the_package_kernel_
     for flatten in (False, True):
         got = tool.persistent(left, right, like, counts, 16, 32, 16, 4, 2, 7, flatten, False)
         torch.testing.assert_close(got, expected)
+
+
+def test_the_training_plan_ab_reads_variants_as_plan_flags():
+    """tools/training_plan_ab.py (GPU only) builds each variant with dataclasses.replace from NAME=FLAG[:false]."""
+    tool = _tool("training_plan_ab")
+    assert {"save_pre_activation", "sorted_grad_out", "split_down_backward"} <= set(tool.PLAN_FLAGS)
+    assert tool.parse_variant("gathered=sorted_grad_out:false,split_down_backward:false") == (
+        "gathered", {"sorted_grad_out": False, "split_down_backward": False})
+    assert tool.parse_variant("keep=save_pre_activation") == ("keep", {"save_pre_activation": True})
+    with pytest.raises(SystemExit, match="'block_m' is not a plan flag; allowed: .*save_pre_activation"):
+        tool.parse_variant("tiles=block_m")
+    with pytest.raises(SystemExit, match="expected NAME=FLAG"):
+        tool.parse_variant("nothing")

@@ -1,17 +1,20 @@
 """A/B of the triton backend's launch-plan choices on whole training steps, in one process on one card.
 
-A variant is the plan the backend chooses ("plan") with some of its fields replaced, e.g. the gathers into
-sorted order done by the GEMMs that read those rows anyway. Per preset, every variant's step (forward, then
-torch.autograd.grad of the hidden states, the routing weights and both weight tensors; random inputs and
-upstream gradient) is first checked against the plan's gradients, its peak memory measured, and then timed
-in interleaved rounds, the variants' order rotated each round: replayed from a CUDA graph (the kernels) and
-launched from Python (synced, as `moe-lab bench --backward` times it). GPU only.
+A variant is the plan the backend chooses ("plan") with some of its flags replaced. Per preset, every
+variant's step (forward, then torch.autograd.grad of the hidden states, the routing weights and both weight
+tensors; random inputs and upstream gradient) is first checked against the plan's gradients (bit-equal or
+the largest difference), its peak memory measured, and then timed in interleaved rounds, the variants'
+order rotated each round: replayed from a CUDA graph (the kernels) and launched from Python (synced, as
+`moe-lab bench --backward` times it). GPU only. Run it beside `nvidia-smi --query-gpu=clocks.sm,
+clocks_event_reasons.active ... -lms 100`: on the H200 these steps reach the 700 W power cap and the SM
+clock moves with it, so one round can differ from the next by more than a lever's effect.
 
-    python tools/training_plan_ab.py --presets qwen3-30b-a3b,qwen1.5-moe-a2.7b --tokens 8192 \\
-        --variant both=grad_out_sorted_by_gemm,sorted_hidden_states_from_forward \\
-        --variant dout=grad_out_sorted_by_gemm --output $OUT/training_plan_ab.json
+    python tools/training_plan_ab.py --presets qwen3-30b-a3b,qwen1.5-moe-a2.7b --tokens 8192 \
+        --variant gathered=sorted_grad_out:false,sorted_hidden_states:false,split_down_backward:false \
+        --variant recompute=save_pre_activation:false --output $OUT/training_plan_ab.json
 
-A variant is NAME=FIELD[,FIELD...]; a FIELD sets that plan field to True, FIELD:false to False.
+A variant is NAME=FLAG[,FLAG...]; a FLAG sets that plan flag to True, FLAG:false to False. It recorded
+data/h200_training_plan_ab_fused_gathers.json at the commit named there, whose plan had two more flags.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ PLAN_FLAGS = tuple(field.name for field in dataclasses.fields(LaunchPlan)
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, fields = text.partition("=")
     if not name or not fields:
-        raise SystemExit(f"--variant {text!r}: expected NAME=FIELD[,FIELD:false...]")
+        raise SystemExit(f"--variant {text!r}: expected NAME=FLAG[,FLAG:false...]")
     changes = {}
     for field in fields.split(","):
         key, _, value = field.partition(":")
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="qwen3-30b-a3b,olmoe-1b-7b,qwen1.5-moe-a2.7b")
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--variant", action="append", default=[], help="NAME=FIELD[,FIELD:false...]")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=FLAG[,FLAG:false...]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--output", required=True)

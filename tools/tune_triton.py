@@ -322,7 +322,7 @@ def tune_backward(results, run: Run):
         S = T * k
         plan = run.plan(layer, T, needs_grad=True)
         sorted_pair, counts = sort_pairs(index, E)
-        _, pre, _ = launch_gate_up(x, layer.gate_up_proj, None, sorted_pair, counts, k, "silu", plan.gate_up,
+        _, pre = launch_gate_up(x, layer.gate_up_proj, None, sorted_pair, counts, k, "silu", plan.gate_up,
                                 save_pre=True)
         grad_out = random_hidden_states(T, c, run.device, seed=1)
         grad_out_sorted, x_sorted = sorted_rows(grad_out, sorted_pair, k), sorted_rows(x, sorted_pair, k)  # [S, H]

@@ -55,13 +55,10 @@ def experts_forward_with_grad(experts, weights: ExpertWeights, hidden_states, to
     top_k_index / top_k_weights [T, k] must be contiguous (the kernels index them as [S])."""
     num_tokens, top_k = top_k_index.shape
     expert_of_pair, routing_weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [S] in pair order
-    if plan.sorted_hidden_states_from_forward and not (weights.gate_up.requires_grad or (
-            weights.gate_up_bias is not None and weights.gate_up_bias.requires_grad)):
-        plan = dataclasses.replace(plan, sorted_hidden_states_from_forward=False)  # no dW_gate_up to read them
     plan_ints = plan.as_ints()
     sorted_pair, counts = _call(sort_pairs_op, expert_of_pair, weights.num_experts, plan.sort)
     if activation != "none":
-        out, _, _ = _call_differentiable(experts_op, hidden_states, weights.gate_up, weights.down, weights.gate_up_bias,
+        out, _ = _call_differentiable(experts_op, hidden_states, weights.gate_up, weights.down, weights.gate_up_bias,
                                       weights.down_bias, routing_weights, expert_of_pair, sorted_pair, counts, top_k,
                                       activation, plan_ints)
         return out
@@ -89,7 +86,7 @@ def compiled_inference_forward(experts, weights: ExpertWeights, hidden_states, t
         h = apply_gate(experts, pre)  # [S, I] by the module's own formula
         return decode_down_op(h, weights.down, weights.down_bias, expert_of_pair, routing_weights, top_k,
                               plan.as_ints())  # [T, H]
-    plan = dataclasses.replace(plan, save_pre_activation=False, sorted_hidden_states_from_forward=False)
+    plan = dataclasses.replace(plan, save_pre_activation=False)
     return experts_forward_with_grad(experts, weights, hidden_states, top_k_index, top_k_weights, activation, plan)
 
 
@@ -204,21 +201,17 @@ def _(expert_of_pair, num_experts, method):
 
 def _experts(x: Tensor, gate_up: Tensor, down: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor],
              routing_weights: Tensor, expert_of_pair: Tensor, sorted_pair: Tensor, counts: Tensor, top_k: int,
-             activation: str, plan: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (out [T, H], the pre-activation [S, 2I] kept for the backward, or [0, 2I] when it is recomputed,
-    x's rows in sorted order [S, H] kept for dW_gate_up, or [0, H] when the backward gathers them)."""
+             activation: str, plan: list[int]) -> tuple[Tensor, Tensor]:
+    """-> (out [T, H], the pre-activation [S, 2I] kept for the backward, or [0, 2I] when it is recomputed)."""
     launch = LaunchPlan.from_ints(plan)
-    save_pre, keep_rows = launch.save_pre_activation, launch.sorted_hidden_states_from_forward
-    if save_pre or keep_rows:
-        h, pre, x_sorted = launch_gate_up(x, gate_up, gate_up_bias, sorted_pair, counts, top_k, activation,
-                                          launch.gate_up, save_pre=save_pre, store_sorted_rows=keep_rows)
+    if launch.save_pre_activation:
+        h, pre = launch_gate_up(x, gate_up, gate_up_bias, sorted_pair, counts, top_k, activation, launch.gate_up,
+                                save_pre=True)  # [S, I], [S, 2I]
     else:
         h = launch_gate_up(x, gate_up, gate_up_bias, sorted_pair, counts, top_k, activation, launch.gate_up)
-        pre = x_sorted = None
-    pre = pre if pre is not None else x.new_empty(0, gate_up.shape[1])
-    x_sorted = x_sorted if x_sorted is not None else x.new_empty(0, x.shape[1])
+        pre = x.new_empty(0, gate_up.shape[1])
     y = launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, launch.down)  # [S, H]
-    return launch_sum_over_top_k(y, x.shape[0], top_k), pre, x_sorted
+    return launch_sum_over_top_k(y, x.shape[0], top_k), pre
 
 
 experts_op = torch.library.custom_op("moe_lab::triton_experts", _experts, mutates_args=())
@@ -227,32 +220,25 @@ experts_op = torch.library.custom_op("moe_lab::triton_experts", _experts, mutate
 @experts_op.register_fake
 def _(x, gate_up, down, gate_up_bias, down_bias, routing_weights, expert_of_pair, sorted_pair, counts, top_k,
       activation, plan):
-    launch = LaunchPlan.from_ints(plan)
-    pre_rows = sorted_pair.shape[0] if launch.save_pre_activation else 0
-    x_rows = sorted_pair.shape[0] if launch.sorted_hidden_states_from_forward else 0
-    return x.new_empty(x.shape), x.new_empty(pre_rows, gate_up.shape[1]), x.new_empty(x_rows, x.shape[1])
+    kept_rows = sorted_pair.shape[0] if LaunchPlan.from_ints(plan).save_pre_activation else 0
+    return x.new_empty(x.shape), x.new_empty(kept_rows, gate_up.shape[1])
 
 
 def _experts_setup_context(ctx, inputs, output):
     x, gate_up, down, gate_up_bias, down_bias, routing_weights, expert_of_pair, sorted_pair, counts = inputs[:9]
     ctx.top_k, ctx.activation, ctx.plan = inputs[9:]
-    _, pre, x_sorted = output
-    ctx.mark_non_differentiable(pre, x_sorted)
-    ctx.set_materialize_grads(False)  # no zeros for their (never used) gradients
+    pre = output[1]
+    ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)  # no zeros for the pre-activation's (never used) gradient
     # Saved tensors live until the backward returns. Unless saved-tensor hooks (offloading,
-    # checkpointing) must see them, the pre-activation [S, 2I] and x's sorted rows [S, H] ride in a
-    # dict the backward empties, so each is freed once used (the pre-activation before the weight
-    # gradients are allocated: the backward's peak). A second backward through a retained graph finds
-    # the dict empty and recomputes the one and gathers the other.
-    launch = LaunchPlan.from_ints(ctx.plan)
-    kept = {name: tensor for name, tensor, keep in (("pre", pre, launch.save_pre_activation),
-                                                    ("x_sorted", x_sorted, launch.sorted_hidden_states_from_forward))
-            if keep}
-    hooked = bool(kept) and _saved_tensors_hooks_active()
-    ctx.kept_for_backward = {} if hooked else kept
-    ctx.hooked_names = tuple(kept) if hooked else ()
+    # checkpointing) must see it, the pre-activation [S, 2I] rides in a list the backward empties,
+    # so it is freed once d_pre exists, before the weight gradients are allocated (the backward's
+    # peak). A second backward through a retained graph finds the list empty and recomputes it.
+    keep = LaunchPlan.from_ints(ctx.plan).save_pre_activation
+    hooked = keep and _saved_tensors_hooks_active()
+    ctx.kept_pre_activation = [pre] if keep and not hooked else []
     ctx.save_for_backward(x, gate_up, down, gate_up_bias, down_bias, routing_weights, expert_of_pair, sorted_pair,
-                          counts, *(kept.values() if hooked else ()))
+                          counts, *([pre] if hooked else []))
 
 
 def _saved_tensors_hooks_active() -> bool:
@@ -262,7 +248,7 @@ def _saved_tensors_hooks_active() -> bool:
     return top_hooks is None or top_hooks(False) is not None
 
 
-def _experts_backward(ctx, grad_out, _grad_pre, _grad_x_sorted):
+def _experts_backward(ctx, grad_out, _grad_pre):
     if grad_out is None:
         return (None,) * 12
     _refuse_double_backward()
@@ -271,32 +257,24 @@ def _experts_backward(ctx, grad_out, _grad_pre, _grad_x_sorted):
     needs_x, needs_gate_up, needs_down, needs_gate_up_bias, needs_down_bias, needs_routing = ctx.needs_input_grad[:6]
     plan, top_k = LaunchPlan.from_ints(ctx.plan), ctx.top_k
     grad_out = grad_out.contiguous()  # whatever layout the graph hands over: the kernels index rows and TMA tiles
-    # saved through the hooks, or taken out of the dict (then only referenced here), or None:
-    # pre [S, 2I], x_sorted [S, H]
-    kept = dict(zip(ctx.hooked_names, saved[9:])) or ctx.kept_for_backward
-    pre, x_sorted = kept.pop("pre", None), kept.pop("x_sorted", None)
+    # [S, 2I]: saved through the hooks, or taken out of the list (then only referenced here), or None
+    pre = saved[9] if len(saved) > 9 else ctx.kept_pre_activation.pop() if ctx.kept_pre_activation else None
     if pre is None:  # recompute: the gate_up GEMM again, without the activation
         pre = _call(gate_up_projection_op, x, gate_up, gate_up_bias, sorted_pair, counts, top_k,
                     plan.gate_up.as_ints(), ctx.plan)
-    gather_grad_out = plan.sorted_grad_out and not plan.grad_out_sorted_by_gemm
-    gather_x = plan.sorted_hidden_states and x_sorted is None and (needs_gate_up or needs_gate_up_bias)
     # the token of each sorted row [S], once for both gathers into sorted order
-    token_of_row = sorted_pair // top_k if gather_grad_out or gather_x else None
-    grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k, token_of_row) if gather_grad_out else None
-    d_pre, weighted_h, dw, gemm_sorted = _call(down_backward_op, grad_out, down, routing_weights, pre, sorted_pair,
-                                               counts, top_k, ctx.activation, plan.down_backward.as_ints(),
-                                               grad_out_sorted, plan.split_down_backward)
-    if plan.grad_out_sorted_by_gemm:
-        grad_out_sorted = gemm_sorted  # [S, H], stored by the GEMM as it gathered the rows
-    del pre, gemm_sorted
+    token_of_row = sorted_pair // top_k if plan.sorted_grad_out or plan.sorted_hidden_states else None
+    grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k, token_of_row) if plan.sorted_grad_out else None
+    d_pre, weighted_h, dw = _call(down_backward_op, grad_out, down, routing_weights, pre, sorted_pair, counts, top_k,
+                                  ctx.activation, plan.down_backward.as_ints(), grad_out_sorted,
+                                  plan.split_down_backward)
+    del pre
     # dW_down first, so the sorted dout is released before dX and dW_gate_up allocate theirs
     d_down, d_down_bias = _down_grads(grad_out, grad_out_sorted, weighted_h, routing_weights, down, down_bias,
                                       sorted_pair, counts, top_k, plan, needs_down, needs_down_bias)
     del grad_out_sorted, weighted_h
     dx, d_gate_up, d_gate_up_bias = _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, plan,
-                                                   needs_x, needs_gate_up, needs_gate_up_bias, x_sorted,
-                                                   token_of_row)
-    del x_sorted
+                                                   needs_x, needs_gate_up, needs_gate_up_bias, token_of_row)
     d_routing = (routing_weight_grad(dw, grad_out, down_bias, expert_of_pair, top_k, routing_weights.dtype)
                  if needs_routing else None)
     return (dx, d_gate_up, d_down, d_gate_up_bias, d_down_bias, d_routing) + (None,) * 6
@@ -368,13 +346,9 @@ def _down_projection_backward(ctx, grad_out):
     needs_h, needs_down, needs_bias, needs_routing = ctx.needs_input_grad[:4]
     plan, top_k = LaunchPlan.from_ints(ctx.plan), ctx.top_k
     grad_out = grad_out.contiguous()
-    by_gemm = plan.grad_out_sorted_by_gemm
-    grad_out_sorted = (sorted_rows(grad_out, sorted_pair, top_k)
-                       if plan.sorted_grad_out and not by_gemm else None)  # [S, H]
-    dh, weighted_h, dw, gemm_sorted = _call(down_backward_op, grad_out, down, routing_weights, h, sorted_pair, counts,
-                                            top_k, "none", plan.down_backward.as_ints(), grad_out_sorted,
-                                            plan.split_down_backward)
-    grad_out_sorted = gemm_sorted if by_gemm else grad_out_sorted
+    grad_out_sorted = sorted_rows(grad_out, sorted_pair, top_k) if plan.sorted_grad_out else None  # [S, H]
+    dh, weighted_h, dw = _call(down_backward_op, grad_out, down, routing_weights, h, sorted_pair, counts, top_k, "none",
+                               plan.down_backward.as_ints(), grad_out_sorted, plan.split_down_backward)
     d_down, d_bias = _down_grads(grad_out, grad_out_sorted, weighted_h, routing_weights, down, down_bias, sorted_pair,
                                  counts, top_k, plan, needs_down, needs_bias)
     d_routing = (routing_weight_grad(dw, grad_out, down_bias, expert_of_pair, top_k, routing_weights.dtype)
@@ -391,17 +365,15 @@ down_projection_op.register_autograd(_down_projection_backward, setup_context=_d
 
 def _down_backward(grad_out: Tensor, down: Tensor, routing_weights: Tensor, saved: Tensor, sorted_pair: Tensor,
                    counts: Tensor, top_k: int, activation: str, config: list[int],
-                   grad_out_sorted: Optional[Tensor], split: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (d_pre, weighted_h, d top_k_weights without the down bias's term, dout's rows in sorted order
-    [S, H] when the split's GEMM gathered them itself (no grad_out_sorted given), else [0, H]).
-    `split` runs it as the GEMM and the streaming activation backward."""
+                   grad_out_sorted: Optional[Tensor], split: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (d_pre, weighted_h, d top_k_weights without the down bias's term); `split` (with
+    grad_out_sorted) runs it as the GEMM and the streaming activation backward."""
     config = KernelConfig.from_ints(config)
     if split:
-        d_pre, weighted_h, dw, rows = launch_down_backward_split(grad_out, down, routing_weights, saved, sorted_pair,
-                                                                 counts, top_k, activation, config, grad_out_sorted)
-        return d_pre, weighted_h, dw, rows if grad_out_sorted is None else grad_out.new_empty(0, grad_out.shape[1])
+        return launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, sorted_pair, counts, top_k,
+                                          activation, config)
     return launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
-                                config, grad_out_sorted=grad_out_sorted) + (grad_out.new_empty(0, grad_out.shape[1]),)
+                                config, grad_out_sorted=grad_out_sorted)
 
 
 down_backward_op = torch.library.custom_op("moe_lab::triton_down_backward", _down_backward, mutates_args=())
@@ -411,9 +383,8 @@ down_backward_op = torch.library.custom_op("moe_lab::triton_down_backward", _dow
 def _(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation, config, grad_out_sorted, split):
     num_pairs, inter = sorted_pair.shape[0], down.shape[2]
     width = 2 * inter if activation != "none" else inter
-    gathered_rows = num_pairs if split and grad_out_sorted is None else 0
     return (grad_out.new_empty(num_pairs, width), grad_out.new_empty(num_pairs, inter),
-            grad_out.new_empty(num_pairs, dtype=torch.float32), grad_out.new_empty(gathered_rows, grad_out.shape[1]))
+            grad_out.new_empty(num_pairs, dtype=torch.float32))
 
 
 def _input_grad(d_pre: Tensor, gate_up: Tensor, sorted_pair: Tensor, counts: Tensor, num_tokens: int, top_k: int,
@@ -459,17 +430,14 @@ _BODIES = {sort_pairs_op: _sort_pairs, gate_up_projection_op: _gate_up_projectio
 
 
 def _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, plan: LaunchPlan, needs_x,
-                   needs_weight, needs_bias, x_sorted=None, token_of_row=None):
-    """d_pre [S, 2I] -> (dX [T, H], dW_gate_up, d gate_up_bias), None where not needed. x_sorted
-    ([S, H], x's rows in sorted order, kept from the forward), if given, is read instead of gathering them."""
+                   needs_weight, needs_bias, token_of_row=None):
+    """d_pre [S, 2I] -> (dX [T, H], dW_gate_up, d gate_up_bias), None where not needed."""
     dx = (_call(input_grad_op, d_pre, gate_up, sorted_pair, counts, x.shape[0], top_k,
                 plan.gate_up_input_grad.as_ints()) if needs_x else None)
     if not (needs_weight or needs_bias):
         return dx, None, None
-    x_rows, by_token = x, True  # [T, H] read at each sorted row's token, or in sorted order: [S, H]
-    if x_sorted is not None:
-        x_rows, by_token = x_sorted, False
-    elif plan.sorted_hidden_states:
+    x_rows, by_token = x, True  # [T, H] read at each sorted row's token, or gathered once: [S, H]
+    if plan.sorted_hidden_states:
         x_rows, by_token = sorted_rows(x, sorted_pair, top_k, token_of_row), False
     d_weight, d_bias = _call(weight_grad_op, d_pre, x_rows, gate_up, gate_up_bias if needs_bias else None, None,
                              sorted_pair, counts, top_k, False, by_token, plan.gate_up_weight_grad.as_ints())

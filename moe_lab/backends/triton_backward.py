@@ -9,9 +9,7 @@ sorted by expert:
 `sorted_rows(dout or x, ...)` gathers a [T, H] operand into sorted row order ([S, H]) once; the
 launchers take it in place of the token rows (the plan's sorted_grad_out / sorted_hidden_states),
 and then load its tiles through TMA where the config asks. `launch_down_backward_split` gives
-launch_down_backward's results in two kernels from the sorted dout (the plan's split_down_backward),
-or gathers dout into sorted order itself in its GEMM (the plan's grad_out_sorted_by_gemm); the
-forward's gate_up kernel can likewise store x's rows in sorted order (sorted_hidden_states_from_forward).
+launch_down_backward's results in two kernels from the sorted dout (the plan's split_down_backward).
 
 Every grid comes from E and the shapes; like the forward, nothing reads a GPU number on the host,
 so a training step is capturable in a CUDA graph. triton_autograd.py calls them, only for the
@@ -82,41 +80,32 @@ def launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, co
     return d_pre, weighted_h, dw_partial.sum(dim=1)
 
 
-def launch_down_backward_split(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
-                               config: KernelConfig, grad_out_sorted=None):
-    """launch_down_backward's results in two kernels: the GEMM of dout's rows in sorted order times
-    down[e] into an [S, I] buffer in the model dtype (down_kernel, tiles from `config`), then
-    activation_backward_kernel streaming it with `saved` into d_pre, weighted_h and the routing-weight
-    gradient, whole rows per program (no partial sums). The buffer is dh / w rounded once to the model
-    dtype, as a grouped_mm backward's dh is: float32 would double its bytes at the backward's peak (it
-    is alive beside the pre-activation, d_pre and weighted_h).
-
-    The GEMM reads `grad_out_sorted` ([S, H], `sorted_rows(grad_out)`) when given; otherwise it
-    gathers grad_out's [T, H] token rows itself and stores them in sorted order as it goes. Returns
-    (d_pre, weighted_h, d top_k_weights, grad_out_sorted): the sorted rows dW_down reads either way."""
+def launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, sorted_pair, counts, top_k, activation,
+                               config: KernelConfig):
+    """launch_down_backward's results in two kernels, from dout's rows in sorted order [S, H]: the
+    GEMM grad_out_sorted @ down[e] into an [S, I] buffer in the model dtype (down_kernel, tiles
+    from `config`), then activation_backward_kernel streaming it with `saved` into d_pre, weighted_h
+    and the routing-weight gradient, whole rows per program (no partial sums). The buffer is dh / w
+    rounded once to the model dtype, as a grouped_mm backward's dh is: float32 would double its
+    bytes at the backward's peak (it is alive beside the pre-activation, d_pre and weighted_h)."""
     num_experts, hidden, inter = down.shape
     num_pairs = sorted_pair.numel()
-    acc = grad_out.new_empty(num_pairs, inter)  # [S, I] sorted rows, the model dtype
-    gather_in_gemm = grad_out_sorted is None
-    if gather_in_gemm:
-        grad_out_sorted = grad_out.new_empty(num_pairs, hidden)  # [S, H], written by the GEMM's first column block
-    a_tma = not gather_in_gemm and can_use_tma(config, grad_out_sorted)
-    w_tma = can_use_tma(config, down) and hidden % config.block_k == 0  # [E, H, I] = [E, K, N]: a tile never
-    use_tma = w_tma and (a_tma or gather_in_gemm)                        # reaches the next expert
-    a_rows = grad_out if gather_in_gemm else grad_out_sorted
-    a = kernels().tile_descriptor(a_rows, [config.block_m, config.block_k]) if use_tma and a_tma else a_rows
+    acc = grad_out_sorted.new_empty(num_pairs, inter)  # [S, I] sorted rows, the model dtype
+    use_tma = (can_use_tma(config, grad_out_sorted) and can_use_tma(config, down)
+               and hidden % config.block_k == 0)  # [E, H, I] = [E, K, N]: a tile never reaches the next expert
+    a = kernels().tile_descriptor(grad_out_sorted, [config.block_m, config.block_k]) if use_tma else grad_out_sorted
     w = tile_descriptor(down, config.block_k, config.block_n) if use_tma else down
     grid_launch(kernels().down_kernel, config, num_pairs, num_experts, inter,
                 a, w, None, None, acc, sorted_pair, counts,
                 num_experts, max_row_blocks(num_pairs, num_experts, config), inter, hidden,
-                a_rows.stride(0), a_rows.stride(1), down.stride(0), down.stride(2), down.stride(1),
-                0, 0, acc.stride(0), acc.stride(1), top_k, grad_out_sorted, *grad_out_sorted.stride(),
+                grad_out_sorted.stride(0), grad_out_sorted.stride(1), down.stride(0), down.stride(2), down.stride(1),
+                0, 0, acc.stride(0), acc.stride(1),
                 HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=True, STORE_SORTED=True,
-                A_BY_TOKEN=gather_in_gemm, **precision_constexprs(grad_out.dtype, num_experts))
+                **precision_constexprs(grad_out_sorted.dtype, num_experts))
     width = 2 * inter if activation != "none" else inter
-    d_pre = grad_out.new_empty(num_pairs, width)  # [S, 2I] sorted rows
-    weighted_h = grad_out.new_empty(num_pairs, inter)  # [S, I] sorted rows
-    dw = torch.empty(num_pairs, device=grad_out.device, dtype=torch.float32)  # every pair written
+    d_pre = grad_out_sorted.new_empty(num_pairs, width)  # [S, 2I] sorted rows
+    weighted_h = grad_out_sorted.new_empty(num_pairs, inter)  # [S, I] sorted rows
+    dw = torch.empty(num_pairs, device=grad_out_sorted.device, dtype=torch.float32)  # every pair written
     block_m, block_n = 8, min(512, next_power_of_two(inter))
     if num_pairs:
         backward_kernels().activation_backward_kernel[(-(-num_pairs // block_m),)](
@@ -125,7 +114,7 @@ def launch_down_backward_split(grad_out, down, routing_weights, saved, sorted_pa
             d_pre.stride(0), d_pre.stride(1), weighted_h.stride(0), weighted_h.stride(1),
             ACTIVATION=activation, NUM_EXPERTS_POW2=next_power_of_two(num_experts), BLOCK_M=block_m,
             BLOCK_N=block_n, num_warps=4)
-    return d_pre, weighted_h, dw, grad_out_sorted
+    return d_pre, weighted_h, dw
 
 
 def launch_input_grad(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, config: KernelConfig):
@@ -142,7 +131,7 @@ def launch_input_grad(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, co
                 a, w, None, None, dx_by_pair, sorted_pair, counts,
                 num_experts, max_row_blocks(num_pairs, num_experts, config), hidden, reduction,
                 d_pre.stride(0), d_pre.stride(1), gate_up.stride(0), gate_up.stride(2), gate_up.stride(1),
-                0, 0, dx_by_pair.stride(0), dx_by_pair.stride(1), top_k, None, 0, 0,
+                0, 0, dx_by_pair.stride(0), dx_by_pair.stride(1),
                 HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=True,
                 **precision_constexprs(d_pre.dtype, num_experts))
     return launch_sum_over_top_k(dx_by_pair, num_tokens, top_k)

@@ -253,9 +253,10 @@ def _weight_grad_step(
                       stride_lr, stride_lm, LEFT_BY_TOKEN, LEFT_TMA, MASK_ROWS, BLOCK_M)  # [BK, BM]
     right = _rows_tile(right_ptr, sorted_rows, pair // top_k, r_mask, offs_n, n_mask, first_row, pid_n,
                        stride_rr, stride_rn, RIGHT_BY_TOKEN, RIGHT_TMA, MASK_ROWS, BLOCK_N)  # [BK, BN]
-    # A TMA tile holds rows past the expert's: the next expert's, or rows of out-of-range pairs that a
-    # kernel storing sorted rows as a by-product never wrote (anything, NaN included): zero them, since
-    # a zero on the other side would not (0 * NaN is NaN). A pointer-loaded tile is masked to zeros.
+    # A TMA tile holds rows past the expert's: the next expert's, or after the last expert the rows of
+    # out-of-range pairs (transformers' expert-parallel sentinels), which no kernel writes in d_pre or
+    # weighted_h and may hold anything, NaN included. Zero every TMA side: a zero on the other side
+    # would not do (0 * NaN is NaN). A pointer-loaded tile is masked to zeros at the load.
     if MASK_ROWS and LEFT_TMA:
         left = tl.where(r_mask[:, None], left, 0.0).to(left.dtype)
     if MASK_ROWS and RIGHT_TMA:

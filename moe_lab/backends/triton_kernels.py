@@ -92,16 +92,6 @@ def _sorted_row_block(counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N,
 
 
 @triton.jit
-def _copy_first_column_block(from_ptrs, to_ptrs, mask, pid_n):
-    """Copy a tile of gathered rows to their sorted positions, in the programs of the first column block
-    only. The GEMM's own tile is not reused: on triton 3.6 (H200, bf16) a loaded tile feeding both the
-    dot and a store gave wrong GEMM results. This load is its own (volatile, so it is not merged into the
-    dot's; the rows are in L2, just read) and the program test is in the masks (masked off, no traffic)."""
-    mask = mask & (pid_n == 0)
-    tl.store(to_ptrs, tl.load(from_ptrs, mask=mask, other=0.0, volatile=True), mask=mask)
-
-
-@triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "silu":
         x = x * tl.sigmoid(x)
@@ -121,17 +111,14 @@ def gate_up_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, sorted_pair_ptr, counts_ptr,
     num_experts, num_m_blocks, top_k, N, K,
     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
-    stride_pm, stride_pn, x_sorted_ptr, stride_sm, stride_sk,
+    stride_pm, stride_pn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, SAVE_PRE: tl.constexpr = False,
-    STORE_X_SORTED: tl.constexpr = False,
 ):
     """x [T, K=H], w [E, 2I, H] -> out [S, N]; N = I when ACTIVATION fuses act(gate) * up, else 2I.
     With USE_TMA, w_ptr is a descriptor over w viewed [E*2I, H] with [BLOCK_N, BLOCK_K] tiles.
-    SAVE_PRE (fused activations only) also stores gate and up before the activation in pre [S, 2I].
-    STORE_X_SORTED: the programs of the first column block also store the x rows they gather, in
-    sorted order, in x_sorted [S, H] (what dW_gate_up reads), so the backward need not gather them again."""
+    SAVE_PRE (fused activations only) also stores gate and up before the activation in pre [S, 2I]."""
     expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
         counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:
@@ -150,14 +137,9 @@ def gate_up_kernel(
         up_ptrs = gate_ptrs + N * stride_wn  # fused: the up rows start I = N rows below the gate rows
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if STORE_X_SORTED:
-        x_sorted_ptrs = x_sorted_ptr + sorted_rows[:, None] * stride_sm + offs_k[None, :] * stride_sk  # [BM, BK]
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if STORE_X_SORTED:
-            _copy_first_column_block(a_ptrs, x_sorted_ptrs, row_mask[:, None] & k_mask[None, :], pid_n)
-            x_sorted_ptrs += BLOCK_K * stride_sk
         if USE_TMA:
             gate_w = w_ptr.load([gate_row, k0]).T  # [BN, BK] tile -> [BK, BN]
         else:
@@ -202,11 +184,10 @@ def down_kernel(
     h_ptr, w_ptr, bias_ptr, routing_weight_ptr, out_ptr, sorted_pair_ptr, counts_ptr,
     num_experts, num_m_blocks, N, K,
     stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_op, stride_on,
-    top_k, a_sorted_ptr, stride_am, stride_ak,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, SCALE_ROWS: tl.constexpr = True, W_TILE_KN: tl.constexpr = False,
-    STORE_SORTED: tl.constexpr = False, A_BY_TOKEN: tl.constexpr = False,
+    STORE_SORTED: tl.constexpr = False,
 ):
     """h [S, K=I] (sorted rows), w [E, H, I] -> out [S, N=H] in (token, slot) order, times the routing weight.
     With USE_TMA, h_ptr and w_ptr are descriptors: h [S, I] in [BLOCK_M, BLOCK_K] tiles, w viewed
@@ -218,10 +199,7 @@ def down_kernel(
     tiles, and the launcher takes TMA only when K is a multiple of BLOCK_K (a tile never reaches
     into the next expert along the reduction). The split down_backward runs it too: dout's sorted
     rows [S, K=H] times down [E, H, I] (W_TILE_KN), unscaled, stored at the sorted rows
-    (STORE_SORTED) of an [S, N=I] buffer in the model dtype. With A_BY_TOKEN it reads dout [T, K=H]
-    at each row's token (pointer loads; the weight tiles may still be TMA) and the programs of the
-    first column block store those rows in sorted order in a_sorted [S, H], for dW_down: the gather
-    into sorted order done by the GEMM that reads the rows anyway."""
+    (STORE_SORTED) of an [S, N=I] buffer in the model dtype."""
     expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
         counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:
@@ -236,35 +214,26 @@ def down_kernel(
         else:
             w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N  # first row of the tile in [E*H, I]
     else:
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    if A_BY_TOKEN:
-        a_ptrs = h_ptr + (pair // top_k)[:, None] * stride_hm + offs_k[None, :] * stride_hk  # [BM, BK] gathered
-        a_sorted_ptrs = a_sorted_ptr + sorted_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
-    elif not USE_TMA:
         a_ptrs = h_ptr + sorted_rows[:, None] * stride_hm + offs_k[None, :] * stride_hk  # [BM, BK]
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
-        if USE_TMA and not A_BY_TOKEN:
-            a = h_ptr.load([first_row, k0])  # [BM, BK]; rows past this expert's are never stored
-        else:
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if A_BY_TOKEN:
-            _copy_first_column_block(a_ptrs, a_sorted_ptrs, row_mask[:, None] & k_mask[None, :], pid_n)
-            a_sorted_ptrs += BLOCK_K * stride_ak
-        if not USE_TMA or A_BY_TOKEN:
-            a_ptrs += BLOCK_K * stride_hk
         if USE_TMA:
+            a = h_ptr.load([first_row, k0])  # [BM, BK]; rows past this expert's are never stored
             if W_TILE_KN:
                 w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
             else:
                 w = w_ptr.load([w_row, k0]).T  # [BN, BK] -> [BK, BN]
         else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            w_ptrs += BLOCK_K * stride_wk
         if DOT_IN_FP32:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if not USE_TMA:
+            a_ptrs += BLOCK_K * stride_hk
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)

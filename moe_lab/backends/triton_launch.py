@@ -116,17 +116,15 @@ def sort_pairs(top_k_index, num_experts, *, method: str | None = None):
 
 
 def launch_gate_up(hidden_states, gate_up, gate_up_bias, sorted_pair, counts, top_k, activation, config: KernelConfig,
-                   *, save_pre: bool = False, store_sorted_rows: bool = False):
+                   *, save_pre: bool = False):
     """x [T, H], gate_up [E, 2I, H] -> h [S, I] (act(gate) * up; [S, 2I] raw for activation "none")
-    in sorted row order. save_pre (fused activations): also the pre-activation [S, 2I] the backward
-    reads; store_sorted_rows: also x's rows in sorted order [S, H] (the gathered rows the kernel
-    loads anyway, for dW_gate_up). Returns h, or (h, pre, x_sorted) with None for what was not asked."""
+    in sorted row order. save_pre (fused activations): also return the pre-activation [S, 2I] the
+    backward reads, as (h, pre)."""
     num_experts, double_inter, hidden = gate_up.shape
     num_pairs = sorted_pair.numel()
     width = double_inter // 2 if activation != "none" else double_inter
     h = hidden_states.new_empty(num_pairs, width)  # [S, I] (or [S, 2I] for a custom gate)
     pre = hidden_states.new_empty(num_pairs, double_inter) if save_pre else None  # [S, 2I]
-    x_sorted = hidden_states.new_empty(num_pairs, hidden) if store_sorted_rows else None  # [S, H]
     use_tma = can_use_tma(config, gate_up)
     w = tile_descriptor(gate_up, config.block_n, config.block_k) if use_tma else gate_up
     grid_launch(kernels().gate_up_kernel, config, num_pairs, num_experts, width,
@@ -134,10 +132,9 @@ def launch_gate_up(hidden_states, gate_up, gate_up_bias, sorted_pair, counts, to
                 num_experts, max_row_blocks(num_pairs, num_experts, config), top_k, width, hidden,
                 hidden_states.stride(0), hidden_states.stride(1), *gate_up.stride(),
                 *bias_strides(gate_up_bias), h.stride(0), h.stride(1), *(pre.stride() if save_pre else (0, 0)),
-                x_sorted, *(x_sorted.stride() if store_sorted_rows else (0, 0)),
                 ACTIVATION=activation, HAS_BIAS=gate_up_bias is not None, USE_TMA=use_tma, SAVE_PRE=save_pre,
-                STORE_X_SORTED=store_sorted_rows, **precision_constexprs(hidden_states.dtype, num_experts))
-    return (h, pre, x_sorted) if save_pre or store_sorted_rows else h
+                **precision_constexprs(hidden_states.dtype, num_experts))
+    return (h, pre) if save_pre else h
 
 
 def launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, config: KernelConfig):
@@ -153,7 +150,7 @@ def launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, config
                 a, w, down_bias, routing_weights, y, sorted_pair, counts,
                 num_experts, max_row_blocks(num_pairs, num_experts, config), hidden, inter,
                 h.stride(0), h.stride(1), *down.stride(), *bias_strides(down_bias),
-                y.stride(0), y.stride(1), 0, None, 0, 0,
+                y.stride(0), y.stride(1),
                 HAS_BIAS=down_bias is not None, USE_TMA=use_tma, **precision_constexprs(h.dtype, num_experts))
     return y
 

@@ -19,13 +19,6 @@ choice are in docs/performance_notes.md and the data/ files it names, not here.
                                           load contiguous (TMA) tiles instead of gathering rows
       split_down_backward                 down_backward as a GEMM into an [S, I] buffer (model dtype)
                                           and a streaming activation-backward kernel (needs sorted_grad_out)
-      grad_out_sorted_by_gemm             that GEMM gathers dout's rows itself and stores them in sorted
-                                          order as it reads them, instead of a gather kernel before it
-                                          (needs split_down_backward)
-      sorted_hidden_states_from_forward   the forward's gate_up kernel stores the x rows it gathers in
-                                          sorted order, kept for dW_gate_up instead of a gather in the
-                                          backward: [S, H] more saved from the forward (needs
-                                          sorted_hidden_states)
 """
 from __future__ import annotations
 
@@ -89,8 +82,6 @@ class LaunchPlan:
     sorted_grad_out: bool = False  # dout [T, H] -> [S, H] in sorted order for down_backward and dW_down
     sorted_hidden_states: bool = False  # x [T, H] -> [S, H] in sorted order for dW_gate_up
     split_down_backward: bool = False  # down_backward's GEMM and activation backward as two kernels
-    grad_out_sorted_by_gemm: bool = False  # the split's GEMM writes dout's sorted rows (no gather kernel)
-    sorted_hidden_states_from_forward: bool = False  # gate_up writes x's sorted rows, saved for the backward
 
     def __post_init__(self):
         if self.sort not in SORT_METHODS:
@@ -98,12 +89,6 @@ class LaunchPlan:
         if self.split_down_backward and not self.sorted_grad_out:
             raise ValueError("split_down_backward runs its GEMM over dout's rows in sorted order: "
                              "set sorted_grad_out=True with it")
-        if self.grad_out_sorted_by_gemm and not self.split_down_backward:
-            raise ValueError("grad_out_sorted_by_gemm is a mode of the split down_backward's GEMM: "
-                             "set split_down_backward=True with it")
-        if self.sorted_hidden_states_from_forward and not self.sorted_hidden_states:
-            raise ValueError("sorted_hidden_states_from_forward keeps x's sorted rows for dW_gate_up, which reads "
-                             "them only with sorted_hidden_states=True: set it with it")
 
     def as_ints(self) -> list[int]:
         """The plan as a flat list of ints: how it crosses into the torch custom ops.
@@ -117,7 +102,7 @@ class LaunchPlan:
 
     def _flags(self) -> tuple[bool, ...]:
         return (self.decode, self.save_pre_activation, self.sorted_grad_out, self.sorted_hidden_states,
-                self.split_down_backward, self.grad_out_sorted_by_gemm, self.sorted_hidden_states_from_forward)
+                self.split_down_backward)
 
     def _kernel_configs(self) -> tuple[KernelConfig, ...]:
         return (self.gate_up, self.down, self.down_backward, self.gate_up_input_grad, self.gate_up_weight_grad,
@@ -130,16 +115,14 @@ class LaunchPlan:
 
 @functools.lru_cache(maxsize=256)
 def _plan_from_ints(ints: tuple[int, ...]) -> LaunchPlan:
-    flags = 8  # seven flags and the sort method's index
-    (decode, save, sorted_grad_out, sorted_hidden_states, split, grad_out_by_gemm,
-     hidden_from_forward) = (bool(v) for v in ints[:flags - 1])
+    flags = 6  # five flags and the sort method's index
+    decode, save, sorted_grad_out, sorted_hidden_states, split = (bool(v) for v in ints[:flags - 1])
     kernels = [KernelConfig.from_ints(ints[i:i + 7]) for i in range(flags, flags + 6 * 7, 7)]
     first_decode = flags + 6 * 7
     decodes = [DecodeConfig(*ints[i:i + 4]) for i in (first_decode, first_decode + 4)]
     return LaunchPlan(decode=decode, sort=SORT_METHODS[ints[flags - 1]], save_pre_activation=save,
                       sorted_grad_out=sorted_grad_out, sorted_hidden_states=sorted_hidden_states,
-                      split_down_backward=split, grad_out_sorted_by_gemm=grad_out_by_gemm,
-                      sorted_hidden_states_from_forward=hidden_from_forward,
+                      split_down_backward=split,
                       gate_up=kernels[0], down=kernels[1], down_backward=kernels[2], gate_up_input_grad=kernels[3],
                       gate_up_weight_grad=kernels[4], down_weight_grad=kernels[5],
                       decode_gate_up=decodes[0], decode_down=decodes[1])
@@ -181,8 +164,6 @@ class BackwardConfigs:
     sorted_grad_out: bool = False
     sorted_hidden_states: bool = False
     split_down_backward: bool = False
-    grad_out_sorted_by_gemm: bool = False
-    sorted_hidden_states_from_forward: bool = False
 
 
 def backward_configs(rows_per_expert: float, hidden_size: int, intermediate_size: int, interpreted: bool,
@@ -335,8 +316,6 @@ def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsi
         gate_up_weight_grad=backward.gate_up_weight_grad, down_weight_grad=backward.down_weight_grad,
         save_pre_activation=save_pre_activation, sorted_grad_out=backward.sorted_grad_out,
         sorted_hidden_states=backward.sorted_hidden_states, split_down_backward=backward.split_down_backward,
-        grad_out_sorted_by_gemm=backward.grad_out_sorted_by_gemm,
-        sorted_hidden_states_from_forward=backward.sorted_hidden_states_from_forward,
     )
 
 

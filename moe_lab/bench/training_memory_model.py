@@ -68,21 +68,17 @@ def _triton(t: _NamedTimeline, T, k, H, I, E, b, plan: LaunchPlan, levers) -> No
     t.new("h", S * I * b)
     if plan.save_pre_activation:
         t.new("pre", S * 2 * I * b)
-    if plan.sorted_hidden_states_from_forward:
-        t.new("x_sorted", S * H * b)  # stored by gate_up as it gathers x, kept for dW_gate_up
     t.new("y", S * H * b)
     t.new("out", T * H * b)
     t.drop("h", "y")
     # backward
     if not plan.save_pre_activation:
         t.new("pre", S * 2 * I * b)  # the gate_up GEMM again
-    if plan.sorted_grad_out and not plan.grad_out_sorted_by_gemm:
+    if plan.sorted_grad_out:
         t.new("grad_out_sorted", S * H * b)
     if plan.split_down_backward:
         buffer_itemsize = b if "split_buffer_in_model_dtype" in levers else 4
         t.new("split_buffer", S * I * buffer_itemsize)
-        if plan.grad_out_sorted_by_gemm:
-            t.new("grad_out_sorted", S * H * b)  # written by the split's GEMM as it gathers dout
         t.new("d_pre", S * 2 * I * b)
         t.new("weighted_h", S * I * b)
         t.new("dw", S * 4)
@@ -100,7 +96,7 @@ def _triton(t: _NamedTimeline, T, k, H, I, E, b, plan: LaunchPlan, levers) -> No
     t.new("dx_by_pair", S * H * b)
     t.new("dx", T * H * b)
     t.drop("dx_by_pair")
-    if plan.sorted_hidden_states and not plan.sorted_hidden_states_from_forward:
+    if plan.sorted_hidden_states:
         t.new("x_sorted", S * H * b)
     t.new("d_gate_up_proj", E * 2 * I * H * b)
     t.drop("x_sorted")
