@@ -81,22 +81,6 @@ class GraphedExperts:
         check_inputs(self.experts, hidden_states, top_k_index, top_k_weights)
         return checked_forward(self.spec, self.experts, hidden_states, top_k_index, top_k_weights)
 
-    def _check_sync_free(self, static) -> None:
-        """Run once with torch's sync debug mode set to "error": a forward that waits for the GPU
-        is refused here, before capture — a capture that fails half way leaves the CUDA RNG in
-        capture state and breaks later random ops in the process."""
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            self._forward(*static)
-        except RuntimeError as error:
-            raise GraphCaptureError(
-                f"backend {self.spec.name!r} cannot be captured in a CUDA graph: it waits for the GPU on the host "
-                f"({first_line(error)}). {_capturable(static[0])}"
-            ) from None
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-
     def _capture(self, hidden_states, top_k_index, top_k_weights) -> _Captured:
         if hidden_states.device.type != "cuda":
             raise GraphCaptureError(f"CUDA graphs need CUDA tensors; hidden_states is on {hidden_states.device}")
@@ -107,28 +91,18 @@ class GraphedExperts:
             raise GraphCaptureError(f"backend {self.spec.name!r} cannot be captured in a CUDA graph: {declared.reason}. "
                                     f"{_capturable(hidden_states, where)}")
         static = [t.clone() for t in (hidden_states, top_k_index, top_k_weights)]
-        # Warm-up on a side stream, as torch.cuda.graph requires: lazy inits (cuBLAS handles,
-        # Triton compilation) must not happen during capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            self._check_sync_free(static)
-            for _ in range(self.warmup):
-                self._forward(*static)
-        torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
+
+        def forward():
+            with torch.no_grad():
+                return self._forward(*static)
+
         try:
-            with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
-                output = self._forward(*static)
-        except Exception as error:
-            torch.cuda.synchronize()
-            raise GraphCaptureError(
-                f"backend {self.spec.name!r} cannot be captured in a CUDA graph: {first_line(error)}. "
-                f"{_capturable(static[0])}"
-            ) from error
-        return _Captured(graph, *static, output)
+            captured = CapturedStep(forward, warmup=self.warmup, name=f"backend {self.spec.name!r}", pool=self._pool)
+        except GraphCaptureError as error:
+            raise GraphCaptureError(f"{error}. {_capturable(static[0])}") from error.__cause__
+        return _Captured(captured.graph, *static, captured.outputs)
 
 
 def _capturable(hidden_states, where: Where | None = None) -> str:
@@ -148,12 +122,17 @@ class CapturedStep:
     What `step` reads must stay where it was at capture (a model writes new inputs into those tensors
     in place), and what `replay` returns is the graph's own buffers, overwritten by the next replay.
     A step that waits for the GPU on the host (a count read with .item() or .tolist()) is refused
-    before capture, under torch's sync debug mode; any other capture failure is a GraphCaptureError too."""
+    before capture, under torch's sync debug mode: a capture that failed half way would leave the CUDA
+    RNG in capture state and break later random ops in the process. Any other failure of the capture is
+    a GraphCaptureError too; an error of the step's own first run (out of memory, a bug) propagates as
+    it is. `pool` (torch.cuda.graph_pool_handle()) shares one memory pool between graphs."""
 
-    def __init__(self, step, *, warmup: int = 3, name: str = "step"):
+    def __init__(self, step, *, warmup: int = 3, name: str = "step", pool=None):
         self.step, self.name = step, name
         if not torch.cuda.is_available():
             raise GraphCaptureError(f"{name}: CUDA graphs need a CUDA device; this machine has none")
+        # Warm-up on a side stream, as torch.cuda.graph requires: lazy inits (cuBLAS handles,
+        # Triton compilation) must not happen during capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -173,7 +152,7 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=pool):
                 self.outputs = step()
         except Exception as error:
             torch.cuda.synchronize()

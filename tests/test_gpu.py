@@ -106,6 +106,26 @@ def test_eager_cannot_be_captured_and_says_why():
         GraphedExperts(layer, "eager")(*_inputs(4, layer, 0))
 
 
+def test_an_undeclared_backend_that_waits_is_refused_by_trying_it():
+    # A user backend says nothing about CUDA graphs: GraphedExperts finds out by running it once under
+    # torch's sync debug mode (CapturedStep), refuses it before capture, and names the backends that can.
+    def syncing(experts, hidden_states, top_k_index, top_k_weights):
+        int(top_k_index.max())  # a device value read on the host
+        return moe_lab.experts_forward("grouped_mm", experts, hidden_states, top_k_index, top_k_weights)
+
+    moe_lab.register("test_syncing", syncing)
+    try:
+        layer = _layer(256, 96, 32, 8, torch.bfloat16)
+        with pytest.raises(GraphCaptureError, match="backend 'test_syncing' cannot be captured in a CUDA graph: it "
+                                                    "waits for the GPU on the host .*can be captured here: .*triton"):
+            GraphedExperts(layer, "test_syncing")(*_inputs(4, layer, 0))
+        graphed = GraphedExperts(layer, "grouped_mm")  # the process's CUDA state is still usable
+        hidden, index, weights = _inputs(4, layer, 1)
+        _check(layer, graphed(hidden, index, weights).clone(), hidden, index, weights)
+    finally:
+        moe_lab.unregister("test_syncing")
+
+
 @pytest.mark.parametrize("T", [1, 16])
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 @pytest.mark.parametrize("backend", CAPTURABLE)
