@@ -41,11 +41,11 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     + backward of one layer: moe_lab's, transformers' grouped_mm and Liger's fused MoE, on another card) or
     "backward_memory" (the same, no Liger, at the points that missed the memory goal, after its fix) or
     "backward_host" (the same, with Liger, at the goal points, after the host-time levers) or "backward_graph"
-    (the goal points again, each step launched from Python and replayed from one CUDA graph: pass execution=None).
+    (the goal points again, each step launched from Python and replayed from one CUDA graph).
 
-    "presets" holds each measurement twice: kernels launched from Python (execution "eager", the
-    default here: one row per backend and point) and replayed from a CUDA graph ("cuda_graph");
-    execution=None returns both."""
+    A set with an `execution` column ("presets", "backward_graph") can hold each measurement twice:
+    kernels launched from Python (execution "eager", the default here: one row per backend and point)
+    and replayed from a CUDA graph ("cuda_graph"); `execution` picks one, None returns both."""
     import pandas as pd
 
     from .bench import load_results
@@ -60,7 +60,7 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
         frames.append(frame)
         provenance = provenance or info
     frame = pd.concat(frames, ignore_index=True)
-    if kind in ("presets", "backward_graph") and execution is not None:
+    if execution is not None and "execution" in frame.columns:  # the compile tables have no such column
         frame = frame[frame["execution"] == execution].reset_index(drop=True)
     return frame, provenance
 

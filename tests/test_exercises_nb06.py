@@ -163,3 +163,21 @@ def test_replay_summary_says_when_moe_lab_is_not_faster(recorded):
     slower.loc[slower.index[0], "speedup"] = 0.8  # plant: transformers ahead at one point
     text = nb06.replay_summary(slower, recorded)
     assert f"faster at {len(best) - 1} of {len(best)} recorded points" in text and "0.80–" in text
+
+
+def test_every_recorded_set_with_an_execution_column_is_split_by_it():
+    """load_recorded filters on the `execution` column wherever a set has one (asked of the data, not
+    listed by set), so a set that later gains replayed rows cannot hand a reader both kinds mixed."""
+    from moe_lab.recorded_tables import RECORDED
+
+    for kind in RECORDED:
+        both, _ = load_recorded(kind, execution=None)
+        launched, _ = load_recorded(kind)
+        if "execution" not in both.columns:
+            assert len(launched) == len(both), kind
+            continue
+        assert set(launched["execution"]) == {"eager"}, kind
+        replayed, _ = load_recorded(kind, execution="cuda_graph")
+        assert len(launched) + len(replayed) == len(both), kind
+    with pytest.raises(ValueError, match="unknown execution 'graph'; allowed: .*'cuda_graph'"):
+        load_recorded("presets", execution="graph")
