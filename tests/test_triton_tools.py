@@ -177,3 +177,27 @@ def test_the_training_plan_ab_reads_variants_as_plan_flags():
         tool.parse_variant("tiles=block_m")
     with pytest.raises(SystemExit, match="expected NAME=FLAG"):
         tool.parse_variant("nothing")
+
+
+def test_the_power_state_tool_summarises_nvidia_smi_samples_per_block(tmp_path):
+    """tools/step_power_state.py (GPU only) reads the clocks nvidia-smi sampled beside it: idle samples
+    left out, the software power cap counted, a line cut off by stopping the sampler skipped."""
+    import datetime
+
+    tool = _tool("step_power_state")
+    path = tmp_path / "clocks.csv"
+    path.write_text(
+        "timestamp, clocks.current.sm [MHz], power.draw [W], temperature.gpu, clocks_event_reasons.active\n"
+        "2026/11/29 01:50:40.000, 345 MHz, 76.94 W, 32, 0x0000000000000001\n"
+        "2026/11/29 01:50:40.100, 1980 MHz, 650.00 W, 40, 0x0000000000000000\n"
+        "2026/11/29 01:50:40.200, 1500 MHz, 700.50 W, 41, 0x0000000000000004\n"
+        "2026/11/29 01:50:40.300, 1620 MHz, 699.00 W, 41, 0x0000000000000004\n"
+        "2026/11/29 01:50:41.000, 1980 MHz, 300.00 W, 41, 0x0000000000000000\n"
+        "2026/11/29 01:50:41.1")
+    samples = tool.read_clock_samples(str(path))
+    assert len(samples) == 5 and samples[2]["reasons"] == tool.POWER_CAP_REASON
+    at = datetime.datetime(2026, 11, 29, 1, 50, 40)
+    summary = tool.clock_summary(samples, at, at + datetime.timedelta(milliseconds=500))
+    assert summary == dict(samples=4, busy=3, power_capped=2, median_clock_mhz=1620, min_clock_mhz=1500,
+                           median_watts=699.0, max_watts=700.5)
+    assert tool.clock_summary(samples, at, at) == dict(samples=1, busy=0)
