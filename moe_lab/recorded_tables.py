@@ -104,6 +104,22 @@ def recorded_label(provenance: dict) -> str:
            f"{str(provenance.get('date', '?'))[:10]}"
 
 
+#: tools/step_power_state.py: one preset's training step replayed back to back and with the card rested, per card.
+POWER_STATE_PATTERN = "*_step_power_state_{preset}.json"
+
+
+def load_power_state(preset: str = "qwen3-30b-a3b") -> dict:
+    """The recorded power-state run of `preset` (the JSON tools/step_power_state.py writes: provenance, blocks,
+    summary per implementation and mode), or NotRecordedYet saying how it is made."""
+    import json
+
+    found = sorted(data_dir().glob(POWER_STATE_PATTERN.format(preset=preset)))
+    if not found:
+        raise NotRecordedYet(f"no power-state run of {preset} recorded yet: data/<card>_step_power_state_{preset}.json "
+                             f"comes from tools/step_power_state.py on a GPU")
+    return json.loads(found[-1].read_text())
+
+
 #: The expert-parallel recording (tools/ep_record.sh): its output folder, copied as it is into data/.
 EP_RECORD = "ep_record"
 #: The second one (2 GPUs): the layer that sends each token once per rank beside the exact layer, and a profile.

@@ -257,3 +257,30 @@ def test_scale_down_says_what_its_rounding_does():
     assert moe_lab.scale_down("qwen3-30b-a3b", hidden_size=32).intermediate_size == 16  # I/H 0.5, 2I = H
     assert moe_lab.scale_down("qwen3-30b-a3b", hidden_size=128).intermediate_size == 48  # I/H 0.375
     assert "up to rounding" in moe_lab.scale_down.__doc__
+
+
+def test_power_state_sentences_follow_the_recording(monkeypatch):
+    """Notebook 09's power-state sentences (describe_power_state) are computed from the recorded runs of
+    tools/step_power_state.py: a planted change to one block's time and clock moves them."""
+    import copy
+
+    import moe_lab.recorded_tables as recorded_tables
+
+    run = recorded_tables.load_power_state("qwen3-30b-a3b")
+    triton = run["summary"]["triton"]
+    text = nb09_training.describe_power_state(presets=("qwen3-30b-a3b",))
+    assert f"triton {triton['back_to_back']['median_ms']:.2f} ms back to back" in text
+    assert f"against {triton['rested']['median_ms']:.2f} ms rested" in text
+    assert run["provenance"]["device_name"] in text and run["provenance"]["git_commit"][:7] in text
+    planted = copy.deepcopy(run)
+    planted["summary"]["triton"]["back_to_back"].update(median_ms=triton["rested"]["median_ms"] * 1.5, tflops=1.0)
+    for block in planted["blocks"]:
+        if block["implementation"] == "triton" and block["mode"] == "back_to_back":
+            block["clocks"]["median_clock_mhz"] = 1234
+    monkeypatch.setattr(recorded_tables, "load_power_state", lambda preset: planted)
+    moved = nb09_training.describe_power_state(presets=("qwen3-30b-a3b",))
+    assert "(1 TFLOP/s, 1234 MHz)" in moved and "+50.0%" in moved
+    monkeypatch.setattr(recorded_tables, "load_power_state", lambda preset: (_ for _ in ()).throw(
+        recorded_tables.NotRecordedYet("no power-state run")))
+    with pytest.raises(recorded_tables.NotRecordedYet):
+        nb09_training.describe_power_state()

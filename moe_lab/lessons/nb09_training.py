@@ -198,6 +198,34 @@ def describe_recorded_training_steps(steps) -> str:
                      describe_host_rerecord(), describe_graph_rerecord()])
 
 
+def describe_power_state(presets=("qwen3-30b-a3b", "qwen1.5-moe-a2.7b")) -> str:
+    """A sentence per recorded preset on what the card's power limit does to a step (tools/step_power_state.py),
+    computed from the recording: triton's and transformers' grouped_mm's step replayed back to back (as a training
+    loop runs it) against the same step with the card rested before each replay, and the SM clock in each."""
+    from ..recorded_tables import load_power_state, recorded_label
+
+    sentences = []
+    for preset in presets:
+        run = load_power_state(preset)
+        summary, blocks = run["summary"], run["blocks"]
+
+        def clock(name, mode):
+            clocks = [b["clocks"]["median_clock_mhz"] for b in blocks
+                      if b["implementation"] == name and b["mode"] == mode and b.get("clocks", {}).get("busy")]
+            return f"{sorted(clocks)[len(clocks) // 2]:.0f} MHz" if clocks else "clock not sampled"
+
+        def compare(name):
+            steady, rested = summary[name]["back_to_back"], summary[name]["rested"]
+            slower = steady["median_ms"] / rested["median_ms"] - 1
+            return (f"{name} {steady['median_ms']:.2f} ms back to back ({steady['tflops']:.0f} TFLOP/s, "
+                    f"{clock(name, 'back_to_back')}) against {rested['median_ms']:.2f} ms rested "
+                    f"({rested['tflops']:.0f} TFLOP/s, {clock(name, 'rested')}), {slower:+.1%}")
+
+        sentences.append(f"{preset}, T={run['tokens']}: " + "; ".join(compare(name) for name in summary) + ".")
+    return (f"Recorded on {recorded_label(run['provenance'])} (commit {run['provenance'].get('git_commit', '?')[:7]}); "
+            f"in parentheses the TFLOP/s and the median SM clock while it ran. " + " ".join(sentences))
+
+
 def describe_memory_rerecord() -> str:
     """A sentence on the re-recorded memory points (recorded set "backward_memory"), computed from them: at how
     many of them triton's peak is at or below transformers' after the fix, and by how much."""
