@@ -10,8 +10,9 @@ RECORDED = {
     "compile": ["h100_bf16_compare_hf_compile_qwen3-30b-a3b"],
     # the two max-autotune modes, recorded later on another card (an H200): moe_lab's backends only
     "compile_autotune": ["h200_bf16_compile_autotune_qwen3-30b-a3b"],
-    # forward + backward of one layer (a training step's), moe_lab beside transformers and Liger, on an H200
-    "backward": ["h200_bf16_backward"],
+    # forward + backward of one layer (a training step's), moe_lab beside transformers and Liger, on an H200; the
+    # second file fills the three points the first has no rows for (recorded a day later, without Liger)
+    "backward": ["h200_bf16_backward", "h200_bf16_backward_filled"],
     # the points of "backward" that missed the memory goal, re-recorded after the backward's two memory levers
     "backward_memory": ["h200_bf16_backward_memory"],
     # the points of issue 14's goals, re-recorded (with Liger) after the triton backward's host-time levers

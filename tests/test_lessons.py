@@ -284,3 +284,13 @@ def test_power_state_sentences_follow_the_recording(monkeypatch):
         recorded_tables.NotRecordedYet("no power-state run")))
     with pytest.raises(recorded_tables.NotRecordedYet):
         nb09_training.describe_power_state()
+
+
+def test_the_recorded_training_table_covers_the_issues_grid():
+    """Six presets x T in {128, 1024, 8192, 32768} (issue 14), read from the two files of the "backward" set; the
+    label names both days the points were recorded on."""
+    steps, label = nb09_training.recorded_training_steps()
+    grid = {(preset, T) for preset in moe_lab.PRESETS for T in (128, 1024, 8192, 32768)}
+    assert set(zip(steps["preset"], steps["T"])) == grid
+    assert steps["× transformers"].notna().all()
+    assert "2026-11-28 to 2026-11-29" in label and label.startswith("NVIDIA H200")

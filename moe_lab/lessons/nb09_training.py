@@ -173,7 +173,11 @@ def recorded_training_steps():
     table["triton peak GiB"] = peak["triton"]
     table["transformers peak GiB"] = peak["transformers:grouped_mm"]
     table = table.reset_index().rename(columns={"num_tokens": "T"})
-    return table, recorded_label(provenance)
+    days = sorted({str(date)[:10] for date in frame["date"]})
+    label = recorded_label(provenance)
+    if len(days) > 1:  # points recorded on more than one day: say so instead of the first part's date alone
+        label = f"{label.rsplit(', ', 1)[0]}, {days[0]} to {days[-1]} (each point's implementations in one run)"
+    return table, label
 
 
 def describe_recorded_training_steps(steps) -> str:
