@@ -35,6 +35,13 @@ def ceilings():
 # ----------------------------------------------------------------------------------------- timing
 
 
+def test_back_to_back_timing_needs_queued_gpu_work():
+    from moe_lab.bench.timing import back_to_back_ms
+
+    with pytest.raises(ValueError, match="CUDA events; the device is cpu"):
+        back_to_back_ms(lambda: None, 3, device="cpu")
+
+
 def test_time_fn_measures_a_known_sleep():
     timing = bench.time_fn(lambda: time.sleep(0.020), device="cpu", warmup=1, min_reps=3, max_reps=5,
                            max_seconds=10)

@@ -91,6 +91,22 @@ def test_a_captured_training_step_replays_the_gradients_of_new_inputs(backend):
             assert moe_lab.relative_error(got, expected[name]) < TOLERANCE[torch.bfloat16], (backend, name)
 
 
+def test_back_to_back_timing_times_each_queued_call():
+    # A GPU sleep of fixed cycles, queued 20 times: every call timed on its own, about as long as one call
+    # synchronised (time_fn), and resting between calls changes nothing for work that draws no power.
+    from moe_lab.bench.timing import back_to_back_ms, time_fn
+
+    def spin():
+        torch.cuda._sleep(2_000_000)
+
+    synced = time_fn(spin, device="cuda", warmup=1, min_reps=10, max_reps=10, max_seconds=60).median_ms
+    queued = back_to_back_ms(spin, 20, device="cuda")
+    rested = back_to_back_ms(spin, 5, device="cuda", rest_s=0.01)
+    assert queued.reps == 20 and len(queued.times_ms) == 20 and queued.min_ms > 0
+    assert queued.median_ms == pytest.approx(synced, rel=0.2)
+    assert rested.median_ms == pytest.approx(synced, rel=0.2)
+
+
 def test_a_training_step_that_waits_on_the_host_is_refused_before_capture():
     layer = _layer(256, 96, 32, 8, torch.bfloat16)
     layer.set_experts_implementation("eager")  # reads the per-expert counts on the host

@@ -34,27 +34,13 @@ from moe_lab.bench.inputs import build_experts, random_hidden_states, random_rou
 from moe_lab.bench.measure import training_step
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
+from moe_lab.bench.timing import back_to_back_ms
 from moe_lab.cuda_graph import CapturedStep
 from moe_lab.presets import get_preset
 
 MODES = ("back_to_back", "rested")
 POWER_CAP_REASON = 0x4  # nvidia-smi clocks_event_reasons: SW Power Cap
 IDLE_REASON = 0x1
-
-
-def replay_times_ms(replay, reps: int, rest_s: float) -> list[float]:
-    """Per-replay GPU time from CUDA events; with rest_s > 0 the host sleeps (the GPU idle) before each."""
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    torch.cuda.synchronize()
-    for start, end in events:
-        if rest_s:
-            torch.cuda.synchronize()
-            time.sleep(rest_s)
-        start.record()
-        replay()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def read_clock_samples(path: str) -> list[dict]:
@@ -114,7 +100,7 @@ def main(argv=None) -> int:
             reps, rest = ((args.back_to_back_reps, 0.0) if mode == "back_to_back"
                           else (args.rested_reps, args.rest_ms / 1e3))
             began = datetime.datetime.now()
-            times = replay_times_ms(captured.replay, reps, rest)
+            times = back_to_back_ms(captured.replay, reps, device=device, rest_s=rest).times_ms
             ended = datetime.datetime.now()
             median = statistics.median(times)
             results["blocks"].append(dict(implementation=name, mode=mode, block=block, reps=reps, began=began.isoformat(),

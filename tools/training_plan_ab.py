@@ -4,10 +4,12 @@ A variant is the plan the backend chooses ("plan") with some of its flags replac
 variant's step (forward, then torch.autograd.grad of the hidden states, the routing weights and both weight
 tensors; random inputs and upstream gradient) is first checked against the plan's gradients (bit-equal or
 the largest difference), its peak memory measured, and then timed in interleaved rounds, the variants'
-order rotated each round: replayed from a CUDA graph (the kernels) and launched from Python (synced, as
-`moe-lab bench --backward` times it). GPU only. Run it beside `nvidia-smi --query-gpu=clocks.sm,
-clocks_event_reasons.active ... -lms 100`: on the H200 these steps reach the 700 W power cap and the SM
-clock moves with it, so one round can differ from the next by more than a lever's effect.
+order rotated each round: replayed from a CUDA graph with a synchronize after each replay (as `moe-lab bench
+--cuda-graph` times it), replayed back to back (as a training loop runs it, the card never idle:
+`moe_lab.bench.timing.back_to_back_ms`), and launched from Python (synced, as `moe-lab bench --backward` times
+it). GPU only. Run it beside `nvidia-smi --query-gpu=clocks.sm,clocks_event_reasons.active ... -lms 100`: on
+the H200 these steps reach the 700 W power cap and the SM clock moves with it, so one round can differ from
+the next by more than a lever's effect (tools/step_power_state.py sizes that).
 
     python tools/training_plan_ab.py --presets qwen3-30b-a3b,qwen1.5-moe-a2.7b --tokens 8192 \
         --variant gathered=sorted_grad_out:false,sorted_hidden_states:false,split_down_backward:false \
@@ -32,7 +34,7 @@ from moe_lab.bench.inputs import build_experts, random_hidden_states, random_rou
 from moe_lab.bench.memory import measure_peak_memory
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
-from moe_lab.bench.timing import time_fn
+from moe_lab.bench.timing import back_to_back_ms, time_fn
 from moe_lab.cuda_graph import CapturedStep
 from moe_lab.presets import get_preset
 
@@ -93,7 +95,7 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
             bit_equal={n: bool(torch.equal(a, b)) for n, a, b in zip(names, got, expected)},
             max_abs_diff={n: float((a.float() - b.float()).abs().max()) for n, a, b in zip(names, got, expected)},
             peak_bytes=measure_peak_memory(step, device, warmup=0).peak_bytes,
-            replay_ms=[], launched_ms=[])
+            replay_ms=[], back_to_back_ms=[], launched_ms=[])
         del got
     captured = {name: CapturedStep(step, warmup=2) for name, step in steps.items()}
     order = list(steps)
@@ -101,14 +103,14 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
         for name in order[round_ % len(order):] + order[:round_ % len(order)]:
             row = record["variants"][name]
             row["replay_ms"].append(median_ms(captured[name].replay, reps))
+            row["back_to_back_ms"].append(back_to_back_ms(captured[name].replay, 10 * reps).median_ms)
             row["launched_ms"].append(median_ms(steps[name], reps))
     for name, row in record["variants"].items():
-        for kind in ("replay", "launched"):
+        for kind in ("replay", "back_to_back", "launched"):
             ms = statistics.median(row[f"{kind}_ms"])
             row[f"{kind}_median_ms"] = ms
             row[f"{kind}_tflops"] = record["flops"] / ms / 1e9
-            row[f"{kind}_vs_plan"] = record["variants"]["plan"][f"{kind}_ms"] and (
-                statistics.median(record["variants"]["plan"][f"{kind}_ms"]) / ms)
+            row[f"{kind}_vs_plan"] = statistics.median(record["variants"]["plan"][f"{kind}_ms"]) / ms
     del captured
     torch.cuda.empty_cache()
     return record
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
         results["points"].append(record)
         for name, row in record["variants"].items():
             print(f"{preset} T={args.tokens} {name:>8}: replay {row['replay_median_ms']:.3f} ms "
-                  f"({row['replay_tflops']:.0f} TFLOP/s, x{row['replay_vs_plan']:.3f}) launched "
+                  f"({row['replay_tflops']:.0f} TFLOP/s, x{row['replay_vs_plan']:.3f}) back to back "
+                  f"{row['back_to_back_median_ms']:.3f} ms (x{row['back_to_back_vs_plan']:.3f}) launched "
                   f"{row['launched_median_ms']:.3f} ms (x{row['launched_vs_plan']:.3f}) peak "
                   f"{row['peak_bytes'] / 2**30:.2f} GiB equal={all(row['bit_equal'].values())} "
                   f"rounds {row['replay_ms']}", flush=True)

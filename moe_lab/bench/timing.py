@@ -103,3 +103,32 @@ def time_fn(fn, *, device=None, warmup: int = 2, min_reps: int = 5, max_reps: in
         median_ms=percentile(times, 50), p10_ms=percentile(times, 10), p90_ms=percentile(times, 90),
         min_ms=min(times), reps=len(times), times_ms=times,
     )
+
+
+def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0) -> Timing:
+    """The GPU time of each of `reps` calls of `fn` queued one after another (CUDA events around each, one
+    synchronize at the end): the regime of a training loop, where the card never idles between steps and stays
+    at its power limit if the work reaches it (an H200 lowers its SM clock there: docs/performance_notes.md).
+    `time_fn` instead synchronizes after every call, so the card idles briefly between them. With rest_s > 0 the
+    host sleeps that long (the card idle) before each call: the same work on a rested card. CUDA only; `fn`
+    should not wait for the GPU itself (e.g. a CUDA-graph replay), or the calls are not back to back."""
+    device = resolve_device(device)
+    if device.type != "cuda":
+        raise ValueError(f"back_to_back_ms times queued GPU work with CUDA events; the device is {device.type}")
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    stream = torch.cuda.current_stream(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    synchronize(device)
+    for start, end in events:
+        if rest_s > 0:
+            synchronize(device)
+            time.sleep(rest_s)
+        start.record(stream)
+        fn()
+        end.record(stream)
+    synchronize(device)
+    times = [start.elapsed_time(end) for start, end in events]
+    return Timing(median_ms=percentile(times, 50), p10_ms=percentile(times, 10), p90_ms=percentile(times, 90),
+                  min_ms=min(times), reps=reps, times_ms=times)
+
