@@ -131,4 +131,3 @@ def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0) -> Timin
     times = [start.elapsed_time(end) for start, end in events]
     return Timing(median_ms=percentile(times, 50), p10_ms=percentile(times, 10), p90_ms=percentile(times, 90),
                   min_ms=min(times), reps=reps, times_ms=times)
-
