@@ -100,15 +100,13 @@ def main(argv=None) -> int:
             reps, rest = ((args.back_to_back_reps, 0.0) if mode == "back_to_back"
                           else (args.rested_reps, args.rest_ms / 1e3))
             began = datetime.datetime.now()
-            times = back_to_back_ms(captured.replay, reps, device=device, rest_s=rest).times_ms
+            timing = back_to_back_ms(captured.replay, reps, device=device, rest_s=rest)
             ended = datetime.datetime.now()
-            median = statistics.median(times)
             results["blocks"].append(dict(implementation=name, mode=mode, block=block, reps=reps, began=began.isoformat(),
-                                          ended=ended.isoformat(), median_ms=median, min_ms=min(times),
-                                          p90_ms=sorted(times)[int(0.9 * (len(times) - 1))],
-                                          tflops=flops / median / 1e9))
-            print(f"{name:>24} {mode:>12}: {median:.3f} ms ({flops / median / 1e9:.0f} TFLOP/s), min {min(times):.3f}",
-                  flush=True)
+                                          ended=ended.isoformat(), median_ms=timing.median_ms, min_ms=timing.min_ms,
+                                          p90_ms=timing.p90_ms, tflops=flops / timing.median_ms / 1e9))
+            print(f"{name:>24} {mode:>12}: {timing.median_ms:.3f} ms ({flops / timing.median_ms / 1e9:.0f} TFLOP/s), "
+                  f"min {timing.min_ms:.3f}", flush=True)
         del captured, call, experts
         torch.cuda.empty_cache()
     if args.clocks_csv:
