@@ -99,10 +99,12 @@ def _with_columns_added_since(table):
     return table.assign(**{name: float("nan") for name in missing}) if missing else table
 
 
-def recorded_label(provenance: dict) -> str:
-    """"NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-26" — say where numbers come from."""
-    return f"{provenance.get('device_name', '?')}, torch {provenance.get('torch_version', '?')}, " \
-           f"{str(provenance.get('date', '?'))[:10]}"
+def recorded_label(provenance: dict, dates=()) -> str:
+    """"NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-26" — say where numbers come from. `dates` (the
+    rows' own date column) names the first and last day when a table's points were recorded on several."""
+    days = sorted({str(date)[:10] for date in dates}) or [str(provenance.get("date", "?"))[:10]]
+    when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+    return f"{provenance.get('device_name', '?')}, torch {provenance.get('torch_version', '?')}, {when}"
 
 
 #: tools/step_power_state.py: one preset's training step replayed back to back and with the card rested, per card.

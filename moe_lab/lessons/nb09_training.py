@@ -173,10 +173,9 @@ def recorded_training_steps():
     table["triton peak GiB"] = peak["triton"]
     table["transformers peak GiB"] = peak["transformers:grouped_mm"]
     table = table.reset_index().rename(columns={"num_tokens": "T"})
-    days = sorted({str(date)[:10] for date in frame["date"]})
-    label = recorded_label(provenance)
-    if len(days) > 1:  # points recorded on more than one day: say so instead of the first part's date alone
-        label = f"{label.rsplit(', ', 1)[0]}, {days[0]} to {days[-1]} (each point's implementations in one run)"
+    label = recorded_label(provenance, dates=frame["date"])
+    if frame["date"].str[:10].nunique() > 1:
+        label += " (each point's implementations in one run)"
     return table, label
 
 
@@ -206,6 +205,8 @@ def describe_power_state(presets=("qwen3-30b-a3b", "qwen1.5-moe-a2.7b")) -> str:
     """A sentence per recorded preset on what the card's power limit does to a step (tools/step_power_state.py),
     computed from the recording: triton's and transformers' grouped_mm's step replayed back to back (as a training
     loop runs it) against the same step with the card rested before each replay, and the SM clock in each."""
+    import statistics
+
     from ..recorded_tables import load_power_state, recorded_label
 
     sentences = []
@@ -216,7 +217,7 @@ def describe_power_state(presets=("qwen3-30b-a3b", "qwen1.5-moe-a2.7b")) -> str:
         def clock(name, mode):
             clocks = [b["clocks"]["median_clock_mhz"] for b in blocks
                       if b["implementation"] == name and b["mode"] == mode and b.get("clocks", {}).get("busy")]
-            return f"{sorted(clocks)[len(clocks) // 2]:.0f} MHz" if clocks else "clock not sampled"
+            return f"{statistics.median(clocks):.0f} MHz" if clocks else "clock not sampled"
 
         def compare(name):
             steady, rested = summary[name]["back_to_back"], summary[name]["rested"]
