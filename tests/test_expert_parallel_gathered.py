@@ -1,7 +1,7 @@
 """The all-gather layer (parallel/gathered.py) equals the single-process layer: outputs and every gradient on 1, 2,
 3 and 4 gloo ranks, skewed routing, ranks whose experts get nothing, T shorter than tokens_per_rank; its chunked
-forward equals the plain one; the triton backend's partial forward (absent experts skipped) through the
-interpreter; the bytes it moves; and its errors.
+forward equals the plain one; the triton backend's partial forward (absent experts skipped), with its gradients,
+through the interpreter; the bytes it moves; and its errors.
 
 Each world size runs its cases in ONE launch of gloo processes (starting them costs about a second each)."""
 from dataclasses import replace
@@ -102,16 +102,45 @@ def test_triton_partial_forward_skips_absent_slots():
     assert torch.equal(triton_partial[0], torch.zeros(32))  # no expert here: exactly zero
 
 
-def test_triton_partial_forward_refuses_gradients_and_the_layer_falls_back():
+def _gradients(experts, x, index, weights, grad_out):
+    experts.zero_grad(set_to_none=True)
+    x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    output = run_partial_experts(experts, x, index, weights)
+    output.backward(grad_out)
+    return output.detach(), {"hidden_states": x.grad, "top_k_weights": weights.grad,
+                             "gate_up_proj": experts.gate_up_proj.grad, "down_proj": experts.down_proj.grad}
+
+
+def test_triton_partial_forward_trains_like_the_generic_path():
+    # With gradients run_partial_experts takes triton's partial entry too (the absent slots cost nothing);
+    # output and every gradient equal the generic path's (ids clamped, weights zeroed) and the float64 layer's.
+    torch.manual_seed(0)
     experts = Experts(small_config(num_experts=4, top_k=3), "triton")
     x, index, weights = _partial_inputs()
-    with pytest.raises(BackendCapabilityError, match="partial forward is for inference"):
-        get_spec("triton").partial_forward(experts, x, index, weights.requires_grad_())
-    output = run_partial_experts(experts, x, index, weights)  # needs gradients: the generic path, which trains
-    output.sum().backward()
-    assert weights.grad is not None and experts.gate_up_proj.grad is not None
-    absent = index >= 4
-    assert torch.all(weights.grad[absent] == 0)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    calls = []
+    entry = get_spec("triton").partial_forward
+    moe_lab.register("triton_counted", get_spec("triton").forward, autograd=True,
+                     partial_forward=lambda *args: calls.append(1) or entry(*args))
+    try:
+        experts.set_experts_implementation("triton_counted")
+        with _uninitialized_memory_is_nan():
+            partial_output, partial = _gradients(experts, x, index, weights, grad_out)
+    finally:
+        moe_lab.unregister("triton_counted")
+    assert calls == [1]
+    experts.set_experts_implementation("eager")
+    generic_output, generic = _gradients(experts, x, index, weights, grad_out)
+    double = Experts(small_config(num_experts=4, top_k=3, dtype=torch.float64), "eager")
+    double.load_state_dict({name: value.double() for name, value in experts.state_dict().items()})
+    reference_output, reference = _gradients(double, x.double(), index, weights.double(), grad_out.double())
+    tolerance = reference_tolerance(torch.float32)
+    assert relative_error(partial_output, reference_output) <= tolerance
+    for name, expected in reference.items():
+        assert relative_error(partial[name], expected) <= tolerance, name
+        assert relative_error(generic[name], expected) <= tolerance, name
+    assert torch.all(partial["top_k_weights"][index >= 4] == 0)
+    assert torch.all(partial["hidden_states"][0] == 0)  # the row with no expert here
 
 
 def test_sorting_with_the_absent_id_is_the_same_either_way():
@@ -127,7 +156,7 @@ def test_sorting_with_the_absent_id_is_the_same_either_way():
 
 
 def test_triton_layer_on_two_ranks():
-    # No gradients: the partial_forward entry, plain and chunked; with gradients: the generic path.
+    # The partial_forward entry, plain and chunked, without gradients, and with them.
     config = small_config(num_experts=4, top_k=2)
     inference = _gathered((6, 4), config=config, backend="triton", backward=False, distribution="zipf")
     training = replace(inference, backward=True)
@@ -216,7 +245,7 @@ def test_errors_say_what_was_wrong():
     assert "run_partial_experts wants rows [N, 32]" in messages["partial shapes"]
 
 
-def test_a_registered_partial_forward_is_asked_for_inference_only():
+def test_a_registered_partial_forward_is_asked_with_gradients_too_and_checked_like_the_forward():
     calls = []
 
     def partial(experts, hidden_states, top_k_index, top_k_weights):
@@ -236,8 +265,22 @@ def test_a_registered_partial_forward_is_asked_for_inference_only():
             run_partial_experts(experts, x, index, weights)
         assert len(calls) == 1 and torch.equal(calls[0], index)  # the sentinel ids reach the entry unchanged
         run_partial_experts(experts, x, index, weights.requires_grad_()).sum().backward()
-        assert len(calls) == 1  # gradients: the generic path, not the inference-only entry
+        assert len(calls) == 2 and weights.grad is not None  # gradients: the same entry
+        # An entry that detaches is refused like a forward that does (its autograd undeclared: checked once)...
+        moe_lab.register("partial_detached", moe_lab.backends.get_spec("eager").forward,
+                         partial_forward=lambda *args: partial(*args).detach())
+        experts.set_experts_implementation("partial_detached")
+        with pytest.raises(moe_lab.backends.DetachedOutputError, match="'partial_detached' .*its entry"):
+            run_partial_experts(experts, x, index, weights)
+        # ... and a backend declared without autograd before it runs.
+        moe_lab.register("partial_no_grad", moe_lab.backends.get_spec("eager").forward, autograd=False,
+                         partial_forward=partial)
+        experts.set_experts_implementation("partial_no_grad")
+        with pytest.raises(BackendCapabilityError, match="'partial_no_grad' .*cannot give gradients"):
+            run_partial_experts(experts, x, index, weights)
         with pytest.raises(TypeError, match="partial_forward of backend 'bad' must be callable"):
             moe_lab.register("bad", moe_lab.backends.get_spec("eager").forward, partial_forward=3)
     finally:
-        moe_lab.unregister("partial_counting")
+        for name in ("partial_counting", "partial_detached", "partial_no_grad"):
+            if name in moe_lab.available_backends():
+                moe_lab.unregister(name)

@@ -412,16 +412,13 @@ def test_unsupported_transformers_experts_raise_value_error(flags, message):
     assert "moe_lab_grouped_mm" in str(caught.value)
 
 
-@pytest.mark.parametrize("attribute, message", [
-    ("has_post_expert_norm", "has_post_expert_norm"),
-    ("_is_expert_parallel", "expert parallelism"),
-])
-def test_post_norm_and_expert_parallel_experts_raise_value_error(models, monkeypatch, attribute, message):
+def test_post_norm_experts_raise_value_error(models, monkeypatch):
+    # (An expert-parallel module runs: tests/test_hf_expert_parallel.py.)
     experts = next(hf.experts_modules(models["olmoe"]))
-    monkeypatch.setattr(experts, attribute, True, raising=False)
+    monkeypatch.setattr(experts, "has_post_expert_norm", True, raising=False)
     top_k_index, top_k_weights = moe_lab.synthetic_routing(3, 8, 2)
     for name in MOE_LAB_NAMES:
-        with pytest.raises(ValueError, match=message), torch.no_grad():
+        with pytest.raises(ValueError, match="has_post_expert_norm"), torch.no_grad():
             hf.transformers_experts_forward(experts, torch.randn(3, 64), top_k_index, top_k_weights, name)
 
 

@@ -17,8 +17,10 @@ import moe_lab
 from moe_lab.backends.common import expert_weights
 from moe_lab.backends.triton_fused import LaunchPlan, backward_configs, launch_plan, triton_experts_forward, triton_path
 from moe_lab.backends.triton_launch import interpreting
+from moe_lab.lessons.tolerances import reference_tolerance
 
 from triton_device import triton_device_or_skip
+from backend_cases import with_random_biases
 from triton_grad_reference import backend_gradients, gradient_tolerance, reference_gradients, rounding_unit
 
 DEVICE = triton_device_or_skip()
@@ -41,11 +43,17 @@ def _inputs(layer, T, seed=0, distribution="uniform"):
     return hidden, index, weights, grad_out
 
 
-def _check_gradients(experts, hidden, index, weights, grad_out, *, own_gate=False, plan=None):
-    """Every gradient of the triton backend within its tolerance of the float64 one; returns the errors."""
+def _check_gradients(experts, hidden, index, weights, grad_out, *, own_gate=False, plan=None, partial=False):
+    """Every gradient of the triton backend within its tolerance of the float64 one; returns the errors.
+    `partial`: through its partial_forward entry, where ids >= num_experts are absent; the output is checked too."""
     expected = reference_gradients(experts, hidden, index, weights, grad_out)
-    out, got = backend_gradients("triton", experts, hidden, index, weights, grad_out, plan=plan)
+    out, got = backend_gradients("triton", experts, hidden, index, weights, grad_out, plan=plan, partial=partial)
     assert out.grad_fn is not None
+    if partial:
+        absent = index >= experts.num_experts
+        reference = moe_lab.reference_experts_forward(experts, hidden, index.masked_fill(absent, 0),
+                                                      weights.masked_fill(absent, 0))
+        assert moe_lab.relative_error(out, reference) <= reference_tolerance(hidden.dtype)
     num_pairs, hidden_size = index.numel(), hidden.shape[1]
     reduction = max(num_pairs, hidden_size, experts.gate_up_proj.shape[-2], experts.gate_up_proj.shape[-1])
     errors = {}
@@ -178,7 +186,7 @@ def test_sorted_operands_and_tma_tiles_match_float64(dtype, sorted_operands, tma
 def test_transformers_module_with_bias_transposed_layout_and_own_gate(dtype, T):
     hf = pytest.importorskip("moe_lab.hf")
     model = hf.tiny_transformers_model("gpt_oss", dtype=dtype).to(DEVICE)
-    experts = next(hf.experts_modules(model))
+    experts = with_random_biases(next(hf.experts_modules(model)))
     assert experts.has_bias and experts.is_transposed and experts._apply_gate is not None
     config = model.config
     generator = torch.Generator().manual_seed(T)
@@ -458,29 +466,41 @@ def test_the_split_down_backward_writes_every_pairs_routing_gradient_and_zero_fo
     torch.testing.assert_close(split_dw[~absent], fused_dw[~absent], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
-def test_an_absent_experts_pairs_change_no_weight_gradient_and_get_zero_routing_gradient(split, poisoned_empty):
-    # transformers' expert parallelism hands a rank the ids of other ranks' experts as one out-of-range
-    # id. Their pairs sort last and no kernel writes their rows of weighted_h or d_pre, yet the weight
-    # gradients' TMA tiles read those rows past the last expert's: whatever they hold (NaN here:
-    # poisoned_empty) must not reach a sum, on either side of the product (0 * NaN is NaN). The
-    # reference: the same layer with those slots weighted 0. (The output and dX of a token with such
-    # a slot are not defined: check_inputs says so.)
+@pytest.mark.parametrize("plan_variant", ["plan", "fused", "split"])
+def test_absent_slots_contribute_nothing_to_the_output_or_any_gradient(plan_variant, poisoned_empty):
+    # Expert parallelism hands a rank the ids of other ranks' experts as ids >= num_experts (transformers'
+    # sentinels, moe_lab's gathered layer). Their pairs sort last and no kernel writes their rows, yet the
+    # top-k sums (output, dX) meet those rows, and the weight gradients' TMA tiles read them past the last
+    # expert's: whatever they hold (NaN here: poisoned_empty) must not reach a sum, on either side of a
+    # product (0 * NaN is NaN). The reference: those slots contribute nothing; their routing gradient is 0.
     layer = _layer(H=64, I=32, E=6, k=2)
     hidden, index, weights, grad_out = _inputs(layer, 150, distribution="single")
     index = index.clone()
     index[::4, 1] = 6
-    absent = index == 6
-    plan = _variant_plan(layer, 150, 2, torch.float32, sorted_operands=True, tma=True, split=split)
-    x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
-    layer.zero_grad(set_to_none=True)
-    triton_experts_forward(layer, x, index, w, plan=plan).backward(grad_out)
-    got = {"top_k_weights": w.grad, "gate_up_proj": layer.gate_up_proj.grad, "down_proj": layer.down_proj.grad}
-    expected = reference_gradients(layer, hidden, index.masked_fill(absent, 0), weights.masked_fill(absent, 0),
-                                   grad_out)
-    del expected["hidden_states"]
-    assert torch.all(got["top_k_weights"][absent] == 0)
-    expected["top_k_weights"] = expected["top_k_weights"].masked_fill(absent, 0)
-    for name, reference in expected.items():
-        assert torch.isfinite(got[name]).all(), name
-        assert moe_lab.relative_error(got[name], reference) < 1e-4, name
+    index[5] = torch.tensor([6, 9])  # a token with no expert here: output and dX exactly 0
+    plan = None if plan_variant == "plan" else _variant_plan(layer, 150, 2, torch.float32, sorted_operands=True,
+                                                              tma=True, split=plan_variant == "split")
+    _check_gradients(layer, hidden, index, weights, grad_out, plan=plan, partial=True)
+    _, got = backend_gradients("triton", layer, hidden, index, weights, grad_out, plan=plan, partial=True)
+    assert torch.all(got["top_k_weights"][index >= 6] == 0)
+    assert torch.all(got["hidden_states"][5] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_absent_slots_with_biases_transposed_layout_and_own_gate(dtype, poisoned_empty):
+    # gpt-oss's module: the down bias's routing-gradient term must skip absent slots too (it indexes the bias
+    # by expert id), and the module's own gate runs on rows no kernel wrote.
+    hf = pytest.importorskip("moe_lab.hf")
+    model = hf.tiny_transformers_model("gpt_oss", dtype=dtype).to(DEVICE)
+    experts = with_random_biases(next(hf.experts_modules(model)))
+    T, k, E = 9, model.config.num_experts_per_tok, experts.num_experts
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(T, model.config.hidden_size, generator=generator).to(DEVICE, dtype)
+    grad_out = torch.randn(T, model.config.hidden_size, generator=generator).to(DEVICE, dtype)
+    index, weights = moe_lab.synthetic_routing(T, E, k, seed=3, device=DEVICE)
+    index = index.clone()
+    index[::3, 0] = E
+    index[4] = E
+    _check_gradients(experts, hidden, index, weights, grad_out, own_gate=True, partial=True)
+
+

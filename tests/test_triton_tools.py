@@ -201,3 +201,30 @@ def test_the_power_state_tool_summarises_nvidia_smi_samples_per_block(tmp_path):
     assert summary == dict(samples=4, busy=3, power_capped=2, median_clock_mhz=1620, min_clock_mhz=1500,
                            median_watts=699.0, max_watts=700.5)
     assert tool.clock_summary(samples, at, at) == dict(samples=1, busy=0)
+
+
+def test_the_partial_training_tool_marks_other_ranks_experts_and_its_two_paths_agree():
+    """tools/partial_training_ab.py (GPU only) on a tiny layer through the interpreter: rank 0's view of the
+    gathered rows marks every other rank's expert as E/w, and the step through triton's partial entry gives
+    the gradients of the step through the generic path (ids clamped, weights zeroed)."""
+    import dataclasses
+
+    from moe_lab.backends import get_spec, register, unregister
+    from moe_lab.bench.inputs import build_experts
+
+    tool = _tool("partial_training_ab")
+    config = moe_lab.MoEConfig(32, 16, num_experts=8, top_k=3, dtype=torch.float32)
+    device = torch.device("cpu")
+    rows, local_index, weights, local_experts = tool.rank_inputs(config, 6, 2, device)
+    assert rows.shape == (12, 32) and local_experts == 4
+    assert int(local_index.max()) == 4 and 0 < int((local_index == 4).sum()) < local_index.numel()
+    experts = build_experts(config.replace(num_experts=4), device, seed=0)
+    upstream = torch.randn_like(rows)
+    register(tool.WITHOUT_PARTIAL, dataclasses.replace(get_spec("triton"), partial_forward=None))
+    try:
+        partial = tool.step(experts, "triton", rows, local_index, weights, upstream)()
+        generic = tool.step(experts, tool.WITHOUT_PARTIAL, rows, local_index, weights, upstream)()
+    finally:
+        unregister(tool.WITHOUT_PARTIAL)
+    for a, b in zip(partial, generic):
+        assert moe_lab.relative_error(a, b) < 1e-5

@@ -53,7 +53,12 @@ def gradient_tolerance(name: str, dtype: torch.dtype, reduction_length: int, *, 
 
 def reference_gradients(experts, hidden_states, top_k_index, top_k_weights, grad_out) -> dict[str, torch.Tensor]:
     """{name: float64 gradient of <out, grad_out>} for the hidden states, routing weights, both
-    weights and (where the module has them) both biases, by autograd through a dense formula."""
+    weights and (where the module has them) both biases, by autograd through a dense formula.
+    A slot whose id is >= the number of experts is absent (expert parallelism: another rank's expert):
+    it contributes nothing, and its routing weight's gradient is 0."""
+    num_experts = experts.gate_up_proj.shape[0]
+    absent = top_k_index >= num_experts
+    top_k_index = top_k_index.masked_fill(absent, 0)  # any real expert, at weight 0 below
     transposed = getattr(experts, "is_transposed", False)
     has_bias = getattr(experts, "has_bias", False)
     names = ["gate_up_proj", "down_proj"] + (["gate_up_proj_bias", "down_proj_bias"] if has_bias else [])
@@ -76,20 +81,25 @@ def reference_gradients(experts, hidden_states, top_k_index, top_k_weights, grad
         y = y + leaves["down_proj_bias"]
     num_tokens, num_experts = hidden_states.shape[0], gate_up.shape[0]
     dense = torch.zeros(num_tokens, num_experts, dtype=torch.float64, device=y.device)
-    dense = dense.scatter_add(1, top_k_index.long(), leaves["top_k_weights"])  # [T, E]
+    present_weights = leaves["top_k_weights"].masked_fill(absent, 0.0)  # an absent slot's weight gets no gradient
+    dense = dense.scatter_add(1, top_k_index.long(), present_weights)  # [T, E]
     out = torch.einsum("te,teh->th", dense, y)
     (out * grad_out.double()).sum().backward()
     return {name: leaf.grad for name, leaf in leaves.items()}
 
 
-def backend_gradients(backend: str, experts, hidden_states, top_k_index, top_k_weights, grad_out, *, plan=None):
+def backend_gradients(backend: str, experts, hidden_states, top_k_index, top_k_weights, grad_out, *, plan=None,
+                      partial: bool = False):
     """(output, {name: gradient}) of `backend` for <out, grad_out>, every input a fresh leaf.
-    `plan`: the triton backend's launch plan instead of the one it would choose."""
+    `plan`: the triton backend's launch plan instead of the one it would choose. `partial`: through the
+    backend's partial_forward entry (ids >= num_experts absent)."""
     for parameter in experts.parameters():
         parameter.grad = None
     hidden = hidden_states.detach().clone().requires_grad_(True)
     weights = top_k_weights.detach().clone().requires_grad_(True)
-    if plan is None:
+    if partial and plan is None:
+        out = moe_lab.backends.get_spec(backend).partial_forward(experts, hidden, top_k_index, weights)
+    elif plan is None:
         out = moe_lab.experts_forward(backend, experts, hidden, top_k_index, weights)
     else:
         from moe_lab.backends.triton_fused import triton_experts_forward

@@ -27,28 +27,37 @@ _INPUT_NAMES = ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj", "
 _verified: dict[tuple, bool] = {}  # (backend forward, inputs requiring grad) -> graph reaches them all
 
 
-def checked_forward(spec: BackendSpec, experts, hidden_states, top_k_index, top_k_weights):
+def checked_forward(spec: BackendSpec, experts, hidden_states, top_k_index, top_k_weights, *, entry=None):
+    """spec.forward (or `entry`, another of the spec's entries, e.g. its partial_forward) under the rules above."""
+    forward = spec.forward if entry is None else entry
     if not needs_grad(experts, hidden_states, top_k_weights):
-        return spec.forward(experts, hidden_states, top_k_index, top_k_weights)
+        return forward(experts, hidden_states, top_k_index, top_k_weights)
     ok, reason, runs = _autograd_support(spec, hidden_states.device, hidden_states.dtype)
     if runs is False:  # it cannot run here at all: let it say why in its own words
-        return spec.forward(experts, hidden_states, top_k_index, top_k_weights)
+        return forward(experts, hidden_states, top_k_index, top_k_weights)
     if ok is False:
         raise BackendCapabilityError(
-            f"backend {spec.name!r} cannot give gradients ({reason}), and this call needs them (grad mode is on and "
+            f"{_named(spec, forward)} cannot give gradients ({reason}), and this call needs them (grad mode is on and "
             f"{', '.join(_requiring_grad(experts, hidden_states, top_k_weights))} require grad). Backends that can "
             f"here: {_able(hidden_states)}; or run under torch.no_grad() / torch.inference_mode() for inference")
-    output = spec.forward(experts, hidden_states, top_k_index, top_k_weights)
+    output = forward(experts, hidden_states, top_k_index, top_k_weights)
     if output.numel() == 0:  # no tokens: nothing to differentiate, whatever the graph looks like
         return output
     if not output.requires_grad:
         raise DetachedOutputError(
-            f"backend {spec.name!r} returned an output that does not require grad although "
+            f"{_named(spec, forward)} returned an output that does not require grad although "
             f"{', '.join(_requiring_grad(experts, hidden_states, top_k_weights))} do: training would silently "
             f"leave their .grad empty. Backends that give gradients here: {_able(hidden_states)}")
     if ok is None and not torch.compiler.is_compiling():
-        _verify_reaches_inputs(spec, output, experts, hidden_states, top_k_weights)
+        _verify_reaches_inputs(spec, forward, output, experts, hidden_states, top_k_weights)
     return output
+
+
+def _named(spec: BackendSpec, forward) -> str:
+    """'backend NAME', or which of its entries ran when it was not the forward."""
+    if forward is spec.forward:
+        return f"backend {spec.name!r}"
+    return f"backend {spec.name!r} (its entry {getattr(forward, '__name__', repr(forward))})"
 
 
 def _autograd_support(spec: BackendSpec, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -79,17 +88,17 @@ def _requiring_grad(experts, hidden_states, top_k_weights) -> list[str]:
     return [name for name, value in _inputs(experts, hidden_states, top_k_weights).items() if value.requires_grad]
 
 
-def _verify_reaches_inputs(spec, output, experts, hidden_states, top_k_weights) -> None:
+def _verify_reaches_inputs(spec, forward, output, experts, hidden_states, top_k_weights) -> None:
     targets = {name: value for name, value in _inputs(experts, hidden_states, top_k_weights).items()
                if value.requires_grad}
-    key = (spec.forward, tuple(targets))
+    key = (forward, tuple(targets))
     if _verified.get(key):
         return
     reached = _reached(output, targets.values())
     missing = [name for name, value in targets.items() if not any(value is r for r in reached)]
     if missing:
         raise DetachedOutputError(
-            f"backend {spec.name!r} declares no autograd support and its output's autograd graph does not reach "
+            f"{_named(spec, forward)} declares no autograd support and its output's autograd graph does not reach "
             f"{', '.join(missing)}: their gradients would silently stay empty. Make it out of differentiable torch "
             f"ops (no .detach(), .data, numpy or kernels without a backward), or register it with autograd=False so "
             f"it is refused up front. Backends that give gradients here: {_able(hidden_states)}")

@@ -103,14 +103,19 @@ def expert_counts(expert_of_pair: torch.Tensor, num_experts: int) -> torch.Tenso
     return torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
 
 
-def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
+def check_inputs(experts, hidden_states, top_k_index, top_k_weights, *, absent_ids: bool = False) -> None:
     """Raise `BackendInputError` (a ValueError) saying what is wrong and what is expected.
+
+    `absent_ids`: the inputs of a `partial_forward` entry, where an id >= num_experts means "this expert is not
+    here" (expert parallelism): such ids, and more slots per token than there are experts, are allowed.
 
     Only metadata is read (no host-device sync), except the expert-id range check, which runs on
     CPU tensors only: on a GPU it would cost a sync per call. There an out-of-range id is not
-    caught: the gathering backends (eager, batched_mm) stop at a device-side assert, and the sorting
-    ones (grouped_mm, triton) leave the pair out of the histogram — as transformers' grouped_mm does
-    on purpose for expert-parallel sentinels — so the outputs are wrong without an error.
+    caught: the gathering backends (eager, batched_mm) stop at a device-side assert; grouped_mm leaves
+    the pair out of the histogram (as transformers' grouped_mm does on purpose for expert-parallel
+    sentinels) and sums a row no GEMM wrote, so its output is wrong without an error; triton's sorted
+    path skips the slot, which contributes nothing (its `partial_forward` always takes that path), and
+    its decode path (a few tokens) would read weights past the last expert.
     """
     weights = expert_weights(experts)
     num_experts, hidden = weights.num_experts, weights.hidden_size
@@ -142,7 +147,7 @@ def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
         raise BackendInputError(f"top_k_index must hold integer expert ids (int64 or int32), got {top_k_index.dtype}")
     if not top_k_weights.dtype.is_floating_point:
         raise BackendInputError(f"top_k_weights must be floating point, got {top_k_weights.dtype}")
-    if top_k_index.shape[1] > num_experts:
+    if top_k_index.shape[1] > num_experts and not absent_ids:
         raise BackendInputError(f"top_k={top_k_index.shape[1]} exceeds the number of experts ({num_experts})")
     if hidden_states.dtype != weights.gate_up.dtype:
         raise BackendInputError(
@@ -154,7 +159,6 @@ def check_inputs(experts, hidden_states, top_k_index, top_k_weights) -> None:
         raise BackendInputError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if top_k_index.device.type == "cpu" and top_k_index.numel() and not torch.compiler.is_compiling():
         low, high = int(top_k_index.min()), int(top_k_index.max())
-        if low < 0 or high >= num_experts:
-            raise BackendInputError(
-                f"top_k_index holds expert ids in [{low}, {high}] but valid ids are 0..{num_experts - 1}"
-            )
+        if low < 0 or (high >= num_experts and not absent_ids):
+            valid = f"0..{num_experts - 1}" + (f", or >= {num_experts} for an absent expert" if absent_ids else "")
+            raise BackendInputError(f"top_k_index holds expert ids in [{low}, {high}] but valid ids are {valid}")

@@ -59,9 +59,10 @@ def register(name: str, fn: ExpertsForward | None = None, *, overwrite: bool = F
     `sorted_rows(experts, rows [R, H] grouped by expert, counts [E]) -> [R, H]` (unweighted) is an optional
     second entry for rows that arrive already grouped by expert (expert parallelism's receivers; see
     `BackendSpec.sorted_rows`); without it those callers run `fn` with top_k = 1.
-    `partial_forward(experts, hidden_states, top_k_index, top_k_weights) -> [T, H]`, where an id equal to the
-    experts' count means "absent, contributes nothing", is another (inference only; `BackendSpec.partial_forward`);
-    without it those callers clamp the ids, zero their weights and run `fn`.
+    `partial_forward(experts, hidden_states, top_k_index, top_k_weights) -> [T, H]`, where an id >= the experts'
+    count means "absent, contributes nothing", is another (`BackendSpec.partial_forward`; it must give gradients
+    wherever `autograd` says `fn` does, and is checked like `fn`); without it those callers clamp the ids, zero
+    their weights and run `fn`.
     Registering a user name again replaces it (re-running a notebook cell just works); replacing a
     built-in needs `overwrite=True`, and `unregister(name)` puts the built-in back.
     """

@@ -116,10 +116,11 @@ class BackendSpec:
     #: un-permute. None: the backend has no such entry; callers use `forward` with top_k = 1 instead.
     sorted_rows: Callable | None = None
     #: partial_forward(experts, hidden_states [N, H], top_k_index [N, k], top_k_weights [N, k]) -> [N, H]: the
-    #: forward where an id equal to experts.num_experts means "this expert is not here": that slot contributes
-    #: nothing and costs nothing (expert parallelism's all-gather layer, whose rows carry every rank's experts).
-    #: Inference only, whatever `autograd` says: callers that need gradients use the generic path (ids clamped,
-    #: weights zeroed, through `forward`), which computes the absent slots and throws them away. None: no entry.
+    #: forward where an id >= experts.num_experts means "this expert is not here": that slot contributes nothing
+    #: and costs nothing (expert parallelism: moe_lab's all-gather layer, whose rows carry every rank's experts,
+    #: and transformers' own, whose sentinel ids are the same). Its gradients are the backend's: `autograd`
+    #: answers for it too, and the checked entry (`checked_forward(..., entry=...)`) holds it to that. None: no
+    #: entry; callers clamp the ids, zero their weights and run `forward`, computing the absent slots for nothing.
     partial_forward: Callable | None = None
 
     def supports(self, capability: str, where: Where) -> Support:

@@ -63,7 +63,8 @@ def experts_forward_with_grad(experts, weights: ExpertWeights, hidden_states, to
                                       activation, plan_ints)
         return out
     pre = _call_differentiable(gate_up_projection_op, hidden_states, weights.gate_up, weights.gate_up_bias,
-                               sorted_pair, counts, top_k, plan.gate_up.as_ints(), plan_ints)  # [S, 2I]
+                               expert_of_pair, sorted_pair, counts, top_k, plan.gate_up.as_ints(),
+                               plan_ints)  # [S, 2I]
     h = apply_gate(experts, pre)  # [S, I]
     return _call_differentiable(down_projection_op, h, weights.down, weights.down_bias, routing_weights,
                                 expert_of_pair, sorted_pair, counts, num_tokens, top_k, plan_ints)
@@ -211,7 +212,7 @@ def _experts(x: Tensor, gate_up: Tensor, down: Tensor, gate_up_bias: Optional[Te
         h = launch_gate_up(x, gate_up, gate_up_bias, sorted_pair, counts, top_k, activation, launch.gate_up)
         pre = x.new_empty(0, gate_up.shape[1])
     y = launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, launch.down)  # [S, H]
-    return launch_sum_over_top_k(y, x.shape[0], top_k), pre
+    return launch_sum_over_top_k(y, expert_of_pair, x.shape[0], top_k, gate_up.shape[0]), pre
 
 
 experts_op = torch.library.custom_op("moe_lab::triton_experts", _experts, mutates_args=())
@@ -260,7 +261,7 @@ def _experts_backward(ctx, grad_out, _grad_pre):
     # [S, 2I]: saved through the hooks, or taken out of the list (then only referenced here), or None
     pre = saved[9] if len(saved) > 9 else ctx.kept_pre_activation.pop() if ctx.kept_pre_activation else None
     if pre is None:  # recompute: the gate_up GEMM again, without the activation
-        pre = _call(gate_up_projection_op, x, gate_up, gate_up_bias, sorted_pair, counts, top_k,
+        pre = _call(gate_up_projection_op, x, gate_up, gate_up_bias, expert_of_pair, sorted_pair, counts, top_k,
                     plan.gate_up.as_ints(), ctx.plan)
     # the token of each sorted row [S], once for both gathers into sorted order
     token_of_row = sorted_pair // top_k if plan.sorted_grad_out or plan.sorted_hidden_states else None
@@ -273,8 +274,9 @@ def _experts_backward(ctx, grad_out, _grad_pre):
     d_down, d_down_bias = _down_grads(grad_out, grad_out_sorted, weighted_h, routing_weights, down, down_bias,
                                       sorted_pair, counts, top_k, plan, needs_down, needs_down_bias)
     del grad_out_sorted, weighted_h
-    dx, d_gate_up, d_gate_up_bias = _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, plan,
-                                                   needs_x, needs_gate_up, needs_gate_up_bias, token_of_row)
+    dx, d_gate_up, d_gate_up_bias = _gate_up_grads(d_pre, x, gate_up, gate_up_bias, expert_of_pair, sorted_pair,
+                                                   counts, top_k, plan, needs_x, needs_gate_up, needs_gate_up_bias,
+                                                   token_of_row)
     d_routing = (routing_weight_grad(dw, grad_out, down_bias, expert_of_pair, top_k, routing_weights.dtype)
                  if needs_routing else None)
     return (dx, d_gate_up, d_down, d_gate_up_bias, d_down_bias, d_routing) + (None,) * 6
@@ -287,8 +289,8 @@ experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_con
 # A module's own gate: two ops with torch's gate between them
 # ---------------------------------------------------------------------------------------------
 
-def _gate_up_projection(x: Tensor, gate_up: Tensor, gate_up_bias: Optional[Tensor], sorted_pair: Tensor,
-                        counts: Tensor, top_k: int, config: list[int], plan: list[int]) -> Tensor:
+def _gate_up_projection(x: Tensor, gate_up: Tensor, gate_up_bias: Optional[Tensor], expert_of_pair: Tensor,
+                        sorted_pair: Tensor, counts: Tensor, top_k: int, config: list[int], plan: list[int]) -> Tensor:
     """x [T, H] -> pre [S, 2I] = x[token] @ gate_up[e]^T (+ bias), sorted rows, no activation."""
     return launch_gate_up(x, gate_up, gate_up_bias, sorted_pair, counts, top_k, "none", KernelConfig.from_ints(config))
 
@@ -298,22 +300,22 @@ gate_up_projection_op = torch.library.custom_op("moe_lab::triton_gate_up_project
 
 
 @gate_up_projection_op.register_fake
-def _(x, gate_up, gate_up_bias, sorted_pair, counts, top_k, config, plan):
+def _(x, gate_up, gate_up_bias, expert_of_pair, sorted_pair, counts, top_k, config, plan):
     return x.new_empty(sorted_pair.shape[0], gate_up.shape[1])
 
 
 def _gate_up_projection_setup_context(ctx, inputs, output):
-    x, gate_up, gate_up_bias, sorted_pair, counts, ctx.top_k, _, ctx.plan = inputs
-    ctx.save_for_backward(x, gate_up, gate_up_bias, sorted_pair, counts)
+    x, gate_up, gate_up_bias, expert_of_pair, sorted_pair, counts, ctx.top_k, _, ctx.plan = inputs
+    ctx.save_for_backward(x, gate_up, gate_up_bias, expert_of_pair, sorted_pair, counts)
 
 
 def _gate_up_projection_backward(ctx, d_pre):
     _refuse_double_backward()
-    x, gate_up, gate_up_bias, sorted_pair, counts = ctx.saved_tensors
+    x, gate_up, gate_up_bias, expert_of_pair, sorted_pair, counts = ctx.saved_tensors
     needs_x, needs_gate_up, needs_bias = ctx.needs_input_grad[:3]
-    grads = _gate_up_grads(d_pre.contiguous(), x, gate_up, gate_up_bias, sorted_pair, counts, ctx.top_k,
-                           LaunchPlan.from_ints(ctx.plan), needs_x, needs_gate_up, needs_bias)
-    return grads + (None,) * 5
+    grads = _gate_up_grads(d_pre.contiguous(), x, gate_up, gate_up_bias, expert_of_pair, sorted_pair, counts,
+                           ctx.top_k, LaunchPlan.from_ints(ctx.plan), needs_x, needs_gate_up, needs_bias)
+    return grads + (None,) * 6
 
 
 gate_up_projection_op.register_autograd(_gate_up_projection_backward, setup_context=_gate_up_projection_setup_context)
@@ -324,7 +326,7 @@ def _down_projection(h: Tensor, down: Tensor, down_bias: Optional[Tensor], routi
                      plan: list[int]) -> Tensor:
     """h [S, I] sorted rows -> out [T, H]: down, times the routing weights, each token's k rows summed."""
     y = launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, LaunchPlan.from_ints(plan).down)
-    return launch_sum_over_top_k(y, num_tokens, top_k)
+    return launch_sum_over_top_k(y, expert_of_pair, num_tokens, top_k, down.shape[0])
 
 
 down_projection_op = torch.library.custom_op("moe_lab::triton_down_projection", _down_projection, mutates_args=())
@@ -387,16 +389,17 @@ def _(grad_out, down, routing_weights, saved, sorted_pair, counts, top_k, activa
             grad_out.new_empty(num_pairs, dtype=torch.float32))
 
 
-def _input_grad(d_pre: Tensor, gate_up: Tensor, sorted_pair: Tensor, counts: Tensor, num_tokens: int, top_k: int,
-                config: list[int]) -> Tensor:
-    return launch_input_grad(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, KernelConfig.from_ints(config))
+def _input_grad(d_pre: Tensor, gate_up: Tensor, expert_of_pair: Tensor, sorted_pair: Tensor, counts: Tensor,
+                num_tokens: int, top_k: int, config: list[int]) -> Tensor:
+    return launch_input_grad(d_pre, gate_up, expert_of_pair, sorted_pair, counts, num_tokens, top_k,
+                             KernelConfig.from_ints(config))
 
 
 input_grad_op = torch.library.custom_op("moe_lab::triton_input_grad", _input_grad, mutates_args=())
 
 
 @input_grad_op.register_fake
-def _(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, config):
+def _(d_pre, gate_up, expert_of_pair, sorted_pair, counts, num_tokens, top_k, config):
     return d_pre.new_empty(num_tokens, gate_up.shape[2])
 
 
@@ -429,10 +432,10 @@ _BODIES = {sort_pairs_op: _sort_pairs, gate_up_projection_op: _gate_up_projectio
            input_grad_op: _input_grad, weight_grad_op: _weight_grad}
 
 
-def _gate_up_grads(d_pre, x, gate_up, gate_up_bias, sorted_pair, counts, top_k, plan: LaunchPlan, needs_x,
-                   needs_weight, needs_bias, token_of_row=None):
+def _gate_up_grads(d_pre, x, gate_up, gate_up_bias, expert_of_pair, sorted_pair, counts, top_k, plan: LaunchPlan,
+                   needs_x, needs_weight, needs_bias, token_of_row=None):
     """d_pre [S, 2I] -> (dX [T, H], dW_gate_up, d gate_up_bias), None where not needed."""
-    dx = (_call(input_grad_op, d_pre, gate_up, sorted_pair, counts, x.shape[0], top_k,
+    dx = (_call(input_grad_op, d_pre, gate_up, expert_of_pair, sorted_pair, counts, x.shape[0], top_k,
                 plan.gate_up_input_grad.as_ints()) if needs_x else None)
     if not (needs_weight or needs_bias):
         return dx, None, None

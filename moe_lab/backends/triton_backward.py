@@ -117,10 +117,10 @@ def launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, so
     return d_pre, weighted_h, dw
 
 
-def launch_input_grad(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, config: KernelConfig):
+def launch_input_grad(d_pre, gate_up, expert_of_pair, sorted_pair, counts, num_tokens, top_k, config: KernelConfig):
     """d_pre [S, 2I] in sorted row order, gate_up [E, 2I, H] -> dX [T, H]: each row times its
     expert's gate_up, stored at its pair's row (down_kernel without the routing weight), then each
-    token's k rows summed."""
+    token's k rows summed (expert_of_pair [S]: the slots of out-of-range ids, never written, skipped)."""
     num_experts, reduction, hidden = gate_up.shape  # [E, K, N]
     num_pairs = sorted_pair.numel()
     dx_by_pair = d_pre.new_empty(num_pairs, hidden)  # [S, H] in (token, slot) order
@@ -134,7 +134,7 @@ def launch_input_grad(d_pre, gate_up, sorted_pair, counts, num_tokens, top_k, co
                 0, 0, dx_by_pair.stride(0), dx_by_pair.stride(1),
                 HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=True,
                 **precision_constexprs(d_pre.dtype, num_experts))
-    return launch_sum_over_top_k(dx_by_pair, num_tokens, top_k)
+    return launch_sum_over_top_k(dx_by_pair, expert_of_pair, num_tokens, top_k, num_experts)
 
 
 def launch_weight_grad(left, right, like, bias_like, row_scale, sorted_pair, counts, top_k, *, left_by_token: bool,
@@ -166,9 +166,14 @@ def launch_weight_grad(left, right, like, bias_like, row_scale, sorted_pair, cou
 
 
 def routing_weight_grad(dw_without_bias, grad_out, down_bias, expert_of_pair, top_k, dtype):
-    """d top_k_weights [S] = <dout[t], z_p>: the kernel's part plus <dout[t], down_bias[e]> for a biased module."""
+    """d top_k_weights [S] = <dout[t], z_p>: the kernel's part plus <dout[t], down_bias[e]> for a biased module.
+    A pair whose expert id is out of range contributed nothing: its gradient is 0 (the kernels wrote 0)."""
     dw = dw_without_bias  # [S] float32
     if down_bias is not None:
+        num_experts = down_bias.shape[0]
         per_expert = grad_out.float() @ down_bias.float().T  # [T, E]: <dout[t], bias[e]> for every expert
-        dw = dw + per_expert.gather(1, expert_of_pair.view(grad_out.shape[0], top_k).long()).reshape(-1)
+        expert = expert_of_pair.view(grad_out.shape[0], top_k).long()  # [T, k]
+        present = (expert >= 0) & (expert < num_experts)
+        bias_term = per_expert.gather(1, torch.where(present, expert, 0)) * present  # [T, k]
+        dw = dw + bias_term.reshape(-1)
     return dw.to(dtype)

@@ -36,12 +36,13 @@ how the backend runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 
 import torch
 
-from ..errors import BackendCapabilityError, BackendInputError
+from ..errors import BackendInputError
 from .common import expert_weights, needs_grad
 from .spec import BackendSpec, Support, Where, no, yes
 from .triton_autograd import compiled_inference_forward, experts_forward_with_grad
@@ -52,7 +53,6 @@ from .triton_launch import (
     launch_down,
     launch_gate_up,
     launch_sum_over_top_k,
-    partial_sorted_forward,
     sort_pairs,
     sorted_forward,
 )
@@ -166,24 +166,22 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *
 
 
 def triton_partial_forward(experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-    """The spec's `partial_forward`: [N, H], [N, k] ids where num_experts means "not here", [N, k] -> [N, H],
-    the absent slots neither computed nor summed (triton_launch.partial_sorted_forward). Always the sorted
-    path (the decode kernels would index the absent id), inference only."""
-    weights = _runnable_weights(experts, hidden_states)  # gate_up [E, 2I, H], down [E, H, I]
-    if needs_grad(experts, hidden_states, top_k_weights):
-        raise BackendCapabilityError("the triton backend's partial forward is for inference (no autograd): run it "
-                                     "under torch.no_grad(), or use the generic path (ids clamped, weights zeroed)")
+    """The spec's `partial_forward`: [N, H], [N, k] ids where an id >= num_experts means "not here", [N, k] ->
+    [N, H]. It is the sorted path of the forward: the sort puts an absent slot's pair after every expert, where no
+    GEMM reaches it, and the top-k sums (the output's, and dX's in the backward) skip it, so it costs nothing and
+    contributes nothing; its routing-weight gradient is 0. It trains like the forward. Never the decode path,
+    whose kernels would index the absent id."""
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[1]
-    if num_tokens * top_k == 0:
-        return hidden_states.new_zeros(num_tokens, hidden)
-    top_k_index, top_k_weights = top_k_index.contiguous(), top_k_weights.contiguous()
+    weights = _runnable_weights(experts, hidden_states)  # gate_up [E, 2I, H], down [E, H, I]
     # Planned for all N*k slots though only the present ones run: the tiles follow rows per expert, which
     # this overstates by the share of absent slots (a tile choice, never a result).
     plan = launch_plan(num_tokens, top_k, weights.num_experts, hidden, weights.intermediate_size,
-                       hidden_states.dtype, interpreted=interpreting_cached())
-    return partial_sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights,
-                                  fused_activation(experts), plan)
+                       hidden_states.dtype, interpreted=interpreting_cached(),
+                       needs_grad=needs_grad(experts, hidden_states, top_k_weights))
+    if plan.decode:
+        plan = dataclasses.replace(plan, decode=False)
+    return triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, plan=plan)
 
 
 _ACTIVATION_BY_CONFIG = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}

@@ -30,7 +30,7 @@ as integers. The launch grid is an upper bound on the number of blocks; programs
                    (routing weight and un-permute fused into the epilogue: rows land in
                    (token, slot) order; the backward runs it for dX = d_pre @ W_gate_up[e])
   sum_top_k_kernel: out[t] = the k rows of token t summed, one streaming pass         [T, H]
-                   (SKIP_ABSENT: slots of absent experts skipped, for the partial forward)
+                   (slots whose expert id is out of range skipped: they contribute nothing)
   decode_gate_up_kernel, decode_down_kernel: the token-major GEMVs of the decode path (no sort)
 """
 from __future__ import annotations
@@ -338,24 +338,22 @@ def decode_down_kernel(
 
 @triton.jit
 def sum_top_k_kernel(y_ptr, out_ptr, expert_ptr, num_experts, N, stride_ym, stride_om, TOP_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, SKIP_ABSENT: tl.constexpr):
+                     BLOCK_N: tl.constexpr):
     """y [T*k, N] in (token, slot) order -> out [T, N]: each token's k rows summed in fp32, rounded
     once. k unrolled loads of contiguous row blocks stream closer to the copy bandwidth than torch's
     strided reduction over the middle dimension of [T, k, N] (docs/performance_notes.md). The
-    backward sums dX's k rows per token with it too. SKIP_ABSENT: slots whose expert (expert_ptr [T*k])
-    is >= num_experts are skipped: their rows were never written (the partial forward's absent experts)."""
+    backward sums dX's k rows per token with it too. A slot whose expert (expert_ptr [T*k]) is
+    outside [0, num_experts) is skipped: the sort put its pair after every expert, so no kernel
+    wrote its row (an expert-parallel "not on this rank" id: that slot contributes nothing)."""
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        row = y_ptr + (token * TOP_K + slot) * stride_ym + offs_n
-        if SKIP_ABSENT:
-            # A branch on the slot, not a mask (triton 3.9's interpreter cannot AND a row mask with a scalar).
-            if tl.load(expert_ptr + token * TOP_K + slot) < num_experts:
-                acc += tl.load(row, mask=n_mask, other=0.0).to(tl.float32)
-        else:
-            acc += tl.load(row, mask=n_mask, other=0.0).to(tl.float32)
+        expert = tl.load(expert_ptr + token * TOP_K + slot)
+        # A branch on the slot, not a mask (triton 3.9's interpreter cannot AND a row mask with a scalar).
+        if (expert >= 0) & (expert < num_experts):
+            acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_ym + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 

@@ -68,7 +68,7 @@ def sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, 
         h = apply_gate(experts, h)  # [S, 2I] -> [S, I] with the module's own formula
     y = launch_down(h, weights.down, weights.down_bias, top_k_weights.reshape(-1), sorted_pair, counts,
                     plan.down)  # [S, H]
-    return launch_sum_over_top_k(y, num_tokens, top_k)  # [T, H]
+    return launch_sum_over_top_k(y, top_k_index.reshape(-1), num_tokens, top_k, weights.num_experts)  # [T, H]
 
 
 def sort_pairs(top_k_index, num_experts, *, method: str | None = None):
@@ -155,41 +155,19 @@ def launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, config
     return y
 
 
-def launch_sum_over_top_k(y, num_tokens, top_k, *, expert_of_pair=None, num_experts: int = 0):
-    """y [S, H] in (token, slot) order -> [T, H], as common.sum_over_top_k but one streaming kernel.
-    With expert_of_pair [S], the slots whose expert is >= num_experts are skipped (rows never written)."""
+def launch_sum_over_top_k(y, expert_of_pair, num_tokens, top_k, num_experts):
+    """y [S, H] in (token, slot) order, expert_of_pair [S] -> [T, H], as common.sum_over_top_k but one
+    streaming kernel. A slot whose expert id is outside [0, num_experts) is skipped: sort_pairs put its
+    pair after every expert, so no kernel wrote its row of y, and it contributes nothing."""
     hidden = y.shape[1]
     out = y.new_empty(num_tokens, hidden)  # [T, H]
     if num_tokens == 0:
         return out
     block_n = min(2048, next_power_of_two(hidden))
-    skip = expert_of_pair is not None
     kernels().sum_top_k_kernel[(num_tokens, -(-hidden // block_n))](
-        y, out, expert_of_pair if skip else y, num_experts, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
-        BLOCK_N=block_n, SKIP_ABSENT=skip, num_warps=8)
+        y, out, expert_of_pair, num_experts, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_N=block_n,
+        num_warps=8)
     return out
-
-
-def partial_sorted_forward(experts, weights, hidden_states, top_k_index, top_k_weights, activation: str,
-                           plan: LaunchPlan) -> torch.Tensor:
-    """hidden_states [N, H], top_k_index [N, k] with id E (= weights.num_experts) for "not here" -> [N, H].
-
-    The pairs are sorted as if the absent slots were an expert E + 1-th, so they land after every real
-    expert; the gate_up and down kernels get the real experts' counts only, so they never reach those rows
-    (their grids stay upper bounds: the programs past the last real block exit), and the top-k sum skips
-    the absent slots, whose rows of y are never written. No host sync."""
-    num_tokens, top_k = top_k_index.shape
-    num_experts = weights.num_experts
-    sorted_pair, counts_with_absent = sort_pairs(top_k_index, num_experts + 1)
-    counts = counts_with_absent[:num_experts]  # [E]: the kernels walk these rows only
-    h = launch_gate_up(hidden_states, weights.gate_up, weights.gate_up_bias, sorted_pair, counts, top_k, activation,
-                       plan.gate_up)  # [S, I]; rows of absent slots unwritten
-    if activation == "none":
-        h = apply_gate(experts, h)  # [S, 2I] -> [S, I] (absent rows: garbage in, never read)
-    y = launch_down(h, weights.down, weights.down_bias, top_k_weights.reshape(-1), sorted_pair, counts,
-                    plan.down)  # [S, H]; rows of absent slots unwritten
-    return launch_sum_over_top_k(y, num_tokens, top_k, expert_of_pair=top_k_index.reshape(-1),
-                                 num_experts=num_experts)  # [N, H]
 
 
 # ---------------------------------------------------------------------------------------------

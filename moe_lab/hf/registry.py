@@ -3,6 +3,11 @@
 Each entry checks that the experts module is one moe_lab can run (a gated layout moe_lab's backends
 read), then runs the backend through `moe_lab.experts_forward`: inputs validated, and a backend
 that cannot give gradients refused when the model is training.
+
+A module transformers has sharded for expert parallelism (`_is_expert_parallel`: its ids >= num_experts
+mark other ranks' experts, with zero weights) runs through `moe_lab.parallel.local.run_partial_experts`:
+the backend's `partial_forward` where it has one (the absent slots cost nothing), else ids clamped and
+weights zeroed, as transformers' own batched_mm does. Either way those slots contribute nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .. import backends as _backends
 from ..errors import BackendInputError
+from ..parallel.local import run_partial_experts
 
 DEFAULT_PREFIX = "moe_lab_"
 
@@ -31,7 +37,7 @@ def _default_apply_gate():
 
 
 #: Set on an expert-parallel experts module while moe_lab.hf.expert_parallel runs it: no sentinel ids, every
-#: row is for one of this rank's experts, so moe_lab's backends may run it.
+#: row is for one of this rank's experts, so the backend's plain forward runs it.
 LOCAL_ROWS_ONLY = "_moe_lab_local_rows_only"
 
 
@@ -61,18 +67,20 @@ def _check_supported(experts, transformers_name: str) -> None:
             f"{kind} normalises each expert's output (has_post_expert_norm=True), which moe_lab backends "
             f"do not implement{advice}"
         )
-    # moe_lab.hf.expert_parallel hands the experts only rows for their own experts (and says so).
-    if getattr(experts, "_is_expert_parallel", False) and not getattr(experts, LOCAL_ROWS_ONLY, False):
-        raise BackendInputError(
-            f"{kind} is sharded for expert parallelism (expert ids >= num_experts mark other ranks' "
-            f"experts), which moe_lab backends do not implement{advice}"
-        )
+
+
+def _has_sentinel_ids(experts) -> bool:
+    """Whether transformers' expert parallelism may hand this module ids >= num_experts ("another rank's
+    expert"): it is sharded, and not run by moe_lab.hf.expert_parallel, which sends only local rows."""
+    return getattr(experts, "_is_expert_parallel", False) and not getattr(experts, LOCAL_ROWS_ONLY, False)
 
 
 def _make_wrapper(backend_name: str, transformers_name: str) -> Callable:
     def forward(experts, hidden_states, top_k_index, top_k_weights):
         _check_supported(experts, transformers_name)
         # Looked up per call, so re-registering `backend_name` in moe_lab takes effect at once.
+        if _has_sentinel_ids(experts):  # the absent slots contribute nothing, as in transformers' own backends
+            return run_partial_experts(experts, hidden_states, top_k_index, top_k_weights, backend=backend_name)
         return _backends.experts_forward(backend_name, experts, hidden_states, top_k_index, top_k_weights)
 
     forward.__name__ = f"{transformers_name}_experts_forward"
@@ -94,8 +102,8 @@ def register_with_transformers(names: Iterable[str] | None = None, prefix: str =
     `names` defaults to every name in `moe_lab.available_backends()` at call time, so backends
     registered with `moe_lab.register` come along (call again after registering more). Each entry
     checks that the experts module is one moe_lab can run (a clear ValueError otherwise: no gate,
-    interleaved gate/up rows without a custom `_apply_gate`, a post-expert norm, expert
-    parallelism), validates the tensors with `moe_lab.backends.check_inputs`, then runs the backend.
+    interleaved gate/up rows without a custom `_apply_gate`, a post-expert norm), validates the
+    tensors with `moe_lab.backends.check_inputs`, then runs the backend.
 
     Idempotent: registering a name again keeps the same function. A transformers name that is
     already taken by something else (transformers' own "grouped_mm" when prefix="") is refused

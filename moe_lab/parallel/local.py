@@ -4,7 +4,7 @@
     run_sorted_rows     rows already grouped by local expert, with the counts: the backend's `sorted_rows`
                         entry where its spec declares one (no sort, gather or un-permute), else the former
     run_partial_experts rows with k ids, some of them "not on this rank": the backend's `partial_forward`
-                        entry where it has one (inference), else ids clamped and weights zeroed
+                        entry where it has one, else ids clamped and weights zeroed
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..backends import Where, check_inputs, experts_forward, get_spec
+from ..backends import Where, check_inputs, checked_forward, experts_forward, get_spec
 from ..backends.common import needs_grad
 from ..errors import BackendInputError
 from ..modules import Experts
@@ -49,32 +49,39 @@ def run_sorted_rows(local: Experts, rows: torch.Tensor, counts: torch.Tensor) ->
     return run_local_experts(local, rows, expert_of_row)
 
 
-def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.Tensor,
-                        weights: torch.Tensor) -> torch.Tensor:
-    """[N, H] rows, [N, k] local expert ids (E/w: that expert lives on another rank), [N, k] weights -> [N, H]:
+def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.Tensor, weights: torch.Tensor, *,
+                        backend: str | None = None) -> torch.Tensor:
+    """[N, H] rows, [N, k] local expert ids (>= E/w: that expert lives on another rank), [N, k] weights -> [N, H]:
     each row's weighted sum over the experts it has here (zeros for a row with none).
 
-    Through the backend's `partial_forward` entry when its spec has one and the call needs no gradients: the
-    absent slots cost nothing. Otherwise the generic path, transformers' way: absent ids clamped to a real
-    expert and their weights zeroed, through the backend's forward. It trains, but computes every absent
-    slot and throws the result away: at EP=w about (w-1)/w of the expert FLOPs are wasted."""
+    Through the backend's `partial_forward` entry when its spec has one: the absent slots cost nothing, and
+    their routing weights get a zero gradient. It is held to the backend's autograd declaration like the
+    forward (`checked_forward`). Otherwise the generic path, transformers' way: absent ids clamped to a real
+    expert and their weights zeroed, through the backend's forward. It trains too, but computes every absent
+    slot and throws the result away: at EP=w about (w-1)/w of the expert FLOPs are wasted.
+
+    `backend` (default: `local.experts_implementation`) names the registered backend; `local` may be any
+    experts module moe_lab's backends run (a transformers one included)."""
+    backend = local.experts_implementation if backend is None else backend
     El = local.num_experts
     if rows.dim() != 2 or rows.shape[1] != local.config.hidden_size or local_index.shape != weights.shape \
             or local_index.dim() != 2 or local_index.shape[0] != rows.shape[0]:
         raise BackendInputError(f"run_partial_experts wants rows [N, {local.config.hidden_size}], ids and weights "
                                 f"[N, k], got {tuple(rows.shape)}, {tuple(local_index.shape)} and "
                                 f"{tuple(weights.shape)}")
-    spec = get_spec(local.experts_implementation)
-    if spec.partial_forward is not None and not needs_grad(local, rows, weights):
-        return spec.partial_forward(local, rows, local_index, weights)
+    spec = get_spec(backend)
+    if spec.partial_forward is not None:
+        check_inputs(local, rows, local_index, weights, absent_ids=True)
+        output = checked_forward(spec, local, rows, local_index, weights, entry=spec.partial_forward)
+        return _tied_if_empty(output, rows, local)
     absent = local_index >= El  # [N, k]
     clamped = torch.where(absent, torch.zeros_like(local_index), local_index)  # [N, k]: any real expert
     zeroed = torch.where(absent, torch.zeros_like(weights), weights)  # [N, k]: their results count zero
     if local_index.shape[1] <= El:
-        output = experts_forward(local.experts_implementation, local, rows, clamped, zeroed)  # [N, H]
+        output = experts_forward(backend, local, rows, clamped, zeroed)  # [N, H]
     else:  # top_k > E/w: a backend takes at most E/w slots a row, so the slots go in groups of E/w, summed
         wide = torch.promote_types(rows.dtype, torch.float32)  # each group rounded once, summed wider
-        parts = [experts_forward(local.experts_implementation, local, rows, ids, w).to(wide)
+        parts = [experts_forward(backend, local, rows, ids, w).to(wide)
                  for ids, w in zip(clamped.split(El, dim=1), zeroed.split(El, dim=1))]
         output = torch.stack(parts).sum(0).to(rows.dtype)  # [N, H]
     return _tied_if_empty(output, rows, local)
