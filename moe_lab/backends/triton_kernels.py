@@ -350,10 +350,11 @@ def sum_top_k_kernel(y_ptr, out_ptr, expert_ptr, num_experts, N, stride_ym, stri
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        expert = tl.load(expert_ptr + token * TOP_K + slot)
-        # A branch on the slot, not a mask (triton 3.9's interpreter cannot AND a row mask with a scalar).
-        if (expert >= 0) & (expert < num_experts):
-            acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_ym + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        # The slot's id as a row, so that it masks the row's load: no branch between the k loads (a branch per
+        # slot timed ~4 % slower on an H200), and triton 3.9's interpreter cannot AND a row mask with a scalar.
+        expert = tl.load(expert_ptr + token * TOP_K + slot) + tl.zeros((BLOCK_N,), dtype=tl.int32)
+        present = n_mask & (expert >= 0) & (expert < num_experts)
+        acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_ym + offs_n, mask=present, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
