@@ -12,6 +12,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every uninitialised float buffer the launchers allocate starts as NaN, so a kernel reading a row
+    nobody wrote shows up as a NaN instead of whatever the allocator happened to hand over."""
+    def poison(make):
+        def made(*args, **kwargs):
+            tensor = make(*args, **kwargs)
+            return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+        return made
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
+    monkeypatch.setattr(torch, "empty", poison(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

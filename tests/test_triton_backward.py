@@ -136,21 +136,6 @@ def test_backward_configs_tell_wide_experts_from_fine_grained_ones():
 
 
 @pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every uninitialised float buffer the launchers allocate starts as NaN, so a kernel reading a row
-    nobody wrote shows up as a NaN instead of whatever the allocator happened to hand over."""
-    def poison(make):
-        def made(*args, **kwargs):
-            tensor = make(*args, **kwargs)
-            return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-        return made
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
-    monkeypatch.setattr(torch, "empty", poison(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
-
-
-@pytest.fixture
 def described(monkeypatch):
     """The shapes of the tensors the launchers read through TMA descriptors during the test."""
     from moe_lab.backends import triton_kernels

@@ -10,13 +10,17 @@ events, median of >= 20 replays), as microseconds per layer and GB/s of expert w
 decode layer (both kernels) with the plan's configs and with the two winners, in interleaved rounds, beside
 a device-to-device copy of the same bytes (what streaming them can cost on this card). --crossover T,T,...:
 instead, the whole triton forward at each T with the decode path forced on and off (the plan's tiles
-otherwise), in interleaved rounds: where the decode kernels stop paying when the weights come cold. Every row goes to the
-JSON with provenance as it is measured. --smoke: tiny shapes, one candidate, on this machine (checks the tool).
+otherwise), in interleaved rounds: where the decode kernels stop paying when the weights come cold. --ab-old-kernels
+PATH: instead, the whole decode layer (the plan's configs) with the package's kernels and with the decode kernels of
+an older copy of triton_kernels.py (e.g. `git show <commit>:moe_lab/backends/triton_kernels.py`), five interleaved
+rounds. Every row goes to the JSON with provenance as it is measured. --smoke: tiny shapes, one candidate, on this
+machine (checks the tool).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -27,7 +31,7 @@ import torch
 
 import moe_lab  # first: without a GPU it switches triton to its interpreter before triton is imported
 from moe_lab.backends import triton_fused as tf
-from moe_lab.backends.triton_launch import interpreting, launch_decode_down, launch_decode_gate_up
+from moe_lab.backends.triton_launch import decode_constexprs, interpreting, launch_decode_down, launch_decode_gate_up
 from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.timing import time_fn
@@ -166,6 +170,44 @@ def whole_layer(preset, layers, plan, winners, device, smoke, results, rounds=3)
                                 for name, s in samples.items()}, flush=True)
 
 
+def old_layer_launches(layers: Layers, old, gate_up_config, down_config):
+    """layer_launches through an older triton_kernels module's decode kernels, launched with their own arguments
+    (before they took num_experts: every id was assumed in range)."""
+    def one(i):
+        x, experts, index = layers.x[i], layers.experts[i], layers.flat_index[i]
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        width = gate_up.shape[1] // 2
+        h = x.new_empty(index.numel(), width)
+        old.decode_gate_up_kernel[(index.numel() * -(-width // gate_up_config.block_n),)](
+            x, gate_up, None, h, index, layers.top_k, width, x.shape[1], x.stride(0), x.stride(1), *gate_up.stride(),
+            0, 0, h.stride(0), h.stride(1), ACTIVATION="silu", HAS_BIAS=False, **decode_constexprs(gate_up_config))
+        hidden, inter = down.shape[1], down.shape[2]
+        out = h.new_empty(index.numel() // layers.top_k, hidden)
+        old.decode_down_kernel[(out.shape[0] * -(-hidden // down_config.block_n),)](
+            h, down, None, index, layers.routing_weights[i], out, hidden, inter, h.stride(0), h.stride(1),
+            *down.stride(), 0, 0, out.stride(0), out.stride(1), TOP_K=layers.top_k, HAS_BIAS=False,
+            **decode_constexprs(down_config))
+        return out
+    return [lambda i=i: one(i) for i in range(len(layers.experts))]
+
+
+def ab_old_kernels(preset, layers: Layers, plan, old, device, smoke, results, rounds=5):
+    """The whole decode layer, the package's kernels against `old`'s, same configs, same inputs, interleaved."""
+    entries = {"old": old_layer_launches(layers, old, plan.decode_gate_up, plan.decode_down),
+               "new": layer_launches(layers, plan.decode_gate_up, plan.decode_down)}
+    same = all(torch.equal(a(), b()) for a, b in zip(entries["old"], entries["new"]))
+    samples = {name: [] for name in entries}
+    for r in range(1 if smoke else rounds):
+        for name in (list(entries) if r % 2 == 0 else list(entries)[::-1]):
+            samples[name].append(graph_us_per_layer(entries[name], device, smoke))
+    row = dict(kind="ab_old_kernels", preset=preset, layers=len(layers.experts), identical_outputs=same,
+               **{f"{name}_us": s for name, s in samples.items()},
+               new_over_old=statistics.median(samples["new"]) / statistics.median(samples["old"]))
+    results.append(row)
+    print(f"ab        {preset:18s} identical {same}: old {[round(v, 1) for v in samples['old']]} new "
+          f"{[round(v, 1) for v in samples['new']]} us; new/old {row['new_over_old']:.3f}", flush=True)
+
+
 def crossover(preset, layers: Layers, tokens_list, device, smoke, results, rounds=3):
     """The whole forward at each T, decode path forced on and off, replayed from one graph over the L layers."""
     config = layers.experts[0].config
@@ -203,6 +245,7 @@ def main(argv=None):
     parser.add_argument("--budget-seconds", type=float, default=300.0)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--crossover", default="", help="comma-separated token counts: the decode/sorted crossover")
+    parser.add_argument("--ab-old-kernels", help="an older triton_kernels.py: its decode kernels against the package's")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -210,6 +253,11 @@ def main(argv=None):
     deadline = time.monotonic() + args.budget_seconds
     meta = {**provenance(device), "command_line": command_line()}
     results = []
+    old = None
+    if args.ab_old_kernels:
+        spec = importlib.util.spec_from_file_location("old_triton_kernels", args.ab_old_kernels)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
     for preset in args.presets.split(","):
         if time.monotonic() > deadline:
             print("budget spent before", preset, flush=True)
@@ -219,7 +267,9 @@ def main(argv=None):
         plan = tf.launch_plan(args.tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype,
                               interpreted=interpreting())
         with torch.no_grad():
-            if args.crossover:
+            if old is not None:
+                ab_old_kernels(preset, layers, plan, old, device, args.smoke, results)
+            elif args.crossover:
                 crossover(preset, layers, [int(t) for t in args.crossover.split(",")], device, args.smoke, results)
             else:
                 best_gate_up = sweep("gate_up", preset, layers, GATE_UP_CANDIDATES, plan.decode_gate_up,
