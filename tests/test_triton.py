@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_lab
+from moe_lab.backends import get_spec
 from moe_lab.backends.triton_launch import interpreting
 from moe_lab.backends.triton_fused import (
     fused_activation,
@@ -118,36 +119,36 @@ def test_tma_tiles_match_the_reference(monkeypatch, dtype, shape):
     assert launched == [True, True]
 
 
-@pytest.mark.parametrize("path", ["decode", "sorted"])
+@pytest.mark.parametrize("tokens", [1, 4])  # 1: the plan would decode; the partial entry sorts anyway
 @pytest.mark.parametrize("module", ["moe_lab", "gpt_oss"])  # gpt-oss: biases, transposed weights, its own gate
-def test_out_of_range_ids_contribute_nothing_on_every_path(path, module, poisoned_empty):
+def test_the_partial_entry_gives_out_of_range_ids_nothing(tokens, module, poisoned_empty):
     # Expert parallelism hands a rank the ids of other ranks' experts as ids >= E (transformers' sentinels,
     # the gathered layer's E/w): no kernel may read weights past the last expert or sum a row it never wrote.
     if module == "gpt_oss":
         hf = pytest.importorskip("moe_lab.hf")
         model = hf.tiny_transformers_model("gpt_oss").to(DEVICE)
         layer = with_random_biases(next(hf.experts_modules(model)))
-        E, H, I, k = layer.num_experts, model.config.hidden_size, model.config.intermediate_size, 2
+        E, H, k = layer.num_experts, model.config.hidden_size, 2
     else:
-        E, H, I, k = 6, 32, 16, 3
-        layer = moe_lab.Experts(moe_lab.MoEConfig(H, I, num_experts=E, top_k=k), experts_implementation="triton")
+        E, H, k = 6, 32, 3
+        layer = moe_lab.Experts(moe_lab.MoEConfig(H, 16, num_experts=E, top_k=k), experts_implementation="triton")
         layer = layer.to(DEVICE)
-    T = 4
     generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(T, H, generator=generator).to(DEVICE)
-    index = torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)]).to(DEVICE)
-    index[0] = E  # no expert here: exactly zero
-    index[1, 0] = E + 5  # any id past the last expert
-    weights = torch.rand(T, k, generator=generator).to(DEVICE)
-    plan = dataclasses.replace(launch_plan(T, k, E, H, I, torch.float32, interpreted=interpreting()),
-                               decode=path == "decode")
+    hidden = torch.randn(tokens, H, generator=generator).to(DEVICE)
+    index = torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(tokens)]).to(DEVICE)
+    index[0, 0] = E + 5  # any id past the last expert
+    if tokens > 1:
+        index[1] = E  # no expert here: exactly zero
+    weights = torch.rand(tokens, k, generator=generator).to(DEVICE)
+    assert triton_path(tokens, k, E, hidden_size=H).startswith("decode") == (tokens == 1)
     with torch.no_grad():
-        out = triton_experts_forward(layer, hidden, index, weights, plan=plan)
+        out = get_spec("triton").partial_forward(layer, hidden, index, weights)
     absent = index >= E
     reference = moe_lab.reference_experts_forward(layer, hidden, index.masked_fill(absent, 0),
                                                   weights.masked_fill(absent, 0))
     assert moe_lab.relative_error(out, reference) < TOLERANCE[torch.float32]
-    assert torch.all(out[0] == 0)
+    if tokens > 1:
+        assert torch.all(out[1] == 0)
 
 
 def _plan_with_tma(layer, num_tokens, dtype, tma: bool):

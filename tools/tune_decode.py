@@ -171,8 +171,8 @@ def whole_layer(preset, layers, plan, winners, device, smoke, results, rounds=3)
 
 
 def old_layer_launches(layers: Layers, old, gate_up_config, down_config):
-    """layer_launches through an older triton_kernels module's decode kernels, launched with their own arguments
-    (before they took num_experts: every id was assumed in range)."""
+    """layer_launches through an older triton_kernels module's decode kernels, launched with the argument list
+    they have had since the decode path came in (a file whose kernels take other arguments needs its own)."""
     def one(i):
         x, experts, index = layers.x[i], layers.experts[i], layers.flat_index[i]
         gate_up, down = experts.gate_up_proj, experts.down_proj

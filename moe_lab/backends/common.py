@@ -113,8 +113,9 @@ def check_inputs(experts, hidden_states, top_k_index, top_k_weights, *, absent_i
     CPU tensors only: on a GPU it would cost a sync per call. There an out-of-range id is not
     caught: the gathering backends (eager, batched_mm) stop at a device-side assert; grouped_mm leaves
     the pair out of the histogram (as transformers' grouped_mm does on purpose for expert-parallel
-    sentinels) and sums a row no GEMM wrote, so its output is wrong without an error; triton's kernels
-    skip the slot on every path, so it contributes nothing (its `partial_forward` is that forward).
+    sentinels) and sums a row no GEMM wrote, so its output is wrong without an error; triton's sorted
+    path skips the slot, which contributes nothing (its `partial_forward` always takes that path), and
+    its decode path (a few tokens) would read weights past the last expert.
     """
     weights = expert_weights(experts)
     num_experts, hidden = weights.num_experts, weights.hidden_size

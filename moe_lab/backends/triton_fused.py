@@ -21,9 +21,10 @@ skips the sort too:
     decode_down_kernel:    out [T, H], one program per (token, block of columns), k experts summed
                            in registers — two launches for the whole layer (`uses_decode_path`).
 
-An expert id outside [0, E) (expert parallelism's "another rank's expert") contributes nothing on every
-path: its pair sorts after every expert and the top-k sums skip it; the decode kernels read none of its
-weights. That is the spec's `partial_forward`, with gradients (the absent slots' routing gradient is 0).
+An expert id outside [0, E) (expert parallelism's "another rank's expert") contributes nothing on the
+sorted path: its pair sorts after every expert and the top-k sums skip it. That path is the spec's
+`partial_forward`, with gradients (the absent slots' routing gradient is 0); the decode kernels assume
+every id is in range.
 
 Training: when grad mode is on and any of the hidden states, the weights, the biases or the
 routing weights requires grad, the sorted path runs through torch custom ops whose backward is
@@ -40,6 +41,7 @@ how the backend runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 
@@ -170,11 +172,22 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *
 
 def triton_partial_forward(experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     """The spec's `partial_forward`: [N, H], [N, k] ids where an id >= num_experts means "not here", [N, k] ->
-    [N, H]. Every path of the forward already skips such a slot, so this is the forward itself: the sorted path
-    sorts its pair after every expert, where no GEMM reaches it, and its top-k sums (the output's, and dX's in the
-    backward) skip it; the decode kernels read none of its weights. It costs nothing, contributes nothing, and
-    its routing weight gets a zero gradient."""
-    return triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    [N, H]. It is the sorted path of the forward: the sort puts an absent slot's pair after every expert, where no
+    GEMM reaches it, and the top-k sums (the output's, and dX's in the backward) skip it, so it costs nothing and
+    contributes nothing; its routing-weight gradient is 0. It trains like the forward. Never the decode path,
+    whose kernels would index the absent id (skipping it there timed 2-14 % slower on an H200:
+    docs/performance_notes.md)."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = top_k_index.shape[1]
+    weights = _runnable_weights(experts, hidden_states)  # gate_up [E, 2I, H], down [E, H, I]
+    # Planned for all N*k slots though only the present ones run: the tiles follow rows per expert, which
+    # this overstates by the share of absent slots (a tile choice, never a result).
+    plan = launch_plan(num_tokens, top_k, weights.num_experts, hidden, weights.intermediate_size,
+                       hidden_states.dtype, interpreted=interpreting_cached(),
+                       needs_grad=needs_grad(experts, hidden_states, top_k_weights))
+    if plan.decode:
+        plan = dataclasses.replace(plan, decode=False)
+    return triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, plan=plan)
 
 
 _ACTIVATION_BY_CONFIG = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}

@@ -258,13 +258,11 @@ def down_kernel(
 @triton.jit
 def decode_gate_up_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, index_ptr,
-    top_k, num_experts, N, K,
+    top_k, N, K,
     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """x [T, K=H], w [E, 2I, H], index [S] -> out [S, N] in pair order; N = I fused, 2I for "none".
-    A pair whose expert id is outside [0, num_experts) is computed with the last expert's weights (an address
-    inside them), a row decode_down_kernel weighs by 0."""
+    """x [T, K=H], w [E, 2I, H], index [S] -> out [S, N] in pair order; N = I fused, 2I for "none"."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     pair, pid_n = pid // num_n_blocks, pid % num_n_blocks
@@ -272,8 +270,6 @@ def decode_gate_up_kernel(
     token = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
-    # Clamped, not masked: a mask built from the id timed 5-9 % slower on an H200 (docs/performance_notes.md).
-    expert = tl.minimum(tl.maximum(expert, 0), num_experts - 1)
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
 
     x_ptrs = x_ptr + token * stride_xt + offs_k * stride_xk  # [BK]
@@ -307,13 +303,11 @@ def decode_gate_up_kernel(
 @triton.jit
 def decode_down_kernel(
     h_ptr, w_ptr, bias_ptr, index_ptr, routing_weight_ptr, out_ptr,
-    num_experts, N, K,
+    N, K,
     stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_ot, stride_on,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """h [S, K=I] in pair order, w [E, H, I] -> out [T, N=H] = sum over the token's k slots of weight * (down @ h).
-    A slot whose expert id is outside [0, num_experts) adds nothing: its routing weight counts as 0 (its row,
-    from decode_gate_up_kernel, is the last expert's, finite)."""
+    """h [S, K=I] in pair order, w [E, H, I] -> out [T, N=H] = sum over the token's k slots of weight * (down @ h)."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     token, pid_n = pid // num_n_blocks, pid % num_n_blocks
@@ -326,8 +320,6 @@ def decode_down_kernel(
     for slot in tl.static_range(TOP_K):
         pair = (token * TOP_K + slot).to(tl.int64)
         expert = tl.load(index_ptr + pair).to(tl.int64)
-        routing_weight = tl.where((expert >= 0) & (expert < num_experts), tl.load(routing_weight_ptr + pair), 0.0)
-        expert = tl.minimum(tl.maximum(expert, 0), num_experts - 1)
         h_ptrs = h_ptr + pair * stride_hm + offs_k * stride_hk  # [BK]
         w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BN, BK]
         part = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -340,7 +332,7 @@ def decode_down_kernel(
             w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
             part += tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
-        acc += routing_weight.to(tl.float32) * part
+        acc += tl.load(routing_weight_ptr + pair).to(tl.float32) * part
     tl.store(out_ptr + token * stride_ot + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -358,19 +350,12 @@ def sum_top_k_kernel(y_ptr, out_ptr, expert_ptr, num_experts, N, stride_ym, stri
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        # The id masks the row's load: no branch between the k loads (a branch per slot timed ~4 % slower on an
-        # H200: docs/performance_notes.md).
-        present = _present_row(tl.load(expert_ptr + token * TOP_K + slot), num_experts, BLOCK_N) & n_mask
+        # The slot's id as a row, so that it masks the row's load: no branch between the k loads (a branch per
+        # slot timed ~4 % slower on an H200), and triton 3.9's interpreter cannot AND a row mask with a scalar.
+        expert = tl.load(expert_ptr + token * TOP_K + slot) + tl.zeros((BLOCK_N,), dtype=tl.int32)
+        present = n_mask & (expert >= 0) & (expert < num_experts)
         acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_ym + offs_n, mask=present, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
-def _present_row(expert, num_experts, BLOCK: tl.constexpr):
-    """[BLOCK] booleans, all true iff the scalar `expert` is a real expert id (0 <= expert < num_experts): a
-    row mask from a scalar, since triton 3.9's interpreter cannot AND a row mask with a scalar condition."""
-    row = expert + tl.zeros((BLOCK,), dtype=tl.int32)
-    return (row >= 0) & (row < num_experts)
 
 
 @triton.jit

@@ -196,7 +196,7 @@ def launch_decode_gate_up(hidden_states, gate_up, gate_up_bias, expert_of_pair, 
     h = hidden_states.new_empty(num_pairs, width)  # [S, I]
     kernels().decode_gate_up_kernel[(num_pairs * -(-width // config.block_n),)](
         hidden_states, gate_up, gate_up_bias, h, expert_of_pair,
-        top_k, gate_up.shape[0], width, hidden,
+        top_k, width, hidden,
         hidden_states.stride(0), hidden_states.stride(1), *gate_up.stride(),
         *bias_strides(gate_up_bias), h.stride(0), h.stride(1),
         ACTIVATION=activation, HAS_BIAS=gate_up_bias is not None, **decode_constexprs(config))
@@ -210,7 +210,7 @@ def launch_decode_down(h, down, down_bias, expert_of_pair, routing_weights, top_
     out = h.new_empty(num_tokens, hidden)  # [T, H]
     kernels().decode_down_kernel[(num_tokens * -(-hidden // config.block_n),)](
         h, down, down_bias, expert_of_pair, routing_weights, out,
-        down.shape[0], hidden, inter,
+        hidden, inter,
         h.stride(0), h.stride(1), *down.stride(), *bias_strides(down_bias),
         out.stride(0), out.stride(1),
         TOP_K=top_k, HAS_BIAS=down_bias is not None, **decode_constexprs(config))
