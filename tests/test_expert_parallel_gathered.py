@@ -111,23 +111,25 @@ def _gradients(experts, x, index, weights, grad_out):
                              "gate_up_proj": experts.gate_up_proj.grad, "down_proj": experts.down_proj.grad}
 
 
-def test_triton_partial_forward_trains_like_the_generic_path():
-    # With gradients run_partial_experts takes triton's partial entry too (the absent slots cost nothing);
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_partial_forward_trains_like_the_generic_path(backend):
+    # With gradients run_partial_experts takes the backend's partial entry too (the absent slots cost nothing);
     # output and every gradient equal the generic path's (ids clamped, weights zeroed) and the float64 layer's.
     torch.manual_seed(0)
-    experts = Experts(small_config(num_experts=4, top_k=3), "triton")
+    experts = Experts(small_config(num_experts=4, top_k=3), backend)
     x, index, weights = _partial_inputs()
+    index[2, 0] = 11  # any id past the last expert is absent, not only E
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     calls = []
-    entry = get_spec("triton").partial_forward
-    moe_lab.register("triton_counted", get_spec("triton").forward, autograd=True,
+    entry = get_spec(backend).partial_forward
+    moe_lab.register("counted", get_spec(backend).forward, autograd=True,
                      partial_forward=lambda *args: calls.append(1) or entry(*args))
     try:
-        experts.set_experts_implementation("triton_counted")
+        experts.set_experts_implementation("counted")
         with _uninitialized_memory_is_nan():
             partial_output, partial = _gradients(experts, x, index, weights, grad_out)
     finally:
-        moe_lab.unregister("triton_counted")
+        moe_lab.unregister("counted")
     assert calls == [1]
     experts.set_experts_implementation("eager")
     generic_output, generic = _gradients(experts, x, index, weights, grad_out)

@@ -191,3 +191,49 @@ def test_triton_with_bias_transposed_layout_and_custom_gate(T):
         out = moe_lab.experts_forward("triton", experts, hidden, index, weights)
     expected = moe_lab.reference_experts_forward(experts, hidden, index, weights)
     assert moe_lab.relative_error(out, expected) < 3e-2
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_partial_entries_give_absent_experts_nothing_forward_and_backward(backend):
+    # Expert parallelism's ids of other ranks' experts (>= E). grouped_mm runs torch's native grouped GEMM here
+    # (bf16, SM90), which leaves the rows past the last group unwritten: with every uninitialised buffer NaN (the
+    # eager run), a row of them reaching the output or dX would show. Also captured in a CUDA graph: no host sync.
+    import torch.utils.deterministic as deterministic
+
+    from moe_lab.backends import get_spec
+    from moe_lab.parallel.local import run_partial_experts
+
+    layer = _layer(256, 96, 32, 8, torch.bfloat16)
+    layer.set_experts_implementation(backend)
+    hidden, index, weights = _inputs(96, layer, 4)
+    index = torch.where(torch.rand(index.shape, device="cuda") < 0.5, index, torch.full_like(index, 32))
+    index[0] = 35  # no expert here, an id past E
+    x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    upstream = torch.randn_like(hidden)
+    inputs = [x, w, layer.gate_up_proj, layer.down_proj]
+    assert get_spec(backend).partial_forward is not None
+
+    def step():
+        output = run_partial_experts(layer, x, index, w)
+        return (output,) + torch.autograd.grad(output, inputs, upstream)
+
+    saved = torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        eager = [value.clone() for value in step()]
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        deterministic.fill_uninitialized_memory = saved[1]
+    replayed = CapturedStep(step, name=backend).replay()
+    absent = index >= 32
+    masked_index, masked_weights = index.masked_fill(absent, 0), w.detach().masked_fill(absent, 0)
+    expected = reference_gradients(layer, x, masked_index, masked_weights, upstream)
+    expected["top_k_weights"] = expected["top_k_weights"].masked_fill(absent, 0)
+    reference = moe_lab.reference_experts_forward(layer, x, masked_index, masked_weights)
+    for got in (eager, replayed):
+        assert moe_lab.relative_error(got[0], reference) < TOLERANCE[torch.bfloat16], backend
+        assert torch.all(got[0][0] == 0) and torch.all(got[1][0] == 0)  # output and dX of the token with none
+        for value, name in zip(got[1:], ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj")):
+            assert moe_lab.relative_error(value, expected[name]) < TOLERANCE[torch.bfloat16], (backend, name)
+        assert torch.all(got[2][absent] == 0)

@@ -4,8 +4,8 @@ The gathered layer (moe_lab.parallel.gathered) hands each of w ranks every rank'
 ids each, where an id E/w means "that expert is on another rank" (transformers' own all_reduce expert
 parallelism hands its experts the same). `run_partial_experts` runs them two ways:
 
-    partial   the backend's `partial_forward` entry (triton): the absent slots sort after every expert, no
-              GEMM reaches them and the top-k sums skip them, forward and backward
+    partial   the backend's `partial_forward` entry (--backend: triton, grouped_mm): the absent slots sort after
+              every expert and no GEMM reaches them, forward and backward
     generic   ids clamped to expert 0, weights zeroed, through the backend's forward: every slot computed,
               ~(w-1)/w of them thrown away (what a training step ran before the partial entry trained)
 
@@ -36,7 +36,7 @@ from moe_lab.parallel.local import run_partial_experts
 from moe_lab.presets import get_preset
 from moe_lab.reference import relative_error
 
-WITHOUT_PARTIAL = "triton_without_partial_entry"
+WITHOUT_PARTIAL = "without_partial_entry"
 
 
 def rank_inputs(config, tokens: int, world_size: int, device):
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", action="append", help="repeatable (default qwen3-30b-a3b)")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per rank, T")
     parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--backend", default="triton", help="a backend whose spec has a partial_forward entry")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--output", required=True)
@@ -73,9 +74,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("this tool replays CUDA graphs: it needs a CUDA GPU")
     device = torch.device("cuda")
-    register(WITHOUT_PARTIAL, dataclasses.replace(get_spec("triton"), partial_forward=None, builtin=False))
+    if get_spec(args.backend).partial_forward is None:
+        raise SystemExit(f"backend {args.backend!r} has no partial_forward entry to compare")
+    register(WITHOUT_PARTIAL, dataclasses.replace(get_spec(args.backend), partial_forward=None, builtin=False))
     results = dict(provenance=dict(provenance(device), command_line=command_line()), world_size=args.world_size,
-                   tokens_per_rank=args.tokens, points=[])
+                   tokens_per_rank=args.tokens, backend=args.backend, points=[])
     try:
         for preset in args.preset or ["qwen3-30b-a3b"]:
             config = get_preset(preset).config.replace(dtype=torch.bfloat16)
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
             for parameter in experts.parameters():
                 parameter.requires_grad_(True)
             upstream = torch.randn_like(hidden_states)
-            steps = {"partial": CapturedStep(step(experts, "triton", hidden_states, local_index, weights, upstream),
+            steps = {"partial": CapturedStep(step(experts, args.backend, hidden_states, local_index, weights, upstream),
                                              name="partial"),
                      "generic": CapturedStep(step(experts, WITHOUT_PARTIAL, hidden_states, local_index, weights,
                                                   upstream), name="generic")}
