@@ -122,8 +122,8 @@ def _transformers_ep_against_whole(family, experts_implementation, ep_implementa
 @pytest.mark.parametrize("experts_implementation", ["moe_lab_grouped_mm", "moe_lab_triton_counted"])
 def test_moe_lab_backends_inside_transformers_own_expert_parallelism(ep_implementation, experts_implementation):
     # transformers marks the sharded modules (_is_expert_parallel); moe_lab's entries then treat ids >=
-    # num_experts as another rank's experts: the backends' partial entries (triton's counted here, grouped_mm's)
-    # skip them, forward and backward; the test below runs eager's generic path (ids clamped, weights zeroed).
+    # num_experts as another rank's experts: triton's partial entry (counted) skips them, forward and backward;
+    # grouped_mm has no entry and runs them at weight 0 (the generic path), as transformers' own batched_mm does.
     for result in run_on_ranks(_transformers_ep_against_whole, 2, "qwen3_moe", experts_implementation,
                                ep_implementation, timeout_s=240):
         assert result["sharded"]

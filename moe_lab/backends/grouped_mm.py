@@ -12,12 +12,6 @@
 No step needs a number on the host, so on a GPU with the native kernel the whole forward is
 sync-free (capturable in a CUDA graph). Experts with zero tokens are empty groups and cost
 nothing. `grouped_mm_path()` tells which grouped matmul runs and why.
-
-The spec's `partial_forward` (expert parallelism: an id >= E is another rank's expert) is the same
-forward with those pairs sorted after every group, where neither grouped GEMM computes them, as
-transformers' grouped_mm does: their rows, which the GEMMs leave unwritten, are zeroed after the down
-GEMM, and their gathered input rows before the gate_up GEMM, so that neither the output nor, in the
-backward, dX (the gather's scatter-add) ever adds a row nobody wrote.
 """
 from __future__ import annotations
 
@@ -114,36 +108,18 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, path
 
 
 def grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
-    return _forward(experts, hidden_states, top_k_index, top_k_weights, absent_ids=False)
-
-
-def grouped_mm_partial_forward(experts, hidden_states, top_k_index, top_k_weights):
-    """The spec's `partial_forward`: ids >= num_experts are absent (another rank's experts), computed by
-    neither GEMM, contributing nothing, their routing weights' gradient 0. It trains like the forward."""
-    return _forward(experts, hidden_states, top_k_index, top_k_weights, absent_ids=True)
-
-
-def _forward(experts, hidden_states, top_k_index, top_k_weights, *, absent_ids: bool):
     num_tokens, hidden = hidden_states.shape  # [T, H]
     top_k = top_k_index.shape[1]
     num_experts = expert_weights(experts).num_experts
 
     # int32 keys: a radix sort of 32-bit keys takes half the passes of int64 ones.
     expert_of_pair = top_k_index.reshape(-1).to(torch.int32)  # [S = T*k]
-    if absent_ids:
-        expert_of_pair = expert_of_pair.clamp(max=num_experts)  # every absent id sorts as E, after every group
     expert_sorted, pair_order = torch.sort(expert_of_pair, stable=True)  # [S], [S]
     x_sorted = hidden_states[pair_order // top_k]  # [S, H], rows grouped by expert
     # Counts from a fixed-size histogram, not bincount: bincount sizes its output from the data
-    # (a host sync on CUDA). Absent ids fall outside its range: in no group.
+    # (a host sync on CUDA).
     counts = expert_counts(expert_sorted, num_experts)  # [E]
-    if absent_ids:
-        absent = (expert_sorted == num_experts).unsqueeze(-1)  # [S, 1], the last rows
-        x_sorted = x_sorted.masked_fill(absent, 0.0)  # backward: zeroes the dX rows the GEMM leaves unwritten
-        y = grouped_mm_sorted_rows(experts, x_sorted, counts, expert_sorted.clamp(max=num_experts - 1))
-        y = y.masked_fill(absent, 0.0)  # [S, H]: rows no GEMM wrote
-    else:
-        y = grouped_mm_sorted_rows(experts, x_sorted, counts, expert_sorted)  # [S, H]
+    y = grouped_mm_sorted_rows(experts, x_sorted, counts, expert_sorted)  # [S, H]
 
     # Un-permute as a gather: sorted_row_of_pair[p] is where pair p's row landed. A gather, unlike
     # a scatter into an empty buffer, fuses with the weighting and the sum under torch.compile.
@@ -209,5 +185,4 @@ SPEC = BackendSpec(
     builtin=True,
     kernel_path=lambda where, compiling=False: _path_at(where, compiling).kernel,
     sorted_rows=grouped_mm_sorted_rows,
-    partial_forward=grouped_mm_partial_forward,
 )
