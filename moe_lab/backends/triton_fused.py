@@ -175,8 +175,7 @@ def triton_partial_forward(experts, hidden_states, top_k_index, top_k_weights) -
     [N, H]. It is the sorted path of the forward: the sort puts an absent slot's pair after every expert, where no
     GEMM reaches it, and the top-k sums (the output's, and dX's in the backward) skip it, so it costs nothing and
     contributes nothing; its routing-weight gradient is 0. It trains like the forward. Never the decode path,
-    whose kernels would index the absent id (skipping it there timed 2-14 % slower on an H200:
-    docs/performance_notes.md)."""
+    whose kernels would index the absent id (why they do not skip it: docs/performance_notes.md)."""
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[1]
     weights = _runnable_weights(experts, hidden_states)  # gate_up [E, 2I, H], down [E, H, I]

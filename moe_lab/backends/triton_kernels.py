@@ -350,8 +350,8 @@ def sum_top_k_kernel(y_ptr, out_ptr, expert_ptr, num_experts, N, stride_ym, stri
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        # The slot's id as a row, so that it masks the row's load: no branch between the k loads (a branch per
-        # slot timed ~4 % slower on an H200), and triton 3.9's interpreter cannot AND a row mask with a scalar.
+        # The slot's id as a row, so that it masks the row's load: no branch between the k loads (why a mask:
+        # docs/performance_notes.md), and triton 3.9's interpreter cannot AND a row mask with a scalar.
         expert = tl.load(expert_ptr + token * TOP_K + slot) + tl.zeros((BLOCK_N,), dtype=tl.int32)
         present = n_mask & (expert >= 0) & (expert < num_experts)
         acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_ym + offs_n, mask=present, other=0.0).to(tl.float32)

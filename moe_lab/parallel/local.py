@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from ..backends import Where, check_inputs, checked_forward, experts_forward, get_spec
-from ..backends.common import needs_grad
+from ..backends.common import expert_weights, needs_grad
 from ..errors import BackendInputError
 from ..modules import Experts
 
@@ -63,10 +63,11 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
     `backend` (default: `local.experts_implementation`) names the registered backend; `local` may be any
     experts module moe_lab's backends run (a transformers one included)."""
     backend = local.experts_implementation if backend is None else backend
-    El = local.num_experts
-    if rows.dim() != 2 or rows.shape[1] != local.config.hidden_size or local_index.shape != weights.shape \
+    shapes = expert_weights(local)  # moe_lab's module or transformers' (transposed layouts too)
+    El, hidden = shapes.num_experts, shapes.hidden_size
+    if rows.dim() != 2 or rows.shape[1] != hidden or local_index.shape != weights.shape \
             or local_index.dim() != 2 or local_index.shape[0] != rows.shape[0]:
-        raise BackendInputError(f"run_partial_experts wants rows [N, {local.config.hidden_size}], ids and weights "
+        raise BackendInputError(f"run_partial_experts wants rows [N, {hidden}], ids and weights "
                                 f"[N, k], got {tuple(rows.shape)}, {tuple(local_index.shape)} and "
                                 f"{tuple(weights.shape)}")
     spec = get_spec(backend)
