@@ -63,14 +63,3 @@ def make_case(dtype=torch.float32, T=24, H=64, I=24, E=6, k=2, distribution="uni
     x = torch.randn(T, H, generator=generator).to(dtype)
     idx, w = moe_lab.synthetic_routing(T, E, k, distribution=distribution, skew=1.5, seed=seed)
     return experts, x, idx, w
-
-
-def with_random_biases(experts, seed: int = 0):
-    """The module with random expert biases. transformers initialises them to zero, and a zero bias hides a
-    dropped or misplaced bias term (in the output, or in the routing weights' gradient <dout, bias[e]>)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in ("gate_up_proj_bias", "down_proj_bias"):
-            bias = getattr(experts, name)
-            bias.copy_(torch.randn(bias.shape, generator=generator).to(bias.device, bias.dtype))
-    return experts

@@ -20,7 +20,6 @@ from moe_lab.backends.triton_launch import interpreting
 from moe_lab.lessons.tolerances import reference_tolerance
 
 from triton_device import triton_device_or_skip
-from backend_cases import with_random_biases
 from triton_grad_reference import backend_gradients, gradient_tolerance, reference_gradients, rounding_unit
 
 DEVICE = triton_device_or_skip()
@@ -171,7 +170,7 @@ def test_sorted_operands_and_tma_tiles_match_float64(dtype, sorted_operands, tma
 def test_transformers_module_with_bias_transposed_layout_and_own_gate(dtype, T):
     hf = pytest.importorskip("moe_lab.hf")
     model = hf.tiny_transformers_model("gpt_oss", dtype=dtype).to(DEVICE)
-    experts = with_random_biases(next(hf.experts_modules(model)))
+    experts = next(hf.experts_modules(model))
     assert experts.has_bias and experts.is_transposed and experts._apply_gate is not None
     config = model.config
     generator = torch.Generator().manual_seed(T)
@@ -477,7 +476,7 @@ def test_absent_slots_with_biases_transposed_layout_and_own_gate(dtype, poisoned
     # by expert id), and the module's own gate runs on rows no kernel wrote.
     hf = pytest.importorskip("moe_lab.hf")
     model = hf.tiny_transformers_model("gpt_oss", dtype=dtype).to(DEVICE)
-    experts = with_random_biases(next(hf.experts_modules(model)))
+    experts = next(hf.experts_modules(model))
     T, k, E = 9, model.config.num_experts_per_tok, experts.num_experts
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(T, model.config.hidden_size, generator=generator).to(DEVICE, dtype)

@@ -89,6 +89,8 @@ def tiny_transformers_model(family: str, *, seed: int = 0, dtype: torch.dtype = 
     Deterministic: the same `seed` gives the same weights (the global torch RNG is left as it
     was). `dtype` is the parameter dtype (float32 by default). `experts_implementation` is passed
     to `from_config` (transformers validates it then); `overrides` go to `tiny_transformers_config`.
+    Expert biases (gpt-oss's) get random values like the weights: transformers initialises them to
+    zero, where a backend that dropped or misplaced a bias term would still match every other.
     """
     config = tiny_transformers_config(family, **overrides)
     kwargs = {"dtype": dtype}
@@ -97,6 +99,13 @@ def tiny_transformers_model(family: str, *, seed: int = 0, dtype: torch.dtype = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        std = getattr(config, "initializer_range", 0.02)
+        with torch.no_grad():
+            for experts in experts_modules(model):
+                for name in ("gate_up_proj_bias", "down_proj_bias", "up_proj_bias"):
+                    bias = getattr(experts, name, None)
+                    if isinstance(bias, torch.Tensor):
+                        bias.normal_(0.0, std)
     return model.eval()
 
 
