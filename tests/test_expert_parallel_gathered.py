@@ -111,7 +111,8 @@ def _gradients(experts, x, index, weights, grad_out):
                              "gate_up_proj": experts.gate_up_proj.grad, "down_proj": experts.down_proj.grad}
 
 
-@pytest.mark.parametrize("backend", ["triton"])  # the backends with a partial entry
+@pytest.mark.parametrize("backend", [name for name in moe_lab.backends.builtin_backends()
+                                     if moe_lab.backends.get_spec(name).partial_forward is not None])
 def test_partial_forward_trains_like_the_generic_path(backend):
     # With gradients run_partial_experts takes the backend's partial entry too (the absent slots cost nothing);
     # output and every gradient equal the generic path's (ids clamped, weights zeroed) and the float64 layer's.

@@ -4,8 +4,8 @@ The gathered layer (moe_lab.parallel.gathered) hands each of w ranks every rank'
 ids each, where an id E/w means "that expert is on another rank" (transformers' own all_reduce expert
 parallelism hands its experts the same). `run_partial_experts` runs them two ways:
 
-    partial   the backend's `partial_forward` entry (--backend: triton, grouped_mm): the absent slots sort after
-              every expert and no GEMM reaches them, forward and backward
+    partial   the backend's `partial_forward` entry (--backend, default triton, the one built-in backend with
+              one): the absent slots sort after every expert and no GEMM reaches them, forward and backward
     generic   ids clamped to expert 0, weights zeroed, through the backend's forward: every slot computed,
               ~(w-1)/w of them thrown away (what a training step ran before the partial entry trained)
 
