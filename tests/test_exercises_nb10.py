@@ -163,6 +163,8 @@ def test_partial_forward_demo_sums_blocks_to_the_whole_layer():
 
     demo = nb10.partial_forward_demo(CONFIG, num_tokens=8, world_size=2).set_index("backend")
     assert (demo["result"] == "equals the whole layer").all() and (demo["error of the summed partials"] < 1e-5).all()
+    # and it trains: every backend's blocks give the whole layer's gradients, the partial entry's included
+    assert (demo["gradients"] == "equal the whole layer's").all() and (demo["error of the gradients"] < 1e-5).all()
     for name, row in demo.iterrows():
         declares = get_spec(name).partial_forward is not None
         assert row["declares partial_forward"] == declares
@@ -176,7 +178,7 @@ def test_partial_forward_demo_with_more_slots_than_a_rank_has_experts():
     # triton's partial_forward skips the absent ones; both sum to the whole layer.
     config = moe_lab.MoEConfig(32, 16, num_experts=8, top_k=4)
     demo = nb10.partial_forward_demo(config, num_tokens=6, world_size=4).set_index("backend")
-    assert (demo["result"] == "equals the whole layer").all()
+    assert (demo["result"] == "equals the whole layer").all() and (demo["gradients"] == "equal the whole layer's").all()
     assert demo.loc["eager", "pairs computed (all ranks)"] == 4 * 6 * 4
 
 

@@ -346,9 +346,11 @@ def gathered_stops_paying(preset: str = "qwen3-30b-a3b", tokens_per_rank: int = 
 def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: int = 2, seed: int = 0):
     """One layer's experts cut into world_size blocks, as the ranks hold them; every block runs the same
     `num_tokens` rows with run_partial_experts (ids of experts elsewhere -> "not here"), once per registered backend
-    that runs on this CPU in float32. One row per backend: whether its spec declares `partial_forward` (asked of the
-    registry), the expert pairs its blocks computed, and the error of the blocks' summed partials against the whole
-    layer's float64 reference (and whether it is within moe_lab's float32 tolerance), or why the backend refused."""
+    that runs on this CPU in float32, with gradients. One row per backend: whether its spec declares
+    `partial_forward` (asked of the registry), the expert pairs its blocks computed, the error of the blocks' summed
+    partials against the whole layer's float64 reference, and the worst error of the gradients (rows, routing
+    weights, both weight tensors, the blocks' put back together) against the whole layer's float64 ones; each
+    judged against moe_lab's float32 tolerance."""
     import pandas as pd
 
     from ..backends import Where, get_spec
@@ -356,15 +358,17 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
     from ..parallel import ExpertShard
     from ..parallel.local import run_partial_experts
     from ..parallel.sharding import local_config
-    from ..reference import reference_experts_forward, relative_error
+    from ..reference import reference_experts_forward, reference_gradients, relative_error
     from .tolerances import reference_tolerance
 
     torch.manual_seed(seed)
     config = config.replace(dtype=torch.float32)
     whole = Experts(config)
     hidden = torch.randn(num_tokens, config.hidden_size)  # [N, H]
+    upstream = torch.randn(num_tokens, config.hidden_size)  # [N, H]: the gradient arriving from above
     index, weights = synthetic_routing(num_tokens, config.num_experts, config.top_k, seed=seed)  # [N, k] each
     expected = reference_experts_forward(whole, hidden, index, weights)  # [N, H]
+    expected_grads = reference_gradients(whole, hidden, index, weights, upstream)
     tolerance = reference_tolerance(torch.float32)
     where = Where(torch.device("cpu"), torch.float32, config.hidden_size, config.intermediate_size)
     rows = []
@@ -372,22 +376,31 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
         spec = get_spec(name)
         if not spec.supports("runs", where):
             continue
-        total, pairs = torch.zeros_like(hidden), 0
+        x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        total, pairs, blocks = torch.zeros_like(hidden), 0, []
         for rank in range(world_size):
             shard = ExpertShard(rank, world_size, config.num_experts)
             block = Experts(local_config(config, shard), name)
             with torch.no_grad():
                 block.gate_up_proj.copy_(whole.gate_up_proj[shard.first:shard.first + shard.count])
                 block.down_proj.copy_(whole.down_proj[shard.first:shard.first + shard.count])
-                local = index - shard.first
-                local = torch.where((local >= 0) & (local < shard.count), local, shard.count)  # [N, k]
-                total += run_partial_experts(block, hidden, local, weights)  # [N, H]
+            local = index - shard.first
+            local = torch.where((local >= 0) & (local < shard.count), local, shard.count)  # [N, k]
+            total = total + run_partial_experts(block, x, local, w)  # [N, H]
             pairs += int((local < shard.count).sum()) if spec.partial_forward is not None else local.numel()
-        error = relative_error(total, expected)
-        result = "equals the whole layer" if error <= tolerance else "differs from the whole layer"
+            blocks.append(block)
+        total.backward(upstream)
+        got_grads = {"hidden_states": x.grad, "top_k_weights": w.grad,
+                     "gate_up_proj": torch.cat([b.gate_up_proj.grad for b in blocks]),
+                     "down_proj": torch.cat([b.down_proj.grad for b in blocks])}
+        error = relative_error(total.detach(), expected)
+        gradient_error = max(relative_error(got, expected_grads[key]) if got is not None else float("inf")
+                             for key, got in got_grads.items())  # None: a gradient that never arrived
         rows.append({"backend": name, "declares partial_forward": spec.partial_forward is not None,
                      "pairs computed (all ranks)": pairs, "pairs routed": index.numel(),
-                     "error of the summed partials": error, "result": result})
+                     "error of the summed partials": error, "error of the gradients": gradient_error,
+                     "result": "equals the whole layer" if error <= tolerance else "differs from the whole layer",
+                     "gradients": "equal the whole layer's" if gradient_error <= tolerance else "differ"})
     return pd.DataFrame(rows)
 
 
