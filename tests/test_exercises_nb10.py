@@ -208,3 +208,15 @@ def test_rank_reach_is_the_gathered_layers_probability():
     qwen3 = moe_lab.get_preset("qwen3-30b-a3b").config
     cost = dispatch_bytes(qwen3, 64, 8)
     assert cost.gathered_over_dedup == pytest.approx(1 / rank_reach(128, 8, 8))
+
+
+def test_partial_forward_demo_runs_a_backend_declared_without_autograd_forward_only():
+    # A learner's backend registered with autograd=False earlier in the kernel must not stop the cell.
+    moe_lab.register("forward_only", moe_lab.backends.get_spec("eager").forward, autograd=False, runs=True)
+    try:
+        demo = nb10.partial_forward_demo(CONFIG, num_tokens=8, world_size=2).set_index("backend")
+    finally:
+        moe_lab.unregister("forward_only")
+    assert demo.loc["forward_only", "result"] == "equals the whole layer"
+    assert demo.loc["forward_only", "gradients"] == "not asked (declared without autograd)"
+    assert demo.loc["triton", "gradients"] == "equal the whole layer's"

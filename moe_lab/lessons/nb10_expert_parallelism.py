@@ -376,11 +376,12 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
         spec = get_spec(name)
         if not spec.supports("runs", where):
             continue
-        x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        trains = spec.supports("autograd", where).ok is not False  # a backend declared without autograd: forward only
+        x, w = hidden.clone().requires_grad_(trains), weights.clone().requires_grad_(trains)
         total, pairs, blocks = torch.zeros_like(hidden), 0, []
         for rank in range(world_size):
             shard = ExpertShard(rank, world_size, config.num_experts)
-            block = Experts(local_config(config, shard), name)
+            block = Experts(local_config(config, shard), name).requires_grad_(trains)
             with torch.no_grad():
                 block.gate_up_proj.copy_(whole.gate_up_proj[shard.first:shard.first + shard.count])
                 block.down_proj.copy_(whole.down_proj[shard.first:shard.first + shard.count])
@@ -389,18 +390,21 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
             total = total + run_partial_experts(block, x, local, w)  # [N, H]
             pairs += int((local < shard.count).sum()) if spec.partial_forward is not None else local.numel()
             blocks.append(block)
-        total.backward(upstream)
-        got_grads = {"hidden_states": x.grad, "top_k_weights": w.grad,
-                     "gate_up_proj": torch.cat([b.gate_up_proj.grad for b in blocks]),
-                     "down_proj": torch.cat([b.down_proj.grad for b in blocks])}
+        gradient_error = float("nan")
+        if trains:
+            total.backward(upstream)
+            got_grads = {"hidden_states": x.grad, "top_k_weights": w.grad,
+                         "gate_up_proj": torch.cat([b.gate_up_proj.grad for b in blocks]),
+                         "down_proj": torch.cat([b.down_proj.grad for b in blocks])}
+            gradient_error = max(relative_error(got, expected_grads[key]) if got is not None else float("inf")
+                                 for key, got in got_grads.items())  # None: a gradient that never arrived
         error = relative_error(total.detach(), expected)
-        gradient_error = max(relative_error(got, expected_grads[key]) if got is not None else float("inf")
-                             for key, got in got_grads.items())  # None: a gradient that never arrived
         rows.append({"backend": name, "declares partial_forward": spec.partial_forward is not None,
                      "pairs computed (all ranks)": pairs, "pairs routed": index.numel(),
                      "error of the summed partials": error, "error of the gradients": gradient_error,
                      "result": "equals the whole layer" if error <= tolerance else "differs from the whole layer",
-                     "gradients": "equal the whole layer's" if gradient_error <= tolerance else "differ"})
+                     "gradients": ("not asked (declared without autograd)" if not trains
+                                   else "equal the whole layer's" if gradient_error <= tolerance else "differ")})
     return pd.DataFrame(rows)
 
 
