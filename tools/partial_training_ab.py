@@ -86,9 +86,7 @@ def main(argv=None) -> int:
                                                                              device)
             present = int((local_index < local_experts).sum())
             flops = training_flops(present, 1, config.hidden_size, config.intermediate_size)  # present slots only
-            experts = build_experts(config.replace(num_experts=local_experts), device, seed=0)
-            for parameter in experts.parameters():
-                parameter.requires_grad_(True)
+            experts = build_experts(config.replace(num_experts=local_experts), device, seed=0)  # parameters: grad
             upstream = torch.randn_like(hidden_states)
             steps = {"partial": CapturedStep(step(experts, args.backend, hidden_states, local_index, weights, upstream),
                                              name="partial"),
