@@ -91,7 +91,7 @@ def _bench(args) -> int:
     frame = bench.sweep(configs, args.tokens, backends, [dtype] if dtype else None, device=device,
                         progress=not args.quiet, ceilings=ceilings, distribution=[args.distribution or "uniform"],
                         measure_kwargs={"max_seconds": args.max_seconds},
-                        executions=["eager", "cuda_graph"] if args.cuda_graph else ["eager"], rounds=args.rounds,
+                        executions=_executions(args), rounds=args.rounds,
                         passes=["forward_backward"] if args.backward else ["forward"])
     if args.compare_hf:
         from .bench.ratios import add_transformers_ratios
@@ -129,6 +129,12 @@ def _bench(args) -> int:
         if compile_frame is not None:
             print("wrote", *bench.save_results(compile_frame, f"{args.output}_compile", ceilings=ceilings))
     return 0
+
+
+def _executions(args) -> list[str]:
+    """Launched from Python always; replayed from a CUDA graph with --cuda-graph, back to back with --back-to-back."""
+    return ["eager", *(["cuda_graph"] if args.cuda_graph else []),
+            *(["cuda_graph_back_to_back"] if args.back_to_back else [])]
 
 
 def _bench_ep(args) -> int:
@@ -385,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cuda-graph", action="store_true",
                        help="also time every backend replayed from a CUDA graph (CUDA only): the forward "
                             "(the decode path), or with --backward the whole forward + backward step")
+    bench.add_argument("--back-to-back", action="store_true",
+                       help="also time the CUDA-graph replays queued back to back, no synchronize between (CUDA only): "
+                            "what a captured training or decode loop gets once the card is at its power limit")
     bench.add_argument("--compile-matrix", action="store_true", help="also run the torch.compile mode matrix (first config)")
     bench.add_argument("--compile-tokens", type=lambda s: _csv(s, int), default=None,
                        help="token counts for the compile matrix (default: the first two of --tokens)")

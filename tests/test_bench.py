@@ -42,6 +42,16 @@ def test_back_to_back_timing_needs_queued_gpu_work():
         back_to_back_ms(lambda: None, 3, device="cpu")
 
 
+def test_back_to_back_timing_by_time_needs_queued_gpu_work_and_a_positive_budget():
+    from moe_lab.bench.timing import time_back_to_back
+
+    with pytest.raises(ValueError, match="queues GPU work behind CUDA events; the device is cpu"):
+        time_back_to_back(lambda: None, device="cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="max_seconds must be > 0, got 0"):
+            time_back_to_back(lambda: None, device="cuda", max_seconds=0)
+
+
 def test_time_fn_measures_a_known_sleep():
     timing = bench.time_fn(lambda: time.sleep(0.020), device="cpu", warmup=1, min_reps=3, max_reps=5,
                            max_seconds=10)
@@ -437,6 +447,9 @@ def test_forward_backward_rows_time_a_training_step(ceilings):
     graphed = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, pass_="forward_backward",
                             execution="cuda_graph", **FAST)
     assert graphed["status"] == "unsupported" and "CUDA graphs need a CUDA device" in graphed["reason"]
+    looped = bench.measure(TINY, 24, "grouped_mm", device="cpu", ceilings=ceilings, pass_="forward_backward",
+                           execution="cuda_graph_back_to_back", **FAST)
+    assert looped["status"] == "unsupported" and "CUDA graphs need a CUDA device" in looped["reason"]
 
 
 def test_cli_bench_backward_beside_transformers(tmp_path, capsys):
@@ -452,3 +465,15 @@ def test_cli_bench_backward_beside_transformers(tmp_path, capsys):
     assert (frame["status"] == "ok").all() and (frame["rel_err"] < 1e-5).all()
     assert frame.loc[frame["backend"] == "grouped_mm", "speedup_vs_transformers"].notna().all()
     assert "forward_backward" in capsys.readouterr().out
+
+
+def test_cli_bench_back_to_back_adds_its_execution_and_says_why_it_cannot_run_here(tmp_path, capsys):
+    out = tmp_path / "loop"
+    rc = main(["bench", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2", "--tokens", "16",
+               "--backends", "grouped_mm", "--backward", "--cuda-graph", "--back-to-back", "--no-ceilings", "--quiet",
+               "--device", "cpu", "--max-seconds", "0.02", "--output", str(out)])
+    assert rc == 0
+    frame, _ = bench.load_results(out)
+    assert list(frame["execution"]) == ["eager", "cuda_graph", "cuda_graph_back_to_back"]
+    assert list(frame["status"]) == ["ok", "unsupported", "unsupported"]
+    assert "CUDA graphs need a CUDA device; this is cpu" in frame["reason"].iloc[2]

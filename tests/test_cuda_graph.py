@@ -29,10 +29,11 @@ def test_cpu_tensors_cannot_be_captured():
         moe_lab.GraphedExperts(layer, "grouped_mm")(x, index, weights)
 
 
-def test_bench_rows_for_cuda_graph_on_cpu_are_unsupported_with_the_reason():
+@pytest.mark.parametrize("execution", ["cuda_graph", "cuda_graph_back_to_back"])
+def test_bench_rows_for_cuda_graph_on_cpu_are_unsupported_with_the_reason(execution):
     row = measure(moe_lab.MoEConfig(32, 16, num_experts=4, top_k=2), 4, "grouped_mm", device="cpu",
-                  execution="cuda_graph", max_seconds=0.01, measure_memory=False)
-    assert row["execution"] == "cuda_graph" and row["status"] == "unsupported"
+                  execution=execution, max_seconds=0.01, measure_memory=False)
+    assert row["execution"] == execution and row["status"] == "unsupported"
     assert "CUDA graphs need CUDA tensors" in row["reason"]
 
 
@@ -40,12 +41,12 @@ def test_unknown_execution_is_a_row_with_the_allowed_ones():
     row = measure(moe_lab.MoEConfig(32, 16, num_experts=4, top_k=2), 4, "grouped_mm", device="cpu",
                   execution="graph", max_seconds=0.01)
     assert row["status"] == "unsupported" and "unknown execution 'graph'" in row["reason"]
-    assert "'eager', 'cuda_graph'" in row["reason"]
+    assert "'eager', 'cuda_graph', 'cuda_graph_back_to_back'" in row["reason"]
 
 
 def test_sweep_refuses_an_unknown_execution_before_running():
     from moe_lab.bench import sweep
 
-    with pytest.raises(ValueError, match=r"unknown executions \['graph'\]; allowed: \['eager', 'cuda_graph'\]"):
+    with pytest.raises(ValueError, match=r"unknown executions \['graph'\]; allowed: \['eager', 'cuda_graph', 'cuda_graph_back_to_back'\]"):
         sweep(moe_lab.MoEConfig(32, 16, num_experts=4, top_k=2), 4, ["grouped_mm"], device="cpu",
               progress=False, executions=["graph"])

@@ -105,11 +105,13 @@ while [ $# -gt 0 ]; do
     # transformers' grouped_mm and, for backward:, Liger's fused MoE, interleaved rounds in each process.
     # Liger autotunes per token count: its first call took over 150 s on an H200.
     # backward:<preset>[:<T,T,...>] (default 128,1024,8192,32768); backward-hf: without Liger.
-    # BACKWARD_GRAPH=1: each implementation's whole step replayed from a CUDA graph too (--cuda-graph).
+    # BACKWARD_GRAPH=1: each implementation's whole step replayed from a CUDA graph too (--cuda-graph);
+    # BACKWARD_GRAPH=back-to-back: and those replays queued back to back, as a training loop runs them.
     spec=${part#*:}; preset=${spec%%:*}; tokens=128,1024,8192,32768
     [ "$spec" != "$preset" ] && tokens=${spec#*:}
     liger=--compare-liger; [ "${part%%:*}" = backward-hf ] && liger=
     graph=; [ -n "${BACKWARD_GRAPH:-}" ] && graph=--cuda-graph
+    [ "${BACKWARD_GRAPH:-}" = back-to-back ] && graph="--cuda-graph --back-to-back"
     for T in ${tokens//,/ }; do
       echo "-- $preset T=$T $liger $graph $(date -u +%T)"
       timeout ${BACKWARD_TIMEOUT:-240} $BENCH --backward --preset $preset --tokens $T --backends grouped_mm,triton \

@@ -23,7 +23,8 @@ ROW_COLUMNS = (
     "gbps", "roofline_ms", "fraction_of_roofline", "grouped_mm_kernel", "rel_err", *ROW_PROVENANCE,
     # added beyond the agreed interface: the ceilings this row's roofline used
     "ceiling_copy_GBps", "ceiling_matmul_TFLOPs",
-    # "eager" (launched from Python) or "cuda_graph" (replayed by moe_lab.cuda_graph.GraphedExperts)
+    # "eager" (launched from Python), "cuda_graph" (replayed by moe_lab.cuda_graph, synchronized after each replay)
+    # or "cuda_graph_back_to_back" (the same replays queued with no synchronize between: bench.measure.EXECUTIONS)
     "execution",
     # interleaved rounds (bench.rounds): how many, and each one's median, e.g. "0.512 0.498 0.503"
     "rounds", "round_medians_ms",

@@ -38,12 +38,15 @@ from .roofline import (
 )
 from .rounds import format_round_medians
 from .training_memory_model import predict_training_memory
-from .timing import resolve_device, synchronize, time_fn
+from .timing import resolve_device, synchronize, time_back_to_back, time_fn
 
 #: rel_err is computed when T*E*H*I is below this: the float64 reference is dense over all experts.
 REL_ERR_MAX_WORK = 5e7
-#: How the forward is issued: kernel by kernel from Python, or replayed from a CUDA graph.
-EXECUTIONS = ("eager", "cuda_graph")
+#: How the work is issued: kernel by kernel from Python ("eager"); replayed from a CUDA graph with a synchronize
+#: after each replay ("cuda_graph"); or replayed back to back with none between, as a captured training or decode
+#: loop runs ("cuda_graph_back_to_back": the card never idles, and an H200 lowers its clock at its power limit).
+EXECUTIONS = ("eager", "cuda_graph", "cuda_graph_back_to_back")
+GRAPH_EXECUTIONS = ("cuda_graph", "cuda_graph_back_to_back")
 #: What is timed: the forward alone, or the forward and the backward of everything it depends on.
 PASSES = ("forward", "forward_backward")
 #: Refuse to run when the predicted footprint exceeds this fraction of the free memory.
@@ -69,7 +72,9 @@ def measure(config, num_tokens: int, backend: str, *, device=None, dtype=None, d
     config, device and dtype) across calls — its implementation is switched to `backend`.
     `execution="cuda_graph"` times replays of a CUDA graph of the forward
     (`moe_lab.cuda_graph.GraphedExperts.replay`: inputs already in the graph's buffers, as inside a
-    model-wide graph) instead of kernel launches from Python. `pass_="forward_backward"` times one
+    model-wide graph) instead of kernel launches from Python, each replay followed by a synchronize;
+    `"cuda_graph_back_to_back"` the same replays queued one after another for `max_seconds` after as long a
+    warm-up queue (`timing.time_back_to_back`), the regime of a loop that never lets the card idle. `pass_="forward_backward"` times one
     forward and the backward to the hidden states, the routing weights and both weight tensors
     (`torch.autograd.grad` with a random upstream gradient: a training step's layer); its FLOPs are
     3x the forward's, `rel_err` is the worst of the gradients' against float64, and the peak memory
@@ -194,14 +199,15 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
 
     if backward:
         call, check = training_step(experts, hidden_states, top_k_index, top_k_weights, seed)
-    if execution == "cuda_graph" and backward:
+    graphed_execution = execution in GRAPH_EXECUTIONS
+    if graphed_execution and backward:
         if torch.device(device).type != "cuda":
             raise GraphCaptureError(f"CUDA graphs need a CUDA device; this is {device}")
         with torch.enable_grad():
             captured = CapturedStep(call, name=f"{backend}'s forward + backward")
         measure_memory = False  # replays allocate nothing: the graph's pool was sized at capture
         call = captured.replay  # the whole training step's layer, its inputs and upstream gradient in place
-    elif execution == "cuda_graph":
+    elif graphed_execution:
         graphed = GraphedExperts(experts, implementations.implementation(backend))
         graphed(hidden_states, top_k_index, top_k_weights)  # capture, and load these inputs
         measure_memory = False  # replays allocate nothing: the graph's pool was sized at capture
@@ -222,7 +228,11 @@ def _run(row, config, T, backend, device, dtype, distribution, skew, seed, ceili
         del output
         if measure_memory:
             _measure_memory(row, call, device)
-        timing = time_fn(call, device=device, **timing_options)
+        if execution == "cuda_graph_back_to_back":
+            timing = time_back_to_back(call, device=device, max_seconds=timing_options["max_seconds"],
+                                       min_reps=timing_options["min_reps"])
+        else:
+            timing = time_fn(call, device=device, **timing_options)
     row.update(p10_ms=timing.p10_ms, p90_ms=timing.p90_ms, reps=timing.reps, rounds=1,
                round_medians_ms=format_round_medians([timing.median_ms]))
     set_time_columns(row, timing.median_ms)

@@ -84,8 +84,8 @@ def sweep(configs, tokens, backends=None, dtypes=None, *, device=None, progress:
     registered moe_lab backends that run compiled on `device`, i.e. not triton's CPU interpreter).
     dtypes: names or torch dtypes (default: each config's own). field_grid: any MoEConfig field -> list of values (e.g. num_experts=[8, 64], top_k=[1, 2]), plus routing
     fields distribution / skew / seed. measure_kwargs: passed to `measure` (max_seconds,
-    max_reps, min_reps, warmup, measure_memory, seed, ...). executions: "eager" and/or "cuda_graph"
-    (see `measure`), varied fastest after backends. passes: "forward" and/or "forward_backward"
+    max_reps, min_reps, warmup, measure_memory, seed, ...). executions: any of "eager", "cuda_graph" and
+    "cuda_graph_back_to_back" (see `measure`), varied fastest after backends. passes: "forward" and/or "forward_backward"
     (see `measure`), varied fastest of all. `ceilings`: one `Ceilings` for all
     rows, or None to measure them once per device and dtype. Progress: a tqdm.auto bar when
     tqdm is installed. Bad arguments raise here, before anything runs; after that nothing does.

@@ -14,6 +14,7 @@ of a small layer may sit in L2): a hot-loop measurement, as every benchmark of t
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -105,13 +106,15 @@ def time_fn(fn, *, device=None, warmup: int = 2, min_reps: int = 5, max_reps: in
     )
 
 
-def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0) -> Timing:
+def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0, warmup: int = 0) -> Timing:
     """The GPU time of each of `reps` calls of `fn` queued one after another (CUDA events around each, one
     synchronize at the end): the regime of a training loop, where the card never idles between steps and stays
     at its power limit if the work reaches it (an H200 lowers its SM clock there: docs/performance_notes.md).
     `time_fn` instead synchronizes after every call, so the card idles briefly between them. With rest_s > 0 the
     host sleeps that long (the card idle) before each call: the same work on a rested card. CUDA only; `fn`
-    should not wait for the GPU itself (e.g. a CUDA-graph replay), or the calls are not back to back."""
+    should not wait for the GPU itself (e.g. a CUDA-graph replay), or the calls are not back to back. `warmup`
+    untimed calls are queued just before the timed ones, with no synchronize between: the card enters the timed
+    calls already in the state the loop drives it to."""
     device = resolve_device(device)
     if device.type != "cuda":
         raise ValueError(f"back_to_back_ms times queued GPU work with CUDA events; the device is {device.type}")
@@ -120,6 +123,8 @@ def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0) -> Timin
     stream = torch.cuda.current_stream(device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     synchronize(device)
+    for _ in range(max(0, warmup)):
+        fn()
     for start, end in events:
         if rest_s > 0:
             synchronize(device)
@@ -131,3 +136,23 @@ def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0) -> Timin
     times = [start.elapsed_time(end) for start, end in events]
     return Timing(median_ms=percentile(times, 50), p10_ms=percentile(times, 10), p90_ms=percentile(times, 90),
                   min_ms=min(times), reps=reps, times_ms=times)
+
+
+#: A cap on the queued calls of `time_back_to_back` (a pair of CUDA events each): calls shorter than the host's
+#: enqueue are not back to back on the GPU anyway.
+BACK_TO_BACK_MAX_CALLS = 5000
+
+
+def time_back_to_back(fn, *, device=None, max_seconds: float = 0.5, min_reps: int = 5) -> Timing:
+    """`back_to_back_ms` sized by time: about `max_seconds` of untimed calls queued first (a training loop's
+    steady state: at the power limit, if the work reaches it, which takes an H200 a few hundred ms), then about
+    `max_seconds` of timed calls, at least `min_reps`. One synchronized call first estimates a call's time."""
+    device = resolve_device(device)
+    if device.type != "cuda":
+        raise ValueError(f"back-to-back timing queues GPU work behind CUDA events; the device is {device.type}")
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    fn()
+    one_ms = max(_one_call_ms(fn, device), 1e-3)
+    calls = min(BACK_TO_BACK_MAX_CALLS, max(1, math.ceil(max_seconds * 1e3 / one_ms)))
+    return back_to_back_ms(fn, max(calls, min_reps), device=device, warmup=calls)
