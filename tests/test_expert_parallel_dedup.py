@@ -127,6 +127,29 @@ def test_sorted_rows_entry_is_used_and_equals_the_forward():
         moe_lab.unregister("counting_sorted")
 
 
+def test_auto_runs_the_sorted_rows_entry_of_the_backend_it_chooses(monkeypatch, tmp_path):
+    from moe_lab.backends import auto
+    from moe_lab.parallel.local import run_sorted_rows
+    from moe_lab.parallel.sharding import ExpertShard, local_experts
+
+    counting = _Counting()
+    moe_lab.register("counting_sorted", moe_lab.get_backend("grouped_mm"), sorted_rows=counting.sorted_rows,
+                     autograd=True)
+    monkeypatch.setenv(auto.ENV_VAR, str(tmp_path / "no_calibration.json"))
+    monkeypatch.setitem(auto.DEFAULT_CROSSOVERS, "cpu", ((None, "counting_sorted"),))
+    monkeypatch.setattr(auto, "_forward_decisions", {})
+    try:
+        local = local_experts(_config(num_experts=4, dtype=torch.float64), ExpertShard(0, 1, 4), "auto")
+        counts = torch.tensor([3, 0, 5, 2])
+        rows = torch.randn(10, 32, dtype=torch.float64, requires_grad=True)
+        through_auto = run_sorted_rows(local, rows, counts)
+        assert counting.sorted_calls == 1
+        local.set_experts_implementation("eager")
+        torch.testing.assert_close(through_auto, run_sorted_rows(local, rows, counts))
+    finally:
+        moe_lab.unregister("counting_sorted")
+
+
 def test_sorted_rows_of_a_backend_without_declared_autograd_is_not_trusted_with_gradients():
     from moe_lab.parallel.local import run_sorted_rows
     from moe_lab.parallel.sharding import ExpertShard, local_experts

@@ -146,6 +146,35 @@ def test_partial_forward_trains_like_the_generic_path(backend):
     assert torch.all(partial["hidden_states"][0] == 0)  # the row with no expert here
 
 
+def test_auto_runs_the_partial_entry_of_the_backend_it_chooses(monkeypatch, tmp_path):
+    # auto has no partial entry of its own: run_partial_experts asks it which backend it runs for this call and
+    # takes that backend's entry, with gradients, instead of computing every absent slot through auto's forward.
+    from moe_lab.backends import auto
+
+    calls = []
+    entry = get_spec("triton").partial_forward
+    moe_lab.register("counted", get_spec("triton").forward, autograd=True,
+                     partial_forward=lambda *args: calls.append(1) or entry(*args))
+    monkeypatch.setenv(auto.ENV_VAR, str(tmp_path / "no_calibration.json"))
+    monkeypatch.setitem(auto.DEFAULT_CROSSOVERS, "cpu", ((None, "counted"),))
+    monkeypatch.setattr(auto, "_forward_decisions", {})
+    torch.manual_seed(0)
+    experts = Experts(small_config(num_experts=4, top_k=3), "auto")
+    x, index, weights = _partial_inputs()
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    try:
+        through_auto, auto_grads = _gradients(experts, x, index, weights, grad_out)
+    finally:
+        moe_lab.unregister("counted")
+    assert calls == [1]
+    experts.set_experts_implementation("eager")
+    generic, generic_grads = _gradients(experts, x, index, weights, grad_out)
+    tolerance = reference_tolerance(torch.float32)
+    assert relative_error(through_auto, generic) <= tolerance
+    for name, expected in generic_grads.items():
+        assert relative_error(auto_grads[name], expected) <= tolerance, name
+
+
 def test_sorting_with_the_absent_id_is_the_same_either_way():
     from moe_lab.backends.triton_fused import sort_pairs
 

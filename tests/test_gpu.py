@@ -221,13 +221,14 @@ def test_triton_with_bias_transposed_layout_and_custom_gate(T):
 
 
 @pytest.mark.parametrize("backend", [name for name in moe_lab.backends.builtin_backends()
-                                     if moe_lab.backends.get_spec(name).partial_forward is not None])
+                                     if moe_lab.backends.get_spec(name).partial_forward is not None] + ["auto"])
 def test_partial_entries_give_absent_experts_nothing_forward_and_backward(backend):
     # Expert parallelism's ids of other ranks' experts (>= E): with every uninitialised buffer NaN, a row nobody
     # wrote reaching the output or dX would show. (tools/partial_training_ab.py captures the same step in a graph.)
+    # auto has no entry of its own and runs that of the backend it chooses on the GPU.
     import torch.utils.deterministic as deterministic
 
-    from moe_lab.backends import get_spec
+    from moe_lab.backends import resolve_spec
     from moe_lab.parallel.local import run_partial_experts
 
     layer = _layer(256, 96, 32, 8, torch.bfloat16)
@@ -238,7 +239,7 @@ def test_partial_entries_give_absent_experts_nothing_forward_and_backward(backen
     x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
     upstream = torch.randn_like(hidden)
     inputs = [x, w, layer.gate_up_proj, layer.down_proj]
-    assert get_spec(backend).partial_forward is not None
+    assert resolve_spec(backend, layer, x, 8, True).partial_forward is not None
 
     def step():
         output = run_partial_experts(layer, x, index, w)

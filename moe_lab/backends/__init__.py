@@ -27,7 +27,7 @@ from .common import apply_gate, check_inputs, expert_weights
 from .describe import backend_capabilities, describe_backends
 from .eager import eager_experts_forward
 from .grouped_mm import GroupedMMPath, grouped_mm_experts_forward, grouped_mm_path
-from .registry import available_backends, builtin_backends, get_backend, get_spec, register, unregister
+from .registry import available_backends, builtin_backends, get_backend, get_spec, register, resolve_spec, unregister
 from .spec import CAPABILITIES, BackendSpec, Support, Where
 from .triton_fused import TritonUnavailableError, triton_available, triton_status
 
@@ -66,6 +66,6 @@ __all__ = [
     "builtin_backends", "calibration_path", "check_inputs", "choose_backend", "crossover_table", "describe_backends",
     "eager_experts_forward", "expert_weights", "experts_forward", "get_backend", "get_batched_mm_budget", "get_spec",
     "grouped_mm_experts_forward", "grouped_mm_path", "load_calibration", "predict_gather_bytes", "register",
-    "reload_calibration", "runnable_backends", "set_batched_mm_budget", "triton_available", "triton_status",
+    "reload_calibration", "resolve_spec", "runnable_backends", "set_batched_mm_budget", "triton_available", "triton_status",
     "unregister",
 ]

@@ -56,12 +56,6 @@ class Needs:
     compiling: bool = False  # traced by torch.compile
     capturing: bool = False  # recorded into a CUDA graph
 
-    @classmethod
-    def of_call(cls, hidden_states, top_k_weights, experts) -> "Needs":
-        return cls(grad=needs_grad(experts, hidden_states, top_k_weights), compiling=torch.compiler.is_compiling(),
-                   capturing=hidden_states.is_cuda and not torch.compiler.is_compiling()
-                   and torch.cuda.is_current_stream_capturing())
-
 
 def unusable_reason(spec: BackendSpec, where: Where, needs: Needs = Needs()) -> str | None:
     """Why auto cannot choose `spec` at `where` for a call with `needs`, or None. Unknown (undeclared)
@@ -227,17 +221,23 @@ def _forward_rules(device: torch.device, dtype: torch.dtype, shape: tuple, grad:
     return _forward_decisions[key]
 
 
-def auto_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
-    """Run the backend `choose_backend` names for T = hidden_states.shape[0] tokens."""
+def auto_choice(experts, hidden_states, top_k: int, grad: bool) -> str:
+    """The backend auto runs for a call of T = hidden_states.shape[0] tokens with `top_k` slots, needing
+    gradients or not (`BackendSpec.chooses`): `choose_backend`'s answer, from shapes alone."""
     # (E, k, H, I) from shapes alone; I from down_proj's volume E*H*I, which is the same whether it is
     # stored [E, H, I] or transposed. (expert_weights() costs ~5 us per call on an nn.Module.)
     num_experts, hidden = experts.gate_up_proj.shape[0], hidden_states.shape[1]
-    shape = (int(num_experts), int(top_k_index.shape[1]), int(hidden),
-             int(experts.down_proj.numel() // (num_experts * hidden)))
-    needs = Needs.of_call(hidden_states, top_k_weights, experts)
-    rules, fallback = _forward_rules(hidden_states.device, hidden_states.dtype, shape, needs.grad, needs.compiling,
-                                     needs.capturing)
-    backend = pick(rules, hidden_states.shape[0], fallback)
+    shape = (int(num_experts), int(top_k), int(hidden), int(experts.down_proj.numel() // (num_experts * hidden)))
+    compiling = torch.compiler.is_compiling()
+    capturing = hidden_states.is_cuda and not compiling and torch.cuda.is_current_stream_capturing()
+    rules, fallback = _forward_rules(hidden_states.device, hidden_states.dtype, shape, grad, compiling, capturing)
+    return pick(rules, hidden_states.shape[0], fallback)
+
+
+def auto_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+    """Run the backend `choose_backend` names for T = hidden_states.shape[0] tokens."""
+    backend = auto_choice(experts, hidden_states, top_k_index.shape[1],
+                          needs_grad(experts, hidden_states, top_k_weights))
     return registry.get_backend(backend)(experts, hidden_states, top_k_index, top_k_weights)
 
 
@@ -263,4 +263,5 @@ SPEC = BackendSpec(
     sync_free=yes("choosing reads only shapes; under a CUDA graph capture it chooses a capturable backend"),
     dispatcher=True,
     builtin=True,
+    chooses=auto_choice,
 )

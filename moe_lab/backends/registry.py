@@ -144,6 +144,21 @@ def get_spec(name: str) -> BackendSpec:
         ) from None
 
 
+def resolve_spec(name: str, experts, hidden_states, top_k: int, grad: bool) -> BackendSpec:
+    """The spec of the backend that runs a call of `name` on `hidden_states` [T, H] with `top_k` slots: `name`'s
+    own, or, for a dispatcher that declares `chooses` (auto), that of the backend it chooses for this call, so
+    callers of the other entries (`sorted_rows`, `partial_forward`) get its choice's entries."""
+    spec = get_spec(name)
+    seen = {name}
+    while spec.dispatcher and spec.chooses is not None:
+        chosen = spec.chooses(experts, hidden_states, top_k, grad)
+        if chosen in seen:
+            raise ValueError(f"dispatcher {spec.name!r} chose {chosen!r}, which dispatches back to it")
+        seen.add(chosen)
+        spec = get_spec(chosen)
+    return spec
+
+
 def get_backend(name: str) -> ExpertsForward:
     """The forward function registered under `name`."""
     return get_spec(name).forward

@@ -122,6 +122,10 @@ class BackendSpec:
     #: answers for it too, and the checked entry (`checked_forward(..., entry=...)`) holds it to that. None: no
     #: entry; callers clamp the ids, zero their weights and run `forward`, computing the absent slots for nothing.
     partial_forward: Callable | None = None
+    #: For a dispatcher: chooses(experts, hidden_states [T, H], top_k, grad) -> the name of the backend it runs for
+    #: a call of T tokens with top_k slots that needs gradients (grad) or not. Callers of the other entries ask it
+    #: (`resolve_spec`), so a dispatcher's call runs its choice's `sorted_rows` or `partial_forward` too.
+    chooses: Callable | None = None
 
     def supports(self, capability: str, where: Where) -> Support:
         """The answer for `capability` (one of CAPABILITIES) at `where`. A backend that does not run

@@ -353,7 +353,7 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
     judged against moe_lab's float32 tolerance."""
     import pandas as pd
 
-    from ..backends import Where, get_spec
+    from ..backends import Where, get_spec, resolve_spec
     from ..modules import Experts
     from ..parallel import ExpertShard
     from ..parallel.local import run_partial_experts
@@ -388,7 +388,8 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
             local = index - shard.first
             local = torch.where((local >= 0) & (local < shard.count), local, shard.count)  # [N, k]
             total = total + run_partial_experts(block, x, local, w)  # [N, H]
-            pairs += int((local < shard.count).sum()) if spec.partial_forward is not None else local.numel()
+            runs = resolve_spec(name, block, x, config.top_k, trains)  # auto: the backend it chooses here
+            pairs += int((local < shard.count).sum()) if runs.partial_forward is not None else local.numel()
             blocks.append(block)
         gradient_error = float("nan")
         if trains:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..backends import Where, check_inputs, checked_forward, experts_forward, get_spec
+from ..backends import Where, check_inputs, checked_forward, experts_forward, resolve_spec
 from ..backends.common import expert_weights, needs_grad
 from ..errors import BackendInputError
 from ..modules import Experts
@@ -39,10 +39,11 @@ def run_sorted_rows(local: Experts, rows: torch.Tensor, counts: torch.Tensor) ->
     if rows.dim() != 2 or rows.shape[1] != local.config.hidden_size or counts.shape != (local.num_experts,):
         raise BackendInputError(f"run_sorted_rows wants rows [R, {local.config.hidden_size}] and counts "
                                 f"[{local.num_experts}], got {tuple(rows.shape)} and {tuple(counts.shape)}")
-    spec = get_spec(local.experts_implementation)
+    grad = needs_grad(local, rows, counts)
+    spec = resolve_spec(local.experts_implementation, local, rows, 1, grad)  # auto: the backend it runs here
     if spec.sorted_rows is not None:
         where = Where(rows.device, rows.dtype, local.config.hidden_size, local.config.intermediate_size)
-        if not needs_grad(local, rows, counts) or spec.supports("autograd", where):
+        if not grad or spec.supports("autograd", where):
             return _tied_if_empty(spec.sorted_rows(local, rows, counts), rows, local)
     expert_of_row = torch.repeat_interleave(torch.arange(local.num_experts, device=rows.device), counts.long(),
                                             output_size=rows.shape[0])  # [R]
@@ -54,7 +55,7 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
     """[N, H] rows, [N, k] local expert ids (>= E/w: that expert lives on another rank), [N, k] weights -> [N, H]:
     each row's weighted sum over the experts it has here (zeros for a row with none).
 
-    Through the backend's `partial_forward` entry when its spec has one: the absent slots cost nothing, and
+    Through the backend's `partial_forward` entry when its spec has one (for `auto`, the backend it chooses): the absent slots cost nothing, and
     their routing weights get a zero gradient. It is held to the backend's autograd declaration like the
     forward (`checked_forward`). Otherwise the generic path, transformers' way: absent ids clamped to a real
     expert and their weights zeroed, through the backend's forward. It trains too, but computes every absent
@@ -70,7 +71,8 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
         raise BackendInputError(f"run_partial_experts wants rows [N, {hidden}], ids and weights "
                                 f"[N, k], got {tuple(rows.shape)}, {tuple(local_index.shape)} and "
                                 f"{tuple(weights.shape)}")
-    spec = get_spec(backend)
+    spec = resolve_spec(backend, local, rows, local_index.shape[1], needs_grad(local, rows, weights))
+    backend = spec.name  # auto: the backend it chooses for this call, with that backend's entries
     if spec.partial_forward is not None:
         check_inputs(local, rows, local_index, weights, absent_ids=True)
         output = checked_forward(spec, local, rows, local_index, weights, entry=spec.partial_forward)
