@@ -19,9 +19,9 @@ RECORDED = {
     "backward_host": ["h200_bf16_backward_host"],
     # the same goal points with each implementation's whole step also replayed from one CUDA graph
     "backward_graph": ["h200_bf16_backward_graph"],
+    # the goal points again, the replays also queued back to back (a training loop) and the card's clock beside
+    "backward_back_to_back": ["h200_bf16_backward_back_to_back"],
 }
-#: How a "presets" row was issued (the `execution` column): see moe_lab.bench.measure.EXECUTIONS.
-EXECUTIONS = ("eager", "cuda_graph")
 
 
 def data_dir() -> Path:
@@ -42,19 +42,22 @@ def load_recorded(kind: str = "presets", execution: str | None = "eager"):
     + backward of one layer: moe_lab's, transformers' grouped_mm and Liger's fused MoE, on another card) or
     "backward_memory" (the same, no Liger, at the points that missed the memory goal, after its fix) or
     "backward_host" (the same, with Liger, at the goal points, after the host-time levers) or "backward_graph"
-    (the goal points again, each step launched from Python and replayed from one CUDA graph).
+    (the goal points again, each step launched from Python and replayed from one CUDA graph) or
+    "backward_back_to_back" (the same, the replays also queued back to back, as a training loop runs them).
 
-    A set with an `execution` column ("presets", "backward_graph") can hold each measurement twice:
-    kernels launched from Python (execution "eager", the default here: one row per backend and point)
-    and replayed from a CUDA graph ("cuda_graph"); `execution` picks one, None returns both."""
+    A set with an `execution` column ("presets", "backward_graph", "backward_back_to_back") holds each measurement
+    once per way it was issued (`moe_lab.bench.measure.EXECUTIONS`): kernels launched from Python (execution
+    "eager", the default here: one row per backend and point), replayed from a CUDA graph ("cuda_graph") or
+    replayed back to back ("cuda_graph_back_to_back"); `execution` picks one, None returns all."""
     import pandas as pd
 
     from .bench import load_results
+    from .bench.measure import EXECUTIONS
 
     if kind not in RECORDED:
         raise ValueError(f"unknown recorded set {kind!r}; available: {sorted(RECORDED)}")
     if execution is not None and execution not in EXECUTIONS:
-        raise ValueError(f"unknown execution {execution!r}; allowed: {list(EXECUTIONS)} or None for both")
+        raise ValueError(f"unknown execution {execution!r}; allowed: {list(EXECUTIONS)} or None for all")
     frames, provenance = [], {}
     for name in RECORDED[kind]:
         frame, info = load_results(data_dir() / name)

@@ -205,6 +205,34 @@ def test_graph_rerecord_sentence_quotes_its_own_table(monkeypatch):
         nb09_training.describe_graph_rerecord()
 
 
+def test_back_to_back_sentence_quotes_its_own_table(monkeypatch):
+    import moe_lab.recorded_tables as recorded_tables
+
+    frame, provenance = load_recorded("backward_back_to_back", execution=None)
+    ok = frame[frame["status"] == "ok"]
+    ms = ok.pivot_table(index=["preset", "backend"], columns="execution", values="median_ms")
+    ratio = ms["cuda_graph_back_to_back"] / ms["cuda_graph"]
+    text = nb09_training.describe_back_to_back()
+    assert f"{ratio.min():.3f}–{ratio.max():.3f}× its synchronized replay's" in text
+    clocks = provenance["clocks_over_500_W"].values()
+    assert (f"active in {sum(c['power_capped'] for c in clocks)} of the "
+            f"{sum(c['samples_over_500_W'] for c in clocks)} clock samples") in text
+    real = recorded_tables.load_recorded
+
+    def slower_loop(kind="presets", execution="eager"):  # a planted slower back-to-back triton moves the sentence
+        table, info = real(kind, execution)
+        if kind == "backward_back_to_back":
+            table = table.copy()
+            rows = (table["backend"] == "triton") & (table["execution"] == "cuda_graph_back_to_back")
+            table.loc[rows, "median_ms"] *= 2
+            table.loc[rows, "tflops"] /= 2
+        return table, info
+
+    monkeypatch.setattr(recorded_tables, "load_recorded", slower_loop)
+    planted = nb09_training.describe_back_to_back()
+    assert f"{ratio.max():.3f}× its synchronized" not in planted and "–2.0" in planted
+
+
 def test_compile_reading_lists_what_was_not_recorded_and_follows_new_modes():
     recorded, provenance = load_recorded("compile")
     assert "Not recorded**: modes max-autotune, max-autotune-no-cudagraphs" in nb05_compile.compile_reading(recorded, provenance)

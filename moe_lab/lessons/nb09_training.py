@@ -231,6 +231,35 @@ def describe_power_state(presets=("qwen3-30b-a3b", "qwen1.5-moe-a2.7b")) -> str:
             f"in parentheses the TFLOP/s and the median SM clock while it ran. " + " ".join(sentences))
 
 
+def describe_back_to_back() -> str:
+    """A sentence on the bench's synchronized replays against the same replays queued back to back (recorded set
+    "backward_back_to_back", `moe-lab bench --back-to-back`), computed from the recording: the ratio of the two for
+    every implementation, how often the card was at its power cap while the timings ran, and triton's TFLOP/s and
+    speed-up over transformers' grouped_mm back to back."""
+    from ..recorded_tables import load_recorded, recorded_label
+
+    frame, provenance = load_recorded("backward_back_to_back", execution=None)
+    ok = frame[frame["status"] == "ok"]
+    ms = ok.pivot_table(index=["preset", "backend"], columns="execution", values="median_ms")
+    looped_over_synced = (ms["cuda_graph_back_to_back"] / ms["cuda_graph"]).dropna()
+    looped = ok[ok["execution"] == "cuda_graph_back_to_back"]
+    per_preset = looped.pivot_table(index="preset", columns="backend", values="median_ms")
+    over_transformers = per_preset["transformers:grouped_mm"] / per_preset["triton"]
+    tflops = looped[looped["backend"] == "triton"]["tflops"]
+    clocks = provenance.get("clocks_over_500_W", {}).values()
+    capped, heavy = sum(c["power_capped"] for c in clocks), sum(c["samples_over_500_W"] for c in clocks)
+    cap = (f"the power cap was active in {capped} of the {heavy} clock samples drawing over 500 W while they ran"
+           if heavy else "the clock was not sampled")
+    return (f"Recorded on {recorded_label(provenance)} (commit {provenance.get('git_commit', '?')[:7]}, "
+            f"{over_transformers.size} presets at T={int(looped['num_tokens'].max())}), each step's replays also "
+            f"queued back to back after as long an untimed queue (`moe-lab bench --back-to-back`): every "
+            f"implementation's back-to-back time was "
+            f"{looped_over_synced.min():.3f}–{looped_over_synced.max():.3f}× its synchronized replay's ({cap}). So "
+            f"the synchronize after each replay hardly rests the card: the replayed rows are what a captured training "
+            f"loop gets, on a card at its power limit. Back to back, triton ran at {tflops.min():.0f}–{tflops.max():.0f}"
+            f" TFLOP/s, {over_transformers.min():.2f}–{over_transformers.max():.2f}× transformers' grouped_mm.")
+
+
 def describe_memory_rerecord() -> str:
     """A sentence on the re-recorded memory points (recorded set "backward_memory"), computed from them: at how
     many of them triton's peak is at or below transformers' after the fix, and by how much."""
