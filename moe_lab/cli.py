@@ -242,7 +242,7 @@ def _calibrate(args) -> int:
     (name, config), = configs.items()
     entry = calibrate(config, preset="" if name == "custom" else name, tokens=args.tokens or DEFAULT_TOKENS,
                       backends=args.backends, device=args.device, dtype=args.dtype, path=args.output,
-                      max_seconds=args.max_seconds, any_shape=args.any_shape)
+                      max_seconds=args.max_seconds, any_shape=args.any_shape, backward=args.backward)
     print(format_calibration(entry))
     print("wrote", calibration_path(args.output))
     return 0
@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--max-seconds", type=float, default=0.2, help="time budget per measurement")
     calibrate.add_argument("--any-shape", action="store_true",
                            help="store the rules for every layer shape on this device and dtype")
+    calibrate.add_argument("--backward", action="store_true",
+                           help="time training calls (forward + backward) among the backends that give gradients: "
+                                "the rules auto uses for calls that need gradients")
     calibrate.set_defaults(handler=_calibrate)
 
     run = commands.add_parser("run", help="execute notebooks headless with papermill")

@@ -16,7 +16,7 @@ import moe_lab
 from moe_lab.backends import auto
 from moe_lab.backends.auto import DEFAULT_CROSSOVERS, pick
 from moe_lab.backends.calibration import write_calibration
-from moe_lab.bench.calibrate import format_calibration, rules_from_winners
+from moe_lab.bench.calibrate import candidate_backends, format_calibration, rules_from_winners
 from moe_lab.cli import main
 
 E, K, H, I = 4, 2, 32, 16
@@ -291,3 +291,71 @@ def test_cli_calibrate_bad_arguments_exit_2(tmp_path, capsys):
     assert main([*base, "--backends", "flash"]) == 2
     assert "unknown experts implementation 'flash'" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_training_calls_read_training_rules_first_then_the_forward_ones(calibration_file, spies):
+    # An entry calibrated on training calls (pass forward_backward) serves calls that need gradients only; a
+    # forward entry serves the forward, and training calls where no training entry exists.
+    write_table(calibration_file, [[None, "test_small"]], SHAPE)
+    data = json.loads(calibration_file.read_text())
+    assert moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE, grad=True)[0] == "test_small"  # forward rules
+    data["entries"].append({**data["entries"][0], "rules": [[None, "test_large"]], "pass": "forward_backward"})
+    calibration_file.write_text(json.dumps(data))
+    moe_lab.reload_calibration()
+    name, why = moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE, grad=True)
+    assert name == "test_large" and why.startswith(f"calibrated on training calls on {auto.device_name('cpu')}")
+    assert moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE)[0] == "test_small"
+    experts, x, idx, w = make_case(5)
+    with torch.no_grad():
+        experts(x, idx, w)
+    experts(x.requires_grad_(), idx, w).sum().backward()  # gradients needed: the training rules
+    assert spies == {"small": [5], "large": [5]} and x.grad is not None
+    # Training entries alone do not serve the forward; the reason says so.
+    data["entries"] = data["entries"][1:]
+    calibration_file.write_text(json.dumps(data))
+    moe_lab.reload_calibration()
+    name, why = moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE)
+    assert why.startswith("uncalibrated default for cpu") and "for training calls only" in why
+
+
+def test_a_bad_pass_is_a_calibration_error(calibration_file):
+    write_table(calibration_file, [[None, "eager"]], SHAPE)
+    data = json.loads(calibration_file.read_text())
+    data["entries"][0]["pass"] = "backward"
+    calibration_file.write_text(json.dumps(data))
+    moe_lab.reload_calibration()
+    with pytest.raises(moe_lab.CalibrationError, match=r"pass must be one of \['forward', 'forward_backward'\]"):
+        moe_lab.choose_backend(1, "cpu", torch.float32, SHAPE)
+
+
+def test_calibrate_backward_times_training_calls_among_backends_that_train(calibration_file):
+    moe_lab.register("test_no_grad", moe_lab.get_backend("eager"), autograd=False)
+    try:
+        assert "test_no_grad" not in candidate_backends("cpu", grad=True)
+        with pytest.raises(ValueError, match="cannot calibrate 'test_no_grad' on cpu in float32: gradients are needed"):
+            moe_lab.calibrate(CONFIG, tokens=[4], backends=["test_no_grad"], device="cpu", backward=True)
+    finally:
+        moe_lab.unregister("test_no_grad")
+    asked_for_gradients = []
+
+    def spy(experts, hidden_states, top_k_index, top_k_weights):
+        asked_for_gradients.append(torch.is_grad_enabled() and hidden_states.requires_grad)
+        return moe_lab.get_backend("eager")(experts, hidden_states, top_k_index, top_k_weights)
+
+    moe_lab.register("test_spy", spy, autograd=True)
+    try:
+        forward = moe_lab.calibrate(CONFIG, tokens=[4], backends=["test_spy", "grouped_mm"], device="cpu",
+                                    max_seconds=0.02)
+        assert asked_for_gradients and not any(asked_for_gradients)
+        asked_for_gradients.clear()
+        training = moe_lab.calibrate(CONFIG, tokens=[4], backends=["test_spy", "grouped_mm"], device="cpu",
+                                     max_seconds=0.02, backward=True)
+        assert asked_for_gradients and all(asked_for_gradients)  # every timed call was a training call
+        winner = training.measurements[0]["winner"]
+        assert moe_lab.choose_backend(4, "cpu", torch.float32, SHAPE, grad=True)[0] == winner
+    finally:
+        moe_lab.unregister("test_spy")
+    assert (forward.pass_, training.pass_) == ("forward", "forward_backward")
+    assert "training calls" in format_calibration(training) and "training calls" not in format_calibration(forward)
+    stored = moe_lab.load_calibration()  # one entry per pass: neither replaced the other
+    assert sorted(e.pass_ for e in stored) == ["forward", "forward_backward"]

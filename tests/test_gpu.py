@@ -263,3 +263,43 @@ def test_partial_entries_give_absent_experts_nothing_forward_and_backward(backen
     for value, name in zip(got[1:], ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj")):
         assert moe_lab.relative_error(value, expected[name]) < TOLERANCE[torch.bfloat16], (backend, name)
     assert torch.all(got[2][absent] == 0)
+
+
+@pytest.mark.parametrize("backend", [name for name in moe_lab.backends.builtin_backends()
+                                     if moe_lab.backends.get_spec(name).partial_forward is not None] + ["auto"])
+def test_a_captured_partial_training_step_replays_the_gradients_of_new_inputs(backend):
+    # The expert-parallel rank's step through the partial entry waits on nothing: it is captured once and replays
+    # the gradients of new rows, ids (absent ones among them) and weights written in place.
+    from moe_lab.parallel.local import run_partial_experts
+
+    layer = _layer(256, 96, 32, 8, torch.bfloat16)
+    layer.set_experts_implementation(backend)
+
+    def partial_inputs(seed):
+        hidden, index, weights = _inputs(96, layer, seed)
+        absent = torch.rand(index.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)) < 0.5
+        return hidden, index.masked_fill(absent, 32), weights
+
+    hidden, index, weights = partial_inputs(1)
+    x, w = hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    upstream = torch.randn_like(hidden)
+    inputs = [x, w, layer.gate_up_proj, layer.down_proj]
+
+    def step():
+        return torch.autograd.grad(run_partial_experts(layer, x, index, w), inputs, upstream)
+
+    captured = CapturedStep(step, name=f"{backend}'s partial step")
+    for seed in (2, 3):
+        new_hidden, new_index, new_weights = partial_inputs(seed)
+        with torch.no_grad():
+            x.copy_(new_hidden), index.copy_(new_index), w.copy_(new_weights), upstream.normal_()
+        replayed = [grad.clone() for grad in captured.replay()]
+        for got, expected in zip(replayed, step()):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same kernels on the same inputs
+        absent = index >= 32
+        expected = reference_gradients(layer, x, index.masked_fill(absent, 0), w.detach().masked_fill(absent, 0),
+                                       upstream)
+        expected["top_k_weights"] = expected["top_k_weights"].masked_fill(absent, 0)
+        for got, name in zip(replayed, ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj")):
+            assert moe_lab.relative_error(got, expected[name]) < TOLERANCE[torch.bfloat16], (backend, name)
+        assert torch.all(replayed[1][absent] == 0)

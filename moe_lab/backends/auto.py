@@ -117,32 +117,40 @@ def _normalize(device, dtype, shape) -> tuple[torch.device, str, tuple | None]:
     return device, dtype_name, shape
 
 
-def crossover_table(device, dtype, shape=None, *, path=None) -> tuple[tuple, str]:
+def crossover_table(device, dtype, shape=None, *, path=None, grad: bool = False) -> tuple[tuple, str]:
     """(rules, source) for this device, dtype and (E, k, H, I): the exact-shape entry of the
-    calibration file, else its device+dtype entry with shape null, else DEFAULT_CROSSOVERS.
-    Raises CalibrationError for a corrupt file."""
+    calibration file, else its device+dtype entry with shape null, else DEFAULT_CROSSOVERS. For a call
+    that needs gradients (`grad`), entries calibrated on training calls (pass "forward_backward") come
+    first, then the forward's. Raises CalibrationError for a corrupt file."""
     device, dtype_name, shape = _normalize(device, dtype, shape)
-    return _table(device, dtype_name, shape, load_calibration(path), calibration_path(path))
+    return _table(device, dtype_name, shape, load_calibration(path), calibration_path(path), grad)
 
 
-def _table(device: torch.device, dtype_name: str, shape, entries, path) -> tuple[tuple, str]:
+def _table(device: torch.device, dtype_name: str, shape, entries, path, grad: bool = False) -> tuple[tuple, str]:
     try:
         name = device_name(device)
     except (AssertionError, RuntimeError) as error:  # e.g. asking about "cuda" on a machine without one
         rules = DEFAULT_CROSSOVERS.get(device.type, ((None, FALLBACK_BACKEND),))
         return rules, f"uncalibrated default for {device.type} (no {device} here to match calibrations: {error})"
     mine = [e for e in entries if e.device_type == device.type and e.device_name == name and e.dtype == dtype_name]
-    for wanted in ([shape, None] if shape is not None else [None]):
-        for entry in mine:
-            if entry.shape == wanted:
-                scope = "" if wanted is None else " for E={},k={},H={},I={}".format(*wanted)
-                return entry.rules, f"calibrated on {entry.device_name} {entry.date[:10]}{scope}"
+    passes = ("forward_backward", "forward") if grad else ("forward",)
+    for pass_ in passes:
+        for wanted in ([shape, None] if shape is not None else [None]):
+            for entry in mine:
+                if entry.shape == wanted and entry.pass_ == pass_:
+                    scope = "" if wanted is None else " for E={},k={},H={},I={}".format(*wanted)
+                    timed = " on training calls" if pass_ == "forward_backward" else ""
+                    return entry.rules, f"calibrated{timed} on {entry.device_name} {entry.date[:10]}{scope}"
     rules = DEFAULT_CROSSOVERS.get(device.type, ((None, FALLBACK_BACKEND),))
     if not entries and not Path(path).exists():
         note = f"no calibration file at {path}"
     else:
-        note = (f"{path} has {dtype_name} entries for {name!r} at other shapes only" if mine
-                else f"no {dtype_name} entry for {name!r} in {path}")
+        if not mine:
+            note = f"no {dtype_name} entry for {name!r} in {path}"
+        elif any(e.pass_ in passes for e in mine):
+            note = f"{path} has {dtype_name} entries for {name!r} at other shapes only"
+        else:
+            note = f"{path} has {dtype_name} entries for {name!r} for training calls only (this call needs no gradients)"
     return rules, f"uncalibrated default for {device.type} ({note})"
 
 
@@ -176,7 +184,7 @@ def choose_backend(num_tokens: int, device, dtype, shape=None, *, path=None, com
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     device, dtype_name, shape = _normalize(device, dtype, shape)
-    rules, source = _table(device, dtype_name, shape, load_calibration(path), calibration_path(path))
+    rules, source = _table(device, dtype_name, shape, load_calibration(path), calibration_path(path), grad)
     where, needs = _where(device, dtype_name, shape), Needs(grad=grad, compiling=compiling, capturing=capturing)
     usable, skipped = usable_rules(rules, where, needs)
     backend = pick(usable, num_tokens, fallback_backend(where, needs))
@@ -215,7 +223,7 @@ def _forward_rules(device: torch.device, dtype: torch.dtype, shape: tuple, grad:
                 warnings.warn(f"moe_lab auto backend ignores a calibration file: {error}; using the "
                               "uncalibrated defaults", RuntimeWarning, stacklevel=2)
             entries = ()
-        rules, _ = _table(device, dtype_name, shape, entries, path)
+        rules, _ = _table(device, dtype_name, shape, entries, path, grad)
         where, needs = Where(device, dtype, shape[2], shape[3]), Needs(grad, compiling, capturing)
         _forward_decisions[key] = (usable_rules(rules, where, needs)[0], fallback_backend(where, needs))
     return _forward_decisions[key]

@@ -12,10 +12,12 @@ File (JSON; `$MOE_LAB_CALIBRATION`, else $XDG_CACHE_HOME or ~/.cache, /moe_lab/c
        "rules": [[16, "batched_mm"], [4096, "grouped_mm"], [null, "eager"]],
        "measurements": [{"num_tokens": 1, "winner": "batched_mm", "skipped": {},
                          "median_ms": {"eager": 0.375, "batched_mm": 0.141, "grouped_mm": 0.445}}, ...],
-       "torch_version": "2.13.0+cpu", "date": "2026-11-26T09:10:34+00:00",
+       "torch_version": "2.13.0+cpu", "date": "2026-11-26T09:10:34+00:00", "pass": "forward",
        "provenance": {"preset": "qwen3-30b-a3b", "cpu_threads": 2, "git_commit": ..., ...}}]}
 An entry whose shape equals the layer's (E, k, H, I) wins over the device+dtype entry with shape
-null (see `auto.crossover_table`).
+null (see `auto.crossover_table`). "pass" (absent: "forward") says what was timed: the forward alone, or
+"forward_backward", a training call's forward and backward (`moe-lab calibrate --backward`); a call that
+needs gradients reads the latter first, then the former.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ FORMAT_NAME = "moe_lab calibration"
 FORMAT_VERSION = 1
 ENV_VAR = "MOE_LAB_CALIBRATION"
 SHAPE_KEYS = ("num_experts", "top_k", "hidden_size", "intermediate_size")  # (E, k, H, I)
+#: What an entry's measurements timed: the forward alone, or a training call's forward and backward.
+PASSES = ("forward", "forward_backward")
 
 
 class CalibrationError(ValueError):
@@ -47,18 +51,20 @@ class Calibration:
     torch_version: str = ""
     date: str = ""
     provenance: dict = field(default_factory=dict)  # measured shape, preset, threads, moe_lab version, commit
+    pass_: str = "forward"  # one of PASSES: what the measurements timed
 
     @property
     def key(self) -> tuple:
         """Entries with the same key replace each other in a file."""
-        return self.device_type, self.device_name, self.dtype, self.shape
+        return self.device_type, self.device_name, self.dtype, self.shape, self.pass_
 
     def to_json(self) -> dict:
         return {
             "device_type": self.device_type, "device_name": self.device_name, "dtype": self.dtype,
             "shape": None if self.shape is None else dict(zip(SHAPE_KEYS, self.shape)),
             "rules": [list(rule) for rule in self.rules], "measurements": list(self.measurements),
-            "torch_version": self.torch_version, "date": self.date, "provenance": dict(self.provenance),
+            "torch_version": self.torch_version, "date": self.date, "pass": self.pass_,
+            "provenance": dict(self.provenance),
         }
 
     @classmethod
@@ -72,6 +78,9 @@ class Calibration:
         for key in ("device_type", "device_name", "dtype"):
             if not isinstance(data[key], str) or not data[key]:
                 raise CalibrationError(f"{where}: {key} must be a non-empty string, got {data[key]!r}")
+        pass_ = data.get("pass", "forward")
+        if pass_ not in PASSES:
+            raise CalibrationError(f"{where}: pass must be one of {list(PASSES)} (absent: forward), got {pass_!r}")
         measurements = data.get("measurements") or []
         if not isinstance(measurements, list) or not all(isinstance(m, dict) for m in measurements):
             raise CalibrationError(f"{where}: measurements must be a list of objects (one per token count)")
@@ -79,7 +88,7 @@ class Calibration:
             device_type=data["device_type"], device_name=data["device_name"], dtype=data["dtype"],
             shape=_parse_shape(data.get("shape"), where), rules=check_rules(data["rules"], where),
             measurements=tuple(measurements), torch_version=str(data.get("torch_version", "")),
-            date=str(data.get("date", "")), provenance=dict(data.get("provenance") or {}),
+            date=str(data.get("date", "")), provenance=dict(data.get("provenance") or {}), pass_=pass_,
         )
 
 
@@ -183,7 +192,7 @@ def _read(path: Path) -> tuple[Calibration, ...]:
 
 
 def write_calibration(entry: Calibration, path=None, existing=None) -> None:
-    """Add `entry` to the calibration file, replacing one with the same device, dtype and shape.
+    """Add `entry` to the calibration file, replacing one with the same device, dtype, shape and pass.
     `existing`: the file's entries if already read. Written atomically (temp file, then rename)."""
     target = calibration_path(path)
     existing = load_calibration(target) if existing is None else existing

@@ -5,7 +5,9 @@
 compresses the winners into crossover rules: consecutive T with the same winner merge into one
 rule (max_tokens = the largest T it won), and the last rule covers every larger T. The entry goes
 into the calibration file `auto` reads (its format: moe_lab.backends.calibration), replacing an
-earlier entry for the same device, dtype and shape.
+earlier entry for the same device, dtype, shape and pass. With `backward=True` it times training calls
+(forward + backward, `measure`'s "forward_backward" pass) among the backends that give gradients: auto
+reads those rules for calls that need gradients.
 
 `moe_lab.calibrate` is this module's `calibrate` function.
 """
@@ -16,7 +18,7 @@ import math
 import torch
 
 from ..backends import Where, available_backends, get_spec
-from ..backends.auto import unusable_reason
+from ..backends.auto import Needs, unusable_reason
 from ..backends.calibration import (
     SHAPE_KEYS, Calibration, calibration_path, load_calibration, reload_calibration, write_calibration,
 )
@@ -31,21 +33,22 @@ from .timing import resolve_device
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
-def candidate_backends(device, backends=None, dtype=torch.float32) -> list[str]:
+def candidate_backends(device, backends=None, dtype=torch.float32, *, grad: bool = False) -> list[str]:
     """The backends to time: `backends` checked, or every registered one auto could choose on
-    `device` in `dtype` (not auto itself, not one that runs only through an interpreter)."""
-    where = Where.of(device, resolve_dtype(dtype))
+    `device` in `dtype` (not auto itself, not one that runs only through an interpreter; with `grad`, not
+    one declared without autograd)."""
+    where, needs = Where.of(device, resolve_dtype(dtype)), Needs(grad=grad)
     if backends is None:
-        return [name for name in available_backends() if unusable_reason(get_spec(name), where) is None]
+        return [name for name in available_backends() if unusable_reason(get_spec(name), where, needs) is None]
     names = [backends] if isinstance(backends, str) else list(backends)
     if not names:
         raise ValueError(f"backends is empty; give names from {available_backends()}, or None for all")
     for name in names:
-        reason = unusable_reason(get_spec(name), where)  # unknown -> UnknownBackendError naming the registered ones
+        reason = unusable_reason(get_spec(name), where, needs)  # unknown -> UnknownBackendError naming the registered ones
         if reason is not None:
             raise ValueError(f"cannot calibrate {name!r} on {where.device} in {str(where.dtype).removeprefix('torch.')}: "
                              f"{reason}; choose from "
-                             f"{candidate_backends(where.device, dtype=where.dtype)}")
+                             f"{candidate_backends(where.device, dtype=where.dtype, grad=grad)}")
     return names
 
 
@@ -67,7 +70,8 @@ def rules_from_winners(winners) -> tuple[tuple[int | None, str], ...]:
 
 
 def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=None, dtype=None, path=None,
-              max_seconds: float = 0.2, any_shape: bool = False, seed: int = 0, preset: str = "") -> Calibration:
+              max_seconds: float = 0.2, any_shape: bool = False, seed: int = 0, preset: str = "",
+              backward: bool = False) -> Calibration:
     """Time the candidate backends at each T, write the crossover rules, return the entry.
 
     config_or_preset: a MoEConfig or a preset name (scale it down for a CPU: moe_lab.scale_down).
@@ -77,14 +81,17 @@ def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=
     serves every layer shape on this device and dtype (an exact-shape entry still wins).
     preset: the name recorded in the entry for a MoEConfig (e.g. the preset it was scaled down
     from). Routing is uniform (seeded). A backend that is refused, unsupported or fails at some T just
-    does not compete there; its reason is kept in the entry.
+    does not compete there; its reason is kept in the entry. backward: time training calls (forward +
+    backward of the hidden states, routing weights and both weights) among the backends that give gradients;
+    the entry's pass is "forward_backward" and auto reads it for calls that need gradients.
     """
     config, preset = _resolve_config(config_or_preset, preset)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
     config = config.replace(dtype=dtype) if dtype != config.dtype else config
     tokens = _check_tokens(tokens)
-    names = candidate_backends(device, backends, dtype)
+    names = candidate_backends(device, backends, dtype, grad=backward)
+    pass_ = "forward_backward" if backward else "forward"
     if not isinstance(max_seconds, (int, float)) or not max_seconds > 0:
         raise ValueError(f"max_seconds must be a number of seconds > 0, got {max_seconds!r}")
     target = calibration_path(path)
@@ -100,7 +107,7 @@ def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=
         for name in names:
             row, built = measure_with_layer(config, num_tokens, name, device=device, seed=seed, ceilings=no_ceilings,
                                             measure_memory=False, preset=preset, experts=layer,
-                                            timing_options=timing)
+                                            timing_options=timing, pass_=pass_)
             layer = built or layer
             if row["status"] == "ok":
                 medians[name] = row["median_ms"]
@@ -121,7 +128,7 @@ def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=
     entry = Calibration(
         device_type=device.type, device_name=device_name(device), dtype=str(dtype).removeprefix("torch."),
         shape=None if any_shape else shape, rules=rules_from_winners(winners), measurements=tuple(measurements),
-        torch_version=torch.__version__, date=utc_now(),
+        torch_version=torch.__version__, date=utc_now(), pass_=pass_,
         provenance={"measured_shape": dict(zip(SHAPE_KEYS, shape)), "preset": preset, "routing": "uniform",
                     "seed": seed, "max_seconds_per_measurement": float(max_seconds),
                     "cpu_threads": torch.get_num_threads(), "moe_lab_version": _version(), "git_commit": git_commit()},
@@ -143,7 +150,8 @@ def format_calibration(entry: Calibration) -> str:
     for m in entry.measurements:
         lines += [f"  T={m['num_tokens']} {name} not timed: {why}" for name, why in m["skipped"].items()]
     scope = "any shape" if entry.shape is None else "E={},k={},H={},I={}".format(*entry.shape)
-    lines.append(f"rules ({entry.device_name}, {entry.dtype}, {scope}): {describe_rules(entry.rules)}")
+    calls = ", training calls" if entry.pass_ == "forward_backward" else ""
+    lines.append(f"rules ({entry.device_name}, {entry.dtype}, {scope}{calls}): {describe_rules(entry.rules)}")
     return "\n".join(lines)
 
 
