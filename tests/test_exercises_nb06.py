@@ -168,16 +168,18 @@ def test_replay_summary_says_when_moe_lab_is_not_faster(recorded):
 def test_every_recorded_set_with_an_execution_column_is_split_by_it():
     """load_recorded filters on the `execution` column wherever a set has one (asked of the data, not
     listed by set), so a set that later gains replayed rows cannot hand a reader both kinds mixed."""
+    from moe_lab.bench.measure import EXECUTIONS
     from moe_lab.recorded_tables import RECORDED
 
     for kind in RECORDED:
-        both, _ = load_recorded(kind, execution=None)
+        every, _ = load_recorded(kind, execution=None)
         launched, _ = load_recorded(kind)
-        if "execution" not in both.columns:
-            assert len(launched) == len(both), kind
+        if "execution" not in every.columns:
+            assert len(launched) == len(every), kind
             continue
         assert set(launched["execution"]) == {"eager"}, kind
-        replayed, _ = load_recorded(kind, execution="cuda_graph")
-        assert len(launched) + len(replayed) == len(both), kind
+        parts = {execution: load_recorded(kind, execution=execution)[0] for execution in EXECUTIONS}
+        assert all(set(part["execution"]) <= {execution} for execution, part in parts.items()), kind
+        assert sum(len(part) for part in parts.values()) == len(every), kind
     with pytest.raises(ValueError, match="unknown execution 'graph'; allowed: .*'cuda_graph'"):
         load_recorded("presets", execution="graph")
