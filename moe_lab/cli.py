@@ -242,7 +242,8 @@ def _calibrate(args) -> int:
     (name, config), = configs.items()
     entry = calibrate(config, preset="" if name == "custom" else name, tokens=args.tokens or DEFAULT_TOKENS,
                       backends=args.backends, device=args.device, dtype=args.dtype, path=args.output,
-                      max_seconds=args.max_seconds, any_shape=args.any_shape, backward=args.backward)
+                      max_seconds=args.max_seconds, any_shape=args.any_shape, backward=args.backward,
+                      tie_margin=args.tie_margin)
     print(format_calibration(entry))
     print("wrote", calibration_path(args.output))
     return 0
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--backward", action="store_true",
                            help="time training calls (forward + backward) among the backends that give gradients: "
                                 "the rules auto uses for calls that need gradients")
+    calibrate.add_argument("--tie-margin", type=float, default=0.03,
+                           help="keep the backend chosen at the token count before while it is within this fraction "
+                                "of the fastest (default 0.03: timing noise does not flip the rules)")
     calibrate.set_defaults(handler=_calibrate)
 
     run = commands.add_parser("run", help="execute notebooks headless with papermill")

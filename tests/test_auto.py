@@ -16,7 +16,7 @@ import moe_lab
 from moe_lab.backends import auto
 from moe_lab.backends.auto import DEFAULT_CROSSOVERS, pick
 from moe_lab.backends.calibration import write_calibration
-from moe_lab.bench.calibrate import candidate_backends, format_calibration, rules_from_winners
+from moe_lab.bench.calibrate import candidate_backends, format_calibration, rules_from_winners, sticky_winners
 from moe_lab.cli import main
 
 E, K, H, I = 4, 2, 32, 16
@@ -266,7 +266,7 @@ def test_calibrate_drops_refused_candidates_and_merges_entries(calibration_file)
 def test_cli_calibrate_writes_a_file_choose_backend_uses(tmp_path, capsys):
     out = tmp_path / "cli" / "calibration.json"
     rc = main(["calibrate", "--hidden", "32", "--intermediate", "16", "--experts", "4", "--top-k", "2",
-               "--tokens", "1,8", "--device", "cpu", "--max-seconds", "0.02", "--output", str(out)])
+               "--tokens", "1,8", "--device", "cpu", "--max-seconds", "0.02", "--tie-margin", "0", "--output", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert re.search(r"T\s+winner\s+eager ms\s+batched_mm ms\s+grouped_mm ms", printed)
@@ -279,6 +279,22 @@ def test_cli_calibrate_writes_a_file_choose_backend_uses(tmp_path, capsys):
         assert measured["winner"] == min(medians, key=medians.get)
         name, why = moe_lab.choose_backend(T, "cpu", torch.float32, SHAPE, path=out)
         assert name == pick(entry.rules, T) == measured["winner"] and why.startswith("calibrated on")
+
+
+def test_near_ties_keep_the_backend_before():
+    # H200 training calls on mixtral-8x7b (moe-lab calibrate --backward, ms): the fastest flips at 256 and 512 by
+    # 0.4-4 %; with a 3 % margin only the clear wins switch.
+    measured = [(128, 3.565, 3.512), (256, 3.653, 3.79), (512, 4.493, 4.473), (1024, 5.666, 6.096),
+                (2048, 9.15, 9.347), (4096, 16.46, 16.0), (8192, 31.57, 29.25)]
+    measurements = [{"num_tokens": T, "median_ms": {"grouped_mm": g, "triton": t}} for T, g, t in measured]
+    assert rules_from_winners(sticky_winners(measurements)) == (
+        (128, "triton"), (256, "grouped_mm"), (512, "triton"), (2048, "grouped_mm"), (None, "triton"))
+    assert rules_from_winners(sticky_winners(measurements, 0.03)) == (
+        (128, "triton"), (4096, "grouped_mm"), (None, "triton"))
+    measurements[2]["median_ms"]["grouped_mm"] = None  # grouped_mm did not run at 512: the fastest that ran
+    assert sticky_winners(measurements, 0.03)[1:3] == [(256, "grouped_mm"), (512, "triton")]
+    with pytest.raises(ValueError, match=r"tie_margin must be a fraction in \[0, 1\), e.g. 0.03 for 3 %; got 3"):
+        sticky_winners(measurements, 3)
 
 
 def test_cli_calibrate_bad_arguments_exit_2(tmp_path, capsys):

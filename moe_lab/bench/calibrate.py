@@ -3,7 +3,9 @@
 `calibrate(preset)` times every candidate backend at every token count with `moe_lab.bench`'s
 `measure` (same warm-up, median and refusal rules as `moe-lab bench`), takes the fastest per T and
 compresses the winners into crossover rules: consecutive T with the same winner merge into one
-rule (max_tokens = the largest T it won), and the last rule covers every larger T. The entry goes
+rule (max_tokens = the largest T it won), and the last rule covers every larger T. A near tie (the
+backend chosen at the T before within `tie_margin` of the fastest) keeps that backend, so timing noise
+does not make the rules switch back and forth. The entry goes
 into the calibration file `auto` reads (its format: moe_lab.backends.calibration), replacing an
 earlier entry for the same device, dtype, shape and pass. With `backward=True` it times training calls
 (forward + backward, `measure`'s "forward_backward" pass) among the backends that give gradients: auto
@@ -52,6 +54,24 @@ def candidate_backends(device, backends=None, dtype=torch.float32, *, grad: bool
     return names
 
 
+def sticky_winners(measurements, tie_margin: float = 0.0) -> list[tuple[int, str]]:
+    """[(T, backend), ...] from measurements sorted by T ({"num_tokens", "median_ms": {backend: ms or None}}):
+    the fastest at each T, except that the backend chosen at the T before stays while it is within
+    `tie_margin` (0.03: 3 %) of the fastest. T where nothing ran are left out."""
+    if isinstance(tie_margin, bool) or not isinstance(tie_margin, (int, float)) or not 0 <= tie_margin < 1:
+        raise ValueError(f"tie_margin must be a fraction in [0, 1), e.g. 0.03 for 3 %; got {tie_margin!r}")
+    chosen, previous = [], None
+    for measured in measurements:
+        ran = {name: ms for name, ms in measured["median_ms"].items() if ms is not None}
+        if not ran:
+            continue
+        fastest = min(ran, key=ran.get)
+        keep = previous in ran and ran[previous] <= ran[fastest] * (1 + tie_margin)
+        previous = previous if keep else fastest
+        chosen.append((measured["num_tokens"], previous))
+    return chosen
+
+
 def rules_from_winners(winners) -> tuple[tuple[int | None, str], ...]:
     """[(T, fastest backend), ...] sorted by T -> crossover rules; the last rule covers any T.
 
@@ -71,7 +91,7 @@ def rules_from_winners(winners) -> tuple[tuple[int | None, str], ...]:
 
 def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=None, dtype=None, path=None,
               max_seconds: float = 0.2, any_shape: bool = False, seed: int = 0, preset: str = "",
-              backward: bool = False) -> Calibration:
+              backward: bool = False, tie_margin: float = 0.03) -> Calibration:
     """Time the candidate backends at each T, write the crossover rules, return the entry.
 
     config_or_preset: a MoEConfig or a preset name (scale it down for a CPU: moe_lab.scale_down).
@@ -83,13 +103,16 @@ def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=
     from). Routing is uniform (seeded). A backend that is refused, unsupported or fails at some T just
     does not compete there; its reason is kept in the entry. backward: time training calls (forward +
     backward of the hidden states, routing weights and both weights) among the backends that give gradients;
-    the entry's pass is "forward_backward" and auto reads it for calls that need gradients.
+    the entry's pass is "forward_backward" and auto reads it for calls that need gradients. tie_margin: how
+    much slower (a fraction) the backend chosen at the T before may be and still be kept (`sticky_winners`);
+    each measurement's own fastest stays in the entry as its "winner".
     """
     config, preset = _resolve_config(config_or_preset, preset)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else config.dtype
     config = config.replace(dtype=dtype) if dtype != config.dtype else config
     tokens = _check_tokens(tokens)
+    sticky_winners([], tie_margin)  # a bad margin fails now, before minutes of measuring
     names = candidate_backends(device, backends, dtype, grad=backward)
     pass_ = "forward_backward" if backward else "forward"
     if not isinstance(max_seconds, (int, float)) or not max_seconds > 0:
@@ -127,10 +150,11 @@ def calibrate(config_or_preset, *, tokens=DEFAULT_TOKENS, backends=None, device=
     shape = tuple(getattr(config, key) for key in SHAPE_KEYS)
     entry = Calibration(
         device_type=device.type, device_name=device_name(device), dtype=str(dtype).removeprefix("torch."),
-        shape=None if any_shape else shape, rules=rules_from_winners(winners), measurements=tuple(measurements),
+        shape=None if any_shape else shape, rules=rules_from_winners(sticky_winners(measurements, tie_margin)),
+        measurements=tuple(measurements),
         torch_version=torch.__version__, date=utc_now(), pass_=pass_,
         provenance={"measured_shape": dict(zip(SHAPE_KEYS, shape)), "preset": preset, "routing": "uniform",
-                    "seed": seed, "max_seconds_per_measurement": float(max_seconds),
+                    "seed": seed, "max_seconds_per_measurement": float(max_seconds), "tie_margin": float(tie_margin),
                     "cpu_threads": torch.get_num_threads(), "moe_lab_version": _version(), "git_commit": git_commit()},
     )
     Calibration.from_json(entry.to_json(), "the new entry")  # the rules obey the format auto reads
@@ -151,7 +175,9 @@ def format_calibration(entry: Calibration) -> str:
         lines += [f"  T={m['num_tokens']} {name} not timed: {why}" for name, why in m["skipped"].items()]
     scope = "any shape" if entry.shape is None else "E={},k={},H={},I={}".format(*entry.shape)
     calls = ", training calls" if entry.pass_ == "forward_backward" else ""
-    lines.append(f"rules ({entry.device_name}, {entry.dtype}, {scope}{calls}): {describe_rules(entry.rules)}")
+    margin = entry.provenance.get("tie_margin") or 0
+    ties = f" (within {margin:.0%} of the fastest, the backend before is kept)" if margin else ""
+    lines.append(f"rules ({entry.device_name}, {entry.dtype}, {scope}{calls}): {describe_rules(entry.rules)}{ties}")
     return "\n".join(lines)
 
 
