@@ -375,3 +375,19 @@ def test_calibrate_backward_times_training_calls_among_backends_that_train(calib
     assert "training calls" in format_calibration(training) and "training calls" not in format_calibration(forward)
     stored = moe_lab.load_calibration()  # one entry per pass: neither replaced the other
     assert sorted(e.pass_ for e in stored) == ["forward", "forward_backward"]
+
+
+def test_the_recorded_h200_training_calibration_follows_from_its_own_medians():
+    # data/h200_calibration_backward.json (moe-lab calibrate --backward on an H200): it still reads in today's
+    # format, and each entry's rules are what its stored medians and margin give.
+    from pathlib import Path
+
+    recorded = Path(__file__).resolve().parents[1] / "data" / "h200_calibration_backward.json"
+    entries = moe_lab.load_calibration(recorded)
+    assert entries and all(e.pass_ == "forward_backward" and e.device_name == "NVIDIA H200" for e in entries)
+    for entry in entries:
+        margin = entry.provenance["tie_margin"]
+        assert entry.rules == rules_from_winners(sticky_winners(entry.measurements, margin)), entry.shape
+    by_shape = {entry.shape[:2]: entry.rules for entry in entries}  # (E, k)
+    assert by_shape[(8, 2)] == ((512, "triton"), (4096, "grouped_mm"), (None, "triton"))  # mixtral-8x7b
+    assert by_shape[(128, 8)] == ((None, "triton"),)  # qwen3-30b-a3b
