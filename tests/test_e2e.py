@@ -180,6 +180,28 @@ def test_every_backend_generates_the_reference_tokens_and_logits(tiny_table):
     assert (decode.status == "ok").all(), decode[["backend", "reason"]]
     assert (decode.tokens_equal == "True").all()
     assert (decode.logits_within_tolerance == "True").all() and (decode.logits_rel_err < 1e-5).all()
+    # every experts module again on the inputs it had in the reference's run: the backend alone
+    assert (decode.experts_within_tolerance == "True").all() and (decode.experts_rel_err < 1e-5).all()
+    assert (decode[decode.backend == "grouped_mm:pinned"].experts_rel_err == 0).all()  # the reference itself
+
+
+def test_the_experts_check_catches_a_wrong_backend_on_the_reference_inputs():
+    # A backend 1 % off in every experts module: both checks see it, each against its tolerance. (At depth in bf16
+    # only the experts check can tell a wrong backend from rounding that grows layer by layer: README, e2e.)
+    def one_percent_off(experts, hidden_states, top_k_index, top_k_weights):
+        return 1.01 * moe_lab.get_backend("grouped_mm")(experts, hidden_states, top_k_index, top_k_weights)
+
+    moe_lab.register("one_percent_off", one_percent_off, autograd=True)
+    hf.register_with_transformers(["one_percent_off"])
+    try:
+        table = e2e.run_e2e(_tiny(), _plan(backends=["grouped_mm:pinned", "moe_lab_one_percent_off"],
+                                           decode_batches=(1,), prefill_tokens=(), profile=False), progress=False)
+    finally:
+        hf.unregister_from_transformers(["moe_lab_one_percent_off"])
+        moe_lab.unregister("one_percent_off")
+    off = table[table.backend == "moe_lab_one_percent_off"].iloc[0]
+    assert off.experts_rel_err == pytest.approx(0.01, rel=1e-3) and off.experts_within_tolerance == "False"
+    assert off.logits_within_tolerance == "False"
 
 
 def test_rows_carry_times_and_what_ran(tiny_table):

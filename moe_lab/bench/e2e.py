@@ -13,9 +13,12 @@ same weights:
              (a backend that refuses the B x P-token prompt, batched_mm over its gather budget, has the
              prompt's prefill run as the reference, the way transformers switches grouped_mm to batched_mm
              for decoding; `prefill_experts` and `reason` say so)
-    check    logits of one prompt under each implementation vs the reference (`reference`) and
-             the greedy tokens of the decode runs vs the reference's (a refusal on the check's prompt
-             leaves the other cases to run: "logits not checked")
+    check    logits of one prompt under each implementation vs the reference (`reference`), every
+             experts module's output on the inputs it had in the reference's run (`experts_rel_err`, the
+             worst module: the backend alone, where a deep bf16 model's logits drift apart from rounding
+             that grows layer by layer, transformers' own implementations included), and the greedy
+             tokens of the decode runs vs the reference's (a refusal on the check's prompt leaves the
+             other cases to run: "logits not checked")
     profile  the experts' and attention's share of an uncompiled decode step (module hooks), and
              the experts' share of any step by removal (the `no_experts` baseline row)
 
@@ -58,11 +61,13 @@ E2E_COLUMNS = (
     "model", "layers", "full_layers", "weights", "dtype", "backend", "library", "execution", "phase", "batch",
     "prompt_tokens", "new_tokens", "status", "reason", "prefill_ms", "step_ms", "p10_ms", "p90_ms", "tokens_per_s",
     "steps", "rounds", "round_medians_ms", "peak_bytes", "prefill_experts", "decode_experts", "tokens_equal",
-    "logits_rel_err", "logits_within_tolerance", "experts_share", "attention_share", "experts_share_by_removal",
+    "logits_rel_err", "logits_within_tolerance", "experts_rel_err", "experts_within_tolerance", "experts_share",
+    "attention_share", "experts_share_by_removal",
     "cudagraph_skips", "device", "device_name", "torch_version", "transformers_version", "moe_lab_version", "date", "git_commit",
 )
 _FLOATS = ("prefill_ms", "step_ms", "p10_ms", "p90_ms", "tokens_per_s", "steps", "rounds", "peak_bytes",
-           "logits_rel_err", "experts_share", "attention_share", "experts_share_by_removal", "cudagraph_skips")
+           "logits_rel_err", "experts_rel_err", "experts_share", "attention_share", "experts_share_by_removal",
+           "cudagraph_skips")
 _INTS = ("layers", "full_layers", "batch", "prompt_tokens", "new_tokens")
 
 
@@ -156,6 +161,38 @@ class E2EPlan:
             raise ValueError("new_tokens must be >= 2: a decode step is the time between two new tokens")
 
 
+@dataclass(frozen=True)
+class OutputCheck:
+    """One backend's outputs against the reference's on the check prompt: the logits, and the worst experts module's
+    output on the inputs it had in the reference's run (NaN: not checked; `error` says why)."""
+
+    logits_rel_err: float = math.nan
+    experts_rel_err: float = math.nan
+    error: str = ""
+
+
+@contextlib.contextmanager
+def _recorded_experts_calls(model):
+    """Collects (module, args, kwargs, output) of every experts module call inside the block, inputs and output
+    copied, so each module can be run again on exactly what it saw."""
+    from ..hf.models import experts_modules
+
+    calls = []
+
+    def record(module, args, kwargs, output):
+        if torch.is_tensor(output):
+            copy = lambda value: value.detach().clone() if torch.is_tensor(value) else value  # noqa: E731
+            calls.append((module, tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()},
+                          output.detach().clone()))
+
+    handles = [module.register_forward_hook(record, with_kwargs=True) for module in experts_modules(model)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _Runner:
     def __init__(self, built, plan: E2EPlan, on_rows, progress):
         self.built, self.model, self.plan = built, built.model, plan
@@ -188,7 +225,8 @@ class _Runner:
             weights=self.built.weights, dtype=str(self.dtype).removeprefix("torch."), backend=backend,
             library=library_of(backend), execution=execution, phase=phase, batch=batch,
             prompt_tokens=prompt_tokens, new_tokens=new_tokens, status="ok", reason="", prefill_experts="",
-            decode_experts="", tokens_equal="", logits_within_tolerance="", round_medians_ms="",
+            decode_experts="", tokens_equal="", logits_within_tolerance="", experts_within_tolerance="",
+            round_medians_ms="",
             device=str(self.device), device_name=device_name(str(self.device)), torch_version=torch.__version__,
             transformers_version=transformers.__version__, moe_lab_version=__version__, date=utc_now(),
             git_commit=git_commit(),
@@ -240,21 +278,27 @@ class _Runner:
 
     # ---- checks ------------------------------------------------------------------------------
     def check_logits(self) -> dict:
-        """{backend: (relative error of the prompt's logits vs the reference, error text)}."""
+        """{backend: OutputCheck}: the prompt's logits vs the reference's, and every experts module's output on
+        the inputs it had in the reference's run vs the reference's output there (the worst module)."""
         prompt = random_prompt(self.model, 1, self.plan.check_tokens, self.device, self.plan.seed)
-        results, expected = {}, None
+        results, expected, calls = {}, None, []
         with torch.no_grad():
             for backend in [self.plan.reference] + [b for b in self.plan.backends if b != self.plan.reference]:
                 if backend == NO_EXPERTS:
                     continue
                 try:
                     self.model.set_experts_implementation(implementation_of(backend))
-                    logits = self.model(input_ids=prompt, use_cache=False).logits.float()
                     if expected is None:
-                        expected = logits
-                    results[backend] = (relative_error(logits, expected), "")
+                        with _recorded_experts_calls(self.model) as calls:
+                            expected = self.model(input_ids=prompt, use_cache=False).logits.float()
+                        results[backend] = OutputCheck(0.0, 0.0 if calls else math.nan)
+                        continue
+                    logits = self.model(input_ids=prompt, use_cache=False).logits.float()
+                    worst = max((relative_error(module(*args, **kwargs).float(), output.float())
+                                 for module, args, kwargs, output in calls), default=math.nan)
+                    results[backend] = OutputCheck(relative_error(logits, expected), worst)
                 except Exception as error:  # noqa: BLE001 - a backend that cannot run says why in its rows
-                    results[backend] = (math.nan, error_text(error))
+                    results[backend] = OutputCheck(error=error_text(error))
         return results
 
     # ---- groups of measurements --------------------------------------------------------------
@@ -286,10 +330,13 @@ class _Runner:
     def _warm_up(self, row, input_ids, logits_check) -> bool:
         """One untimed generate (a compiled execution compiles here); False when the case cannot run."""
         backend = row["backend"]
-        rel_err = logits_check.get(backend, (math.nan, ""))[0]
-        row["logits_rel_err"] = rel_err
-        if not math.isnan(rel_err):
-            row["logits_within_tolerance"] = str(bool(rel_err <= TOLERANCE.get(self.dtype, 3e-2)))
+        check = logits_check.get(backend, OutputCheck())
+        tolerance = TOLERANCE.get(self.dtype, 3e-2)
+        row.update(logits_rel_err=check.logits_rel_err, experts_rel_err=check.experts_rel_err)
+        if not math.isnan(check.logits_rel_err):
+            row["logits_within_tolerance"] = str(bool(check.logits_rel_err <= tolerance))
+        if not math.isnan(check.experts_rel_err):
+            row["experts_within_tolerance"] = str(bool(check.experts_rel_err <= tolerance))
         if self.time_left() <= 0:
             row.update(status="skipped", reason="time budget spent before this case")
             return False
@@ -354,7 +401,7 @@ class _Runner:
             row.update(status="skipped", reason="time budget spent before timing")
             return
         # a backend refused on the check's prompt (over a gather budget) can still run these shapes
-        logits_error = logits_check.get(row["backend"], (math.nan, ""))[1]
+        logits_error = logits_check.get(row["backend"], OutputCheck()).error
         prefill_under = self.prefill_under.get((row["execution"], row["batch"], row["backend"]))
         notes = [f"prompt's prefill under {prefill_under} (refused by this backend)"] if prefill_under else []
         notes += [f"logits not checked: {logits_error}"] if logits_error else []
@@ -447,8 +494,9 @@ def run_e2e(built, plan: E2EPlan, *, on_rows=None, progress: bool = True):
     try:
         with no_experts_registered():
             logits_check = runner.check_logits()
-            runner.say("logits vs " + plan.reference + ": " + ", ".join(
-                f"{b} {e:.2e}" if not reason else f"{b} {reason[:60]}" for b, (e, reason) in logits_check.items()))
+            runner.say("logits (experts modules) vs " + plan.reference + ": " + ", ".join(
+                f"{b} {c.logits_rel_err:.2e} ({c.experts_rel_err:.2e})" if not c.error else f"{b} {c.error[:60]}"
+                for b, c in logits_check.items()))
             measured = [b for b in plan.backends if b != NO_EXPERTS]
             for tokens in plan.prefill_tokens:
                 runner.run_group(measured, EAGER, "prefill", 1, tokens, 1, logits_check)
