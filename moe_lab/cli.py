@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="time training calls (forward + backward) among the backends that give gradients: "
                                 "the rules auto uses for calls that need gradients")
     calibrate.add_argument("--tie-margin", type=float, default=0.03,
-                           help="keep the backend chosen at the token count before while it is within this fraction "
-                                "of the fastest (default 0.03: timing noise does not flip the rules)")
+                           help="an isolated flip (the backend chosen at the token count before within this fraction "
+                                "of the fastest, and fastest again at the next) keeps that backend (default 0.03)")
     calibrate.set_defaults(handler=_calibrate)
 
     run = commands.add_parser("run", help="execute notebooks headless with papermill")

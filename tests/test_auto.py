@@ -173,7 +173,7 @@ def test_choose_backend_never_returns_auto_nor_triton_on_cpu(tmp_path_factory, n
     assert why.startswith("calibrated on")
 
 
-FILE_FORMAT = '{"format": "moe_lab calibration", "version": 1, "entries": [...]}'
+FILE_FORMAT = '{"format": "moe_lab calibration", "version": 1 or 2, "entries": [...]}'
 
 
 @pytest.mark.parametrize("content, problem, expected", [
@@ -281,16 +281,19 @@ def test_cli_calibrate_writes_a_file_choose_backend_uses(tmp_path, capsys):
         assert name == pick(entry.rules, T) == measured["winner"] and why.startswith("calibrated on")
 
 
-def test_near_ties_keep_the_backend_before():
+def test_isolated_near_ties_keep_the_backend_before_and_crossovers_switch_where_they_start():
     # H200 training calls on mixtral-8x7b (moe-lab calibrate --backward, ms): the fastest flips at 256 and 512 by
-    # 0.4-4 %; with a 3 % margin only the clear wins switch.
+    # 0.4-4 %. With a 3 % margin the isolated flip at 512 (grouped_mm fastest again at 1024) keeps grouped_mm; the
+    # crossover at 4096 (triton fastest there and at 8192) switches at 4096, not one point late.
     measured = [(128, 3.565, 3.512), (256, 3.653, 3.79), (512, 4.493, 4.473), (1024, 5.666, 6.096),
                 (2048, 9.15, 9.347), (4096, 16.46, 16.0), (8192, 31.57, 29.25)]
     measurements = [{"num_tokens": T, "median_ms": {"grouped_mm": g, "triton": t}} for T, g, t in measured]
     assert rules_from_winners(sticky_winners(measurements)) == (
         (128, "triton"), (256, "grouped_mm"), (512, "triton"), (2048, "grouped_mm"), (None, "triton"))
     assert rules_from_winners(sticky_winners(measurements, 0.03)) == (
-        (128, "triton"), (4096, "grouped_mm"), (None, "triton"))
+        (128, "triton"), (2048, "grouped_mm"), (None, "triton"))
+    measurements[-1]["median_ms"]["triton"] = 40.0  # triton slower again at 8192: its 1.5 % lead at 4096 is isolated
+    assert sticky_winners(measurements, 0.03)[-2:] == [(4096, "grouped_mm"), (8192, "grouped_mm")]
     measurements[2]["median_ms"]["grouped_mm"] = None  # grouped_mm did not run at 512: the fastest that ran
     assert sticky_winners(measurements, 0.03)[1:3] == [(256, "grouped_mm"), (512, "triton")]
     with pytest.raises(ValueError, match=r"tie_margin must be a fraction in \[0, 1\), e.g. 0.03 for 3 %; got 3"):
@@ -318,6 +321,11 @@ def test_training_calls_read_training_rules_first_then_the_forward_ones(calibrat
     data["entries"].append({**data["entries"][0], "rules": [[None, "test_large"]], "pass": "forward_backward"})
     calibration_file.write_text(json.dumps(data))
     moe_lab.reload_calibration()
+    with pytest.raises(moe_lab.CalibrationError, match="is version 1 but holds training entries"):
+        moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE, grad=True)  # an old reader would misuse them
+    data["version"] = 2
+    calibration_file.write_text(json.dumps(data))
+    moe_lab.reload_calibration()
     name, why = moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE, grad=True)
     assert name == "test_large" and why.startswith(f"calibrated on training calls on {auto.device_name('cpu')}")
     assert moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE)[0] == "test_small"
@@ -332,6 +340,18 @@ def test_training_calls_read_training_rules_first_then_the_forward_ones(calibrat
     moe_lab.reload_calibration()
     name, why = moe_lab.choose_backend(5, "cpu", torch.float32, SHAPE)
     assert why.startswith("uncalibrated default for cpu") and "for training calls only" in why
+
+
+def test_for_gradients_a_training_entry_of_any_shape_comes_before_a_forward_entry_of_this_shape(calibration_file):
+    # The pass is asked first, the shape second: a forward crossover says nothing of a training step's.
+    write_table(calibration_file, [[None, "batched_mm"]], SHAPE, ([[None, "eager"]], None))
+    data = json.loads(calibration_file.read_text())
+    data["entries"][1]["pass"] = "forward_backward"  # the any-shape entry times training calls
+    data["version"] = 2
+    calibration_file.write_text(json.dumps(data))
+    moe_lab.reload_calibration()
+    assert moe_lab.choose_backend(4, "cpu", torch.float32, SHAPE, grad=True)[0] == "eager"
+    assert moe_lab.choose_backend(4, "cpu", torch.float32, SHAPE)[0] == "batched_mm"
 
 
 def test_a_bad_pass_is_a_calibration_error(calibration_file):
@@ -363,6 +383,7 @@ def test_calibrate_backward_times_training_calls_among_backends_that_train(calib
         forward = moe_lab.calibrate(CONFIG, tokens=[4], backends=["test_spy", "grouped_mm"], device="cpu",
                                     max_seconds=0.02)
         assert asked_for_gradients and not any(asked_for_gradients)
+        assert json.loads(calibration_file.read_text())["version"] == 1
         asked_for_gradients.clear()
         training = moe_lab.calibrate(CONFIG, tokens=[4], backends=["test_spy", "grouped_mm"], device="cpu",
                                      max_seconds=0.02, backward=True)
@@ -375,19 +396,22 @@ def test_calibrate_backward_times_training_calls_among_backends_that_train(calib
     assert "training calls" in format_calibration(training) and "training calls" not in format_calibration(forward)
     stored = moe_lab.load_calibration()  # one entry per pass: neither replaced the other
     assert sorted(e.pass_ for e in stored) == ["forward", "forward_backward"]
+    # Version 2 once it holds a training entry (a moe_lab before them refuses it instead of misusing it), 1 before.
+    assert json.loads(calibration_file.read_text())["version"] == 2
 
 
-def test_the_recorded_h200_training_calibration_follows_from_its_own_medians():
-    # data/h200_calibration_backward.json (moe-lab calibrate --backward on an H200): it still reads in today's
-    # format, and each entry's rules are what its stored medians and margin give.
+def test_the_recorded_h200_training_calibration_and_what_todays_rule_makes_of_its_medians():
+    # data/h200_calibration_backward.json (moe-lab calibrate --backward on an H200, at 59617ff): it reads in today's
+    # format. Its rules came from the first margin rule (any near tie kept the backend before: grouped_mm to 4096);
+    # today's rule, on the same stored medians, switches to triton at 4096 where it is fastest there and after.
     from pathlib import Path
 
     recorded = Path(__file__).resolve().parents[1] / "data" / "h200_calibration_backward.json"
     entries = moe_lab.load_calibration(recorded)
     assert entries and all(e.pass_ == "forward_backward" and e.device_name == "NVIDIA H200" for e in entries)
-    for entry in entries:
-        margin = entry.provenance["tie_margin"]
-        assert entry.rules == rules_from_winners(sticky_winners(entry.measurements, margin)), entry.shape
-    by_shape = {entry.shape[:2]: entry.rules for entry in entries}  # (E, k)
-    assert by_shape[(8, 2)] == ((512, "triton"), (4096, "grouped_mm"), (None, "triton"))  # mixtral-8x7b
-    assert by_shape[(128, 8)] == ((None, "triton"),)  # qwen3-30b-a3b
+    stored = {entry.shape[:2]: entry.rules for entry in entries}  # (E, k)
+    today = {entry.shape[:2]: rules_from_winners(sticky_winners(entry.measurements, entry.provenance["tie_margin"]))
+             for entry in entries}
+    assert stored[(8, 2)] == ((512, "triton"), (4096, "grouped_mm"), (None, "triton"))  # mixtral-8x7b, as recorded
+    assert today[(8, 2)] == today[(256, 8)] == ((512, "triton"), (2048, "grouped_mm"), (None, "triton"))  # + deepseek
+    assert stored[(128, 8)] == today[(128, 8)] == ((None, "triton"),)  # qwen3-30b-a3b

@@ -6,7 +6,7 @@ any shape): an ordered list of rules (max_tokens, backend), the first rule with 
 `moe_lab.backends.auto` reads it. This module imports nothing above the backends.
 
 File (JSON; `$MOE_LAB_CALIBRATION`, else $XDG_CACHE_HOME or ~/.cache, /moe_lab/calibration.json):
-    {"format": "moe_lab calibration", "version": 1, "entries": [
+    {"format": "moe_lab calibration", "version": 1 (2 with training entries), "entries": [
       {"device_type": "cpu", "device_name": "AMD EPYC", "dtype": "float32",
        "shape": {"num_experts": 128, "top_k": 8, "hidden_size": 64, "intermediate_size": 32},  (or null)
        "rules": [[16, "batched_mm"], [4096, "grouped_mm"], [null, "eager"]],
@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_NAME = "moe_lab calibration"
-FORMAT_VERSION = 1
+#: Version 2 files may hold training entries ("pass": "forward_backward"); they are written as version 1 when
+#: they hold none, so that a moe_lab from before training entries still reads them, and as 2 otherwise, which such
+#: a moe_lab refuses (and `auto` there falls back to its defaults) rather than taking training rules for the forward.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ENV_VAR = "MOE_LAB_CALIBRATION"
 SHAPE_KEYS = ("num_experts", "top_k", "hidden_size", "intermediate_size")  # (E, k, H, I)
 #: What an entry's measurements timed: the forward alone, or a training call's forward and backward.
@@ -169,7 +173,8 @@ def generation() -> int:
 
 
 def _read(path: Path) -> tuple[Calibration, ...]:
-    expected = f'expected JSON {{"format": "{FORMAT_NAME}", "version": {FORMAT_VERSION}, "entries": [...]}}'
+    expected = (f'expected JSON {{"format": "{FORMAT_NAME}", "version": {" or ".join(map(str, READABLE_VERSIONS))}, '
+                f'"entries": [...]}}')
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -181,14 +186,18 @@ def _read(path: Path) -> tuple[Calibration, ...]:
     except json.JSONDecodeError as error:
         raise CalibrationError(f"calibration file {path} is not valid JSON ({error}); {expected}; "
                                "delete it or run `moe-lab calibrate` again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME or data.get("version") not in READABLE_VERSIONS:
         found = {k: data.get(k) for k in ("format", "version")} if isinstance(data, dict) else type(data).__name__
         raise CalibrationError(f"calibration file {path} has {found}; {expected} "
                                "(run `moe-lab calibrate` again to rewrite it)")
     if not isinstance(data.get("entries"), list):
         raise CalibrationError(f"calibration file {path}: 'entries' must be a list; {expected}")
-    return tuple(Calibration.from_json(entry, f"calibration file {path}, entry {index}")
-                 for index, entry in enumerate(data["entries"]))
+    entries = tuple(Calibration.from_json(entry, f"calibration file {path}, entry {index}")
+                    for index, entry in enumerate(data["entries"]))
+    if data["version"] == 1 and any(entry.pass_ != "forward" for entry in entries):
+        raise CalibrationError(f"calibration file {path} is version 1 but holds training entries (pass "
+                               "forward_backward), which only version 2 files hold; run `moe-lab calibrate` again")
+    return entries
 
 
 def write_calibration(entry: Calibration, path=None, existing=None) -> None:
@@ -197,7 +206,8 @@ def write_calibration(entry: Calibration, path=None, existing=None) -> None:
     target = calibration_path(path)
     existing = load_calibration(target) if existing is None else existing
     entries = [e for e in existing if e.key != entry.key] + [entry]
-    data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "entries": [e.to_json() for e in entries]}
+    version = FORMAT_VERSION if any(e.pass_ != "forward" for e in entries) else 1
+    data = {"format": FORMAT_NAME, "version": version, "entries": [e.to_json() for e in entries]}
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
     temporary.write_text(json.dumps(data, indent=1) + "\n")

@@ -3,9 +3,10 @@
 `calibrate(preset)` times every candidate backend at every token count with `moe_lab.bench`'s
 `measure` (same warm-up, median and refusal rules as `moe-lab bench`), takes the fastest per T and
 compresses the winners into crossover rules: consecutive T with the same winner merge into one
-rule (max_tokens = the largest T it won), and the last rule covers every larger T. A near tie (the
-backend chosen at the T before within `tie_margin` of the fastest) keeps that backend, so timing noise
-does not make the rules switch back and forth. The entry goes
+rule (max_tokens = the largest T it won), and the last rule covers every larger T. An isolated near tie
+(the backend chosen at the T before within `tie_margin` of the fastest, and the fastest again at the next T)
+keeps that backend, so timing noise does not make the rules switch back and forth, while a real crossover
+still switches where it starts. The entry goes
 into the calibration file `auto` reads (its format: moe_lab.backends.calibration), replacing an
 earlier entry for the same device, dtype, shape and pass. With `backward=True` it times training calls
 (forward + backward, `measure`'s "forward_backward" pass) among the backends that give gradients: auto
@@ -56,19 +57,22 @@ def candidate_backends(device, backends=None, dtype=torch.float32, *, grad: bool
 
 def sticky_winners(measurements, tie_margin: float = 0.0) -> list[tuple[int, str]]:
     """[(T, backend), ...] from measurements sorted by T ({"num_tokens", "median_ms": {backend: ms or None}}):
-    the fastest at each T, except that the backend chosen at the T before stays while it is within
-    `tie_margin` (0.03: 3 %) of the fastest. T where nothing ran are left out."""
+    the fastest at each T, except at an isolated near tie: where the backend chosen at the T before is within
+    `tie_margin` (0.03: 3 %) of the fastest and is the fastest again at the next T, it stays. A change that
+    holds at the next T (or at the last T) switches where it starts. T where nothing ran are left out."""
     if isinstance(tie_margin, bool) or not isinstance(tie_margin, (int, float)) or not 0 <= tie_margin < 1:
         raise ValueError(f"tie_margin must be a fraction in [0, 1), e.g. 0.03 for 3 %; got {tie_margin!r}")
-    chosen, previous = [], None
+    fastest = []  # (T, {backend: ms}, the fastest there), for the T where something ran
     for measured in measurements:
         ran = {name: ms for name, ms in measured["median_ms"].items() if ms is not None}
-        if not ran:
-            continue
-        fastest = min(ran, key=ran.get)
-        keep = previous in ran and ran[previous] <= ran[fastest] * (1 + tie_margin)
-        previous = previous if keep else fastest
-        chosen.append((measured["num_tokens"], previous))
+        if ran:
+            fastest.append((measured["num_tokens"], ran, min(ran, key=ran.get)))
+    chosen, previous = [], None
+    for index, (num_tokens, ran, winner) in enumerate(fastest):
+        near_tie = previous in ran and ran[previous] <= ran[winner] * (1 + tie_margin)
+        back_next = index + 1 < len(fastest) and fastest[index + 1][2] == previous
+        previous = previous if near_tie and back_next else winner
+        chosen.append((num_tokens, previous))
     return chosen
 
 
@@ -176,7 +180,7 @@ def format_calibration(entry: Calibration) -> str:
     scope = "any shape" if entry.shape is None else "E={},k={},H={},I={}".format(*entry.shape)
     calls = ", training calls" if entry.pass_ == "forward_backward" else ""
     margin = entry.provenance.get("tie_margin") or 0
-    ties = f" (within {margin:.0%} of the fastest, the backend before is kept)" if margin else ""
+    ties = f" (an isolated flip within {margin:.0%} of the fastest keeps the backend before)" if margin else ""
     lines.append(f"rules ({entry.device_name}, {entry.dtype}, {scope}{calls}): {describe_rules(entry.rules)}{ties}")
     return "\n".join(lines)
 
