@@ -161,6 +161,12 @@ class E2EPlan:
             raise ValueError("new_tokens must be >= 2: a decode step is the time between two new tokens")
 
 
+#: The dtypes whose tolerance tells a wrong experts module from a right one on the same inputs. In bf16 (3e-2) a module
+#: 1 % off passes while two right implementations differ by a few 1e-3; there `experts_rel_err` is reported for a
+#: person to read beside transformers' own implementations' in the same run, and not judged.
+EXPERTS_JUDGED_DTYPES = (torch.float32, torch.float64)
+
+
 @dataclass(frozen=True)
 class OutputCheck:
     """One backend's outputs against the reference's on the check prompt: the logits, and the worst experts module's
@@ -168,7 +174,8 @@ class OutputCheck:
 
     logits_rel_err: float = math.nan
     experts_rel_err: float = math.nan
-    error: str = ""
+    error: str = ""  # why the logits were not checked
+    experts_error: str = ""  # why the experts modules were not rerun
 
 
 @contextlib.contextmanager
@@ -279,7 +286,8 @@ class _Runner:
     # ---- checks ------------------------------------------------------------------------------
     def check_logits(self) -> dict:
         """{backend: OutputCheck}: the prompt's logits vs the reference's, and every experts module's output on
-        the inputs it had in the reference's run vs the reference's output there (the worst module)."""
+        the inputs it had in the reference's run vs the reference's output there (the worst module; the reference's
+        own value is that rerun of itself, 0 for a deterministic backend)."""
         prompt = random_prompt(self.model, 1, self.plan.check_tokens, self.device, self.plan.seed)
         results, expected, calls = {}, None, []
         with torch.no_grad():
@@ -291,14 +299,18 @@ class _Runner:
                     if expected is None:
                         with _recorded_experts_calls(self.model) as calls:
                             expected = self.model(input_ids=prompt, use_cache=False).logits.float()
-                        results[backend] = OutputCheck(0.0, 0.0 if calls else math.nan)
-                        continue
-                    logits = self.model(input_ids=prompt, use_cache=False).logits.float()
-                    worst = max((relative_error(module(*args, **kwargs).float(), output.float())
-                                 for module, args, kwargs, output in calls), default=math.nan)
-                    results[backend] = OutputCheck(relative_error(logits, expected), worst)
+                        logits = expected
+                    else:
+                        logits = self.model(input_ids=prompt, use_cache=False).logits.float()
                 except Exception as error:  # noqa: BLE001 - a backend that cannot run says why in its rows
                     results[backend] = OutputCheck(error=error_text(error))
+                    continue
+                try:
+                    worst = max((relative_error(module(*args, **kwargs), output)
+                                 for module, args, kwargs, output in calls), default=math.nan)
+                    results[backend] = OutputCheck(relative_error(logits, expected), worst)
+                except Exception as error:  # noqa: BLE001 - the logits stand; the module rerun says why it failed
+                    results[backend] = OutputCheck(relative_error(logits, expected), experts_error=error_text(error))
         return results
 
     # ---- groups of measurements --------------------------------------------------------------
@@ -335,7 +347,7 @@ class _Runner:
         row.update(logits_rel_err=check.logits_rel_err, experts_rel_err=check.experts_rel_err)
         if not math.isnan(check.logits_rel_err):
             row["logits_within_tolerance"] = str(bool(check.logits_rel_err <= tolerance))
-        if not math.isnan(check.experts_rel_err):
+        if not math.isnan(check.experts_rel_err) and self.dtype in EXPERTS_JUDGED_DTYPES:
             row["experts_within_tolerance"] = str(bool(check.experts_rel_err <= tolerance))
         if self.time_left() <= 0:
             row.update(status="skipped", reason="time budget spent before this case")
@@ -401,10 +413,11 @@ class _Runner:
             row.update(status="skipped", reason="time budget spent before timing")
             return
         # a backend refused on the check's prompt (over a gather budget) can still run these shapes
-        logits_error = logits_check.get(row["backend"], OutputCheck()).error
+        check = logits_check.get(row["backend"], OutputCheck())
         prefill_under = self.prefill_under.get((row["execution"], row["batch"], row["backend"]))
         notes = [f"prompt's prefill under {prefill_under} (refused by this backend)"] if prefill_under else []
-        notes += [f"logits not checked: {logits_error}"] if logits_error else []
+        notes += [f"logits not checked: {check.error}"] if check.error else []
+        notes += [f"experts modules not rerun: {check.experts_error}"] if check.experts_error else []
         median = percentile(times, 50)
         row.update(reason="; ".join(notes)[:300],
                    p10_ms=percentile(times, 10), p90_ms=percentile(times, 90), steps=len(times),
