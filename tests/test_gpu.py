@@ -23,6 +23,15 @@ SHAPES = [  # (H, I, E, k): qwen3-like fine-grained, mixtral-like coarse, and od
 ]
 
 
+@pytest.fixture(autouse=True)
+def no_calibration_file(tmp_path, monkeypatch):
+    """auto reads this machine's calibration file; these tests assume its uncalibrated defaults."""
+    monkeypatch.setenv("MOE_LAB_CALIBRATION", str(tmp_path / "calibration.json"))
+    moe_lab.reload_calibration()
+    yield
+    moe_lab.reload_calibration()
+
+
 def _layer(H, I, E, k, dtype, seed=0):
     torch.manual_seed(seed)
     config = moe_lab.MoEConfig(H, I, num_experts=E, top_k=k, dtype=dtype)
@@ -122,15 +131,22 @@ def test_back_to_back_timing_by_time_queues_at_least_its_budget():
 
 @pytest.mark.parametrize("pass_", ["forward", "forward_backward"])
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
-def test_bench_times_graph_replays_back_to_back(backend, pass_):
-    # The same captured work as "cuda_graph", queued without a synchronize: a row with its own timing, correct.
+def test_bench_times_graph_replays_back_to_back(backend, pass_, monkeypatch):
+    # The same captured work as "cuda_graph", queued without a synchronize: a row with its own timing, correct,
+    # and timed by time_back_to_back (a spy), not by time_fn's synchronized calls.
+    import moe_lab.bench.measure as measure_module
     from moe_lab.bench import measure
 
+    queued = []
+    real = measure_module.time_back_to_back
+    monkeypatch.setattr(measure_module, "time_back_to_back",
+                        lambda *args, **kwargs: queued.append(1) or real(*args, **kwargs))
     rows = {execution: measure("qwen3-30b-a3b", 512, backend, device="cuda", dtype="bfloat16",
                             execution=execution, pass_=pass_, max_seconds=0.05)
             for execution in ("cuda_graph", "cuda_graph_back_to_back")}
     looped = rows["cuda_graph_back_to_back"]
     assert looped["status"] == "ok", looped["reason"]
+    assert queued == [1]  # only the back-to-back row went through it
     assert looped["execution"] == "cuda_graph_back_to_back" and looped["reps"] >= 5
     assert 0.5 < looped["median_ms"] / rows["cuda_graph"]["median_ms"] < 1.5
     assert looped["tflops"] > 0

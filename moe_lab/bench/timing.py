@@ -141,6 +141,8 @@ def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0, warmup: 
 #: A cap on the queued calls of `time_back_to_back` (a pair of CUDA events each): calls shorter than the host's
 #: enqueue are not back to back on the GPU anyway.
 BACK_TO_BACK_MAX_CALLS = 5000
+#: A cap on its untimed warm-up queue: enough for `max_seconds` of calls down to a few µs each.
+BACK_TO_BACK_MAX_WARMUP = 200_000
 
 
 def time_back_to_back(fn, *, device=None, max_seconds: float = 0.5, min_reps: int = 5) -> Timing:
@@ -154,5 +156,7 @@ def time_back_to_back(fn, *, device=None, max_seconds: float = 0.5, min_reps: in
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     fn()
     one_ms = max(_one_call_ms(fn, device), 1e-3)
-    calls = min(BACK_TO_BACK_MAX_CALLS, max(1, math.ceil(max_seconds * 1e3 / one_ms)))
-    return back_to_back_ms(fn, max(calls, min_reps), device=device, warmup=calls)
+    calls = max(1, math.ceil(max_seconds * 1e3 / one_ms))
+    # The warm-up queue needs no events, so only the timed calls are capped.
+    return back_to_back_ms(fn, max(min(calls, BACK_TO_BACK_MAX_CALLS), min_reps), device=device,
+                           warmup=min(calls, BACK_TO_BACK_MAX_WARMUP))
