@@ -111,6 +111,18 @@ def test_autograd_probe_finds_planted_gradient_bugs():
     assert nb11.trainable(probe) == ["eager"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the note asks auto itself where a CUDA GPU is present")
+def test_the_training_note_names_what_auto_runs_on_a_gpu_not_what_this_cpu_can_run(probe):
+    # Asked on a machine without CUDA, choose_backend(..., "cuda") skips triton ("does not run here") and names
+    # grouped_mm, which a learner on a laptop read as what auto runs on a GPU. The note quotes the CUDA rules.
+    from moe_lab.backends.auto import DEFAULT_CROSSOVERS, pick
+
+    note = nb11.auto_training_note(probe)
+    expected = pick(DEFAULT_CROSSOVERS["cuda"], 1)
+    assert f"on a CUDA GPU, uncalibrated, its rules name {expected} at T=1, {expected} at T=8192" in note
+    assert "which trains correctly here too" in note  # triton's gradients matched through the interpreter
+
+
 def test_auto_pick_is_explained_for_a_device_not_here():
     backend, why = moe_lab.choose_backend(1, "cuda", "bfloat16")
     assert backend in moe_lab.available_backends() and why

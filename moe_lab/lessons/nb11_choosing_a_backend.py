@@ -279,17 +279,24 @@ def decision_markdown(with_triton, without_triton, probe, label: str) -> str:
 
 
 def auto_training_note(probe, tokens=(1, 8192)) -> str:
-    """Markdown: which backends trained in `probe`, and what uncalibrated `auto` runs on a CUDA GPU (bf16) at
-    `tokens` for a training step (it only chooses backends that declare autograd) and whether that trained here."""
+    """Markdown: which backends trained in `probe`, and what `auto` runs on a CUDA GPU (bf16) at `tokens` for a
+    training step (it only chooses backends that declare autograd) and whether that trained here. With a CUDA GPU
+    here, auto is asked (its calibration, if any, included); without one, what runs there cannot be asked here (a
+    backend that needs the GPU answers "does not run"), so the uncalibrated rules for CUDA say what it runs."""
     from ..backends import choose_backend
+    from ..backends.auto import DEFAULT_CROSSOVERS, pick
 
     trains = trainable(probe)
-    on_gpu = {t: choose_backend(t, "cuda", "bfloat16", grad=True)[0] for t in tokens}
+    if torch.cuda.is_available():
+        on_gpu = {t: choose_backend(t, "cuda", "bfloat16", grad=True)[0] for t in tokens}
+        where = "on this machine's CUDA GPU it runs"
+    else:
+        on_gpu = {t: pick(DEFAULT_CROSSOVERS["cuda"], t) for t in tokens}
+        where = "on a CUDA GPU, uncalibrated, its rules name"
     picks = ", ".join(f"{b} at T={t}" for t, b in on_gpu.items())
     if set(on_gpu.values()) <= set(trains):
         verdict = "which trains correctly here too"
     else:
         verdict = "which does **not** train correctly here: for training, name a backend from this list"
     return (f"Trains correctly here: **{', '.join(trains) or 'none'}**. For a step that needs gradients, `auto` "
-            f"chooses only among backends that declare autograd; on a CUDA GPU, uncalibrated, it runs {picks}, "
-            f"{verdict}.")
+            f"chooses only among backends that declare autograd; {where} {picks}, {verdict}.")
