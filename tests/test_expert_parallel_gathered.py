@@ -102,6 +102,15 @@ def test_triton_partial_forward_skips_absent_slots():
     assert torch.equal(triton_partial[0], torch.zeros(32))  # no expert here: exactly zero
 
 
+def _register_counted(name, backend):
+    """Register `name`: `backend`'s forward, autograd declared, and its partial entry counting its calls (returned)."""
+    calls = []
+    entry = get_spec(backend).partial_forward
+    moe_lab.register(name, get_spec(backend).forward, autograd=True,
+                     partial_forward=lambda *args: calls.append(1) or entry(*args))
+    return calls
+
+
 def _gradients(experts, x, index, weights, grad_out):
     experts.zero_grad(set_to_none=True)
     x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
@@ -121,10 +130,7 @@ def test_partial_forward_trains_like_the_generic_path(backend):
     x, index, weights = _partial_inputs()
     index[2, 0] = 11  # any id past the last expert is absent, not only E
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    calls = []
-    entry = get_spec(backend).partial_forward
-    moe_lab.register("counted", get_spec(backend).forward, autograd=True,
-                     partial_forward=lambda *args: calls.append(1) or entry(*args))
+    calls = _register_counted("counted", backend)
     try:
         experts.set_experts_implementation("counted")
         with _uninitialized_memory_is_nan():
@@ -151,10 +157,7 @@ def test_auto_runs_the_partial_entry_of_the_backend_it_chooses(monkeypatch, tmp_
     # takes that backend's entry, with gradients, instead of computing every absent slot through auto's forward.
     from moe_lab.backends import auto
 
-    calls = []
-    entry = get_spec("triton").partial_forward
-    moe_lab.register("counted", get_spec("triton").forward, autograd=True,
-                     partial_forward=lambda *args: calls.append(1) or entry(*args))
+    calls = _register_counted("counted", "triton")
     monkeypatch.setenv(auto.ENV_VAR, str(tmp_path / "no_calibration.json"))
     monkeypatch.setitem(auto.DEFAULT_CROSSOVERS, "cpu", ((None, "counted"),))
     monkeypatch.setattr(auto, "_forward_decisions", {})
