@@ -14,7 +14,10 @@ otherwise), in interleaved rounds: where the decode kernels stop paying when the
 PATH: instead, the whole decode layer (the plan's configs) with the package's kernels and with the decode kernels of
 an older copy of triton_kernels.py (e.g. `git show <commit>:moe_lab/backends/triton_kernels.py`), five interleaved
 rounds. Every row goes to the JSON with provenance as it is measured. --smoke: tiny shapes, one candidate, on this
-machine (checks the tool).
+machine (checks the tool). --transposed: the weights stored as transformers' `is_transposed` modules store them
+([E, H, 2I] and [E, I, H], gpt-oss), with biases and the gate left to the module (activation "none", as gpt-oss
+runs): the kernels then read a weight tile whose contiguous dimension is the output's, and sweep their own
+candidates (wide in N, short in K).
 """
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ GATE_UP_CANDIDATES = ([D(bn, bk, w, 1) for bn, bk, w in itertools.product([2, 4,
                       + [D(8, 256, 8, 3), D(8, 512, 8, 2), D(4, 1024, 8, 2), D(8, 256, 4, 1)])
 DOWN_CANDIDATES = ([D(bn, bk, w, 1) for bn, bk, w in itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8])]
                    + [D(8, 512, 8, 2), D(16, 1024, 16, 1), D(8, 2048, 8, 1)])
+# Transposed storage: the output dimension N is the contiguous one, so a tile is wide in N and short in K.
+TRANSPOSED_CANDIDATES = ([D(bn, bk, w, 1) for bn, bk, w in itertools.product([64, 128, 256, 512], [16, 32, 64], [4, 8])]
+                         + [D(128, 32, 4, 3), D(256, 32, 8, 3), D(128, 64, 4, 3), D(64, 64, 4, 4)])
 PRESETS = ["qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b", "gpt-oss-20b", "mixtral-8x7b", "deepseek-v3"]
 COLD_BYTES = 400e6  # L layers read at least this much: 8x an H100/H200's 50 MB L2
 
@@ -50,6 +56,11 @@ class Layers:
     """L layers of one preset, each with its own weights, input row(s), routing and h."""
 
     experts: list
+    gate_up: list  # [E, 2I, H] views the kernels read: the experts' own, or of [E, H, 2I] storage (--transposed)
+    down: list  # [E, H, I] views
+    gate_up_bias: list  # [E, 2I] or None
+    down_bias: list  # [E, H] or None
+    activation: str  # "silu", or "none" (a module's own gate: gate_up writes [S, 2I])
     x: list
     flat_index: list
     routing_weights: list
@@ -59,7 +70,7 @@ class Layers:
     read_down: int
 
 
-def build_layers(preset: str, tokens: int, device, smoke: bool) -> Layers:
+def build_layers(preset: str, tokens: int, device, smoke: bool, transposed: bool = False) -> Layers:
     config = moe_lab.get_preset(preset).config.replace(dtype=torch.bfloat16)
     if smoke:
         config = moe_lab.scale_down(config, 64)
@@ -70,9 +81,23 @@ def build_layers(preset: str, tokens: int, device, smoke: bool) -> Layers:
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * per_layer_bytes
     count = 1 if smoke else max(2, min(8, math.ceil(COLD_BYTES / (read_gate_up + read_down)),
                                        int(0.6 * free // per_layer_bytes)))
-    layers = Layers([], [], [], [], [], k, read_gate_up, read_down)
+    layers = Layers(experts=[], gate_up=[], down=[], gate_up_bias=[], down_bias=[],
+                    activation="none" if transposed else "silu", x=[], flat_index=[], routing_weights=[], h=[],
+                    top_k=k, read_gate_up=read_gate_up, read_down=read_down)
     for seed in range(count):
-        layers.experts.append(build_experts(config, device, implementation="triton"))
+        experts = build_experts(config, device, implementation="triton")
+        layers.experts.append(experts)
+        if transposed:  # stored [E, H, 2I] / [E, I, H]; the kernels get [E, 2I, H] / [E, H, I] views of it
+            layers.gate_up.append(experts.gate_up_proj.detach().transpose(1, 2).contiguous().transpose(1, 2))
+            layers.down.append(experts.down_proj.detach().transpose(1, 2).contiguous().transpose(1, 2))
+            layers.gate_up_bias.append(torch.randn(config.num_experts, 2 * I, device=device, dtype=torch.bfloat16))
+            layers.down_bias.append(torch.randn(config.num_experts, H, device=device, dtype=torch.bfloat16))
+            experts.gate_up_proj, experts.down_proj = None, None  # one copy of the weights on the card
+        else:
+            layers.gate_up.append(experts.gate_up_proj)
+            layers.down.append(experts.down_proj)
+            layers.gate_up_bias.append(None)
+            layers.down_bias.append(None)
         layers.x.append(random_hidden_states(tokens, config, device, seed=seed))
         index, weights, _ = random_routing(tokens, config, device, seed=seed)
         layers.flat_index.append(index.reshape(-1).contiguous())
@@ -82,21 +107,25 @@ def build_layers(preset: str, tokens: int, device, smoke: bool) -> Layers:
 
 
 def gate_up_launches(layers: Layers, config):
-    return [lambda i=i: launch_decode_gate_up(layers.x[i], layers.experts[i].gate_up_proj, None, layers.flat_index[i],
-                                              layers.top_k, "silu", config) for i in range(len(layers.experts))]
+    return [lambda i=i: launch_decode_gate_up(layers.x[i], layers.gate_up[i], layers.gate_up_bias[i],
+                                              layers.flat_index[i], layers.top_k, layers.activation, config)
+            for i in range(len(layers.experts))]
 
 
 def down_launches(layers: Layers, config):
-    return [lambda i=i: launch_decode_down(layers.h[i], layers.experts[i].down_proj, None, layers.flat_index[i],
+    return [lambda i=i: launch_decode_down(layers.h[i], layers.down[i], layers.down_bias[i], layers.flat_index[i],
                                            layers.routing_weights[i], layers.top_k, config)
             for i in range(len(layers.experts))]
 
 
 def layer_launches(layers: Layers, gate_up_config, down_config):
     def one(i):
-        h = launch_decode_gate_up(layers.x[i], layers.experts[i].gate_up_proj, None, layers.flat_index[i],
-                                  layers.top_k, "silu", gate_up_config)
-        return launch_decode_down(h, layers.experts[i].down_proj, None, layers.flat_index[i],
+        h = launch_decode_gate_up(layers.x[i], layers.gate_up[i], layers.gate_up_bias[i], layers.flat_index[i],
+                                  layers.top_k, layers.activation, gate_up_config)
+        if layers.activation == "none":  # the module's own gate, in torch: [S, 2I] -> [S, I]
+            gate, up = h.chunk(2, dim=-1)
+            h = torch.nn.functional.silu(gate) * up
+        return launch_decode_down(h, layers.down[i], layers.down_bias[i], layers.flat_index[i],
                                   layers.routing_weights[i], layers.top_k, down_config)
     return [lambda i=i: one(i) for i in range(len(layers.experts))]
 
@@ -246,7 +275,11 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--crossover", default="", help="comma-separated token counts: the decode/sorted crossover")
     parser.add_argument("--ab-old-kernels", help="an older triton_kernels.py: its decode kernels against the package's")
+    parser.add_argument("--transposed", action="store_true",
+                        help="weights stored [E, H, 2I] / [E, I, H] with biases and the module's own gate (gpt-oss)")
     args = parser.parse_args(argv)
+    if args.transposed and (args.crossover or args.ab_old_kernels):
+        parser.error("--transposed sweeps the decode tiles only; it does not go with --crossover or --ab-old-kernels")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         parser.error("measuring needs a CUDA GPU; --smoke runs the tool on tiny shapes here")
@@ -262,7 +295,7 @@ def main(argv=None):
         if time.monotonic() > deadline:
             print("budget spent before", preset, flush=True)
             break
-        layers = build_layers(preset, args.tokens, device, args.smoke)
+        layers = build_layers(preset, args.tokens, device, args.smoke, transposed=args.transposed)
         c = layers.experts[0].config
         plan = tf.launch_plan(args.tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype,
                               interpreted=interpreting())
@@ -272,10 +305,14 @@ def main(argv=None):
             elif args.crossover:
                 crossover(preset, layers, [int(t) for t in args.crossover.split(",")], device, args.smoke, results)
             else:
-                best_gate_up = sweep("gate_up", preset, layers, GATE_UP_CANDIDATES, plan.decode_gate_up,
-                                     gate_up_launches, layers.read_gate_up, device, args.smoke, results)
-                best_down = sweep("down", preset, layers, DOWN_CANDIDATES, plan.decode_down, down_launches,
-                                  layers.read_down, device, args.smoke, results)
+                kind = "transposed " if args.transposed else ""
+                best_gate_up = sweep(kind + "gate_up", preset, layers,
+                                     TRANSPOSED_CANDIDATES if args.transposed else GATE_UP_CANDIDATES,
+                                     plan.decode_gate_up, gate_up_launches, layers.read_gate_up, device, args.smoke,
+                                     results)
+                best_down = sweep(kind + "down", preset, layers,
+                                  TRANSPOSED_CANDIDATES if args.transposed else DOWN_CANDIDATES,
+                                  plan.decode_down, down_launches, layers.read_down, device, args.smoke, results)
                 whole_layer(preset, layers, plan, (best_gate_up, best_down), device, args.smoke, results)
         with open(args.output, "w") as f:
             json.dump({"provenance": meta, "results": results}, f, indent=1, default=str)
