@@ -44,9 +44,12 @@ GATE_UP_CANDIDATES = ([D(bn, bk, w, 1) for bn, bk, w in itertools.product([2, 4,
                       + [D(8, 256, 8, 3), D(8, 512, 8, 2), D(4, 1024, 8, 2), D(8, 256, 4, 1)])
 DOWN_CANDIDATES = ([D(bn, bk, w, 1) for bn, bk, w in itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8])]
                    + [D(8, 512, 8, 2), D(16, 1024, 16, 1), D(8, 2048, 8, 1)])
-# Transposed storage: the output dimension N is the contiguous one, so a tile is wide in N and short in K.
-TRANSPOSED_CANDIDATES = ([D(bn, bk, w, 1) for bn, bk, w in itertools.product([64, 128, 256, 512], [16, 32, 64], [4, 8])]
-                         + [D(128, 32, 4, 3), D(256, 32, 8, 3), D(128, 64, 4, 3), D(64, 64, 4, 4)])
+# Transposed storage: the output dimension N is the contiguous one, so a tile spans N and a row of it is read
+# whole. The down kernel runs one program per (token, N block): narrow blocks keep enough programs at T=1.
+TRANSPOSED_GATE_UP_CANDIDATES = [D(bn, bk, w, st) for bn, bk, w, st in
+                                 itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8], [1, 3])]
+TRANSPOSED_DOWN_CANDIDATES = [D(bn, bk, w, st) for bn, bk, w, st in
+                              itertools.product([8, 16, 32, 64], [64, 128, 256, 512], [4, 8], [1])]
 PRESETS = ["qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b", "gpt-oss-20b", "mixtral-8x7b", "deepseek-v3"]
 COLD_BYTES = 400e6  # L layers read at least this much: 8x an H100/H200's 50 MB L2
 
@@ -307,11 +310,11 @@ def main(argv=None):
             else:
                 kind = "transposed " if args.transposed else ""
                 best_gate_up = sweep(kind + "gate_up", preset, layers,
-                                     TRANSPOSED_CANDIDATES if args.transposed else GATE_UP_CANDIDATES,
+                                     TRANSPOSED_GATE_UP_CANDIDATES if args.transposed else GATE_UP_CANDIDATES,
                                      plan.decode_gate_up, gate_up_launches, layers.read_gate_up, device, args.smoke,
                                      results)
                 best_down = sweep(kind + "down", preset, layers,
-                                  TRANSPOSED_CANDIDATES if args.transposed else DOWN_CANDIDATES,
+                                  TRANSPOSED_DOWN_CANDIDATES if args.transposed else DOWN_CANDIDATES,
                                   plan.decode_down, down_launches, layers.read_down, device, args.smoke, results)
                 whole_layer(preset, layers, plan, (best_gate_up, best_down), device, args.smoke, results)
         with open(args.output, "w") as f:
