@@ -86,6 +86,38 @@ def test_decode_kernels_with_the_gpu_tiles(hidden, intermediate, top_k):
     assert moe_lab.relative_error(out, moe_lab.reference_experts_forward(layer, hidden_states, index, weights)) < 1e-5
 
 
+@pytest.mark.parametrize("hidden, intermediate", [(24, 40), (300, 24), (24, 600)])
+def test_decode_kernels_with_the_gpu_tiles_on_transposed_storage(hidden, intermediate, monkeypatch):
+    # gpt-oss stores [E, H, 2I] / [E, I, H]: the plan reads that off the weights' strides and takes tiles that span
+    # the contiguous N, 256 rows of K a step for gate_up and 512 for down: K=300 and K=600 leave a masked tail,
+    # K=24 and K=40 one mostly masked step. Biases and gpt-oss's own gate (N = 2I raw rows) as in the model.
+    hf = pytest.importorskip("moe_lab.hf")
+    from moe_lab.backends import triton_fused
+    from moe_lab.backends.common import expert_weights
+
+    model = hf.tiny_transformers_model("gpt_oss", hidden_size=hidden, intermediate_size=intermediate).to(DEVICE)
+    experts = next(hf.experts_modules(model))
+    assert experts.is_transposed and triton_fused.weights_transposed(expert_weights(experts).gate_up)
+    E, k = experts.num_experts, model.config.num_experts_per_tok
+    gpu = launch_plan(1, k, E, hidden, intermediate, torch.float32, interpreted=False, transposed=True)
+    rows = launch_plan(1, k, E, hidden, intermediate, torch.float32, interpreted=False)
+    assert (gpu.decode_gate_up, gpu.decode_down) != (rows.decode_gate_up, rows.decode_down)
+    plan = dataclasses.replace(launch_plan(1, k, E, hidden, intermediate, torch.float32, interpreted=interpreting()),
+                               decode_gate_up=gpu.decode_gate_up, decode_down=gpu.decode_down)
+    hidden_states = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    index, weights = moe_lab.synthetic_routing(1, E, k, seed=0, device=DEVICE)
+    reference = moe_lab.reference_experts_forward(experts, hidden_states, index, weights)
+    asked = []
+    real_plan = triton_fused.launch_plan
+    monkeypatch.setattr(triton_fused, "launch_plan",
+                        lambda *a, **kw: asked.append(kw.get("transposed", False)) or real_plan(*a, **kw))
+    with torch.no_grad():
+        out = triton_experts_forward(experts, hidden_states, index, weights, plan=plan)
+        assert moe_lab.relative_error(out, reference) < 1e-5
+        moe_lab.experts_forward("triton", experts, hidden_states, index, weights)  # the plan it chooses itself
+    assert asked == [True]
+
+
 @pytest.mark.parametrize("distribution", ["uniform", "zipf", "single"])  # "single": all on one expert
 def test_block_layout_with_skewed_and_empty_experts(distribution):
     # 40 tokens x 2 slots into 6 experts: blocks of 16 rows straddle nothing, empty experts cost nothing.

@@ -301,7 +301,7 @@ def main(argv=None):
         layers = build_layers(preset, args.tokens, device, args.smoke, transposed=args.transposed)
         c = layers.experts[0].config
         plan = tf.launch_plan(args.tokens, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype,
-                              interpreted=interpreting())
+                              interpreted=interpreting(), transposed=args.transposed)
         with torch.no_grad():
             if old is not None:
                 ab_old_kernels(preset, layers, plan, old, device, args.smoke, results)

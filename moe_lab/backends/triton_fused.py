@@ -71,13 +71,14 @@ from .triton_plan import (
     kernel_configs,
     launch_plan,
     uses_decode_path,
+    weights_transposed,
 )
 
 __all__ = [
     "DecodeConfig", "KernelConfig", "LaunchPlan", "ONE_PROGRAM_SORT_MAX_PAIRS", "TritonUnavailableError",
     "backward_configs", "decode_configs", "fused_activation", "kernel_configs", "launch_down", "launch_gate_up",
     "launch_plan", "launch_sum_over_top_k", "sort_pairs", "triton_available", "triton_experts_forward",
-    "triton_path", "triton_status", "uses_decode_path",
+    "triton_path", "triton_status", "uses_decode_path", "weights_transposed",
 ]
 
 
@@ -155,7 +156,8 @@ def triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *
     grad = needs_grad(experts, hidden_states, top_k_weights)
     if plan is None:
         plan = launch_plan(num_tokens, top_k, weights.num_experts, hidden, weights.intermediate_size,
-                           hidden_states.dtype, interpreted=interpreting_cached(), needs_grad=grad)
+                           hidden_states.dtype, interpreted=interpreting_cached(), needs_grad=grad,
+                           transposed=weights_transposed(weights.gate_up))
     activation = fused_activation(experts)
     if grad:
         return experts_forward_with_grad(experts, weights, hidden_states, top_k_index, top_k_weights, activation,
@@ -183,7 +185,8 @@ def triton_partial_forward(experts, hidden_states, top_k_index, top_k_weights) -
     # this overstates by the share of absent slots (a tile choice, never a result).
     plan = launch_plan(num_tokens, top_k, weights.num_experts, hidden, weights.intermediate_size,
                        hidden_states.dtype, interpreted=interpreting_cached(),
-                       needs_grad=needs_grad(experts, hidden_states, top_k_weights))
+                       needs_grad=needs_grad(experts, hidden_states, top_k_weights),
+                       transposed=weights_transposed(weights.gate_up))
     if plan.decode:
         plan = dataclasses.replace(plan, decode=False)
     return triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights, plan=plan)

@@ -224,7 +224,8 @@ def _halve_block_k(configs, itemsize: int):
     return tuple(dataclasses.replace(config, block_k=max(16, config.block_k * 2 // itemsize)) for config in configs)
 
 
-def decode_configs(hidden_size: int, intermediate_size: int, interpreted: bool) -> tuple[DecodeConfig, DecodeConfig]:
+def decode_configs(hidden_size: int, intermediate_size: int, interpreted: bool,
+                   transposed: bool = False) -> tuple[DecodeConfig, DecodeConfig]:
     """Tile sizes for (decode_gate_up_kernel, decode_down_kernel).
 
     A decode kernel is a GEMV that only streams weight rows, cold from HBM in a model (each layer reads its
@@ -234,9 +235,25 @@ def decode_configs(hidden_size: int, intermediate_size: int, interpreted: bool) 
     a second 1024-wide step masked (I = 1408 reads in one 2048-wide step). From tools/tune_decode.py on an
     H200, six presets, the layers back to back in a CUDA graph (docs/performance_notes.md,
     data/h200_decode_layers.json).
+
+    `transposed`: the weights are views of [E, H, 2I] / [E, I, H] storage (transformers' `is_transposed`
+    modules, gpt-oss), so a row of the output dimension N is the contiguous one. Row tiles would then read
+    a few bytes per memory row (gpt-oss: 313 us a layer where copying its bytes takes 96). The tiles span N
+    instead: 256 rows of K per step for gate_up, wider N blocks the longer the row (2I); down runs one
+    program per (token, N block), so its blocks stay narrow enough for T=1 to fill the card, and read
+    512 rows per step. From tools/tune_decode.py --transposed on an H200 (gpt-oss, and qwen3 and mixtral
+    stored that way; data/h200_decode_layers_transposed.json): each the best candidate for its preset.
     """
     if interpreted:
         return DecodeConfig(32, 64, 1, 1), DecodeConfig(32, 64, 1, 1)
+    if transposed:
+        double_inter = 2 * intermediate_size
+        gate_up = DecodeConfig(16 if double_inter <= 2048 else 64 if double_inter <= 8192 else 128, 256, 4, 1)
+        if hidden_size <= 2048:
+            down = DecodeConfig(8, 512, 4, 1)
+        else:
+            down = DecodeConfig(16, 512, 8, 1) if hidden_size < 4096 else DecodeConfig(32, 512, 4, 1)
+        return gate_up, down
     gate_up = DecodeConfig(2, 2048, 4, 1) if hidden_size % 2048 == 0 else DecodeConfig(2, 1024, 4, 1)
     down = DecodeConfig(8, 2048, 8, 1) if 1024 < intermediate_size < 2048 else DecodeConfig(4, 1024, 4, 1)
     return gate_up, down
@@ -284,7 +301,7 @@ def one_program_sort_block(num_pairs: int) -> int:
 
 def launch_plan(num_tokens: int, top_k: int, num_experts: int, hidden_size: int, intermediate_size: int,
                 dtype: torch.dtype, *, interpreted: bool, needs_grad: bool = False,
-                save_pre_activation: bool = True) -> LaunchPlan:
+                save_pre_activation: bool = True, transposed: bool = False) -> LaunchPlan:
     """The plan the triton backend launches for this shape.
 
     With `needs_grad` the decode path is never taken: its kernels keep nothing a backward could
@@ -293,20 +310,22 @@ def launch_plan(num_tokens: int, top_k: int, num_experts: int, hidden_size: int,
     write of S*2I elements in the forward and a read in the backward, against rerunning the gate_up
     GEMM (2/3 of the forward's FLOPs) in the backward — the recompute only pays when activation
     memory, not time, is what runs out. Both are measured by tools/tune_triton.py --parts backward.
+    `transposed`: the weights' K dimension is not the contiguous one (`weights_transposed`); it changes the
+    decode tiles only.
     """
     key = (num_tokens, top_k, num_experts, hidden_size, intermediate_size, dtype.itemsize, interpreted, needs_grad,
-           save_pre_activation)
+           save_pre_activation, transposed)
     if torch.compiler.is_compiling():  # traced once per graph; dynamo would only skip the cache
         return _plan(*key)
     return _plan_cached(*key)
 
 
 def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsize, interpreted, needs_grad,
-          save_pre_activation) -> LaunchPlan:
+          save_pre_activation, transposed) -> LaunchPlan:
     num_pairs = num_tokens * top_k
     rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     gate_up, down = kernel_configs(rows_per_expert, interpreted, wide_output=hidden_size >= 4096, itemsize=itemsize)
-    decode_gate_up, decode_down = decode_configs(hidden_size, intermediate_size, interpreted)
+    decode_gate_up, decode_down = decode_configs(hidden_size, intermediate_size, interpreted, transposed)
     backward = backward_configs(rows_per_expert, hidden_size, intermediate_size, interpreted, itemsize=itemsize)
     return LaunchPlan(
         decode=not needs_grad and uses_decode_path(num_tokens, top_k, num_experts, hidden_size),
@@ -320,3 +339,8 @@ def _plan(num_tokens, top_k, num_experts, hidden_size, intermediate_size, itemsi
 
 
 _plan_cached = functools.lru_cache(maxsize=1024)(_plan)
+
+
+def weights_transposed(gate_up: torch.Tensor) -> bool:
+    """gate_up [E, 2I, H] is a view of [E, H, 2I] storage: its K (H) dimension is not the contiguous one."""
+    return gate_up.stride(-1) != 1
