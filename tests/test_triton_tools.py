@@ -228,3 +228,39 @@ def test_the_partial_training_tool_marks_other_ranks_experts_and_its_two_paths_a
         unregister(tool.WITHOUT_PARTIAL)
     for a, b in zip(partial, generic):
         assert moe_lab.relative_error(a, b) < 1e-5
+
+
+def test_tune_decode_transposed_smoke_run_reads_the_stored_layout(tmp_path):
+    # --transposed keeps one copy of the weights, stored [E, H, 2I] / [E, I, H] as gpt-oss stores them, and sweeps
+    # the tiles of that layout against the plan's own choice for it.
+    output = tmp_path / "decode.json"
+    tool = _tool("tune_decode")
+    layers = tool.build_layers("gpt-oss-20b", 1, torch.device(DEVICE), smoke=True, transposed=True)
+    assert layers.experts[0].gate_up_proj is None and layers.activation == "none"
+    assert layers.gate_up[0].stride(-1) != 1 and layers.down[0].stride(-1) != 1
+    tool.main(["--smoke", "--transposed", "--presets", "gpt-oss-20b", "--output", str(output)])
+    rows = json.loads(output.read_text())["results"]
+    assert [row["kind"] for row in rows] == ["transposed gate_up", "transposed down", "layer"]
+    assert all(isinstance(value, float) for row in rows[:2] for value in row["all"].values())
+
+
+def test_the_transposed_decode_tiles_are_each_recorded_presets_best():
+    # decode_configs(..., transposed=True) is what tools/tune_decode.py --transposed measured on an H200: for each
+    # preset and kernel, the rule's tile within 2 % of the fastest candidate, and the whole layer with the rule's
+    # tiles (the sweep's winners) well under the row tiles the plan took before.
+    import dataclasses
+
+    from moe_lab.backends.triton_plan import decode_configs
+
+    recorded = json.loads((TOOLS.parent / "data" / "h200_decode_layers_transposed.json").read_text())
+    assert recorded["provenance"]["device_name"] == "NVIDIA H200"
+    sweeps = [row for row in recorded["results"] if "all" in row]
+    assert {row["preset"] for row in sweeps} == {"gpt-oss-20b", "qwen3-30b-a3b", "mixtral-8x7b"}
+    for row in sweeps:
+        config = moe_lab.get_preset(row["preset"]).config
+        gate_up, down = decode_configs(config.hidden_size, config.intermediate_size, interpreted=False, transposed=True)
+        chosen = gate_up if row["kind"].endswith("gate_up") else down
+        timings = {name: us for name, us in row["all"].items() if isinstance(us, float)}
+        assert timings[str(dataclasses.astuple(chosen))] <= 1.02 * min(timings.values()), (row["preset"], row["kind"])
+    for layer in (row for row in recorded["results"] if row["kind"] == "layer"):
+        assert max(layer["winners_us"]) < 0.5 * min(layer["plan_us"]), layer["preset"]
