@@ -353,10 +353,10 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
     judged against moe_lab's float32 tolerance."""
     import pandas as pd
 
-    from ..backends import Where, get_spec, resolve_spec
+    from ..backends import Where, get_spec
     from ..modules import Experts
     from ..parallel import ExpertShard
-    from ..parallel.local import run_partial_experts
+    from ..parallel.local import partial_spec, run_partial_experts
     from ..parallel.sharding import local_config
     from ..reference import reference_experts_forward, reference_gradients, relative_error
     from .tolerances import reference_tolerance
@@ -388,7 +388,7 @@ def partial_forward_demo(config: MoEConfig, num_tokens: int = 16, world_size: in
             local = index - shard.first
             local = torch.where((local >= 0) & (local < shard.count), local, shard.count)  # [N, k]
             total = total + run_partial_experts(block, x, local, w)  # [N, H]
-            runs = resolve_spec(name, block, x, config.top_k, trains)  # auto: the backend it chooses here
+            runs = partial_spec(block, x, local, w)  # what run_partial_experts ran (auto: its choice here)
             pairs += int((local < shard.count).sum()) if runs.partial_forward is not None else local.numel()
             blocks.append(block)
         gradient_error = float("nan")

@@ -5,6 +5,7 @@
                         entry where its spec declares one (no sort, gather or un-permute), else the former
     run_partial_experts rows with k ids, some of them "not on this rank": the backend's `partial_forward`
                         entry where it has one, else ids clamped and weights zeroed
+    partial_spec        which backend's entries run_partial_experts runs for a call
 """
 from __future__ import annotations
 
@@ -55,15 +56,15 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
     """[N, H] rows, [N, k] local expert ids (>= E/w: that expert lives on another rank), [N, k] weights -> [N, H]:
     each row's weighted sum over the experts it has here (zeros for a row with none).
 
-    Through the backend's `partial_forward` entry when its spec has one (for `auto`, the backend it chooses): the absent slots cost nothing, and
-    their routing weights get a zero gradient. It is held to the backend's autograd declaration like the
-    forward (`checked_forward`). Otherwise the generic path, transformers' way: absent ids clamped to a real
-    expert and their weights zeroed, through the backend's forward. It trains too, but computes every absent
+    Through the backend's `partial_forward` entry when its spec has one (for `auto`, the backend it chooses:
+    `partial_spec`): the absent slots cost nothing, and their routing weights get a zero gradient. It is held
+    to the backend's autograd declaration like the forward (`checked_forward`). Otherwise the generic path,
+    transformers' way: absent ids clamped to a real expert and their weights zeroed, through the backend's
+    forward. It trains too, but computes every absent
     slot and throws the result away: at EP=w about (w-1)/w of the expert FLOPs are wasted.
 
     `backend` (default: `local.experts_implementation`) names the registered backend; `local` may be any
     experts module moe_lab's backends run (a transformers one included)."""
-    backend = local.experts_implementation if backend is None else backend
     shapes = expert_weights(local)  # moe_lab's module or transformers' (transposed layouts too)
     El, hidden = shapes.num_experts, shapes.hidden_size
     if rows.dim() != 2 or rows.shape[1] != hidden or local_index.shape != weights.shape \
@@ -71,7 +72,7 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
         raise BackendInputError(f"run_partial_experts wants rows [N, {hidden}], ids and weights "
                                 f"[N, k], got {tuple(rows.shape)}, {tuple(local_index.shape)} and "
                                 f"{tuple(weights.shape)}")
-    spec = resolve_spec(backend, local, rows, local_index.shape[1], needs_grad(local, rows, weights))
+    spec = partial_spec(local, rows, local_index, weights, backend=backend)
     backend = spec.name  # auto: the backend it chooses for this call, with that backend's entries
     if spec.partial_forward is not None:
         check_inputs(local, rows, local_index, weights, absent_ids=True)
@@ -88,6 +89,15 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
                  for ids, w in zip(clamped.split(El, dim=1), zeroed.split(El, dim=1))]
         output = torch.stack(parts).sum(0).to(rows.dtype)  # [N, H]
     return _tied_if_empty(output, rows, local)
+
+
+def partial_spec(local: Experts, rows: torch.Tensor, local_index: torch.Tensor, weights: torch.Tensor, *,
+                 backend: str | None = None):
+    """The BackendSpec `run_partial_experts` runs for this call: `backend`'s (default: the module's), or for a
+    dispatcher (`auto`) the backend it chooses here. Its `partial_forward` is None where the absent slots are
+    computed and thrown away (the generic path)."""
+    backend = local.experts_implementation if backend is None else backend
+    return resolve_spec(backend, local, rows, local_index.shape[1], needs_grad(local, rows, weights))
 
 
 def _tied_if_empty(output: torch.Tensor, rows: torch.Tensor, local: Experts) -> torch.Tensor:
