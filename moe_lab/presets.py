@@ -56,8 +56,9 @@ PRESETS: dict[str, Preset] = {
         ),
         _preset(
             "gpt-oss-20b", "openai/gpt-oss-20b/config.json",
-            "the real experts add biases and use a clamped SwiGLU (alpha 1.702, limit 7); shapes are exact, "
-            "the activation here is plain SiLU.",
+            "the real experts add biases, use a clamped SwiGLU (alpha 1.702, limit 7) on interleaved gate/up "
+            "rows, and are stored transposed ([E, H, 2I], [E, I, H]); shapes are exact, the activation here is "
+            "plain SiLU and the layout moe_lab's own. The real module is timed end to end (moe-lab e2e).",
             hidden_size=2880, intermediate_size=2880, num_experts=32, top_k=4, norm_topk_prob=True,
         ),
     ]
