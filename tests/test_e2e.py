@@ -513,9 +513,9 @@ def test_goal_status_lists_every_goal_case_with_why_it_was_not_measured():
 
 
 def test_recorded_h200_tables_are_read_with_their_goal_cases():
-    # what README, docs/performance_notes.md and notebook 08 say of the recording: every compiled row replayed CUDA
-    # graphs; batch 1 missed on both models, batch 8 met on Qwen1.5 and missed on Qwen3 (against transformers'
-    # grouped_mm pinned: its batched_mm ran out of memory there); the 4096-token prefill met on both
+    # what README, docs/performance_notes.md and notebook 08 say of the recordings: every compiled row replayed CUDA
+    # graphs; on the two goal models batch 1 missed on both, batch 8 met on Qwen1.5 and missed on Qwen3 (against
+    # transformers' grouped_mm pinned: its batched_mm ran out of memory there), the 4096-token prefill met on both
     from moe_lab.bench.e2e_summary import goal_status
     from moe_lab.recorded_tables import load_recorded_e2e
 

@@ -86,11 +86,14 @@ def test_decode_kernels_with_the_gpu_tiles(hidden, intermediate, top_k):
     assert moe_lab.relative_error(out, moe_lab.reference_experts_forward(layer, hidden_states, index, weights)) < 1e-5
 
 
-@pytest.mark.parametrize("hidden, intermediate", [(24, 40), (300, 24), (24, 600)])
+# (2100, 1100): gpt-oss's own branch of the rule (gate_up N blocks of 64 over 2I = 2200, down N blocks of 16 over
+# H = 2100 with 8 warps), both with a partial last N block; the others the narrowest branch.
+@pytest.mark.parametrize("hidden, intermediate",
+                         [(24, 40), (300, 24), (24, 600), pytest.param(2100, 1100, marks=pytest.mark.slow)])
 def test_decode_kernels_with_the_gpu_tiles_on_transposed_storage(hidden, intermediate, monkeypatch):
     # gpt-oss stores [E, H, 2I] / [E, I, H]: the plan reads that off the weights' strides and takes tiles that span
-    # the contiguous N, 256 rows of K a step for gate_up and 512 for down: K=300 and K=600 leave a masked tail,
-    # K=24 and K=40 one mostly masked step. Biases and gpt-oss's own gate (N = 2I raw rows) as in the model.
+    # the contiguous N, 256 rows of K a step for gate_up and 512 for down: K=300, 600, 1100 and 2100 leave a masked
+    # tail, K=24 and K=40 one mostly masked step. Biases and gpt-oss's own gate (N = 2I raw rows) as in the model.
     hf = pytest.importorskip("moe_lab.hf")
     from moe_lab.backends import triton_fused
     from moe_lab.backends.common import expert_weights
@@ -102,6 +105,8 @@ def test_decode_kernels_with_the_gpu_tiles_on_transposed_storage(hidden, interme
     gpu = launch_plan(1, k, E, hidden, intermediate, torch.float32, interpreted=False, transposed=True)
     rows = launch_plan(1, k, E, hidden, intermediate, torch.float32, interpreted=False)
     assert (gpu.decode_gate_up, gpu.decode_down) != (rows.decode_gate_up, rows.decode_down)
+    if hidden == 2100:  # the branch this shape is here for
+        assert (gpu.decode_gate_up.block_n, gpu.decode_down.block_n) == (64, 16)
     plan = dataclasses.replace(launch_plan(1, k, E, hidden, intermediate, torch.float32, interpreted=interpreting()),
                                decode_gate_up=gpu.decode_gate_up, decode_down=gpu.decode_down)
     hidden_states = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(DEVICE)

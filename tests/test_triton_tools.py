@@ -261,6 +261,11 @@ def test_the_transposed_decode_tiles_are_each_recorded_presets_best():
         gate_up, down = decode_configs(config.hidden_size, config.intermediate_size, interpreted=False, transposed=True)
         chosen = gate_up if row["kind"].endswith("gate_up") else down
         timings = {name: us for name, us in row["all"].items() if isinstance(us, float)}
-        assert timings[str(dataclasses.astuple(chosen))] <= 1.02 * min(timings.values()), (row["preset"], row["kind"])
+        name = str(dataclasses.astuple(chosen))
+        assert name in timings, f"{row['preset']} {row['kind']}: the rule's tile {name} was not swept"
+        assert timings[name] <= 1.02 * min(timings.values()), (row["preset"], row["kind"])
     for layer in (row for row in recorded["results"] if row["kind"] == "layer"):
+        config = moe_lab.get_preset(layer["preset"]).config
+        rule = decode_configs(config.hidden_size, config.intermediate_size, interpreted=False, transposed=True)
+        assert [tuple(w) for w in layer["winners"]] == [dataclasses.astuple(c) for c in rule], layer["preset"]
         assert max(layer["winners_us"]) < 0.5 * min(layer["plan_us"]), layer["preset"]

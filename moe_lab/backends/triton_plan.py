@@ -237,12 +237,12 @@ def decode_configs(hidden_size: int, intermediate_size: int, interpreted: bool,
     data/h200_decode_layers.json).
 
     `transposed`: the weights are views of [E, H, 2I] / [E, I, H] storage (transformers' `is_transposed`
-    modules, gpt-oss), so a row of the output dimension N is the contiguous one. Row tiles would then read
-    a few bytes per memory row (gpt-oss: 313 us a layer where copying its bytes takes 96). The tiles span N
-    instead: 256 rows of K per step for gate_up, wider N blocks the longer the row (2I); down runs one
-    program per (token, N block), so its blocks stay narrow enough for T=1 to fill the card, and read
-    512 rows per step. From tools/tune_decode.py --transposed on an H200 (gpt-oss, and qwen3 and mixtral
-    stored that way; data/h200_decode_layers_transposed.json): each the best candidate for its preset.
+    modules, gpt-oss), so a row of the output dimension N is the contiguous one, and row tiles would read a
+    few bytes per memory row. The tiles span N instead: 256 rows of K per step for gate_up, wider N blocks the
+    longer the row (2I); down runs one program per (token, N block), so its blocks stay narrow enough for T=1
+    to fill the card, and read 512 rows per step. From tools/tune_decode.py --transposed on an H200 (gpt-oss,
+    and qwen3 and mixtral stored that way; docs/performance_notes.md, data/h200_decode_layers_transposed.json):
+    each the fastest candidate for its preset; the cut-offs lie between those three measured widths.
     """
     if interpreted:
         return DecodeConfig(32, 64, 1, 1), DecodeConfig(32, 64, 1, 1)

@@ -60,8 +60,8 @@ def run_partial_experts(local: Experts, rows: torch.Tensor, local_index: torch.T
     `partial_spec`): the absent slots cost nothing, and their routing weights get a zero gradient. It is held
     to the backend's autograd declaration like the forward (`checked_forward`). Otherwise the generic path,
     transformers' way: absent ids clamped to a real expert and their weights zeroed, through the backend's
-    forward. It trains too, but computes every absent
-    slot and throws the result away: at EP=w about (w-1)/w of the expert FLOPs are wasted.
+    forward. It trains too, but computes every absent slot and throws the result away: at EP=w about (w-1)/w
+    of the expert FLOPs are wasted.
 
     `backend` (default: `local.experts_implementation`) names the registered backend; `local` may be any
     experts module moe_lab's backends run (a transformers one included)."""
