@@ -88,8 +88,7 @@ def test_decode_kernels_with_the_gpu_tiles(hidden, intermediate, top_k):
 
 # (2100, 1100): gpt-oss's own branch of the rule (gate_up N blocks of 64 over 2I = 2200, down N blocks of 16 over
 # H = 2100 with 8 warps), both with a partial last N block; the others the narrowest branch.
-@pytest.mark.parametrize("hidden, intermediate",
-                         [(24, 40), (300, 24), (24, 600), pytest.param(2100, 1100, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("hidden, intermediate", [(24, 40), (300, 24), (24, 600), (2100, 1100)])
 def test_decode_kernels_with_the_gpu_tiles_on_transposed_storage(hidden, intermediate, monkeypatch):
     # gpt-oss stores [E, H, 2I] / [E, I, H]: the plan reads that off the weights' strides and takes tiles that span
     # the contiguous N, 256 rows of K a step for gate_up and 512 for down: K=300, 600, 1100 and 2100 leave a masked
@@ -98,7 +97,8 @@ def test_decode_kernels_with_the_gpu_tiles_on_transposed_storage(hidden, interme
     from moe_lab.backends import triton_fused
     from moe_lab.backends.common import expert_weights
 
-    model = hf.tiny_transformers_model("gpt_oss", hidden_size=hidden, intermediate_size=intermediate).to(DEVICE)
+    model = hf.tiny_transformers_model("gpt_oss", hidden_size=hidden, intermediate_size=intermediate,
+                                       num_hidden_layers=1, layer_types=["full_attention"]).to(DEVICE)
     experts = next(hf.experts_modules(model))
     assert experts.is_transposed and triton_fused.weights_transposed(expert_weights(experts).gate_up)
     E, k = experts.num_experts, model.config.num_experts_per_tok
@@ -119,8 +119,11 @@ def test_decode_kernels_with_the_gpu_tiles_on_transposed_storage(hidden, interme
     with torch.no_grad():
         out = triton_experts_forward(experts, hidden_states, index, weights, plan=plan)
         assert moe_lab.relative_error(out, reference) < 1e-5
-        moe_lab.experts_forward("triton", experts, hidden_states, index, weights)  # the plan it chooses itself
-    assert asked == [True]
+        # The plan it chooses itself (the interpreter's small tiles: on the wide shape, half a minute of numpy for
+        # what the small shapes already show).
+        if hidden < 2048:
+            moe_lab.experts_forward("triton", experts, hidden_states, index, weights)
+            assert asked == [True]
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "zipf", "single"])  # "single": all on one expert
