@@ -16,8 +16,8 @@ an older copy of triton_kernels.py (e.g. `git show <commit>:moe_lab/backends/tri
 rounds. Every row goes to the JSON with provenance as it is measured. --smoke: tiny shapes, one candidate, on this
 machine (checks the tool). --transposed: the weights stored as transformers' `is_transposed` modules store them
 ([E, H, 2I] and [E, I, H], gpt-oss), with biases and the gate left to the module (activation "none", as gpt-oss
-runs): the kernels then read a weight tile whose contiguous dimension is the output's, and sweep their own
-candidates (wide in N, short in K).
+runs, with a same-size stand-in for its gate): the kernels then read weight tiles whose contiguous dimension is the
+output's, and the sweep takes its own candidates, whole runs of N read a row of K at a time.
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def layer_launches(layers: Layers, gate_up_config, down_config):
     def one(i):
         h = launch_decode_gate_up(layers.x[i], layers.gate_up[i], layers.gate_up_bias[i], layers.flat_index[i],
                                   layers.top_k, layers.activation, gate_up_config)
-        if layers.activation == "none":  # the module's own gate, in torch: [S, 2I] -> [S, I]
+        if layers.activation == "none":  # where a module's own gate runs, in torch: [S, 2I] -> [S, I] (a stand-in
+            # of the same size for gpt-oss's clamped, interleaved one; these rows time the kernels' tiles)
             gate, up = h.chunk(2, dim=-1)
             h = torch.nn.functional.silu(gate) * up
         return launch_decode_down(h, layers.down[i], layers.down_bias[i], layers.flat_index[i],
@@ -279,7 +280,7 @@ def main(argv=None):
     parser.add_argument("--crossover", default="", help="comma-separated token counts: the decode/sorted crossover")
     parser.add_argument("--ab-old-kernels", help="an older triton_kernels.py: its decode kernels against the package's")
     parser.add_argument("--transposed", action="store_true",
-                        help="weights stored [E, H, 2I] / [E, I, H] with biases and the module's own gate (gpt-oss)")
+                        help="weights stored [E, H, 2I] / [E, I, H] with biases, gate left to torch (as gpt-oss)")
     args = parser.parse_args(argv)
     if args.transposed and (args.crossover or args.ab_old_kernels):
         parser.error("--transposed sweeps the decode tiles only; it does not go with --crossover or --ab-old-kernels")
