@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moe_lab
+from moe_lab.devices import default_device
 from moe_lab.exercises import nb11_choosing_a_backend as ex
 from moe_lab.lessons import nb11_choosing_a_backend as nb11
 from moe_lab.recorded_tables import load_recorded
@@ -133,7 +134,10 @@ def test_auto_pick_is_explained_for_a_device_not_here():
 
 @pytest.fixture(scope="module")
 def probe():
-    return nb11.autograd_probe(device="cpu")
+    # where the exercise's check probes: the GPU if there is one (triton's kernels), else the CPU (its interpreter)
+    probe = nb11.autograd_probe(device=default_device())
+    assert "triton" in probe.index, "triton should run wherever these tests run: the GPU, else its interpreter"
+    return probe
 
 
 def test_best_follows_the_data_and_the_probe(both, probe):

@@ -26,9 +26,12 @@ def _recorded():
 
 
 def _probe():
+    """The notebook's probe (device "auto"): on the GPU where there is one, which runs triton's own kernels;
+    a CPU probe there would leave triton out (its interpreter is only switched on where there is no GPU)."""
+    from ..devices import default_device
     from ..lessons.nb11_choosing_a_backend import autograd_probe
 
-    return autograd_probe(device="cpu")
+    return autograd_probe(device=default_device())
 
 
 def allowed(name: str, probe=None) -> dict:
