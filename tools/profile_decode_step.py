@@ -40,6 +40,8 @@ def profile_backend(model, backend, batch, prompt, new_tokens, execution, out, d
     model.set_experts_implementation(implementation_of(backend))
     for _ in range(2):  # compile and capture, then once more warm
         timed_generate(model, input_ids, new_tokens, execution)
+    compiled = {"graph breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
+                "unique graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     _, timing = timed_generate(model, input_ids, new_tokens, execution)
     step_ms = statistics.median(timing.step_ms[1:])
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -62,7 +64,27 @@ def profile_backend(model, backend, batch, prompt, new_tokens, execution, out, d
           file=out)
     for name, (t, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]:
         print(f"{t / steps:9.1f} {count / steps:10.1f}  {short(name)}", file=out)
+    print_host_side(prof, compiled, steps, out)
     out.flush()
+
+
+def print_host_side(prof, compiled, steps, out, top=15):
+    """What the host does per step: inside a replayed CUDA graph it launches nothing kernel by kernel, so kernel
+    launches from the host (cudaLaunchKernel, cuLaunchKernel: triton's launcher) and the host's own busiest events
+    say where a compiled step leaves the graph; dynamo's counters say whether it broke the model into pieces."""
+    host = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in host:
+        by_name[e.name][0] += e.self_cpu_time_total
+        by_name[e.name][1] += 1
+    launches = {name: count / steps for name, (_, count) in sorted(by_name.items())
+                if name.startswith(("cudaGraphLaunch", "cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaStreamSynchronize"))}
+    print(f"  host, per step: {compiled['graph breaks']} graph breaks and {compiled['unique graphs']} graphs compiled "
+          "(dynamo's counters, whole process so far); runtime calls "
+          + (", ".join(f"{name} {count:.1f}" for name, count in launches.items()) or "none traced"), file=out)
+    print(f"{'us/step':>9} {'calls/step':>10}  host event (self CPU time, summed over the whole generate)", file=out)
+    for name, (t, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{t / steps:9.1f} {count / steps:10.1f}  {short(name)}", file=out)
 
 
 def main(argv=None):
@@ -86,6 +108,7 @@ def main(argv=None):
           f"{meta.get('torch_version')}, commit {meta.get('git_commit')}; {command_line()}", file=out)
     for backend in args.backends.split(","):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         try:
             with no_experts_registered():  # "no_experts": the step without the experts call, as the e2e table's
                 profile_backend(built.model, backend, args.batch, args.prompt, args.new_tokens, args.execution, out,
