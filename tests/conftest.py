@@ -1,3 +1,5 @@
+import os
+
 import moe_lab  # noqa: F401  first: on a CPU-only machine it switches triton to its interpreter
 import pytest
 import torch
@@ -35,3 +37,11 @@ def _seed():
 def pytest_configure(config):
     # Tiny tensors: one thread is faster than two contending ones, and timings are steadier.
     torch.set_num_threads(1)
+    # The processes the tests start (notebook kernels: nbval's, papermill's, JupyterLab's in the browser tests; the
+    # CLI) take every core by default. Beside the other pytest-xdist workers that oversubscribes the machine, and
+    # OpenMP's waiting threads then slow a notebook by a quarter on 2 cores. Each worker's processes get its share;
+    # an OMP_NUM_THREADS set by the caller wins.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))

@@ -685,7 +685,9 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
     finally:
         # A screenshot also (especially) when something failed; then close the page.
         try:
+            shot_started = time.monotonic()
             report["screenshot"] = str(full_page_screenshot(page, name).relative_to(ROOT))
+            report["screenshot_s"] = round(time.monotonic() - shot_started, 1)
         except Exception as exc:  # never hide the test's own failure behind this one
             report["screenshot"] = f"failed: {exc}"
         context.close()
