@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .compile_marks import assume_constant_result
+
 
 def default_device() -> torch.device:
     """The GPU when there is one, else the CPU: where every "device=None" in the package runs."""
@@ -40,7 +42,7 @@ def _device_name(device: str) -> str:
     return device.type
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def cuda_device_facts(index: int) -> tuple[int, int, int]:
     """(device count, major, minor) of CUDA device `index`; major = minor = -1 if there is none.
     A constant to torch.compile: dynamo cannot trace torch.cuda's queries, and a graph break on every

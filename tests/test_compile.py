@@ -14,7 +14,11 @@ Tiny sizes (H=32, I=16, E=4, k=2, T=8) keep compilation the dominant cost: ~30 s
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +235,33 @@ def test_grouped_mm_with_one_expert_compiles_with_dynamic_shapes():
             index, weights = moe_lab.synthetic_routing(tokens, 1, 1)
             assert_matches_reference(compiled(x, index, weights), experts, x, index, weights, torch.bfloat16,
                                      f"E=1, T={tokens}")
+
+
+# ----------------------------------------------------------------------------- marks set without dynamo loaded
+
+
+def test_the_constant_result_mark_is_the_one_torch_sets():
+    # moe_lab marks its constant functions itself while torch._dynamo is not loaded (importing it is ~40 % of
+    # `import moe_lab`); a torch that marks them another way must fail here, not break every compiled graph.
+    from moe_lab.compile_marks import mark_constant_result
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    assert mark_constant_result(ours) is ours
+    assert torch.compiler.assume_constant_result(torchs) is torchs
+    assert vars(ours) == vars(torchs) != {}
+
+
+def test_import_moe_lab_leaves_dynamo_unloaded_and_the_marks_set():
+    code = ("import sys, moe_lab\n"
+            "from moe_lab.backends import auto, triton_launch\n"
+            "from moe_lab.compile_marks import CONSTANT_RESULT_MARK\n"
+            "print('torch._dynamo' in sys.modules, getattr(moe_lab.devices.cuda_device_facts, CONSTANT_RESULT_MARK, False))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"], done.stdout + done.stderr[-2000:]

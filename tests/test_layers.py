@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moe_lab"
 
 #: Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS = (
-    ("foundation", ("moe_lab._triton_setup", "moe_lab.errors", "moe_lab.devices", "moe_lab.config",
-                    "moe_lab.presets", "moe_lab.notebook_values", "moe_lab.parameters")),
+    ("foundation", ("moe_lab._triton_setup", "moe_lab.errors", "moe_lab.compile_marks", "moe_lab.devices",
+                    "moe_lab.config", "moe_lab.presets", "moe_lab.notebook_values", "moe_lab.parameters")),
     ("routing", ("moe_lab.routing",)),
     ("backends", ("moe_lab.backends", "moe_lab.reference")),
     ("modules", ("moe_lab.modules", "moe_lab.model", "moe_lab.cuda_graph", "moe_lab.capabilities")),

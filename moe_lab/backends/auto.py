@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..compile_marks import assume_constant_result
 from ..config import resolve_dtype
 from ..devices import device_name
 from . import calibration, registry
@@ -203,7 +204,7 @@ _forward_decisions: dict[tuple, tuple] = {}  # (file generation, env, device, dt
 _warned: set[str] = set()  # files the forward path has already warned about
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _forward_rules(device: torch.device, dtype: torch.dtype, shape: tuple, grad: bool, compiling: bool,
                    capturing: bool) -> tuple:
     """(usable rules, fallback) for a forward call; a constant under torch.compile (runs once, at

@@ -47,6 +47,7 @@ import importlib.util
 
 import torch
 
+from ..compile_marks import assume_constant_result
 from ..errors import BackendInputError
 from .common import expert_weights, needs_grad
 from .spec import BackendSpec, Support, Where, no, yes
@@ -94,7 +95,7 @@ def triton_status(device) -> tuple[bool, str]:
     return _status_for(torch.device(device).type)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _status_for(device_type: str) -> tuple[bool, str]:
     # A constant to torch.compile (dynamo would graph-break on importlib), cached because triton's
     # interpret-or-compile choice is fixed once it is imported.

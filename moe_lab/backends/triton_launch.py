@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..compile_marks import assume_constant_result
 from ..devices import cuda_device_facts
 from .common import apply_gate, expert_counts
 from .triton_plan import (
@@ -38,7 +39,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def interpreting_cached() -> bool:
     """interpreting() as the kernels see it: read once (triton fixed its mode at import), constant to dynamo."""
     return _interpreting_once()
