@@ -16,7 +16,8 @@ student would, and then check what is on the page:
 * moving a `top_k` slider with the keyboard, and choosing another entry of a `backend`
   dropdown, redraws the plot next to it (its trace data / SVG paths change), and the plots still
   read well afterwards;
-* a full-page screenshot of each notebook is saved under screenshots/ (git-ignored).
+* a full-page screenshot of each notebook is saved under screenshots/ (git-ignored); with
+  MOE_LAB_SCREENSHOTS=failures (.ci/run sets it) only of a notebook whose checks failed.
 
 Two kinds of notebook are covered: a small notebook written here (always run, independent of
 the curriculum: `backend_explorer` with a fake, instant `measure_fn`), and every
@@ -610,6 +611,7 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
     console_errors: list[str] = []
     page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
     report: dict = {"notebook": name}
+    passed = False
     try:
         t0 = time.monotonic()
         open_notebook(page, server, name)
@@ -682,12 +684,15 @@ def check_notebook(browser, server: LabServer, name: str, expect: Expect) -> dic
         assert not problems, f"{name}: after interacting:\n" + "\n".join(problems)
         for text in WIDGET_ERRORS:
             assert text not in panel.inner_text(), f"{name}: after interacting the page says {text!r}"
+        passed = True
     finally:
-        # A screenshot also (especially) when something failed; then close the page.
+        # A screenshot when something failed, always; of a passing notebook unless MOE_LAB_SCREENSHOTS=failures
+        # (.ci/run: nobody looks at CI's, and a tall page takes 2-4 s to capture). Then close the page.
         try:
-            shot_started = time.monotonic()
-            report["screenshot"] = str(full_page_screenshot(page, name).relative_to(ROOT))
-            report["screenshot_s"] = round(time.monotonic() - shot_started, 1)
+            if not passed or os.environ.get("MOE_LAB_SCREENSHOTS", "all") != "failures":
+                shot_started = time.monotonic()
+                report["screenshot"] = str(full_page_screenshot(page, name).relative_to(ROOT))
+                report["screenshot_s"] = round(time.monotonic() - shot_started, 1)
         except Exception as exc:  # never hide the test's own failure behind this one
             report["screenshot"] = f"failed: {exc}"
         context.close()
