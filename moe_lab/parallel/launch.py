@@ -5,7 +5,7 @@ gloo process group (a FileStore in a temporary folder: no port to pick, nothing 
 calls `fn(*args)` on each, and returns the 4 return values in rank order. On GPUs launch with
 `torchrun` instead (moe-lab bench --ep).
 
-Processes come from a "forkserver" that imported torch and moe_lab once, so a launch costs a fork,
+Processes come from a "forkserver" that imported torch (and dynamo) and moe_lab once, so a launch costs a fork,
 not a fresh interpreter importing torch (seconds per rank on a small machine); NCCL ranks (one GPU
 each, for the GPU tests) start fresh interpreters instead, since CUDA does not survive a fork. A rank that raises
 stops the others at once and its traceback is raised here as `RankFailedError`; a launch that runs
@@ -54,7 +54,9 @@ def _context(backend: str):
     if backend == "nccl" or "forkserver" not in methods:  # also Windows: only spawn
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "moe_lab", "moe_lab.parallel"])
+    # torch._dynamo too: torch's functional collectives import it on a rank's first all-to-all (~2 s a rank on a
+    # small machine), and `import moe_lab` no longer does
+    context.set_forkserver_preload(["torch", "torch._dynamo", "moe_lab", "moe_lab.parallel"])
     return context
 
 
