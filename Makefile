@@ -19,7 +19,8 @@ LAB_ARGS ?=
 # containers, cloud VMs and CI machines run as root, so `make lab` tells it there and only there.
 ROOT_LAB_ARGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 PYTEST_ARGS ?=
-# Worker processes for make test (pytest-xdist; each takes whole files). 0 runs everything in one process.
+# Worker processes for make test (pytest-xdist; each takes whole files, in the order tests/conftest.py collects
+# them: the longest first). 0 runs everything in one process.
 PYTEST_WORKERS ?= 2
 RUNS_DIR ?= runs
 HTML_DIR ?= html
@@ -59,7 +60,7 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(if $(strip $(NBVAL_NOTEBOOKS)),--nbval-lax --nbval-current-env notebooks) \
-	  -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	  -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 run: $(STAMP)
 ifeq ($(strip $(NOTEBOOKS)),)
