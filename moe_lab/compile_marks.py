@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-#: What torch._dynamo.assume_constant_result sets on the function (torch 2.9 to 2.14).
+#: What torch._dynamo.assume_constant_result sets on the function (seen in torch 2.11, 2.13 and 2.14;
+#: tests/test_compile.py compares it with torch's own decorator in whichever torch is installed).
 CONSTANT_RESULT_MARK = "_dynamo_marked_constant"
 
 
