@@ -260,7 +260,8 @@ def test_import_moe_lab_leaves_dynamo_unloaded_and_the_marks_set():
     code = ("import sys, moe_lab\n"
             "from moe_lab.backends import auto, triton_launch\n"
             "from moe_lab.compile_marks import CONSTANT_RESULT_MARK\n"
-            "print('torch._dynamo' in sys.modules, getattr(moe_lab.devices.cuda_device_facts, CONSTANT_RESULT_MARK, False))")
+            "marked = getattr(moe_lab.devices.cuda_device_facts, CONSTANT_RESULT_MARK, False)\n"
+            "print('torch._dynamo' in sys.modules, marked)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -51,10 +51,7 @@ def profile_backend(model, backend, batch, prompt, new_tokens, execution, out, d
         torch.cuda.synchronize()
     kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == kind and (device.type == "cuda" or e.name.startswith("aten::"))]
-    by_name = collections.defaultdict(lambda: [0.0, 0])
-    for e in events:
-        by_name[e.name][0] += e.device_time if device.type == "cuda" else e.self_cpu_time_total
-        by_name[e.name][1] += 1
+    by_name = summed_by_name(events, lambda e: e.device_time if device.type == "cuda" else e.self_cpu_time_total)
     steps = new_tokens  # the prefill's kernels are in the trace too; they are a handful of big ones, named
     total = sum(t for t, _ in by_name.values())
     print(f"=== {backend} ({execution}, batch {batch}, {new_tokens} new tokens): step {step_ms:.3f} ms median "
@@ -68,19 +65,25 @@ def profile_backend(model, backend, batch, prompt, new_tokens, execution, out, d
     out.flush()
 
 
+def summed_by_name(events, time_of) -> dict:
+    """{event name: [summed time_of(event) in µs, count]}."""
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        by_name[e.name][0] += time_of(e)
+        by_name[e.name][1] += 1
+    return by_name
+
+
 def print_host_side(prof, compiled, steps, out, top=15):
     """What the host does per step: inside a replayed CUDA graph it launches nothing kernel by kernel, so kernel
     launches from the host (cudaLaunchKernel, cuLaunchKernel: triton's launcher) and the host's own busiest events
     say where a compiled step leaves the graph; dynamo's counters say whether it broke the model into pieces."""
     host = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
-    by_name = collections.defaultdict(lambda: [0.0, 0])
-    for e in host:
-        by_name[e.name][0] += e.self_cpu_time_total
-        by_name[e.name][1] += 1
-    launches = {name: count / steps for name, (_, count) in sorted(by_name.items())
-                if name.startswith(("cudaGraphLaunch", "cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaStreamSynchronize"))}
+    by_name = summed_by_name(host, lambda e: e.self_cpu_time_total)
+    runtime_calls = ("cudaGraphLaunch", "cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaStreamSynchronize")
+    launches = {name: count / steps for name, (_, count) in sorted(by_name.items()) if name.startswith(runtime_calls)}
     print(f"  host, per step: {compiled['graph breaks']} graph breaks and {compiled['unique graphs']} graphs compiled "
-          "(dynamo's counters, whole process so far); runtime calls "
+          "(dynamo's counters for this backend's generate calls); runtime calls "
           + (", ".join(f"{name} {count:.1f}" for name, count in launches.items()) or "none traced"), file=out)
     print(f"{'us/step':>9} {'calls/step':>10}  host event (self CPU time, summed over the whole generate)", file=out)
     for name, (t, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
