@@ -1,8 +1,8 @@
 """torch.compile's marks for moe_lab's functions, set without importing torch._dynamo at `import moe_lab`.
 
-`torch.compiler.assume_constant_result` imports torch._dynamo (about 2 s on a 2-core machine, 40 % of
-`import moe_lab`, paid by every notebook kernel and command line, compiled or not) only to set one attribute
-on the function, which dynamo reads when it traces a call. Here the attribute is set directly while dynamo is
+`torch.compiler.assume_constant_result` imports torch._dynamo, about half the time of `import moe_lab` on a small
+machine, paid by every notebook kernel and command line whether it compiles or not, only to set one attribute on
+the function, which dynamo reads when it traces a call. Here the attribute is set directly while dynamo is
 not loaded yet, and torch's own decorator runs once it is. `tests/test_compile.py` holds the two to the same
 result, so a torch that marks functions another way fails there rather than silently breaking graphs.
 """

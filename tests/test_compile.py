@@ -241,8 +241,8 @@ def test_grouped_mm_with_one_expert_compiles_with_dynamic_shapes():
 
 
 def test_the_constant_result_mark_is_the_one_torch_sets():
-    # moe_lab marks its constant functions itself while torch._dynamo is not loaded (importing it is ~40 % of
-    # `import moe_lab`); a torch that marks them another way must fail here, not break every compiled graph.
+    # moe_lab marks its constant functions itself while torch._dynamo is not loaded (importing it is about half
+    # of `import moe_lab`); a torch that marks them another way must fail here, not break every compiled graph.
     from moe_lab.compile_marks import mark_constant_result
 
     def ours():
