@@ -15,8 +15,10 @@ the next by more than a lever's effect (tools/step_power_state.py sizes that).
         --variant gathered=sorted_grad_out:false,sorted_hidden_states:false,split_down_backward:false \
         --variant recompute=save_pre_activation:false --output $OUT/training_plan_ab.json
 
-A variant is NAME=FLAG[,FLAG...]; a FLAG sets that plan flag to True, FLAG:false to False. It recorded
-data/h200_training_plan_ab_fused_gathers.json at the commit named there, whose plan had two more flags.
+A variant is NAME=FLAG[,FLAG...]; a FLAG sets that plan flag to True, FLAG:false to False; KERNEL.tma:false
+switches one kernel's TMA tiles off (KERNEL: one of the plan's kernel configs, e.g. gate_up_weight_grad), and
+backward.tma:false those of the four backward kernels. It recorded data/h200_training_plan_ab_fused_gathers.json
+at the commit named there, whose plan had two more flags.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import sys
 import torch
 
 import moe_lab  # noqa: F401  (first: the triton setup)
-from moe_lab.backends.triton_fused import LaunchPlan, launch_plan, triton_experts_forward
+from moe_lab.backends.triton_fused import KernelConfig, LaunchPlan, launch_plan, triton_experts_forward
 from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
 from moe_lab.bench.memory import measure_peak_memory
 from moe_lab.bench.provenance import command_line, provenance
@@ -40,6 +42,8 @@ from moe_lab.presets import get_preset
 
 PLAN_FLAGS = tuple(field.name for field in dataclasses.fields(LaunchPlan)
                    if field.type in (bool, "bool"))
+KERNELS = tuple(field.name for field in dataclasses.fields(LaunchPlan) if field.type in (KernelConfig, "KernelConfig"))
+BACKWARD_KERNELS = ("down_backward", "gate_up_input_grad", "gate_up_weight_grad", "down_weight_grad")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -49,10 +53,25 @@ def parse_variant(text: str) -> tuple[str, dict]:
     changes = {}
     for field in fields.split(","):
         key, _, value = field.partition(":")
-        if key not in PLAN_FLAGS:
+        on = value.lower() not in ("0", "false", "no") if value else True
+        kernel, dot, attribute = key.partition(".")
+        if dot:
+            kernels = BACKWARD_KERNELS if kernel == "backward" else (kernel,)
+            if attribute != "tma" or not set(kernels) <= set(KERNELS):
+                raise SystemExit(f"--variant {text!r}: {key!r} is not KERNEL.tma; kernels: {list(KERNELS)} "
+                                 "or backward")
+            changes.update({name: ("tma", on) for name in kernels})
+        elif key in PLAN_FLAGS:
+            changes[key] = on
+        else:
             raise SystemExit(f"--variant {text!r}: {key!r} is not a plan flag; allowed: {list(PLAN_FLAGS)}")
-        changes[key] = value.lower() not in ("0", "false", "no") if value else True
     return name, changes
+
+
+def apply_changes(plan, changes: dict):
+    fields = {key: dataclasses.replace(getattr(plan, key), **{value[0]: value[1]}) if isinstance(value, tuple)
+              else value for key, value in changes.items()}
+    return dataclasses.replace(plan, **fields)
 
 
 def training_step(layer, x, index, w, upstream, plan):
@@ -81,7 +100,7 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
     c = config
     base = launch_plan(T, c.top_k, c.num_experts, c.hidden_size, c.intermediate_size, c.dtype, interpreted=False,
                        needs_grad=True)
-    plans = {"plan": base, **{name: dataclasses.replace(base, **changes) for name, changes in variants.items()}}
+    plans = {"plan": base, **{name: apply_changes(base, changes) for name, changes in variants.items()}}
     steps = {name: training_step(layer, x, index, w, upstream, plan) for name, plan in plans.items()}
     names = ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj")
     expected = steps["plan"]()
@@ -90,8 +109,8 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
     for name, step in steps.items():
         got = step()
         record["variants"][name] = dict(
-            changes={k: v for k, v in dataclasses.asdict(plans[name]).items()
-                     if k in PLAN_FLAGS and v != getattr(base, k)},
+            changes={k: v if isinstance(v, bool) else dataclasses.asdict(v) for k, v in vars(plans[name]).items()
+                     if v != getattr(base, k)},
             bit_equal={n: bool(torch.equal(a, b)) for n, a, b in zip(names, got, expected)},
             max_abs_diff={n: float((a.float() - b.float()).abs().max()) for n, a, b in zip(names, got, expected)},
             peak_bytes=measure_peak_memory(step, device, warmup=0).peak_bytes,
@@ -119,7 +138,7 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="qwen3-30b-a3b,olmoe-1b-7b,qwen1.5-moe-a2.7b")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", default="8192", help="comma-separated token counts")
     parser.add_argument("--variant", action="append", default=[], help="NAME=FLAG[,FLAG:false...]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=30)
@@ -129,11 +148,11 @@ def main(argv=None) -> int:
         raise SystemExit("this A/B replays CUDA graphs: it needs a CUDA GPU")
     variants = dict(parse_variant(text) for text in args.variant)
     results = dict(provenance=dict(provenance(torch.device("cuda")), command_line=command_line()), points=[])
-    for preset in args.presets.split(","):
-        record = measure_preset(preset, args.tokens, variants, args.rounds, args.reps)
+    for preset, T in ((p, int(t)) for p in args.presets.split(",") for t in args.tokens.split(",")):
+        record = measure_preset(preset, T, variants, args.rounds, args.reps)
         results["points"].append(record)
         for name, row in record["variants"].items():
-            print(f"{preset} T={args.tokens} {name:>8}: replay {row['replay_median_ms']:.3f} ms "
+            print(f"{preset} T={T} {name:>8}: replay {row['replay_median_ms']:.3f} ms "
                   f"({row['replay_tflops']:.0f} TFLOP/s, x{row['replay_vs_plan']:.3f}) back to back "
                   f"{row['back_to_back_median_ms']:.3f} ms (x{row['back_to_back_vs_plan']:.3f}) launched "
                   f"{row['launched_median_ms']:.3f} ms (x{row['launched_vs_plan']:.3f}) peak "
