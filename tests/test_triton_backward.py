@@ -117,13 +117,19 @@ def test_backward_plan_crosses_into_the_ops_and_back_and_refuses_a_split_without
 
 def test_backward_configs_tell_wide_experts_from_fine_grained_ones():
     # Measured on an H200 (run 2, docs/performance_notes.md): from 64 rows per expert on, sorted operands
-    # through TMA tiles and the split down_backward won; mixtral-wide layers (I = 14336) at 2048 rows
+    # and the split down_backward won, their tiles through TMA from 256 rows per expert
+    # (h200_training_plan_ab_backward_tma); mixtral-wide layers (I = 14336) at 2048 rows
     # take 256-column weight-gradient tiles and three stages for the long dX reduction.
     wide = backward_configs(2048, 4096, 14336, interpreted=False)
     fine = backward_configs(512, 2048, 768, interpreted=False)
-    for configs in (wide, fine, backward_configs(64, 2048, 768, interpreted=False)):
+    for configs in (wide, fine, backward_configs(256, 2048, 768, interpreted=False)):
         assert configs.sorted_grad_out and configs.sorted_hidden_states and configs.split_down_backward
         assert configs.gate_up_weight_grad.tma and configs.down_weight_grad.tma
+    for rows in (34, 64, 128, 255):
+        configs = backward_configs(rows, 2048, 768, interpreted=False)
+        assert configs.sorted_grad_out and configs.split_down_backward
+        assert not any(config.tma for config in (configs.down_backward, configs.gate_up_input_grad,
+                                                 configs.gate_up_weight_grad, configs.down_weight_grad))
     assert wide.gate_up_weight_grad.block_n == 256 and fine.gate_up_weight_grad.block_n == 128
     assert wide.gate_up_input_grad.num_stages == 3 and fine.gate_up_input_grad.num_stages == 4
     few = backward_configs(16, 2048, 768, interpreted=False)  # not measured: the old layout
