@@ -158,6 +158,31 @@ def test_tma_tiles_match_the_reference(monkeypatch, dtype, shape):
     assert launched == [True, True]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_storage_reads_k_major_tma_tiles(monkeypatch, dtype):
+    # transformers' is_transposed modules (gpt-oss) store gate_up [E, H, 2I] and down [E, I, H]: N, not K,
+    # is the contiguous dimension, so both kernels' weight tiles are cut [BLOCK_K, BLOCK_N] from that storage.
+    from moe_lab.backends import triton_launch
+    from moe_lab.bench.inputs import TransposedStorageExperts
+
+    layer, hidden, index, weights = _case(64, 128, 4, 2, 20, dtype, distribution="zipf")
+    stored = TransposedStorageExperts(layer)
+    plan = _plan_with_tma(layer, 20, dtype, tma=True)
+    launched = []
+    real_launch = triton_launch.grid_launch
+    monkeypatch.setattr(triton_launch, "grid_launch", lambda *args, **kwargs: launched.append(
+        (kwargs["USE_TMA"], kwargs["W_TILE_KN"])) or real_launch(*args, **kwargs))
+    with torch.no_grad():
+        out = triton_experts_forward(stored, hidden, index, weights, plan=plan)
+        reference = moe_lab.reference_experts_forward(layer, hidden, index, weights)
+        assert moe_lab.relative_error(out, reference) < TOLERANCE[dtype]
+        assert launched == [(True, True), (True, True)]
+        # the same tiles' values as the default layout's row-major tiles, transposed: the same result
+        default = triton_experts_forward(layer, hidden, index, weights, plan=plan)
+    assert launched[2:] == [(True, False), (True, False)]
+    assert torch.equal(out, default)
+
+
 @pytest.mark.parametrize("tokens", [1, 4])  # 1: the plan would decode; the partial entry sorts anyway
 @pytest.mark.parametrize("module", ["moe_lab", "gpt_oss"])  # gpt-oss: biases, transposed weights, its own gate
 def test_the_partial_entry_gives_out_of_range_ids_nothing(tokens, module, poisoned_empty):

@@ -196,6 +196,24 @@ def test_transformers_module_with_bias_transposed_layout_and_own_gate(dtype, T):
         _check_gradients(experts, hidden, index, weights, grad_out, own_gate=True, plan=plan)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_transposed_storage_trains_through_tma_tiles_cut_its_own_way(split, described):
+    # An is_transposed module's weights ([E, H, 2I], [E, I, H]) are K-major for the forward's GEMMs and
+    # N-major for the backward's (dX, down_backward): every kernel's weight tiles are cut from that storage.
+    from moe_lab.bench.inputs import TransposedStorageExperts
+
+    E, H, I, T = 4, 64, 128, 40  # H != 2I, so each view's shape says which layout it was cut from
+    layer = _layer(H=H, I=I, E=E, k=2)
+    stored = TransposedStorageExperts(layer).requires_grad_(True)
+    hidden, index, weights, grad_out = _inputs(layer, T)
+    plan = _variant_plan(layer, T, 2, torch.float32, sorted_operands=True, tma=True, split=split)
+    plan = dataclasses.replace(plan, gate_up=dataclasses.replace(plan.gate_up, tma=True),
+                               down=dataclasses.replace(plan.down, tma=True))
+    _check_gradients(stored, hidden, index, weights, grad_out, plan=plan)
+    assert {(E * H, 2 * I), (E * I, H)} <= set(described), described  # the storage, as it is
+    assert (E * 2 * I, H) not in described and (E * H, I) not in described  # never the default layout's views
+
+
 @pytest.mark.parametrize("save_pre_activation", [True, False])
 def test_save_and_recompute_give_the_same_gradients(save_pre_activation):
     layer = _layer()

@@ -29,7 +29,7 @@ import torch
 
 import moe_lab  # noqa: F401  (first: the triton setup)
 from moe_lab.backends.triton_fused import KernelConfig, launch_plan, triton_experts_forward, weights_transposed
-from moe_lab.bench.inputs import build_experts, random_hidden_states, random_routing
+from moe_lab.bench.inputs import TransposedStorageExperts, build_experts, random_hidden_states, random_routing
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
 from moe_lab.bench.timing import back_to_back_ms, time_fn
@@ -37,19 +37,6 @@ from moe_lab.cuda_graph import CapturedStep
 from moe_lab.presets import get_preset
 
 VARIANTS = ("own", "own_no_tma", "transposed", "transposed_no_tma")
-
-
-class TransposedExperts(torch.nn.Module):
-    """The values of `experts` stored as transformers' `is_transposed` modules store them."""
-
-    is_transposed = True
-    has_bias = False
-
-    def __init__(self, experts):
-        super().__init__()
-        self.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2).contiguous())  # [E, H, 2I]
-        self.down_proj = torch.nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous())  # [E, I, H]
-        self.act_fn = torch.nn.functional.silu
 
 
 def without_tma(plan):
@@ -67,7 +54,7 @@ def measure(preset: str, T: int, rounds: int, reps: int) -> dict:
     c = get_preset(preset).config.replace(dtype=torch.bfloat16)
     device = torch.device("cuda")
     own = build_experts(c, device, seed=0, implementation="triton").requires_grad_(True)
-    transposed = TransposedExperts(own)
+    transposed = TransposedStorageExperts(own)
     assert weights_transposed(transposed.gate_up_proj.transpose(1, 2))
     x = random_hidden_states(T, c, device, seed=0).requires_grad_(True)
     index, w, _ = random_routing(T, c, device, seed=0)

@@ -30,7 +30,7 @@ from .triton_launch import (
     max_row_blocks,
     next_power_of_two,
     precision_constexprs,
-    tile_descriptor,
+    weight_tiles,
 )
 from .triton_plan import KernelConfig
 
@@ -64,8 +64,7 @@ def launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, co
     # Every pair's row gets all its column blocks, unless its expert id is out of range (left out of
     # the counts, as in the forward): zeros keep its routing-weight gradient finite.
     dw_partial = torch.zeros(num_pairs, column_blocks, device=grad_out.device, dtype=torch.float32)
-    use_tma = can_use_tma(config, down) and hidden % config.block_k == 0  # [E, H, I] = [E, K, N]
-    w = tile_descriptor(down, config.block_k, config.block_n) if use_tma else down
+    w, use_tma, k_major = weight_tiles(down.transpose(1, 2), config)  # [E, N=I, K=H]
     dout = grad_out if grad_out_sorted is None else grad_out_sorted
     dout_tma = grad_out_sorted is not None and can_use_tma(config, dout)
     a = kernels().tile_descriptor(dout, [config.block_m, config.block_k]) if dout_tma else dout
@@ -76,7 +75,7 @@ def launch_down_backward(grad_out, down, routing_weights, saved, sorted_pair, co
                 saved.stride(0), saved.stride(1), d_pre.stride(0), d_pre.stride(1),
                 weighted_h.stride(0), weighted_h.stride(1), dw_partial.stride(0), dw_partial.stride(1),
                 ACTIVATION=activation, USE_TMA=use_tma, DOUT_SORTED=grad_out_sorted is not None, DOUT_TMA=dout_tma,
-                **precision_constexprs(grad_out.dtype, num_experts))
+                W_TILE_KN=k_major, **precision_constexprs(grad_out.dtype, num_experts))
     return d_pre, weighted_h, dw_partial.sum(dim=1)
 
 
@@ -91,16 +90,16 @@ def launch_down_backward_split(grad_out_sorted, down, routing_weights, saved, so
     num_experts, hidden, inter = down.shape
     num_pairs = sorted_pair.numel()
     acc = grad_out_sorted.new_empty(num_pairs, inter)  # [S, I] sorted rows, the model dtype
-    use_tma = (can_use_tma(config, grad_out_sorted) and can_use_tma(config, down)
-               and hidden % config.block_k == 0)  # [E, H, I] = [E, K, N]: a tile never reaches the next expert
+    down_nk = down.transpose(1, 2)  # [E, N=I, K=H]
+    w, use_tma, k_major = (weight_tiles(down_nk, config) if can_use_tma(config, grad_out_sorted)
+                           else (down_nk, False, False))
     a = kernels().tile_descriptor(grad_out_sorted, [config.block_m, config.block_k]) if use_tma else grad_out_sorted
-    w = tile_descriptor(down, config.block_k, config.block_n) if use_tma else down
     grid_launch(kernels().down_kernel, config, num_pairs, num_experts, inter,
                 a, w, None, None, acc, sorted_pair, counts,
                 num_experts, max_row_blocks(num_pairs, num_experts, config), inter, hidden,
-                grad_out_sorted.stride(0), grad_out_sorted.stride(1), down.stride(0), down.stride(2), down.stride(1),
+                grad_out_sorted.stride(0), grad_out_sorted.stride(1), *down_nk.stride(),
                 0, 0, acc.stride(0), acc.stride(1),
-                HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=True, STORE_SORTED=True,
+                HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=k_major, STORE_SORTED=True,
                 **precision_constexprs(grad_out_sorted.dtype, num_experts))
     width = 2 * inter if activation != "none" else inter
     d_pre = grad_out_sorted.new_empty(num_pairs, width)  # [S, 2I] sorted rows
@@ -124,15 +123,16 @@ def launch_input_grad(d_pre, gate_up, expert_of_pair, sorted_pair, counts, num_t
     num_experts, reduction, hidden = gate_up.shape  # [E, K, N]
     num_pairs = sorted_pair.numel()
     dx_by_pair = d_pre.new_empty(num_pairs, hidden)  # [S, H] in (token, slot) order
-    use_tma = (can_use_tma(config, d_pre) and can_use_tma(config, gate_up) and reduction % config.block_k == 0)
+    gate_up_nk = gate_up.transpose(1, 2)  # [E, N=H, K=2I]
+    w, use_tma, k_major = (weight_tiles(gate_up_nk, config) if can_use_tma(config, d_pre)
+                           else (gate_up_nk, False, False))
     a = kernels().tile_descriptor(d_pre, [config.block_m, config.block_k]) if use_tma else d_pre
-    w = tile_descriptor(gate_up, config.block_k, config.block_n) if use_tma else gate_up
     grid_launch(kernels().down_kernel, config, num_pairs, num_experts, hidden,
                 a, w, None, None, dx_by_pair, sorted_pair, counts,
                 num_experts, max_row_blocks(num_pairs, num_experts, config), hidden, reduction,
-                d_pre.stride(0), d_pre.stride(1), gate_up.stride(0), gate_up.stride(2), gate_up.stride(1),
+                d_pre.stride(0), d_pre.stride(1), *gate_up_nk.stride(),
                 0, 0, dx_by_pair.stride(0), dx_by_pair.stride(1),
-                HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=True,
+                HAS_BIAS=False, USE_TMA=use_tma, SCALE_ROWS=False, W_TILE_KN=k_major,
                 **precision_constexprs(d_pre.dtype, num_experts))
     return launch_sum_over_top_k(dx_by_pair, expert_of_pair, num_tokens, top_k, num_experts)
 

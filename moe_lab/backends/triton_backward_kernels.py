@@ -65,10 +65,13 @@ def down_backward_kernel(
     ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, DOUT_SORTED: tl.constexpr = False, DOUT_TMA: tl.constexpr = False,
+    W_TILE_KN: tl.constexpr = True,
 ):
     """dout [T, K=H], w = down [E, H, I] read as [E, K, N=I] -> d_pre, weighted_h, dw_partial.
     saved is pre [S, 2I] for a fused ACTIVATION, h [S, I] for "none". With USE_TMA, w_ptr is a
-    descriptor over down viewed [E*H, I] in [BLOCK_K, BLOCK_N] tiles (K a multiple of BLOCK_K).
+    descriptor over down viewed [E*H, I] in [BLOCK_K, BLOCK_N] tiles (W_TILE_KN; K a multiple of
+    BLOCK_K), or, for down stored [E, I, H] (transformers' `is_transposed`), over that storage viewed
+    [E*I, H] in [BLOCK_N, BLOCK_K] tiles.
     DOUT_SORTED: dout is already gathered into sorted row order, [S, H], read at the sorted rows;
     with DOUT_TMA through a descriptor in [BLOCK_M, BLOCK_K] tiles (rows past the expert's only
     reach accumulator rows that are masked at every store, and h is zero there)."""
@@ -87,7 +90,10 @@ def down_backward_kernel(
             dout_rows = sorted_rows
         a_ptrs = dout_ptr + dout_rows[:, None] * stride_dt + offs_k[None, :] * stride_dk  # [BM, BK] (gathered) rows
     if USE_TMA:
-        w_row = expert * K  # this expert's first row in [E*H, I]
+        if W_TILE_KN:
+            w_row = expert * K  # this expert's first row in [E*H, I]
+        else:
+            w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N  # first row of the tile in [E*I, H]
     else:
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -98,7 +104,10 @@ def down_backward_kernel(
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_TMA:
-            w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
+            if W_TILE_KN:
+                w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
+            else:
+                w = w_ptr.load([w_row, k0]).T  # [BN, BK] -> [BK, BN]
         else:
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_IN_FP32:

@@ -114,10 +114,12 @@ def gate_up_kernel(
     stride_pm, stride_pn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     NUM_EXPERTS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, SAVE_PRE: tl.constexpr = False,
+    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, SAVE_PRE: tl.constexpr = False, W_TILE_KN: tl.constexpr = False,
 ):
     """x [T, K=H], w [E, 2I, H] -> out [S, N]; N = I when ACTIVATION fuses act(gate) * up, else 2I.
-    With USE_TMA, w_ptr is a descriptor over w viewed [E*2I, H] with [BLOCK_N, BLOCK_K] tiles.
+    With USE_TMA, w_ptr is a descriptor over w viewed [E*2I, H] with [BLOCK_N, BLOCK_K] tiles, or, for
+    weights stored [E, H, 2I] (W_TILE_KN: transformers' `is_transposed`), over that storage viewed
+    [E*H, 2I] in [BLOCK_K, BLOCK_N] tiles, K a multiple of BLOCK_K (a tile never reaches the next expert).
     SAVE_PRE (fused activations only) also stores gate and up before the activation in pre [S, 2I]."""
     expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
         counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
@@ -130,7 +132,10 @@ def gate_up_kernel(
 
     a_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xk  # [BM, BK] gathered rows
     if USE_TMA:
-        gate_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N  # first row of the tile in [E*2I, H]
+        if W_TILE_KN:
+            w_row = expert * K  # this expert's first row in [E*H, 2I]; its up columns start at N = I
+        else:
+            gate_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_N  # first row of the tile in [E*2I, H]
     else:
         w_expert = w_ptr + expert.to(tl.int64) * stride_we
         gate_ptrs = w_expert + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
@@ -141,7 +146,10 @@ def gate_up_kernel(
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_TMA:
-            gate_w = w_ptr.load([gate_row, k0]).T  # [BN, BK] tile -> [BK, BN]
+            if W_TILE_KN:
+                gate_w = w_ptr.load([w_row + k0, pid_n * BLOCK_N])  # [BK, BN]
+            else:
+                gate_w = w_ptr.load([gate_row, k0]).T  # [BN, BK] tile -> [BK, BN]
         else:
             gate_w = tl.load(gate_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_IN_FP32:
@@ -149,7 +157,10 @@ def gate_up_kernel(
         acc_gate = tl.dot(a, gate_w, acc_gate, input_precision=INPUT_PRECISION)
         if ACTIVATION != "none":
             if USE_TMA:
-                up_w = w_ptr.load([gate_row + N, k0]).T
+                if W_TILE_KN:
+                    up_w = w_ptr.load([w_row + k0, N + pid_n * BLOCK_N])
+                else:
+                    up_w = w_ptr.load([gate_row + N, k0]).T
             else:
                 up_w = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if DOT_IN_FP32:
@@ -199,7 +210,9 @@ def down_kernel(
     tiles, and the launcher takes TMA only when K is a multiple of BLOCK_K (a tile never reaches
     into the next expert along the reduction). The split down_backward runs it too: dout's sorted
     rows [S, K=H] times down [E, H, I] (W_TILE_KN), unscaled, stored at the sorted rows
-    (STORE_SORTED) of an [S, N=I] buffer in the model dtype."""
+    (STORE_SORTED) of an [S, N=I] buffer in the model dtype. Which way a weight's tiles are cut follows its
+    storage (`weight_tiles`): on an `is_transposed` module's weights the forward is the K-major case and
+    the backward's two the other."""
     expert, pid_n, first_row, sorted_rows, row_mask, pair = _sorted_row_block(
         counts_ptr, sorted_pair_ptr, num_experts, num_m_blocks, N, NUM_EXPERTS_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     if expert >= num_experts:

@@ -126,15 +126,14 @@ def launch_gate_up(hidden_states, gate_up, gate_up_bias, sorted_pair, counts, to
     width = double_inter // 2 if activation != "none" else double_inter
     h = hidden_states.new_empty(num_pairs, width)  # [S, I] (or [S, 2I] for a custom gate)
     pre = hidden_states.new_empty(num_pairs, double_inter) if save_pre else None  # [S, 2I]
-    use_tma = can_use_tma(config, gate_up)
-    w = tile_descriptor(gate_up, config.block_n, config.block_k) if use_tma else gate_up
+    w, use_tma, k_major = weight_tiles(gate_up, config)  # [E, N=2I, K=H]
     grid_launch(kernels().gate_up_kernel, config, num_pairs, num_experts, width,
                 hidden_states, w, gate_up_bias, h, pre, sorted_pair, counts,
                 num_experts, max_row_blocks(num_pairs, num_experts, config), top_k, width, hidden,
                 hidden_states.stride(0), hidden_states.stride(1), *gate_up.stride(),
                 *bias_strides(gate_up_bias), h.stride(0), h.stride(1), *(pre.stride() if save_pre else (0, 0)),
                 ACTIVATION=activation, HAS_BIAS=gate_up_bias is not None, USE_TMA=use_tma, SAVE_PRE=save_pre,
-                **precision_constexprs(hidden_states.dtype, num_experts))
+                W_TILE_KN=k_major, **precision_constexprs(hidden_states.dtype, num_experts))
     return (h, pre) if save_pre else h
 
 
@@ -144,15 +143,15 @@ def launch_down(h, down, down_bias, routing_weights, sorted_pair, counts, config
     num_experts, hidden, inter = down.shape
     num_pairs = sorted_pair.numel()
     y = h.new_empty(num_pairs, hidden)  # [S, H]
-    use_tma = can_use_tma(config, down) and can_use_tma(config, h)
+    w, use_tma, k_major = weight_tiles(down, config) if can_use_tma(config, h) else (down, False, False)
     a = kernels().tile_descriptor(h, [config.block_m, config.block_k]) if use_tma else h
-    w = tile_descriptor(down, config.block_n, config.block_k) if use_tma else down
     grid_launch(kernels().down_kernel, config, num_pairs, num_experts, hidden,
                 a, w, down_bias, routing_weights, y, sorted_pair, counts,
                 num_experts, max_row_blocks(num_pairs, num_experts, config), hidden, inter,
                 h.stride(0), h.stride(1), *down.stride(), *bias_strides(down_bias),
                 y.stride(0), y.stride(1),
-                HAS_BIAS=down_bias is not None, USE_TMA=use_tma, **precision_constexprs(h.dtype, num_experts))
+                HAS_BIAS=down_bias is not None, USE_TMA=use_tma, W_TILE_KN=k_major,
+                **precision_constexprs(h.dtype, num_experts))
     return y
 
 
@@ -253,6 +252,22 @@ def can_use_tma(config: KernelConfig, w: torch.Tensor) -> bool:
 def tile_descriptor(w: torch.Tensor, block_rows: int, block_cols: int):
     """A TMA descriptor over w [E, rows, cols] viewed as [E*rows, cols], in [block_rows, block_cols] tiles."""
     return kernels().tile_descriptor(w.view(-1, w.shape[-1]), [block_rows, block_cols])
+
+
+def weight_tiles(w: torch.Tensor, config: KernelConfig):
+    """A weight as a GEMM kernel reads it, w [E, N, K] (N the output's columns, K the reduction; any strides)
+    -> (operand, use_tma, k_major). TMA tiles are cut from the storage: [E*N, K] in [BLOCK_N, BLOCK_K] tiles
+    when K is the contiguous dimension, or (k_major, the kernels' W_TILE_KN) [E*K, N] in [BLOCK_K, BLOCK_N]
+    tiles when N is: the weights of transformers' `is_transposed` modules in the forward, and the default
+    layout's where the backward reads a weight the other way round. A k-major tile must not reach into the
+    next expert along the reduction, so there K must be a multiple of BLOCK_K. Else the kernel gets w itself
+    and loads through pointers."""
+    if can_use_tma(config, w):
+        return tile_descriptor(w, config.block_n, config.block_k), True, False
+    k_major = w.transpose(1, 2)  # [E, K, N]
+    if w.shape[2] % config.block_k == 0 and can_use_tma(config, k_major):
+        return tile_descriptor(k_major, config.block_k, config.block_n), True, True
+    return w, False, False
 
 
 def bias_strides(bias):

@@ -29,6 +29,23 @@ def build_experts(config, device: torch.device, seed: int = 0, implementation: s
         return Experts(config, experts_implementation=implementation)
 
 
+class TransposedStorageExperts(torch.nn.Module):
+    """The values of an `Experts` layer stored as transformers' `is_transposed` modules (gpt-oss) store them:
+    gate_up_proj [E, H, 2I], down_proj [E, I, H]; no biases, the layer's activation. The backends read it as
+    they read such a module, so the same layer can be timed or checked in both layouts."""
+
+    is_transposed = True
+    has_bias = False
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.config, self.num_experts, self.act_fn = experts.config, experts.num_experts, experts.act_fn
+        self.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2).contiguous(),
+                                               requires_grad=experts.gate_up_proj.requires_grad)  # [E, H, 2I]
+        self.down_proj = torch.nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous(),
+                                            requires_grad=experts.down_proj.requires_grad)  # [E, I, H]
+
+
 def random_hidden_states(num_tokens: int, config, device: torch.device, seed: int = 0) -> torch.Tensor:
     """[T, H] standard-normal hidden states in the config's dtype."""
     with seeded(device, seed + 1):
