@@ -83,6 +83,11 @@ def training_step(layer, x, index, w, upstream, plan):
     return step
 
 
+def max_abs_diff(a, b) -> float:
+    """In slices of the leading dimension: deepseek-v3's gate_up gradient alone is 28 GiB in float32."""
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a.split(16), b.split(16))), default=0.0)
+
+
 def median_ms(fn, reps: int) -> float:
     return time_fn(fn, device=torch.device("cuda"), warmup=3, min_reps=reps, max_reps=reps,
                    max_seconds=float("inf")).median_ms
@@ -112,7 +117,7 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
             changes={k: v if isinstance(v, bool) else dataclasses.asdict(v) for k, v in vars(plans[name]).items()
                      if v != getattr(base, k)},
             bit_equal={n: bool(torch.equal(a, b)) for n, a, b in zip(names, got, expected)},
-            max_abs_diff={n: float((a.float() - b.float()).abs().max()) for n, a, b in zip(names, got, expected)},
+            max_abs_diff={n: max_abs_diff(a, b) for n, a, b in zip(names, got, expected)},
             peak_bytes=measure_peak_memory(step, device, warmup=0).peak_bytes,
             replay_ms=[], back_to_back_ms=[], launched_ms=[])
         del got
