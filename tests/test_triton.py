@@ -165,7 +165,8 @@ def test_transposed_storage_reads_k_major_tma_tiles(monkeypatch, dtype):
     from moe_lab.backends import triton_launch
     from moe_lab.bench.inputs import TransposedStorageExperts
 
-    layer, hidden, index, weights = _case(64, 128, 4, 2, 20, dtype, distribution="zipf")
+    # H and I multiples of every BLOCK_K the plans take (a k-major tile must not reach the next expert)
+    layer, hidden, index, weights = _case(128, 128, 4, 2, 20, dtype, distribution="zipf")
     stored = TransposedStorageExperts(layer)
     plan = _plan_with_tma(layer, 20, dtype, tma=True)
     launched = []
