@@ -2,6 +2,7 @@
 machine (tiny shapes; through triton's interpreter without a GPU) writes the rows the lead's GPU run
 will write, with plans passed as values."""
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -177,6 +178,37 @@ def test_the_training_plan_ab_reads_variants_as_plan_flags():
         tool.parse_variant("tiles=block_m")
     with pytest.raises(SystemExit, match="expected NAME=FLAG"):
         tool.parse_variant("nothing")
+
+
+def test_the_training_plan_ab_switches_one_kernels_tma_or_the_backwards():
+    tool = _tool("training_plan_ab")
+    plan = launch_plan(8192, 8, 128, 2048, 768, torch.bfloat16, interpreted=False, needs_grad=True)
+    name, changes = tool.parse_variant("pointers=backward.tma:false,gate_up.tma:false")
+    variant = tool.apply_changes(plan, changes)
+    assert set(tool.KERNELS) == {"gate_up", "down", *tool.BACKWARD_KERNELS}
+    for kernel in tool.KERNELS:  # all but the forward's down kernel
+        assert getattr(variant, kernel) == dataclasses.replace(getattr(plan, kernel), tma=kernel == "down")
+    _, only = tool.parse_variant("dw=down_weight_grad.tma:false,split_down_backward:false")
+    variant = tool.apply_changes(plan, only)
+    assert not variant.down_weight_grad.tma and variant.gate_up_weight_grad.tma and not variant.split_down_backward
+    assert variant.gate_up_weight_grad == plan.gate_up_weight_grad
+    for text in ("x=down_weight_grad.block_m:false", "x=nowhere.tma:false"):
+        with pytest.raises(SystemExit, match="is not KERNEL.tma"):
+            tool.parse_variant(text)
+    a = torch.zeros(40, 3, 2)
+    b = a.clone()
+    b[33, 2, 1] = -0.5  # in the third slice of 16
+    assert tool.max_abs_diff(a, b) == 0.5 and tool.max_abs_diff(a, a) == 0.0
+
+
+def test_the_layout_ab_turns_every_kernels_tma_off_and_nothing_else():
+    tool = _tool("layout_ab")
+    plan = launch_plan(8192, 4, 32, 2880, 2880, torch.bfloat16, interpreted=False, needs_grad=True)
+    off = tool.without_tma(plan)
+    assert plan.gate_up.tma and plan.gate_up_weight_grad.tma
+    for field in dataclasses.fields(plan):
+        value, new = getattr(plan, field.name), getattr(off, field.name)
+        assert new == (dataclasses.replace(value, tma=False) if isinstance(value, KernelConfig) else value)
 
 
 def test_the_power_state_tool_summarises_nvidia_smi_samples_per_block(tmp_path):
