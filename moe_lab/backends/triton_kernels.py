@@ -14,7 +14,10 @@ USE_TMA (Hopper and later) reads the weight tiles, and in down_kernel the sorted
 TMA tensor descriptors: the copy engine moves whole tiles into shared memory while the warps do the
 math, instead of every thread computing and issuing its own addresses. Each such operand is then a
 descriptor over a 2-D view ([E*rows, K]), and a tile that runs past its expert's rows reads the next
-expert's (or zeros past the end): those rows and columns are masked at the store, never used.
+expert's (or zeros past the end): those rows and columns are masked at the store, never used. A weight
+whose output dimension N is the contiguous one (an `is_transposed` module's in the forward, the default
+layout's in dX and the split down_backward) is cut the other way, [BLOCK_K, BLOCK_N] tiles of [E*K, N]
+(W_TILE_KN), with K a multiple of BLOCK_K so no tile reaches the next expert along the reduction.
 The gathered x rows of gate_up_kernel cannot be a TMA tile (they are not contiguous) and stay loads.
 DOT_IN_FP32 is set only under triton's interpreter, whose tl.dot reads bfloat16 (stored as uint16)
 as integers. The launch grid is an upper bound on the number of blocks; programs past the last block exit.
