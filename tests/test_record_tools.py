@@ -1,4 +1,5 @@
-"""tools/merge_tables.py: the parts of one recorded table come back as one, with every part's provenance."""
+"""The recording tools on CPU: tools/merge_tables.py joins the parts of one recorded table with every part's provenance;
+tools/profile_decode_step.py prints its sections in its smoke mode."""
 import importlib.util
 import os
 import subprocess
@@ -70,3 +71,28 @@ def test_backward_record_command_runs_on_cpu_and_its_tables_merge(tmp_path):
     assert set(table["backend"]) == {"grouped_mm", "triton", "transformers:grouped_mm"}
     assert (table["status"] == "ok").all() and (table["peak_bytes"] > 0).all()
     assert len(info["parts"]) == 2 and info["notes"] == "tiny CPU try of the command"
+
+
+def test_decode_profile_tool_prints_every_section_and_keeps_going_past_a_failing_backend(tmp_path):
+    """tools/profile_decode_step.py's CPU smoke mode (a tiny model, eager; its GPU run wrote the decode profiles in
+    data/): per backend the step, the kernel table and the host side with dynamo's counters; a backend that fails
+    gets one line with its error, and the backends after it still run."""
+    output = tmp_path / "profile.txt"
+    done = subprocess.run(
+        [sys.executable, "tools/profile_decode_step.py", "--device", "cpu", "--model", "tiny:qwen3_moe",
+         "--backends", "nonesuch,moe_lab_grouped_mm", "--execution", "eager", "--new-tokens", "3", "--prompt", "8",
+         "--output", str(output)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = output.read_text()
+    assert text.startswith("tiny:qwen3_moe: 2 of 2 layers;")
+    assert "=== nonesuch: ValueError:" in text
+    profiled = text[text.index("=== moe_lab_grouped_mm (eager, batch 1, 3 new tokens): step "):]
+    assert "aten::_grouped_mm" in profiled  # the kernel table names the op that ran the experts
+    host = profiled[profiled.index("  host, per step: "):]
+    # eager: nothing compiled, and on CPU no CUDA runtime calls to trace
+    assert host.startswith("  host, per step: 0 graph breaks and 0 graphs compiled")
+    assert "runtime calls none traced" in host.splitlines()[0]
+    rows = host.splitlines()[2:]
+    assert rows and all(len(row.split(None, 2)) == 3 for row in rows)  # us/step, calls/step, event name
+    assert [float(row.split()[0]) for row in rows] == sorted((float(row.split()[0]) for row in rows), reverse=True)
