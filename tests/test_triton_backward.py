@@ -189,10 +189,13 @@ def test_transformers_module_with_bias_transposed_layout_and_own_gate(dtype, T):
     assert experts.gate_up_proj.grad.stride() == experts.gate_up_proj.stride()
     assert experts.down_proj.grad.stride() == experts.down_proj.stride()
     # The same through the sorted operands and TMA tiles (the bias sums read the TMA tiles' rows),
-    # with the fused and the split down_backward
+    # with the fused and the split down_backward, and the forward's weights through k-major TMA tiles
+    # (its own gate: gate_up writes the raw [S, 2I] projection, one tile per step)
     for split in (False, True):
         plan = _variant_plan(experts, T, config.num_experts_per_tok, dtype, sorted_operands=True, tma=True,
                              split=split)
+        plan = dataclasses.replace(plan, gate_up=dataclasses.replace(plan.gate_up, tma=True),
+                                   down=dataclasses.replace(plan.down, tma=True))
         _check_gradients(experts, hidden, index, weights, grad_out, own_gate=True, plan=plan)
 
 
