@@ -94,7 +94,7 @@ def measure(preset: str, T: int, rounds: int, reps: int) -> dict:
     for name in VARIANTS:
         out, grads = forwards[name](), steps[name]()
         record["variants"][name] = dict(
-            uses_tma=any(cfg.tma for cfg in (plans[name, True].gate_up, plans[name, True].down)),
+            plan_asks_for_forward_tma=any(cfg.tma for cfg in (plans[name, True].gate_up, plans[name, True].down)),
             forward_max_abs_diff=float((out.float() - expected_out.float()).abs().max()),
             grad_max_abs_diff={n: float((a.float() - b.float()).abs().max())
                                for n, a, b in zip(names, grads, expected_grads)},
