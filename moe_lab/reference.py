@@ -82,3 +82,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if denominator == 0:
         return float((actual - expected).norm())
     return float((actual - expected).norm() / denominator)
+
+
+def max_abs_difference(actual: torch.Tensor, expected: torch.Tensor, *, slice_rows: int = 16) -> float:
+    """The largest |actual - expected| in float32, computed over slices of the leading dimension so that no
+    float32 copy of a whole tensor is made (a large layer's weight gradient is tens of GB in float32)."""
+    return max((float((a.float() - b.float()).abs().max())
+                for a, b in zip(actual.detach().split(slice_rows), expected.detach().split(slice_rows))
+                if a.numel()), default=0.0)

@@ -10,7 +10,7 @@ import torch
 
 import moe_lab
 from moe_lab import bench
-from moe_lab.bench.timing import percentile
+from moe_lab.bench.timing import median_ms, percentile
 from moe_lab.cli import main
 
 TINY = moe_lab.MoEConfig(hidden_size=32, intermediate_size=16, num_experts=4, top_k=2)
@@ -76,6 +76,12 @@ def test_reps_bounded_by_max_reps_and_by_max_seconds():
     assert bench.time_fn(lambda: time.sleep(0.002), device="cpu", min_reps=4, max_seconds=0).reps == 4
     # ... but never beyond max_reps.
     assert bench.time_fn(lambda: None, device="cpu", min_reps=9, max_reps=3, max_seconds=0).reps == 3
+
+
+def test_median_ms_runs_exactly_warmup_plus_reps_however_long_they_take():
+    calls = []
+    ms = median_ms(lambda: calls.append(time.sleep(0.002)), 6, device="cpu", warmup=2)
+    assert len(calls) == 8 and ms >= 2.0  # no time budget cuts the repetitions short
 
 
 def test_percentile_matches_numpy():

@@ -32,9 +32,10 @@ from moe_lab.backends.triton_fused import KernelConfig, launch_plan, triton_expe
 from moe_lab.bench.inputs import TransposedStorageExperts, build_experts, random_hidden_states, random_routing
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
-from moe_lab.bench.timing import back_to_back_ms, time_fn
+from moe_lab.bench.timing import back_to_back_ms, median_ms
 from moe_lab.cuda_graph import CapturedStep
 from moe_lab.presets import get_preset
+from moe_lab.reference import max_abs_difference
 
 VARIANTS = ("own", "own_no_tma", "transposed", "transposed_no_tma")
 
@@ -43,11 +44,6 @@ def without_tma(plan):
     changes = {field.name: dataclasses.replace(getattr(plan, field.name), tma=False)
                for field in dataclasses.fields(plan) if isinstance(getattr(plan, field.name), KernelConfig)}
     return dataclasses.replace(plan, **changes)
-
-
-def median_ms(fn, reps: int) -> float:
-    return time_fn(fn, device=torch.device("cuda"), warmup=3, min_reps=reps, max_reps=reps,
-                   max_seconds=float("inf")).median_ms
 
 
 def measure(preset: str, T: int, rounds: int, reps: int) -> dict:
@@ -95,9 +91,8 @@ def measure(preset: str, T: int, rounds: int, reps: int) -> dict:
         out, grads = forwards[name](), steps[name]()
         record["variants"][name] = dict(
             plan_asks_for_forward_tma=any(cfg.tma for cfg in (plans[name, True].gate_up, plans[name, True].down)),
-            forward_max_abs_diff=float((out.float() - expected_out.float()).abs().max()),
-            grad_max_abs_diff={n: float((a.float() - b.float()).abs().max())
-                               for n, a, b in zip(names, grads, expected_grads)},
+            forward_max_abs_diff=max_abs_difference(out, expected_out),
+            grad_max_abs_diff={n: max_abs_difference(a, b) for n, a, b in zip(names, grads, expected_grads)},
             forward_replay_ms=[], step_replay_ms=[], step_back_to_back_ms=[], step_launched_ms=[])
         del out, grads
     captured_forward = {name: CapturedStep(fn, warmup=2) for name, fn in forwards.items()}
@@ -106,10 +101,10 @@ def measure(preset: str, T: int, rounds: int, reps: int) -> dict:
     for round_ in range(rounds):
         for name in order[round_ % len(order):] + order[:round_ % len(order)]:
             row = record["variants"][name]
-            row["forward_replay_ms"].append(median_ms(captured_forward[name].replay, reps))
-            row["step_replay_ms"].append(median_ms(captured_step[name].replay, reps))
+            row["forward_replay_ms"].append(median_ms(captured_forward[name].replay, reps, warmup=3))
+            row["step_replay_ms"].append(median_ms(captured_step[name].replay, reps, warmup=3))
             row["step_back_to_back_ms"].append(back_to_back_ms(captured_step[name].replay, 10 * reps).median_ms)
-            row["step_launched_ms"].append(median_ms(steps[name], reps))
+            row["step_launched_ms"].append(median_ms(steps[name], reps, warmup=3))
     for row in record["variants"].values():
         for kind in ("forward_replay", "step_replay", "step_back_to_back", "step_launched"):
             row[f"{kind}_median_ms"] = statistics.median(row[f"{kind}_ms"])

@@ -44,7 +44,7 @@ from moe_lab.bench.inputs import build_experts, random_hidden_states, random_rou
 from moe_lab.bench.measure import training_step
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
-from moe_lab.bench.timing import time_fn
+from moe_lab.bench.timing import median_ms
 from moe_lab.cuda_graph import CapturedStep
 from moe_lab.presets import get_preset
 
@@ -70,8 +70,7 @@ def without_host_levers():
 
 def synced_ms(call, reps):
     """The bench's own measure: CUDA events around each call, then a synchronize; the median."""
-    return time_fn(call, device=torch.device("cuda"), warmup=0, min_reps=reps, max_reps=reps,
-                   max_seconds=float("inf")).median_ms
+    return median_ms(call, reps, device=torch.device("cuda"))
 
 
 def pipelined_ms(call, steps, rounds):

@@ -36,9 +36,10 @@ from moe_lab.bench.inputs import build_experts, random_hidden_states, random_rou
 from moe_lab.bench.memory import measure_peak_memory
 from moe_lab.bench.provenance import command_line, provenance
 from moe_lab.bench.roofline import training_flops
-from moe_lab.bench.timing import back_to_back_ms, time_fn
+from moe_lab.bench.timing import back_to_back_ms, median_ms
 from moe_lab.cuda_graph import CapturedStep
 from moe_lab.presets import get_preset
+from moe_lab.reference import max_abs_difference
 
 PLAN_FLAGS = tuple(field.name for field in dataclasses.fields(LaunchPlan)
                    if field.type in (bool, "bool"))
@@ -83,16 +84,6 @@ def training_step(layer, x, index, w, upstream, plan):
     return step
 
 
-def max_abs_diff(a, b) -> float:
-    """In slices of the leading dimension: deepseek-v3's gate_up gradient alone is 28 GiB in float32."""
-    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a.split(16), b.split(16))), default=0.0)
-
-
-def median_ms(fn, reps: int) -> float:
-    return time_fn(fn, device=torch.device("cuda"), warmup=3, min_reps=reps, max_reps=reps,
-                   max_seconds=float("inf")).median_ms
-
-
 def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) -> dict:
     config = get_preset(preset).config.replace(dtype=torch.bfloat16)
     device = torch.device("cuda")
@@ -117,7 +108,7 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
             changes={k: v if isinstance(v, bool) else dataclasses.asdict(v) for k, v in vars(plans[name]).items()
                      if v != getattr(base, k)},
             bit_equal={n: bool(torch.equal(a, b)) for n, a, b in zip(names, got, expected)},
-            max_abs_diff={n: max_abs_diff(a, b) for n, a, b in zip(names, got, expected)},
+            max_abs_diff={n: max_abs_difference(a, b) for n, a, b in zip(names, got, expected)},
             peak_bytes=measure_peak_memory(step, device, warmup=0).peak_bytes,
             replay_ms=[], back_to_back_ms=[], launched_ms=[])
         del got
@@ -126,9 +117,9 @@ def measure_preset(preset: str, T: int, variants: dict, rounds: int, reps: int) 
     for round_ in range(rounds):
         for name in order[round_ % len(order):] + order[:round_ % len(order)]:
             row = record["variants"][name]
-            row["replay_ms"].append(median_ms(captured[name].replay, reps))
+            row["replay_ms"].append(median_ms(captured[name].replay, reps, warmup=3))
             row["back_to_back_ms"].append(back_to_back_ms(captured[name].replay, 10 * reps).median_ms)
-            row["launched_ms"].append(median_ms(steps[name], reps))
+            row["launched_ms"].append(median_ms(steps[name], reps, warmup=3))
     for name, row in record["variants"].items():
         for kind in ("replay", "back_to_back", "launched"):
             ms = statistics.median(row[f"{kind}_ms"])

@@ -24,7 +24,7 @@ from moe_lab.backends.triton_kernels import _grouped_program_order, tile_descrip
 from moe_lab.backends.triton_backward import launch_weight_grad
 from moe_lab.backends.triton_launch import sort_pairs
 from moe_lab.backends.triton_plan import KernelConfig
-from moe_lab.bench.timing import time_fn
+from moe_lab.bench.timing import median_ms
 from moe_lab.cuda_graph import CapturedStep
 
 
@@ -87,8 +87,7 @@ def persistent(left, right, like, counts, bm, bn, bk, warps, stages, programs, f
 
 def bench(fn, reps=30):
     """Median ms of `fn` replayed from a CUDA graph: CUDA events around each replay, then a synchronize."""
-    return time_fn(CapturedStep(fn, warmup=2).replay, device=torch.device("cuda"), warmup=0, min_reps=reps,
-                   max_reps=reps, max_seconds=float("inf")).median_ms
+    return median_ms(CapturedStep(fn, warmup=2).replay, reps, device=torch.device("cuda"))
 
 
 def main(out_path):

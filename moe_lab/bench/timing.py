@@ -106,6 +106,12 @@ def time_fn(fn, *, device=None, warmup: int = 2, min_reps: int = 5, max_reps: in
     )
 
 
+def median_ms(fn, reps: int, *, device=None, warmup: int = 0) -> float:
+    """The median of exactly `reps` timed calls of `fn` (after `warmup` untimed ones), however long they take:
+    the A/B tools compare variants at the same repetition count rather than within a time budget."""
+    return time_fn(fn, device=device, warmup=warmup, min_reps=reps, max_reps=reps, max_seconds=float("inf")).median_ms
+
+
 def back_to_back_ms(fn, reps: int, *, device=None, rest_s: float = 0.0, warmup: int = 0) -> Timing:
     """The GPU time of each of `reps` calls of `fn` queued one after another (CUDA events around each, one
     synchronize at the end): the regime of a training loop, where the card never idles between steps and stays
